@@ -1,0 +1,268 @@
+"""Build the lab's boot artefacts from Debian packages, cached by their inputs.
+
+Artefacts (all under the cache, see :mod:`paths`):
+
+* ``xen.elf``: the 4.17 hypervisor, gunzipped (QEMU's ``-kernel`` takes the multiboot ELF);
+* ``vmlinuz`` and ``System.map``: Debian's 6.1 kernel, used by dom0 and by guests;
+* ``dom0.cpio.gz``: busybox, the Xen tools and libraries, Python 3.11, kernel modules
+  (the *base*, keyed by package versions and this builder), concatenated with an
+  *overlay* holding xenpbr installed from the working tree and the guest images
+  (keyed by the source tree), so editing xenpbr rebuilds only the cheap overlay;
+* ``guest.cpio.gz``: a busybox PV guest with Xen's xenstore tools.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import debian, elfdeps, kmod
+from .cpio import write_initramfs
+from .errors import LabError, PackageError
+from .paths import cache_root, digest, ensure_free_space, tree_digest
+
+log = logging.getLogger(__name__)
+
+SCRIPTS = Path(__file__).with_name("scripts")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+XEN_LIB = "usr/lib/xen-4.17"
+DOM0_MODULES = ["xen_evtchn", "xen_gntdev", "xen_gntalloc", "xen_privcmd", "xenfs",
+                "xen_blkback", "virtio_pci", "virtio_console", "loop", "ext4"]
+GUEST_MODULES = ["xen_blkfront", "ext4"]
+PYTHON_PRUNE = ("test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
+                "pydoc_data", "config-3.11-x86_64-linux-gnu", "unittest/test", "sqlite3/test")
+
+
+@dataclass(frozen=True)
+class LabImages:
+    """Paths of a complete, consistent set of boot artefacts."""
+
+    xen: Path
+    kernel: Path
+    system_map: Path
+    dom0_initrd: Path
+    guest_initrd: Path
+    kernel_version: str
+    packages: tuple[debian.DebPackage, ...] = field(repr=False)
+    timings: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
+
+
+def _copy(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_symlink():
+        if dest.is_symlink() or dest.exists():
+            dest.unlink()
+        os.symlink(os.readlink(src), dest)
+    else:
+        shutil.copy2(src, dest)
+
+
+def _busybox(stage: Path, sysroot: Path) -> None:
+    busybox = sysroot / "bin/busybox"
+    _copy(busybox, stage / "bin/busybox")
+    applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    for applet in applets:
+        link = stage / applet
+        if not link.exists() and not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink("/bin/busybox", link)
+
+
+def _libraries(stage: Path, sysroot: Path, programs: list[Path]) -> None:
+    """Copy every library ``programs`` need into the stage's /lib, plus the loader."""
+    libs = elfdeps.needed_libraries(programs, sysroot)
+    libgcc = [d / "libgcc_s.so.1" for d in elfdeps.library_dirs(sysroot)
+              if (d / "libgcc_s.so.1").exists()]
+    if not libgcc:
+        raise PackageError("libgcc_s.so.1 missing (package libgcc-s1): xl aborts without it")
+    for lib in list(libs) + libgcc[:1]:
+        real = lib.resolve()
+        if lib.name.startswith("ld-linux"):
+            _copy(real, stage / "lib64" / lib.name)
+        else:
+            _copy(real, stage / "lib/x86_64-linux-gnu" / lib.name)
+
+
+def _python(stage: Path, sysroot: Path) -> list[Path]:
+    """Stage Debian's python3.11 with a pruned stdlib; return its ELF files for lib lookup."""
+    _copy(sysroot / "usr/bin/python3.11", stage / "usr/bin/python3.11")
+    os.symlink("python3.11", stage / "usr/bin/python3")
+    src = sysroot / "usr/lib/python3.11"
+    dest = stage / "usr/lib/python3.11"
+    shutil.copytree(src, dest, symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in PYTHON_PRUNE:
+        shutil.rmtree(dest / name, ignore_errors=True)
+    (stage / "usr/lib/python3/dist-packages").mkdir(parents=True, exist_ok=True)
+    elves = [stage / "usr/bin/python3.11"]
+    env = dict(os.environ, LD_LIBRARY_PATH=":".join(map(str, elfdeps.library_dirs(sysroot))))
+    for ext in sorted((dest / "lib-dynload").glob("*.so")):
+        out = subprocess.run(["ldd", str(ext)], capture_output=True, text=True, env=env).stdout
+        if "not found" in out:
+            log.debug("dropping %s: a library it needs is not available", ext.name)
+            ext.unlink()
+        else:
+            elves.append(ext)
+    return elves
+
+
+def _compile_python(tree: Path) -> None:
+    """Precompile .pyc (unchecked hashes): Python start-up under TCG is otherwise slow."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0",
+                    "--invalidation-mode", "unchecked-hash", "-d", "/", str(tree)],
+                   check=False, capture_output=True)
+
+
+def _modules(stage: Path, sysroot: Path, version: str, wanted: list[str]) -> None:
+    root = sysroot / "lib/modules" / version
+    order = kmod.load_order(wanted, root)
+    for ko in order:
+        _copy(ko, stage / "lib/modules" / version / ko.relative_to(root))
+    listing = "\n".join(str(Path("/lib/modules") / version / ko.relative_to(root))
+                        for ko in order)
+    (stage / "etc/xenpbr-lab").mkdir(parents=True, exist_ok=True)
+    (stage / "etc/xenpbr-lab/modules").write_text(listing + "\n")
+
+
+def _base_files(stage: Path, init_script: str) -> None:
+    shutil.copy2(SCRIPTS / init_script, stage / "init")
+    (stage / "init").chmod(0o755)
+    etc = stage / "etc"
+    etc.mkdir(exist_ok=True)
+    (etc / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (etc / "group").write_text("root:x:0:\n")
+    for d in ("proc", "sys", "dev", "run", "tmp", "root", "var/log", "var/lib", "var/run"):
+        (stage / d).mkdir(parents=True, exist_ok=True)
+
+
+def _build_dom0_base(sysroot: Path, kernel_version: str, out: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        stage = Path(tmp)
+        _busybox(stage, sysroot)
+        _base_files(stage, "dom0-init.sh")
+        shutil.copytree(sysroot / XEN_LIB, stage / XEN_LIB, symlinks=True)
+        shutil.copytree(sysroot / "etc/xen", stage / "etc/xen", symlinks=True)
+        for tool in (sysroot / "usr/bin").glob("xenstore*"):
+            _copy(tool, stage / "usr/bin" / tool.name)
+        for tool in ("mke2fs", "mkfs.ext4", "e2fsck", "fsck.ext4", "debugfs"):
+            if (sysroot / "sbin" / tool).exists():
+                _copy(sysroot / "sbin" / tool, stage / "sbin" / tool)
+        elves = _python(stage, sysroot)
+        elves += [p for p in stage.rglob("*") if p.is_file() and not p.is_symlink()
+                  and elfdeps.is_elf(p) and "lib-dynload" not in p.parts
+                  and p.suffix not in (".ko",) and p.name != "busybox"]
+        _libraries(stage, sysroot, elves)
+        _modules(stage, sysroot, kernel_version, DOM0_MODULES)
+        (stage / "lab").mkdir()
+        _copy(sysroot / f"boot/vmlinuz-{kernel_version}", stage / "lab/vmlinuz")
+        _copy(sysroot / f"boot/System.map-{kernel_version}", stage / "lab/System.map")
+        _compile_python(stage / "usr/lib")
+        write_initramfs(stage, out)
+
+
+def _build_guest(sysroot: Path, kernel_version: str, out: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        stage = Path(tmp)
+        _busybox(stage, sysroot)
+        _base_files(stage, "guest-init.sh")
+        for tool in (sysroot / "usr/bin").glob("xenstore*"):
+            _copy(tool, stage / "usr/bin" / tool.name)
+        _libraries(stage, sysroot, [sysroot / "usr/bin/xenstore"])
+        _modules(stage, sysroot, kernel_version, GUEST_MODULES)
+        write_initramfs(stage, out)
+
+
+def _wheelhouse(dest: Path) -> None:
+    """Build xenpbr from the working tree and fetch its dependencies as wheels (on the host:
+    dom0 has no network)."""
+    cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest),
+           str(PROJECT_ROOT)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise LabError(f"building xenpbr wheels failed: {proc.stderr.strip()[-1500:]}")
+
+
+def _build_overlay(guest_initrd: Path, out: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        stage = Path(tmp) / "stage"
+        wheels = Path(tmp) / "wheels"
+        _wheelhouse(wheels)
+        site = stage / "usr/lib/python3/dist-packages"
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+               "--no-compile", "--target", str(site), *map(str, sorted(wheels.glob("*.whl")))]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise LabError(f"installing wheels into the dom0 image failed: {proc.stderr[-1500:]}")
+        shutil.rmtree(site / "bin", ignore_errors=True)
+        _compile_python(site)
+        (stage / "lab").mkdir(parents=True)
+        shutil.copy2(guest_initrd, stage / "lab/guest.cpio.gz")
+        write_initramfs(stage, out)
+
+
+def _source_digest() -> str:
+    parts = [tree_digest(PROJECT_ROOT / d) for d in ("xenpbr", "xenpbr_lab", "guest-agent")
+             if (PROJECT_ROOT / d).is_dir()]
+    parts.append((PROJECT_ROOT / "setup.cfg").read_text())
+    return digest(*parts)
+
+
+def _timed(timings: dict[str, float], name: str, fn, *args) -> None:
+    start = time.monotonic()
+    fn(*args)
+    timings[name] = round(time.monotonic() - start, 2)
+    log.info("built %s in %.1f s", name, timings[name])
+
+
+def build(cache: Path | None = None) -> LabImages:
+    """Build (or reuse from the cache) every artefact the lab boots."""
+    cache = cache or cache_root()
+    ensure_free_space(cache)
+    timings: dict[str, float] = {}
+    start = time.monotonic()
+    kernel_pkg = debian.newest_kernel_package()
+    packages = debian.resolve([*debian.XEN_PACKAGES, *debian.USERLAND_PACKAGES, kernel_pkg])
+    debs = debian.download(packages, cache / "debs")
+    sysroot = debian.unpack(debs, cache / "sysroots")
+    kernel_version = kernel_pkg.removeprefix("linux-image-")
+    builder = tree_digest(Path(__file__).parent, ("*.py", "scripts/*"))
+    base_dir = cache / "images" / digest(sysroot.name, builder)
+    base_dir.mkdir(parents=True, exist_ok=True)
+    xen, kernel = base_dir / "xen.elf", base_dir / "vmlinuz"
+    if not xen.exists():
+        with gzip.open(sysroot / "boot/xen-4.17-amd64.gz") as src, open(f"{xen}.tmp", "wb") as d:
+            shutil.copyfileobj(src, d)
+        os.replace(f"{xen}.tmp", xen)
+    for name, dest in ((f"vmlinuz-{kernel_version}", kernel),
+                       (f"System.map-{kernel_version}", base_dir / "System.map")):
+        if not dest.exists():
+            shutil.copy2(sysroot / "boot" / name, dest)
+    base, guest = base_dir / "dom0-base.cpio.gz", base_dir / "guest.cpio.gz"
+    if not base.exists():
+        _timed(timings, "dom0-base", _build_dom0_base, sysroot, kernel_version, base)
+    if not guest.exists():
+        _timed(timings, "guest", _build_guest, sysroot, kernel_version, guest)
+    overlay_dir = cache / "overlays" / digest(base_dir.name, _source_digest())
+    overlay_dir.mkdir(parents=True, exist_ok=True)
+    dom0 = overlay_dir / "dom0.cpio.gz"
+    if not dom0.exists():
+        overlay = overlay_dir / "overlay.cpio.gz"
+        _timed(timings, "overlay", _build_overlay, guest, overlay)
+        # Linux unpacks concatenated (separately compressed) cpio archives in order.
+        with open(f"{dom0}.tmp", "wb") as out:
+            for part in (base, overlay):
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, out)
+        os.replace(f"{dom0}.tmp", dom0)
+    timings["total"] = round(time.monotonic() - start, 2)
+    return LabImages(xen, kernel, base_dir / "System.map", dom0, guest, kernel_version,
+                     tuple(packages), timings)

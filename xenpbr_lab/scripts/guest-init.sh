@@ -1,0 +1,35 @@
+#!/bin/sh
+# PID 1 of the lab's busybox PV guest. What it does is chosen on the kernel command line
+# (xl's `extra`): lab.mode=count prints a counter every second, lab.mode=crash prints a
+# marker and crashes the kernel, lab.mode=shell just waits.
+export PATH=/usr/bin:/usr/sbin:/bin:/sbin
+export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /run
+[ -d /proc/xen ] && mount -t xenfs xenfs /proc/xen 2>/dev/null
+
+mode=shell
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        lab.mode=*) mode=${arg#lab.mode=} ;;
+        lab.marker=*) marker=${arg#lab.marker=} ;;
+    esac
+done
+echo "XENPBR-GUEST: up uptime=$(cut -d' ' -f1 /proc/uptime) mode=$mode marker=${marker:-none}"
+
+case "$mode" in
+    count)
+        i=0
+        while true; do
+            i=$((i + 1))
+            echo "XENPBR-GUEST: count=$i uptime=$(cut -d' ' -f1 /proc/uptime)"
+            sleep 1
+        done ;;
+    crash)
+        echo "XENPBR-GUEST: crashing now"
+        echo c > /proc/sysrq-trigger ;;
+esac
+exec setsid sh -c 'exec sh </dev/hvc0 >/dev/hvc0 2>&1'
