@@ -95,7 +95,7 @@ class CpioWriter:
 def write_initramfs(stage: Path, out: Path, level: int = 1) -> None:
     """Pack the staged tree ``stage`` into gzip-compressed ``out`` (atomically)."""
     tmp = out.with_suffix(out.suffix + ".tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level,
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=level,
                                                mtime=0) as gz:
         writer = CpioWriter(gz)  # type: ignore[arg-type]
         writer.char_device("dev/console", 5, 1)

@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,7 +53,8 @@ class XenHost:
         self.cpus = cpus
         self.serial_log = workdir / "serial.log"
         self.qemu_log = workdir / "qemu.log"
-        self.ctl_socket = workdir / "ctl.sock"
+        # Unix socket paths are limited to 108 bytes: keep it short, outside workdir.
+        self.ctl_socket = Path(tempfile.mkdtemp(prefix="xenpbr-lab-")) / "ctl.sock"
         self.proc: subprocess.Popen | None = None
         self.channel: ControlChannel | None = None
         self.boot_seconds: float | None = None
@@ -150,6 +152,7 @@ class XenHost:
             self.proc.kill()
             self.proc.wait(timeout=10)
         log.info("QEMU pid %d stopped", self.proc.pid)
+        shutil.rmtree(self.ctl_socket.parent, ignore_errors=True)
 
     def __enter__(self) -> "XenHost":
         return self.start()

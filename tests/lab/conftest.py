@@ -1,0 +1,81 @@
+"""Fixtures that boot real Xen 4.17 in QEMU once per session and hand tests a live dom0.
+
+``xen_host`` is session-scoped: Xen boots once (about 12 s of wall time under TCG) and
+every lab test runs its scenarios in that dom0. ``lab_domain`` is a factory that
+remembers what it created and destroys it at teardown; when a test fails it saves the
+serial log, Xen's dmesg, xenstore and the guest consoles under ``lab-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from tests.conftest import test_failed
+from xenpbr_lab.build import LabImages, build
+from xenpbr_lab.errors import LabError
+from xenpbr_lab.host import XenHost
+from xenpbr_lab.paths import artifacts_root
+from xenpbr_lab.xl import LabDomain
+
+log = logging.getLogger(__name__)
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def lab_images() -> LabImages:
+    """The boot artefacts (built once, cached across runs by their inputs)."""
+    return build()
+
+
+@pytest.fixture(scope="session")
+def session_artifacts() -> Path:
+    """Folder for this session's QEMU logs and failure evidence."""
+    path = artifacts_root() / time.strftime("session-%Y%m%d-%H%M%S")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def xen_host(lab_images: LabImages, session_artifacts: Path,
+             request: pytest.FixtureRequest) -> Iterator[XenHost]:
+    """Xen + dom0 booted in QEMU, shared by every lab test of the session."""
+    host = XenHost(lab_images, session_artifacts / "host")
+    try:
+        host.start()
+    except LabError:
+        host.collect_artifacts(session_artifacts / "boot-failure")
+        raise
+    yield host
+    if request.session.testsfailed:
+        host.collect_artifacts(session_artifacts / "end-of-session")
+    host.kill()
+
+
+@pytest.fixture
+def lab_domain(xen_host: XenHost, session_artifacts: Path,
+               request: pytest.FixtureRequest) -> Iterator[Callable[..., LabDomain]]:
+    """Factory of busybox PV guests; destroys them all at teardown."""
+    made: list[LabDomain] = []
+
+    def factory(prefix: str = "g", **kwargs: object) -> LabDomain:
+        domain = LabDomain(xen_host, f"{prefix}{next(_names)}", **kwargs)
+        made.append(domain)
+        return domain
+
+    yield factory
+    if test_failed(request):
+        dest = session_artifacts / re.sub(r"[^\w.-]+", "_", request.node.name)
+        xen_host.collect_artifacts(dest)
+        log.error("lab evidence for %s saved in %s", request.node.name, dest)
+    for domain in made:
+        try:
+            domain.destroy()
+        except LabError as exc:
+            log.warning("could not destroy %s: %s", domain.name, exc)
