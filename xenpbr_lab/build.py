@@ -223,6 +223,17 @@ def _timed(timings: dict[str, float], name: str, fn, *args) -> None:
     log.info("built %s in %.1f s", name, timings[name])
 
 
+def _prune(folder: Path, keep: set[Path], newest: int = 3) -> None:
+    """Drop cache entries beyond the ``newest`` few (by mtime), never those in ``keep``:
+    every edit of xenpbr makes a new overlay, and old ones are dead weight."""
+    entries = sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    for stale in entries[newest:]:
+        if stale not in keep:
+            log.info("pruning stale lab cache entry %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def build(cache: Path | None = None) -> LabImages:
     """Build (or reuse from the cache) every artefact the lab boots."""
     cache = cache or cache_root()
@@ -263,6 +274,8 @@ def build(cache: Path | None = None) -> LabImages:
                 with open(part, "rb") as src:
                     shutil.copyfileobj(src, out)
         os.replace(f"{dom0}.tmp", dom0)
+    for folder in ("overlays", "images", "sysroots"):
+        _prune(cache / folder, {overlay_dir, base_dir, sysroot})
     timings["total"] = round(time.monotonic() - start, 2)
     return LabImages(xen, kernel, base_dir / "System.map", dom0, guest, kernel_version,
                      tuple(packages), timings)

@@ -5,7 +5,8 @@ blurs timings by that much. This module runs *in dom0*: it follows a console log
 records dom0's monotonic clock the moment each pattern first appears (after an optional
 byte offset), then prints one JSON object. Standard library only.
 
-    python3 -m xenpbr_lab.console_watch LOG --after N --timeout S PATTERN [PATTERN ...]
+    python3 -m xenpbr_lab.console_watch LOG [--after N] [--timeout S] [--trigger CMD]
+        PATTERN [PATTERN ...]
 """
 
 from __future__ import annotations
@@ -14,14 +15,22 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 
 POLL_SECONDS = 0.02
 
 
-def watch(path: str, patterns: list[str], after: int, timeout: float) -> dict[str, object]:
-    """Wait for each pattern in order; return their dom0 times and captured groups."""
+def watch(path: str, patterns: list[str], after: int, timeout: float,
+          trigger: str | None = None) -> dict[str, object]:
+    """Wait for each pattern in order; return their dom0 times and captured groups.
+
+    ``trigger`` (a shell command) runs after the start time ``t0`` is taken, so a
+    measured interval can start at the very action that causes the events.
+    """
+    t0 = time.monotonic()
+    trigger_rc = subprocess.call(trigger, shell=True) if trigger else None
     deadline = time.monotonic() + timeout
     found: dict[str, object] = {}
     offset = after
@@ -46,7 +55,8 @@ def watch(path: str, patterns: list[str], after: int, timeout: float) -> dict[st
             text = text[m.end():]
         if pending:
             time.sleep(POLL_SECONDS)
-    return {"found": found, "missing": pending, "offset": offset, "now": time.monotonic()}
+    return {"t0": t0, "trigger_rc": trigger_rc, "found": found, "missing": pending,
+            "offset": offset, "now": time.monotonic()}
 
 
 def main() -> int:
@@ -55,8 +65,9 @@ def main() -> int:
     parser.add_argument("patterns", nargs="+")
     parser.add_argument("--after", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--trigger", help="shell command to run once t0 is taken")
     args = parser.parse_args()
-    result = watch(args.log, args.patterns, args.after, args.timeout)
+    result = watch(args.log, args.patterns, args.after, args.timeout, args.trigger)
     json.dump(result, sys.stdout)
     return 0 if not result["missing"] else 3
 

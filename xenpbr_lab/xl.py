@@ -132,12 +132,14 @@ class LabDomain:
                             check=False).stdout.strip()
         return int(out or 0)
 
-    def watch_console(self, patterns: list[str], after: int = 0,
-                      timeout: float = 120.0) -> dict[str, dict]:
-        """Wait in dom0 for each regex in order and return dom0's monotonic time at which
-        each first appeared (see :mod:`xenpbr_lab.console_watch`)."""
+    def watch_console(self, patterns: list[str], after: int = 0, timeout: float = 120.0,
+                      trigger: str | None = None) -> dict:
+        """Wait in dom0 for each regex in order; return the watcher's report: ``t0`` and,
+        per pattern, dom0's monotonic time when it first appeared (see
+        :mod:`xenpbr_lab.console_watch`). ``trigger`` runs in dom0 right after ``t0``."""
         argv = ["python3", "-m", "xenpbr_lab.console_watch", self.console_log,
-                "--after", str(after), "--timeout", str(timeout), *patterns]
+                "--after", str(after), "--timeout", str(timeout),
+                *(["--trigger", trigger] if trigger else []), *patterns]
         result = self.host.run(argv, timeout=timeout + 30, check=False)
         try:
             report = json.loads(result.stdout)
@@ -146,7 +148,7 @@ class LabDomain:
         if report["missing"]:
             raise LabTimeout(f"domain {self.name}: console never showed {report['missing']} "
                              f"within {timeout:.0f} s (console log {self.console_log})")
-        return report["found"]
+        return report
 
     def wait_for_state(self, predicate, what: str, timeout: float = 60.0) -> XlListEntry:
         """Wait until ``predicate(entry)`` holds for this domain's ``xl list`` row."""

@@ -1,7 +1,8 @@
 #!/bin/sh
 # PID 1 of the lab's busybox PV guest. What it does is chosen on the kernel command line
 # (xl's `extra`): lab.mode=count prints a counter every second, lab.mode=crash prints a
-# marker and crashes the kernel, lab.mode=shell just waits.
+# marker and crashes the kernel, lab.mode=service announces a ready service and waits,
+# lab.mode=shell just waits.
 export PATH=/usr/bin:/usr/sbin:/bin:/sbin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
 mount -t proc proc /proc
@@ -10,6 +11,8 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /run
 [ -d /proc/xen ] && mount -t xenfs xenfs /proc/xen 2>/dev/null
+# Debian masks most sysrq functions; the lab crashes guests with `xl sysrq DOMAIN c`.
+echo 1 > /proc/sys/kernel/sysrq
 
 mode=shell
 for arg in $(cat /proc/cmdline); do
@@ -28,6 +31,8 @@ case "$mode" in
             echo "XENPBR-GUEST: count=$i uptime=$(cut -d' ' -f1 /proc/uptime)"
             sleep 1
         done ;;
+    service)
+        echo "XENPBR-GUEST: service ready uptime=$(cut -d' ' -f1 /proc/uptime)" ;;
     crash)
         echo "XENPBR-GUEST: crashing now"
         echo c > /proc/sysrq-trigger ;;

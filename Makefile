@@ -1,0 +1,43 @@
+# xenpbr: every target installs what it needs (Debian 12, as root).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: help deps venv lab test test-fast test-lab demo clean
+
+help:
+	@echo "make demo       build the lab, boot real Xen in QEMU, crash a guest, show its recovery"
+	@echo "make test       fast suite + real-Xen lab suite"
+	@echo "make test-fast  unit tests only (no QEMU)"
+	@echo "make test-lab   real-Xen lab tests only"
+	@echo "make lab        build (or reuse) the lab's boot artefacts"
+
+deps:
+	tools/install-host-deps.sh
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+lab: deps venv
+	$(BIN)/xenpbr-lab build
+
+test: deps venv
+	$(PYTEST)
+
+test-fast: venv
+	$(PYTEST) -m "not lab"
+
+test-lab: deps venv
+	$(PYTEST) -m lab
+
+demo: deps venv
+	$(BIN)/xenpbr-lab demo
+
+clean:
+	rm -rf $(VENV) build lab-artifacts *.egg-info

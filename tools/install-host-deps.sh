@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install what the xenpbr lab needs on a Debian 12 host (as root). Idempotent and quick
+# when everything is present: apt-get update runs only if a package is missing or apt
+# does not know the Xen packages yet.
+set -euo pipefail
+
+PACKAGES=(qemu-system-x86 e2fsprogs python3-venv python3-pip)
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "install-host-deps: must run as root (it installs Debian packages)" >&2
+    exit 1
+fi
+if ! command -v apt-get >/dev/null; then
+    echo "install-host-deps: apt-get not found; the lab needs a Debian 12 host" >&2
+    exit 1
+fi
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$pkg")
+done
+
+if (( ${#missing[@]} )) || ! apt-cache show xen-hypervisor-4.17-amd64 >/dev/null 2>&1; then
+    echo "install-host-deps: apt-get update" >&2
+    apt-get update -qq
+fi
+if (( ${#missing[@]} )); then
+    echo "install-host-deps: installing ${missing[*]}" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+fi
+echo "install-host-deps: host ready" >&2

@@ -1,0 +1,113 @@
+"""``xenpbr-lab``: build the lab, boot real Xen in QEMU, run commands in dom0, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .build import build
+from .demo import render, run_demo, write_report
+from .errors import LabError
+from .host import XenHost
+from .paths import artifacts_root, cache_root
+
+
+def _size(path: Path) -> str:
+    return f"{path.stat().st_size / 2**20:.1f} MiB"
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    start = time.monotonic()
+    images = build()
+    elapsed = time.monotonic() - start
+    artefacts = {"xen": images.xen, "kernel": images.kernel, "dom0 initramfs": images.dom0_initrd,
+                 "guest initramfs": images.guest_initrd}
+    cache_bytes = sum(p.stat().st_size for p in cache_root().rglob("*") if p.is_file())
+    if args.json:
+        print(json.dumps({"seconds": round(elapsed, 2), "steps": images.timings,
+                          "kernel_version": images.kernel_version,
+                          "cache": str(cache_root()), "cache_bytes": cache_bytes,
+                          "artefacts": {k: str(v) for k, v in artefacts.items()},
+                          "packages": {p.name: p.version for p in images.packages}}, indent=2))
+        return 0
+    print(f"lab built in {elapsed:.1f} s (steps: {images.timings})")
+    for name, path in artefacts.items():
+        print(f"  {name:16} {_size(path):>10}  {path}")
+    print(f"  cache            {cache_bytes / 2**20:8.1f} MiB  {cache_root()}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    images = build()
+    workdir = artifacts_root() / time.strftime("run-%Y%m%d-%H%M%S")
+    with XenHost(images, workdir) as host:
+        print(f"# dom0 ready {host.boot_seconds:.1f} s after QEMU start", file=sys.stderr)
+        result = host.run(" ".join(args.command), timeout=args.timeout, check=False)
+        sys.stdout.write(result.stdout)
+        sys.stderr.write(result.stderr)
+        return result.rc
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    start = time.monotonic()
+    images = build()
+    report = run_demo(images, time.monotonic() - start)
+    write_report(report, Path(args.report))
+    print(json.dumps(asdict(report), indent=2) if args.json else render(report))
+    if not args.json:
+        print(f"\nreport written to {args.report}")
+    return 0 if report.recovered else 1
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from .measure import channel_figures, guest_figures
+    images = build()
+    workdir = artifacts_root() / time.strftime("measure-%Y%m%d-%H%M%S")
+    with XenHost(images, workdir) as host:
+        figures = {"qemu_start_to_dom0_ready_s": round(host.boot_seconds or 0, 2),
+                   **channel_figures(host), **guest_figures(host)}
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        width = max(map(len, figures))
+        for name, value in figures.items():
+            print(f"  {name.ljust(width)}  {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xenpbr-lab", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("build", help="build (or reuse) the boot artefacts")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_build)
+    p = sub.add_parser("run", help="boot Xen, run a shell command in dom0, stop")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("command", nargs="+")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("demo", help="crash a guest on real Xen and show its recovery")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--report", default="build/demo-report.json")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("measure", help="time the lab: boot, control channel, guest events")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_measure)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return args.func(args)
+    except LabError as exc:
+        print(f"xenpbr-lab: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
