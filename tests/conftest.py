@@ -9,12 +9,36 @@ keep evidence.
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import pytest
 
+log = logging.getLogger(__name__)
+
 LAB_DIR = Path(__file__).parent / "lab"
 PHASE_REPORTS = pytest.StashKey[dict]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point the tests that load Xen's real libraries at the lab's unpacked Debian
+    packages (``XENPBR_TEST_LIBDIR``, ``XENPBR_TEST_XEN_ROOT``), unless already set.
+
+    The sysroot is the lab's cache entry (about a second when warm); when it cannot be
+    made (no apt), those tests skip and say why.
+    """
+    if os.environ.get("XENPBR_TEST_LIBDIR") and os.environ.get("XENPBR_TEST_XEN_ROOT"):
+        return
+    from xenpbr_lab.build import unpacked_sysroot
+    from xenpbr_lab.errors import LabError
+    try:
+        root = unpacked_sysroot()[0]
+    except LabError as exc:
+        log.warning("real Xen libraries unavailable for unit tests: %s", exc)
+        return
+    os.environ.setdefault("XENPBR_TEST_LIBDIR", str(root / "usr/lib/x86_64-linux-gnu"))
+    os.environ.setdefault("XENPBR_TEST_XEN_ROOT", str(root / "usr/lib/xen-4.17"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -234,17 +234,24 @@ def _prune(folder: Path, keep: set[Path], newest: int = 3) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def build(cache: Path | None = None) -> LabImages:
-    """Build (or reuse from the cache) every artefact the lab boots."""
+def unpacked_sysroot(cache: Path | None = None) -> tuple[Path, str, list[debian.DebPackage]]:
+    """The unpacked Debian packages (Xen, userland, kernel): sysroot path, kernel version
+    and the resolved packages. Also used by unit tests that load the real Xen libraries."""
     cache = cache or cache_root()
     ensure_free_space(cache)
-    timings: dict[str, float] = {}
-    start = time.monotonic()
     kernel_pkg = debian.newest_kernel_package()
     packages = debian.resolve([*debian.XEN_PACKAGES, *debian.USERLAND_PACKAGES, kernel_pkg])
     debs = debian.download(packages, cache / "debs")
-    sysroot = debian.unpack(debs, cache / "sysroots")
-    kernel_version = kernel_pkg.removeprefix("linux-image-")
+    return (debian.unpack(debs, cache / "sysroots"), kernel_pkg.removeprefix("linux-image-"),
+            packages)
+
+
+def build(cache: Path | None = None) -> LabImages:
+    """Build (or reuse from the cache) every artefact the lab boots."""
+    cache = cache or cache_root()
+    timings: dict[str, float] = {}
+    start = time.monotonic()
+    sysroot, kernel_version, packages = unpacked_sysroot(cache)
     builder = tree_digest(Path(__file__).parent, ("*.py", "scripts/*"))
     base_dir = cache / "images" / digest(sysroot.name, builder)
     base_dir.mkdir(parents=True, exist_ok=True)

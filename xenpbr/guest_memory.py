@@ -1,0 +1,409 @@
+"""Read a PV guest's memory by guest pfn: P2M walk, pfn-range mapping, marker search.
+
+A PV guest has no second-stage translation: its "physical" frame numbers (pfns) are the
+guest's own bookkeeping, and foreign mapping from dom0 takes *machine* frames (MFNs). The
+guest publishes its pfn->mfn table (the P2M) in its shared_info page, and Xen's save code
+(``tools/libs/guest/xg_sr_save_x86_pv.c``, Xen 4.17: ``map_p2m``, ``map_p2m_tree``,
+``map_p2m_list``) finds it in one of two ways, both implemented here:
+
+* **tree** - ``arch.pfn_to_mfn_frame_list_list`` is the MFN of a page of MFNs ("frame
+  list list", fll) of pages of MFNs ("frame list", fl) of P2M pages: 3 levels, 512
+  entries per page on a 64-bit guest.
+* **linear** - ``arch.p2m_cr3`` is a page-table root and ``arch.p2m_vaddr`` the virtual
+  address of the P2M as one array; we walk the guest's 4-level page tables to find its
+  pages. ``arch.p2m_generation`` is odd while the guest edits the mapping.
+
+Like Xen we prefer the linear list when ``p2m_cr3`` is set. ``arch.max_pfn`` is the
+number of P2M entries. An entry of ``~0`` (Linux's ``INVALID_P2M_ENTRY``) is a hole;
+Linux also tags non-RAM entries with ``FOREIGN_FRAME_BIT`` (bit 63) or
+``IDENTITY_FRAME_BIT`` (bit 62). All three are reported as :data:`INVALID_MFN`, which
+matches the save code's effect (such entries fail its M2P check and are not saved).
+
+The walk only needs "give me the contents of these MFNs" (:data:`ReadFrames`), so tests
+feed it a synthetic memory image. Only 64-bit PV guests are supported.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from xenpbr.ctypes_libxc._errcheck import FrameMapError
+from xenpbr.ctypes_libxc.foreignmemory import XC_PAGE_SIZE, Mapping
+from xenpbr.ctypes_libxc.xenctrl import ArchSharedInfoX86_64, SharedInfoX86_64
+from xenpbr.errors import XenpbrError
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = XC_PAGE_SIZE
+PAGE_SHIFT = 12
+GUEST_WIDTH = 8  # bytes per P2M entry / page-table entry on a 64-bit guest
+FPP = PAGE_SIZE // GUEST_WIDTH  # frames (entries) per page: 512
+
+INVALID_MFN = (1 << 64) - 1  # ~0UL: INVALID_P2M_ENTRY (Linux), INVALID_MFN (libxc)
+FOREIGN_FRAME_BIT = 1 << 63  # Linux arch/x86/include/asm/xen/page.h
+IDENTITY_FRAME_BIT = 1 << 62
+_NOT_RAM = FOREIGN_FRAME_BIT | IDENTITY_FRAME_BIT
+
+PTE_PRESENT = 1 << 0
+PTE_PSE = 1 << 7
+PTE_FRAME_MASK = 0x000FFFFFFFFFF000  # xg_sr_common_x86_pv.h: bits 12-51
+HYPERVISOR_VIRT_START_X86_64 = 0xFFFF800000000000  # xg_sr_common_x86_pv.h
+HYPERVISOR_VIRT_END_X86_64 = 0xFFFF87FFFFFFFFFF
+_LEVEL_SHIFTS = (39, 30, 21, 12)  # L4, L3, L2, L1 index shifts
+
+_ARCH_OFFSET = SharedInfoX86_64.arch.offset  # 3088
+_PAGE_ENTRIES = struct.Struct(f"<{FPP}Q")
+
+# Contents of the given MFNs, one PAGE_SIZE bytes object per frame, in order.
+ReadFrames = Callable[[Sequence[int]], Sequence[bytes]]
+
+
+class GuestMemoryError(XenpbrError):
+    """Base for errors reading a guest's memory through its P2M."""
+
+
+class NotPVGuest(GuestMemoryError):
+    """The domain is HVM/PVH: its frames are GFNs and need no P2M walk."""
+
+
+class UnsupportedGuest(GuestMemoryError):
+    """The guest is not a 64-bit PV guest (32-bit PV uses different layouts)."""
+
+
+class P2MError(GuestMemoryError):
+    """The guest's P2M is malformed or out of range."""
+
+
+class P2MUnavailable(P2MError):
+    """The guest has not published a P2M (still booting, or not a Linux-like PV kernel)."""
+
+
+class P2MInconsistent(P2MError):
+    """The guest changed its P2M mapping while we walked it; pause it and retry."""
+
+
+class PfnNotPresent(GuestMemoryError):
+    """A guest pfn has no machine frame behind it (hole, identity or foreign entry)."""
+
+    def __init__(self, domid: int, pfn: int) -> None:
+        super().__init__(f"pfn {pfn:#x} of domain {domid} has no RAM behind it in the P2M")
+        self.domid = domid
+        self.pfn = pfn
+
+
+@dataclass(frozen=True)
+class P2MTable:
+    """A walked P2M: ``entries[pfn]`` is the MFN or :data:`INVALID_MFN`."""
+
+    entries: list[int]
+    method: str  # "tree" or "linear"
+
+    @property
+    def valid(self) -> int:
+        return sum(1 for mfn in self.entries if mfn != INVALID_MFN)
+
+
+def _entries(page: bytes) -> tuple[int, ...]:
+    return _PAGE_ENTRIES.unpack_from(page)
+
+
+def _normalise(entry: int) -> int:
+    """Map holes and non-RAM entries to :data:`INVALID_MFN`."""
+    return INVALID_MFN if entry == INVALID_MFN or entry & _NOT_RAM else entry
+
+
+def _chunks(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _read_batched(read_frames: ReadFrames, mfns: Sequence[int], batch: int) -> Iterator[bytes]:
+    for chunk in _chunks(mfns, batch):
+        yield from read_frames(chunk)
+
+
+def read_arch_shared_info(read_frames: ReadFrames, shared_info_mfn: int) -> ArchSharedInfoX86_64:
+    """The ``arch`` part of the guest's shared_info page."""
+    page = read_frames([shared_info_mfn])[0]
+    return ArchSharedInfoX86_64.from_buffer_copy(page, _ARCH_OFFSET)
+
+
+def _check_frames(mfns: Iterable[int], what: str) -> None:
+    for index, mfn in enumerate(mfns):
+        if mfn == 0 or mfn == INVALID_MFN or mfn & _NOT_RAM:
+            raise P2MError(f"bad mfn {mfn:#x} at index {index} of the p2m {what}")
+
+
+def _read_leaves(read_frames: ReadFrames, leaves: Sequence[int], count: int, batch: int) -> list[int]:
+    """Decode *count* P2M entries from the P2M pages *leaves*, *batch* pages at a time."""
+    out: list[int] = []
+    for page in _read_batched(read_frames, leaves, batch):
+        out.extend(map(_normalise, _entries(page)))
+    del out[count:]
+    return out
+
+
+def _p2m_frames(max_pfn: int) -> int:
+    if max_pfn <= 0:
+        raise P2MUnavailable("shared_info.arch.max_pfn is 0: the guest has not published a p2m")
+    return (max_pfn - 1) // FPP + 1
+
+
+def walk_tree(read_frames: ReadFrames, arch: ArchSharedInfoX86_64, batch: int = 256) -> list[int]:
+    """Walk the 3-level frame-list-list P2M (``map_p2m_tree``)."""
+    fll_mfn = arch.pfn_to_mfn_frame_list_list
+    if fll_mfn in (0, INVALID_MFN):
+        raise P2MUnavailable(f"no p2m frame list list (pfn_to_mfn_frame_list_list={fll_mfn:#x})")
+    fl_entries = _p2m_frames(arch.max_pfn)
+    fll_entries = (fl_entries - 1) // FPP + 1
+    if fll_entries > FPP:
+        raise P2MError(f"max_pfn {arch.max_pfn:#x} too large for the p2m tree")
+    fll = _entries(read_frames([fll_mfn])[0])[:fll_entries]
+    _check_frames(fll, "frame list list")
+    fl: list[int] = []
+    for page in _read_batched(read_frames, fll, batch):
+        fl.extend(_entries(page))
+    del fl[fl_entries:]
+    _check_frames(fl, "frame list")
+    return _read_leaves(read_frames, fl, arch.max_pfn, batch)
+
+
+def _canonical(vaddr: int) -> bool:
+    top = vaddr >> 47
+    return top == 0 or top == (1 << 17) - 1
+
+
+def _check_p2m_range(start: int, end: int) -> None:
+    if (
+        start % PAGE_SIZE
+        or not (_canonical(start) and _canonical(end))
+        or end < start
+        or end >= 1 << 64
+        or (start <= HYPERVISOR_VIRT_END_X86_64 and end > HYPERVISOR_VIRT_START_X86_64)
+    ):
+        raise P2MError(f"bad virtual p2m address range {start:#x}-{end:#x}")
+
+
+def _pte_frame(pte: int, vaddr: int, shift: int) -> int:
+    level = (shift - 3) // 9
+    if not pte & PTE_PRESENT:
+        raise P2MError(f"p2m vaddr {vaddr:#x} not mapped at level {level} (pte {pte:#x})")
+    if shift in (30, 21) and pte & PTE_PSE:
+        raise P2MError(f"p2m vaddr {vaddr:#x} uses a superpage at level {level}")
+    frame = (pte & PTE_FRAME_MASK) >> PAGE_SHIFT
+    if frame == 0:
+        raise P2MError(f"p2m vaddr {vaddr:#x}: frame 0 at level {level}")
+    return frame
+
+
+def _walk_level(read_frames: ReadFrames, tables: list[int], vaddr: int, shift: int,
+                batch: int) -> list[int]:
+    """For each P2M page i (at vaddr + i pages), follow its entry in ``tables[i]``."""
+    distinct = list(dict.fromkeys(tables))
+    pages = dict(zip(distinct, _read_batched(read_frames, distinct, batch)))
+    out = []
+    for i, table in enumerate(tables):
+        va = vaddr + i * PAGE_SIZE
+        (pte,) = struct.unpack_from("<Q", pages[table], ((va >> shift) & (FPP - 1)) * 8)
+        out.append(_pte_frame(pte, va, shift))
+    return out
+
+
+def walk_linear(read_frames: ReadFrames, arch: ArchSharedInfoX86_64, batch: int = 256) -> list[int]:
+    """Walk the linear P2M list through the guest's page tables (``map_p2m_list``)."""
+    nr_frames = _p2m_frames(arch.max_pfn)
+    start = arch.p2m_vaddr
+    _check_p2m_range(start, start + nr_frames * PAGE_SIZE - 1)
+    if arch.p2m_generation & 1:
+        raise P2MInconsistent("guest is updating its p2m mapping (odd p2m_generation)")
+    tables = [arch.p2m_cr3 >> PAGE_SHIFT] * nr_frames  # xen_cr3_to_pfn for 64-bit
+    _check_frames(tables[:1], "cr3")
+    for shift in _LEVEL_SHIFTS:
+        tables = _walk_level(read_frames, tables, start, shift, batch)
+    return _read_leaves(read_frames, tables, arch.max_pfn, batch)
+
+
+def walk_p2m(read_frames: ReadFrames, shared_info_mfn: int, method: str = "auto",
+             batch: int = 256) -> P2MTable:
+    """Find and read a 64-bit PV guest's P2M; *method* is "auto", "tree" or "linear".
+
+    For the linear list the generation count is re-read afterwards: a change means the
+    guest remapped its P2M under us and the answer cannot be trusted.
+    """
+    arch = read_arch_shared_info(read_frames, shared_info_mfn)
+    if method == "auto":
+        method = "linear" if arch.p2m_cr3 else "tree"
+    if method == "tree":
+        return P2MTable(walk_tree(read_frames, arch, batch), "tree")
+    if method != "linear":
+        raise ValueError(f"unknown p2m method {method!r}")
+    if not arch.p2m_cr3:
+        raise P2MUnavailable("guest has no linear p2m list (p2m_cr3 is 0)")
+    entries = walk_linear(read_frames, arch, batch)
+    if read_arch_shared_info(read_frames, shared_info_mfn).p2m_generation != arch.p2m_generation:
+        raise P2MInconsistent("p2m_generation changed during the walk; pause the guest")
+    return P2MTable(entries, "linear")
+
+
+def _find_all(data: bytes, marker: bytes) -> Iterator[int]:
+    pos = data.find(marker)
+    while pos >= 0:
+        yield pos
+        pos = data.find(marker, pos + 1)
+
+
+def _runs(pfns: Sequence[int], pages: Sequence[bytes | None]) -> Iterator[tuple[int, bytes]]:
+    """Group readable pages of consecutive pfns into (first pfn, joined bytes)."""
+    run: list[bytes] = []
+    first = prev = -1
+    for pfn, page in zip(pfns, pages):
+        if run and (page is None or pfn != prev + 1):
+            yield first, b"".join(run)
+            run = []
+        if page is not None:
+            if not run:
+                first = pfn
+            run.append(page)
+        prev = pfn
+    if run:
+        yield first, b"".join(run)
+
+
+class _Scanner:
+    """Marker search over pages in guest-physical order, matching across page edges."""
+
+    def __init__(self, marker: bytes) -> None:
+        self.marker = marker
+        self.hits: list[tuple[int, int]] = []
+        self._tail = b""
+        self._tail_end = -1  # guest-physical address just after the carried tail
+
+    def feed(self, first_pfn: int, data: bytes) -> None:
+        base = first_pfn * PAGE_SIZE
+        if base == self._tail_end and self._tail:
+            data = self._tail + data
+            base -= len(self._tail)
+        for pos in _find_all(data, self.marker):
+            self.hits.append(divmod(base + pos, PAGE_SIZE))
+        keep = len(self.marker) - 1
+        self._tail = data[len(data) - keep:] if keep else b""
+        self._tail_end = base + len(data)
+
+
+class GuestMemory:
+    """Guest-pfn view of a running 64-bit PV domain's memory.
+
+    *xc* is a :class:`~xenpbr.ctypes_libxc.xenctrl.XenCtrl` (or anything with
+    ``domain_getinfo``/``domain_guest_width``) and *fmem* a
+    :class:`~xenpbr.ctypes_libxc.foreignmemory.ForeignMemory` (or anything with its
+    ``map``). Pause the domain around anything that must be consistent: nothing here does.
+    """
+
+    def __init__(self, xc: Any, fmem: Any, domid: int, *, batch_pages: int = 256,
+                 p2m_method: str = "auto") -> None:
+        info = xc.domain_getinfo(domid)
+        if info.hvm:
+            raise NotPVGuest(f"domain {domid} is HVM/PVH: map its GFNs directly")
+        width = xc.domain_guest_width(domid)
+        if width != GUEST_WIDTH:
+            raise UnsupportedGuest(f"domain {domid} is a {width * 8}-bit PV guest; "
+                                   "only 64-bit PV guests are supported")
+        if batch_pages < 1:
+            raise ValueError("batch_pages must be positive")
+        self.domid = domid
+        self.shared_info_mfn = info.shared_info_frame
+        self.batch_pages = batch_pages
+        self.p2m_method = p2m_method
+        self.p2m_method_used: str | None = None
+        self._fmem = fmem
+        self._table: list[int] | None = None
+
+    def _read_frames(self, mfns: Sequence[int]) -> list[bytes]:
+        with self._fmem.map(self.domid, mfns) as mapping:
+            view = mapping.memoryview
+            return [bytes(view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in range(len(mfns))]
+
+    def _read_frames_partial(self, mfns: Sequence[int]) -> list[bytes | None]:
+        """Like ``_read_frames`` but unmappable frames come back as None (never touched)."""
+        with self._fmem.map(self.domid, mfns, partial=True) as mapping:
+            view = mapping.memoryview
+            return [None if i in mapping.errors else bytes(view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+                    for i in range(len(mfns))]
+
+    def p2m(self) -> list[int]:
+        """Walk the P2M now; ``result[pfn]`` is the MFN or :data:`INVALID_MFN`.
+
+        The result is also kept for :meth:`map_pfns` and :meth:`find`, which only walk
+        when nothing is kept yet; call this again after the guest may have changed it.
+        """
+        table = walk_p2m(self._read_frames, self.shared_info_mfn, self.p2m_method, self.batch_pages)
+        self._table, self.p2m_method_used = table.entries, table.method
+        log.debug("domain %d p2m: %d entries via %s", self.domid, len(table.entries), table.method)
+        return table.entries
+
+    def _p2m(self) -> list[int]:
+        return self._table if self._table is not None else self.p2m()
+
+    def pfn_to_mfn(self, pfn: int) -> int:
+        """The MFN behind *pfn*; :class:`PfnNotPresent` for holes and non-RAM."""
+        table = self._p2m()
+        mfn = table[pfn] if 0 <= pfn < len(table) else INVALID_MFN
+        if mfn == INVALID_MFN:
+            raise PfnNotPresent(self.domid, pfn)
+        return mfn
+
+    def map_pfns(self, pfns: Sequence[int], writable: bool = False) -> Mapping:
+        """Map guest pfns (in the given order) contiguously; use as a context manager."""
+        mfns = [self.pfn_to_mfn(pfn) for pfn in pfns]
+        try:
+            return self._fmem.map(self.domid, mfns, writable)
+        except FrameMapError as exc:
+            if exc.index is None:
+                raise
+            raise FrameMapError(self.domid, exc.frame, exc.errno, index=exc.index,
+                                failed=exc.failed, pfn=pfns[exc.index]) from exc
+
+    def read_pfn(self, pfn: int) -> bytes:
+        """A copy of one guest page."""
+        with self.map_pfns([pfn]) as mapping:
+            return bytes(mapping.memoryview)
+
+    def _valid_pfns(self) -> Iterator[int]:
+        return (pfn for pfn, mfn in enumerate(self._p2m()) if mfn != INVALID_MFN)
+
+    def _batches(self) -> Iterator[tuple[list[int], list[bytes | None]]]:
+        table = self._p2m()
+        batch: list[int] = []
+        for pfn in self._valid_pfns():
+            batch.append(pfn)
+            if len(batch) == self.batch_pages:
+                yield batch, self._read_frames_partial([table[p] for p in batch])
+                batch = []
+        if batch:
+            yield batch, self._read_frames_partial([table[p] for p in batch])
+
+    def find(self, marker: bytes, limit: int | None = None) -> list[tuple[int, int]]:
+        """All (pfn, offset) where *marker* starts, scanning ``batch_pages`` at a time.
+
+        Matches that straddle two pages are found when the pages are pfn-consecutive
+        (guest-physically contiguous). Frames that cannot be mapped are skipped and
+        counted in the log. Memory use is bounded by the batch size, not guest size.
+        """
+        if not 0 < len(marker) <= PAGE_SIZE:
+            raise ValueError(f"marker must be 1..{PAGE_SIZE} bytes")
+        scanner = _Scanner(bytes(marker))
+        scanned = skipped = 0
+        for pfns, pages in self._batches():
+            scanned += len(pfns)
+            skipped += sum(page is None for page in pages)
+            for first_pfn, data in _runs(pfns, pages):
+                scanner.feed(first_pfn, data)
+            if limit is not None and len(scanner.hits) >= limit:
+                break
+        log.info("domain %d: scanned %d pages (%d unmappable), %d hit(s)",
+                 self.domid, scanned, skipped, len(scanner.hits))
+        return scanner.hits[:limit] if limit is not None else scanner.hits
