@@ -49,11 +49,10 @@ WAIT = 5.0
 
 
 def _import_xenpbr() -> None:
-    try:
-        import xenpbr  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("xenpbr") is None:
         sys.path.insert(0, str(REPO_ROOT))
-        import xenpbr  # noqa: F401
 
 
 class Unavailable(Exception):
