@@ -181,11 +181,15 @@ def _build_guest(sysroot: Path, kernel_version: str, out: Path) -> None:
         write_initramfs(stage, out)
 
 
+#: Extra wheels for dom0 only, to measure alternatives beside ours (docs/xenstore.md).
+BENCH_WHEELS = ["pyxs==0.4.1"]
+
+
 def _wheelhouse(dest: Path) -> None:
     """Build xenpbr from the working tree and fetch its dependencies as wheels (on the host:
     dom0 has no network)."""
     cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest),
-           str(PROJECT_ROOT)]
+           str(PROJECT_ROOT), *BENCH_WHEELS]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise LabError(f"building xenpbr wheels failed: {proc.stderr.strip()[-1500:]}")

@@ -79,3 +79,24 @@ def lab_domain(xen_host: XenHost, session_artifacts: Path,
             domain.destroy()
         except LabError as exc:
             log.warning("could not destroy %s: %s", domain.name, exc)
+
+
+@pytest.fixture(scope="session")
+def dom0_python(xen_host: XenHost) -> Callable[..., object]:
+    """Run a Python snippet in dom0 (as root) and return the JSON it prints last.
+
+    The snippet runs with xenpbr importable (installed into the dom0 image from the
+    working tree). ``user`` drops to that uid first, to test non-root behaviour.
+    """
+    import json
+    import textwrap
+
+    def run(code: str, timeout: float = 120.0, user: int | None = None) -> object:
+        prologue = f"import os; os.setgid({user}); os.setuid({user})\n" if user else ""
+        result = xen_host.run(["python3", "-"], stdin=(prologue + textwrap.dedent(code)).encode(),
+                              timeout=timeout, check=False)
+        if result.rc != 0:
+            raise AssertionError(f"dom0 python failed ({result.rc}):\n{result.stderr}")
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    return run

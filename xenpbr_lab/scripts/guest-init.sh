@@ -2,6 +2,7 @@
 # PID 1 of the lab's busybox PV guest. What it does is chosen on the kernel command line
 # (xl's `extra`): lab.mode=count prints a counter every second, lab.mode=crash prints a
 # marker and crashes the kernel, lab.mode=service announces a ready service and waits,
+# lab.mode=memmark keeps a marker string in memory,
 # lab.mode=shell just waits.
 export PATH=/usr/bin:/usr/sbin:/bin:/sbin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
@@ -22,6 +23,8 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 echo "XENPBR-GUEST: up uptime=$(cut -d' ' -f1 /proc/uptime) mode=$mode marker=${marker:-none}"
+# Kernel text bounds from kallsyms (Debian's System.map is a stub), for vCPU RIP checks.
+echo "XENPBR-GUEST: text $(grep -E ' (_stext|_etext)$' /proc/kallsyms | cut -d' ' -f1 | tr '\n' ' ')"
 
 case "$mode" in
     count)
@@ -31,6 +34,12 @@ case "$mode" in
             echo "XENPBR-GUEST: count=$i uptime=$(cut -d' ' -f1 /proc/uptime)"
             sleep 1
         done ;;
+    memmark)
+        # A marker that exists only in guest memory (a tmpfs file); the console shows
+        # only its random id, never the whole string.
+        id=$(cat /proc/sys/kernel/random/uuid)
+        printf 'XENPBR-MEMMARK-%s' "$id" > /run/memmark
+        echo "XENPBR-GUEST: memmark id=$id" ;;
     service)
         echo "XENPBR-GUEST: service ready uptime=$(cut -d' ' -f1 /proc/uptime)" ;;
     crash)
