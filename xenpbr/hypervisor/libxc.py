@@ -1,0 +1,263 @@
+"""The :class:`~xenpbr.hypervisor.base.Hypervisor` interface over libxenctrl and
+libxenforeignmemory (the ctypes bindings in :mod:`xenpbr.ctypes_libxc`).
+
+This module is translation only: ``DomainInfo`` -> :class:`DomainState`,
+``vcpu_guest_context`` <-> :class:`VcpuRegisters`, and the errnos a caller must tell
+apart -> specific exceptions (read from Xen 4.17's ``xen/common/domctl.c`` and
+``domain.c``: EINVAL on unpause below zero, EOVERFLOW past 255 pauses, EINVAL/ENODATA
+from getvcpucontext). Guest frames are reached through
+:class:`~xenpbr.guest_memory.GuestMemory`, which walks the guest's P2M afresh for each
+call: a running guest may change its P2M (ballooning), and a stale table would map the
+wrong machine frames.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from xenpbr.ctypes_libxc._errcheck import XenCallError
+from xenpbr.ctypes_libxc.foreignmemory import ForeignMemory
+from xenpbr.ctypes_libxc.xenctrl import (
+    DomainInfo,
+    ShutdownReason,
+    VcpuContextX86_64,
+    VcpuFlags,
+    XenCtrl,
+)
+from xenpbr.guest_memory import INVALID_MFN, GuestMemory
+from xenpbr.hypervisor.base import (
+    MAX_PAUSE_COUNT,
+    PAGE_SIZE,
+    DomainState,
+    Hypervisor,
+    NoSuchVcpu,
+    NotPaused,
+    PauseLimitReached,
+    VcpuContextRejected,
+    VcpuNotInitialised,
+    VcpuRegisters,
+    check_domid,
+    check_page_write,
+    refuse_control_domain,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+LIST_BATCH = 1024  # domains per getinfolist hypercall
+
+
+def domain_state_from_info(info: DomainInfo) -> DomainState:
+    """Translate the binding's ``DomainInfo`` (flags already decoded) to a DomainState."""
+    reason = info.shutdown_reason
+    known = reason if isinstance(reason, ShutdownReason) else None
+    return DomainState(
+        domid=info.domid,
+        uuid=info.handle,
+        running=info.running,
+        blocked=info.blocked,
+        paused=info.paused,
+        shutdown=info.shutdown,
+        dying=info.dying,
+        shutdown_reason=known,
+        shutdown_code=None if reason is None else int(reason),
+        hvm=info.hvm,
+        memory_pages=info.tot_pages,
+        max_memory_pages=info.max_pages,
+        vcpus_online=info.nr_online_vcpus,
+        max_vcpu_id=info.max_vcpu_id,
+        cpu_time_ns=info.cpu_time,
+    )
+
+
+def registers_from_context(vcpu: int, ctx: VcpuContextX86_64) -> VcpuRegisters:
+    """Decode the fields xenpbr uses from a raw 64-bit ``vcpu_guest_context``."""
+    regs = ctx.user_regs
+    general = {name: getattr(regs, name) for name in VcpuRegisters.GENERAL}
+    return VcpuRegisters(
+        vcpu=vcpu,
+        cr0=ctx.ctrlreg[0],
+        cr2=ctx.ctrlreg[2],
+        cr3=ctx.ctrlreg[3],
+        cr4=ctx.ctrlreg[4],
+        kernel_ss=ctx.kernel_ss,
+        kernel_sp=ctx.kernel_sp,
+        fs_base=ctx.fs_base,
+        gs_base_kernel=ctx.gs_base_kernel,
+        gs_base_user=ctx.gs_base_user,
+        flags=VcpuFlags(ctx.flags),
+        raw=bytes(ctx),
+        **general,
+    )
+
+
+def context_from_registers(regs: VcpuRegisters, base: VcpuContextX86_64) -> VcpuContextX86_64:
+    """*base* (a copy) with every field :class:`VcpuRegisters` names overwritten."""
+    ctx = VcpuContextX86_64.from_buffer_copy(bytes(base))
+    for name in VcpuRegisters.GENERAL:
+        setattr(ctx.user_regs, name, getattr(regs, name))
+    for index, name in ((0, "cr0"), (2, "cr2"), (3, "cr3"), (4, "cr4")):
+        ctx.ctrlreg[index] = getattr(regs, name)
+    for name in ("kernel_ss", "kernel_sp", "fs_base", "gs_base_kernel", "gs_base_user"):
+        setattr(ctx, name, getattr(regs, name))
+    ctx.flags = int(regs.flags)
+    return ctx
+
+
+class LibxcHypervisor(Hypervisor):
+    """:class:`Hypervisor` over an open :class:`XenCtrl` and :class:`ForeignMemory`.
+
+    By default both handles are opened here (honouring *libdir* / ``XENPBR_LIBDIR``);
+    tests inject objects with the same methods. Either way this object owns them and
+    closes them in :meth:`close`.
+    """
+
+    def __init__(self, xc: Any = None, fmem: Any = None, *, libdir: str | None = None,
+                 batch_pages: int = 256, p2m_method: str = "auto") -> None:
+        self._xc = xc if xc is not None else XenCtrl(libdir=libdir)
+        try:
+            self._fmem = fmem if fmem is not None else ForeignMemory(libdir=libdir)
+        except BaseException:
+            self._xc.close()
+            raise
+        self.batch_pages = batch_pages
+        self.p2m_method = p2m_method
+        self._closed = False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for handle in (self._fmem, self._xc):
+            handle.close()
+        log.debug("libxc hypervisor handles closed")
+
+    # -- domains --------------------------------------------------------------------------
+
+    def list_domains(self) -> list[DomainState]:
+        out: list[DomainState] = []
+        first = 0
+        while True:
+            batch = self._xc.domain_getinfolist(first, LIST_BATCH)
+            out.extend(domain_state_from_info(info) for info in batch)
+            if len(batch) < LIST_BATCH:
+                return out
+            first = batch[-1].domid + 1
+
+    def domain_state(self, domid: int) -> DomainState:
+        return domain_state_from_info(self._xc.domain_getinfo(check_domid(domid)))
+
+    def pause(self, domid: int) -> None:
+        refuse_control_domain(domid, "pause")
+        self._mapped(domid, "pause", self._xc.domain_pause, domid, errors={
+            errno_mod.EOVERFLOW: (PauseLimitReached, f"domain {domid} already holds "
+                                  f"{MAX_PAUSE_COUNT} toolstack pauses: a caller pauses "
+                                  "without unpausing (check `xl list` state 'p')"),
+        })
+
+    def unpause(self, domid: int) -> None:
+        refuse_control_domain(domid, "unpause")
+        self._mapped(domid, "unpause", self._xc.domain_unpause, domid, errors={
+            errno_mod.EINVAL: (NotPaused, f"domain {domid} holds no toolstack pause: "
+                               "unpause without a matching pause"),
+        })
+
+    def destroy(self, domid: int) -> None:
+        refuse_control_domain(domid, "destroy")
+        log.info("destroying domain %d", domid)
+        self._xc.domain_destroy(domid)
+
+    def shutdown(self, domid: int, reason: ShutdownReason) -> None:
+        refuse_control_domain(domid, "shut down")
+        reason = ShutdownReason(reason)
+        log.info("shutting domain %d down (%s)", domid, reason.name.lower())
+        self._xc.domain_shutdown(domid, reason)
+
+    # -- vCPUs ----------------------------------------------------------------------------
+
+    def _vcpu_errors(self, domid: int, vcpu: int) -> dict[int, tuple[type, str]]:
+        return {
+            errno_mod.EINVAL: (NoSuchVcpu, f"domain {domid} has no vcpu {vcpu}"),
+            errno_mod.ENODATA: (VcpuNotInitialised, f"vcpu {vcpu} of domain {domid} was "
+                                "never brought up by the guest"),
+        }
+
+    def vcpu_registers(self, domid: int, vcpu: int) -> VcpuRegisters:
+        check_domid(domid)
+        ctx = self._mapped(domid, "vcpu_getcontext", self._xc.vcpu_getcontext, domid, vcpu,
+                           errors=self._vcpu_errors(domid, vcpu))
+        return registers_from_context(vcpu, ctx)
+
+    def set_vcpu_registers(self, domid: int, vcpu: int, regs: VcpuRegisters) -> None:
+        refuse_control_domain(domid, "set vcpu registers of")
+        self._check_vcpu_exists(domid, vcpu)
+        if regs.raw is not None:
+            base = VcpuContextX86_64.from_buffer_copy(regs.raw)
+        else:
+            base = self._mapped(domid, "vcpu_getcontext", self._xc.vcpu_getcontext, domid,
+                                vcpu, errors=self._vcpu_errors(domid, vcpu))
+        ctx = context_from_registers(regs, base)
+        rejected = (VcpuContextRejected, f"Xen rejected the new context of vcpu {vcpu} of "
+                    f"domain {domid} (bad selectors, cr3 or flags?)")
+        self._mapped(domid, "vcpu_setcontext", self._xc.vcpu_setcontext, domid, vcpu, ctx,
+                     errors={errno_mod.EINVAL: rejected, errno_mod.EOPNOTSUPP: rejected})
+
+    def _check_vcpu_exists(self, domid: int, vcpu: int) -> None:
+        """setvcpucontext answers EINVAL for both a bad vcpu id and a bad context; look
+        first so the two are reported apart."""
+        max_id = self.domain_state(domid).max_vcpu_id
+        if max_id is None or not 0 <= vcpu <= max_id:
+            raise NoSuchVcpu(f"domain {domid} has no vcpu {vcpu}", domid=domid,
+                             errno=errno_mod.EINVAL)
+
+    # -- guest memory ---------------------------------------------------------------------
+
+    def _memory(self, domid: int) -> GuestMemory:
+        return GuestMemory(self._xc, self._fmem, check_domid(domid),
+                           batch_pages=self.batch_pages, p2m_method=self.p2m_method)
+
+    def populated_pfns(self, domid: int) -> list[int]:
+        table = self._memory(domid).p2m()
+        return [pfn for pfn, mfn in enumerate(table) if mfn != INVALID_MFN]
+
+    def read_pfns(self, domid: int, pfns: Sequence[int]) -> list[bytes]:
+        memory = self._memory(domid)
+        out: list[bytes] = []
+        for start in range(0, len(pfns), self.batch_pages):
+            chunk = pfns[start:start + self.batch_pages]
+            with memory.map_pfns(chunk) as mapping:
+                view = mapping.memoryview
+                out.extend(bytes(view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+                           for i in range(len(chunk)))
+        return out
+
+    def write_pfn(self, domid: int, pfn: int, data: bytes, offset: int = 0) -> None:
+        refuse_control_domain(domid, "write memory of")
+        check_page_write(pfn, data, offset)
+        with self._memory(domid).map_pfns([pfn], writable=True) as mapping:
+            mapping.memoryview[offset:offset + len(data)] = data
+
+    def find(self, domid: int, marker: bytes, limit: int | None = None) -> list[tuple[int, int]]:
+        return self._memory(domid).find(marker, limit)
+
+    # -- errno mapping --------------------------------------------------------------------
+
+    def _mapped(self, domid: int, what: str, call: Callable[..., T], *args: Any,
+                errors: dict[int, tuple[type, str]]) -> T:
+        """Run *call*; turn the errnos listed in *errors* into their specific exception.
+
+        ESRCH is already :class:`DomainNotFound` (the binding maps it); other errnos
+        stay :class:`XenCallError`, which names the C function and errno.
+        """
+        try:
+            return call(*args)
+        except XenCallError as exc:
+            if exc.errno not in errors or type(exc) is not XenCallError:
+                raise
+            cls, message = errors[exc.errno]
+            log.debug("%s(%d) failed: %s", what, domid, exc)
+            raise cls(message, domid=domid, errno=exc.errno) from exc
+
