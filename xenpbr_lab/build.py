@@ -39,6 +39,15 @@ DOM0_MODULES = ["xen_evtchn", "xen_gntdev", "xen_gntalloc", "xen_privcmd", "xenf
 GUEST_MODULES = ["xen_blkfront", "ext4"]
 PYTHON_PRUNE = ("test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
                 "pydoc_data", "config-3.11-x86_64-linux-gnu", "unittest/test", "sqlite3/test")
+#: Guests boot under TCG with every byte of their initramfs: drop what an agent never uses.
+GUEST_PYTHON_PRUNE = PYTHON_PRUNE + ("asyncio", "multiprocessing", "xml", "xmlrpc", "email",
+                                     "http", "html", "wsgiref", "curses", "dbm", "sqlite3",
+                                     "venv", "unittest", "pydoc.py")
+#: The extension modules a guest keeps (hashing, zlib and the like are built in).
+GUEST_EXTENSIONS = {"_ctypes", "_json", "mmap", "resource", "termios", "_queue",
+                    "_contextvars", "_uuid", "_typing", "select", "fcntl"}
+GUEST_ENCODINGS = {"__init__", "aliases", "utf_8", "utf_8_sig", "ascii", "latin_1", "idna",
+                   "cp437"}
 
 
 @dataclass(frozen=True)
@@ -92,7 +101,7 @@ def _libraries(stage: Path, sysroot: Path, programs: list[Path]) -> None:
             _copy(real, stage / "lib/x86_64-linux-gnu" / lib.name)
 
 
-def _python(stage: Path, sysroot: Path) -> list[Path]:
+def _python(stage: Path, sysroot: Path, prune: tuple[str, ...] = PYTHON_PRUNE) -> list[Path]:
     """Stage Debian's python3.11 with a pruned stdlib; return its ELF files for lib lookup."""
     _copy(sysroot / "usr/bin/python3.11", stage / "usr/bin/python3.11")
     os.symlink("python3.11", stage / "usr/bin/python3")
@@ -100,8 +109,12 @@ def _python(stage: Path, sysroot: Path) -> list[Path]:
     dest = stage / "usr/lib/python3.11"
     shutil.copytree(src, dest, symlinks=True,
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for name in PYTHON_PRUNE:
-        shutil.rmtree(dest / name, ignore_errors=True)
+    for name in prune:
+        target = dest / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
     (stage / "usr/lib/python3/dist-packages").mkdir(parents=True, exist_ok=True)
     elves = [stage / "usr/bin/python3.11"]
     env = dict(os.environ, LD_LIBRARY_PATH=":".join(map(str, elfdeps.library_dirs(sysroot))))
@@ -169,14 +182,38 @@ def _build_dom0_base(sysroot: Path, kernel_version: str, out: Path) -> None:
         write_initramfs(stage, out)
 
 
-def _build_guest(sysroot: Path, kernel_version: str, out: Path) -> None:
+def _slim_guest_python(stage: Path) -> None:
+    """Keep only the listed extension modules and encodings, and ship the stdlib as
+    byte-code only (about half the bytes the guest kernel must unpack)."""
+    lib = stage / "usr/lib/python3.11"
+    for ext in (lib / "lib-dynload").glob("*.so"):
+        if ext.name.split(".")[0] not in GUEST_EXTENSIONS:
+            ext.unlink()
+    for enc in (lib / "encodings").glob("*.py"):
+        if enc.stem not in GUEST_ENCODINGS:
+            enc.unlink()
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-b", "-j", "0", "-s", str(lib),
+                    "-p", "/usr/lib/python3.11", "--invalidation-mode", "unchecked-hash",
+                    str(lib)], check=True,
+                   capture_output=True)
+    for source in lib.rglob("*.py"):
+        source.unlink()
+    for cache in lib.rglob("__pycache__"):
+        shutil.rmtree(cache)
+
+
+def _build_guest_base(sysroot: Path, kernel_version: str, out: Path) -> None:
+    """Busybox, Xen's xenstore tools and a slimmed Python 3.11 (for the guest agent)."""
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         stage = Path(tmp)
         _busybox(stage, sysroot)
         _base_files(stage, "guest-init.sh")
         for tool in (sysroot / "usr/bin").glob("xenstore*"):
             _copy(tool, stage / "usr/bin" / tool.name)
-        _libraries(stage, sysroot, [sysroot / "usr/bin/xenstore"])
+        _python(stage, sysroot, GUEST_PYTHON_PRUNE)
+        _slim_guest_python(stage)
+        elves = [stage / "usr/bin/python3.11", *(stage / "usr/lib/python3.11/lib-dynload").glob("*.so")]
+        _libraries(stage, sysroot, [sysroot / "usr/bin/xenstore", *elves])
         _modules(stage, sysroot, kernel_version, GUEST_MODULES)
         write_initramfs(stage, out)
 
@@ -195,7 +232,8 @@ def _wheelhouse(dest: Path) -> None:
         raise LabError(f"building xenpbr wheels failed: {proc.stderr.strip()[-1500:]}")
 
 
-def _build_overlay(guest_initrd: Path, out: Path) -> None:
+def _build_site(out: Path) -> None:
+    """xenpbr and its dependencies installed as a dist-packages tree (dom0 and guests)."""
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         stage = Path(tmp) / "stage"
         wheels = Path(tmp) / "wheels"
@@ -205,12 +243,31 @@ def _build_overlay(guest_initrd: Path, out: Path) -> None:
                "--no-compile", "--target", str(site), *map(str, sorted(wheels.glob("*.whl")))]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise LabError(f"installing wheels into the dom0 image failed: {proc.stderr[-1500:]}")
+            raise LabError(f"installing wheels into the images failed: {proc.stderr[-1500:]}")
         shutil.rmtree(site / "bin", ignore_errors=True)
         _compile_python(site)
-        (stage / "lab").mkdir(parents=True)
+        write_initramfs(stage, out, with_device_nodes=False)
+
+
+def _build_lab_files(guest_initrd: Path, out: Path) -> None:
+    """The files dom0 hands to guests (``/lab/guest.cpio.gz``)."""
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        stage = Path(tmp)
+        (stage / "lab").mkdir()
         shutil.copy2(guest_initrd, stage / "lab/guest.cpio.gz")
-        write_initramfs(stage, out)
+        write_initramfs(stage, out, with_device_nodes=False, level=0)
+
+
+def _concatenate(parts: list[Path], out: Path) -> None:
+    """Linux unpacks concatenated (separately compressed) cpio archives in order. An
+    uncompressed archive must start 4-byte aligned, so each part is zero-padded (the
+    kernel skips zeros between archives)."""
+    with open(f"{out}.tmp", "wb") as dest:
+        for part in parts:
+            with open(part, "rb") as src:
+                shutil.copyfileobj(src, dest)
+            dest.write(b"\0" * (-dest.tell() % 4))
+    os.replace(f"{out}.tmp", out)
 
 
 def _source_digest() -> str:
@@ -268,23 +325,20 @@ def build(cache: Path | None = None) -> LabImages:
                        (f"System.map-{kernel_version}", base_dir / "System.map")):
         if not dest.exists():
             shutil.copy2(sysroot / "boot" / name, dest)
-    base, guest = base_dir / "dom0-base.cpio.gz", base_dir / "guest.cpio.gz"
-    if not base.exists():
-        _timed(timings, "dom0-base", _build_dom0_base, sysroot, kernel_version, base)
-    if not guest.exists():
-        _timed(timings, "guest", _build_guest, sysroot, kernel_version, guest)
+    dom0_base, guest_base = base_dir / "dom0-base.cpio.gz", base_dir / "guest-base.cpio.gz"
+    if not dom0_base.exists():
+        _timed(timings, "dom0-base", _build_dom0_base, sysroot, kernel_version, dom0_base)
+    if not guest_base.exists():
+        _timed(timings, "guest-base", _build_guest_base, sysroot, kernel_version, guest_base)
     overlay_dir = cache / "overlays" / digest(base_dir.name, _source_digest())
     overlay_dir.mkdir(parents=True, exist_ok=True)
-    dom0 = overlay_dir / "dom0.cpio.gz"
+    site, guest = overlay_dir / "site.cpio.gz", overlay_dir / "guest.cpio.gz"
+    lab_files, dom0 = overlay_dir / "lab.cpio", overlay_dir / "dom0.cpio.gz"
     if not dom0.exists():
-        overlay = overlay_dir / "overlay.cpio.gz"
-        _timed(timings, "overlay", _build_overlay, guest, overlay)
-        # Linux unpacks concatenated (separately compressed) cpio archives in order.
-        with open(f"{dom0}.tmp", "wb") as out:
-            for part in (base, overlay):
-                with open(part, "rb") as src:
-                    shutil.copyfileobj(src, out)
-        os.replace(f"{dom0}.tmp", dom0)
+        _timed(timings, "site", _build_site, site)
+        _concatenate([guest_base, site], guest)
+        _build_lab_files(guest, lab_files)
+        _concatenate([dom0_base, site, lab_files], dom0)
     for folder in ("overlays", "images", "sysroots"):
         _prune(cache / folder, {overlay_dir, base_dir, sysroot})
     timings["total"] = round(time.monotonic() - start, 2)

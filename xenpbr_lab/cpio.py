@@ -92,14 +92,24 @@ class CpioWriter:
         self._header(_TRAILER, 0, 0)
 
 
-def write_initramfs(stage: Path, out: Path, level: int = 1) -> None:
-    """Pack the staged tree ``stage`` into gzip-compressed ``out`` (atomically)."""
+def write_initramfs(stage: Path, out: Path, level: int = 1,
+                    with_device_nodes: bool = True) -> None:
+    """Pack the staged tree ``stage`` into ``out`` (atomically): gzip-compressed unless
+    ``level`` is 0 (an already-compressed payload gains nothing from a second pass).
+
+    ``with_device_nodes`` adds /dev/console and /dev/null, which the kernel needs before
+    devtmpfs is mounted; only the first archive of a concatenated initramfs needs them.
+    """
     tmp = out.with_suffix(out.suffix + ".tmp")
-    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=level,
-                                               mtime=0) as gz:
-        writer = CpioWriter(gz)  # type: ignore[arg-type]
-        writer.char_device("dev/console", 5, 1)
-        writer.char_device("dev/null", 1, 3, 0o666)
+    with open(tmp, "wb") as raw:
+        sink = raw if level == 0 else gzip.GzipFile(filename="", fileobj=raw, mode="wb",
+                                                    compresslevel=level, mtime=0)
+        writer = CpioWriter(sink)  # type: ignore[arg-type]
+        if with_device_nodes:
+            writer.char_device("dev/console", 5, 1)
+            writer.char_device("dev/null", 1, 3, 0o666)
         writer.tree(stage)
         writer.close()
+        if sink is not raw:
+            sink.close()
     os.replace(tmp, out)

@@ -2,7 +2,7 @@
 # PID 1 of the lab's busybox PV guest. What it does is chosen on the kernel command line
 # (xl's `extra`): lab.mode=count prints a counter every second, lab.mode=crash prints a
 # marker and crashes the kernel, lab.mode=service announces a ready service and waits,
-# lab.mode=memmark keeps a marker string in memory,
+# lab.mode=memmark keeps a marker string in memory, lab.mode=probe checks xenstore,
 # lab.mode=shell just waits.
 export PATH=/usr/bin:/usr/sbin:/bin:/sbin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
@@ -40,6 +40,10 @@ case "$mode" in
         id=$(cat /proc/sys/kernel/random/uuid)
         printf 'XENPBR-MEMMARK-%s' "$id" > /run/memmark
         echo "XENPBR-GUEST: memmark id=$id" ;;
+    probe)
+        # dom0 may leave a note under control/ before the guest runs; wait briefly.
+        sleep 1
+        PYTHONPATH=/usr/lib/python3/dist-packages python3 -m xenpbr_lab.guest_probe ;;
     service)
         echo "XENPBR-GUEST: service ready uptime=$(cut -d' ' -f1 /proc/uptime)" ;;
     crash)
