@@ -785,3 +785,30 @@ def test_real_libxenstore_error_translation(wire):
     with pytest.raises(XenstoreError) as ei:
         c.rm("/")
     assert ei.value.errno == errno.EINVAL
+
+
+def test_connection_errnos_map_to_connection_lost() -> None:
+    import errno
+
+    from xenpbr.xenstore import ConnectionLost
+    from xenpbr.xenstore.errors import error_from_errno
+    for err in (errno.EBADF, errno.EPIPE, errno.ECONNRESET):
+        exc = error_from_errno(err, "read", "/a")
+        assert isinstance(exc, ConnectionLost) and "xenstored" in str(exc)
+
+
+def test_dead_daemon_socket_is_refused_quickly(tmp_path) -> None:
+    import socket
+    import time
+
+    from xenpbr.xenstore import XenstoreUnavailable
+    from xenpbr.xenstore.client import refuse_dead_daemon_socket
+    path = tmp_path / "socket"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.close()  # the file stays, nobody listens: like a killed xenstored
+    start = time.monotonic()
+    with pytest.raises(XenstoreUnavailable, match="xenstored is not running"):
+        refuse_dead_daemon_socket(str(path))
+    assert time.monotonic() - start < 2
+    refuse_dead_daemon_socket(str(tmp_path / "absent"))  # no socket: guest path, no error

@@ -17,6 +17,7 @@ from xenpbr.xenstore.client import (
     XenstoreClient,
 )
 from xenpbr.xenstore.errors import (
+    ConnectionLost,
     InvalidPath,
     NoSuchKey,
     PermissionDenied,
@@ -30,6 +31,7 @@ from xenpbr.xenstore.fake import FakeXenstore, FakeXenstoreServer
 
 __all__ = [
     "Access",
+    "ConnectionLost",
     "FakeXenstore",
     "FakeXenstoreServer",
     "InvalidPath",

@@ -35,6 +35,7 @@ import enum
 import errno as _errno
 import logging
 import os
+import socket
 import re
 import select
 import threading
@@ -624,6 +625,30 @@ class Transaction(_Ops):
 ConnectionFactory = Callable[[], XenstoreConnection]
 
 
+def refuse_dead_daemon_socket(path: str) -> None:
+    """Fail fast when xenstored's socket exists but nobody accepts on it.
+
+    libxenstore 4.17 ignores ``XS_OPEN_SOCKETONLY`` and falls back to
+    ``/dev/xen/xenbus``; in dom0 with xenstored dead, requests on that device block
+    forever (measured in the lab). A socket file that refuses connections means exactly
+    that situation, so raise instead of hanging. No socket file at all (a guest, or
+    xenstored in a stub domain) leaves the xenbus path to libxenstore.
+    """
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2.0)
+        probe.connect(path)
+    except OSError as e:
+        raise XenstoreUnavailable(
+            f"xenstored is not running: its socket {path} refuses connections "
+            f"({os.strerror(e.errno) if e.errno else e}); start xenstored (or the "
+            "xenstored service) and retry", errno=e.errno, op="open") from e
+    finally:
+        probe.close()
+
+
 class XenstoreClient(_Ops):
     """xenstore client over libxenstore.
 
@@ -663,13 +688,13 @@ class XenstoreClient(_Ops):
                         "$XENPBR_LIBDIR at a directory holding libxenstore.so.4 and "
                         "libxentoolcore.so.1.")
             raise XenstoreUnavailable(msg, errno=getattr(e, "errno", None), op="open") from e
+        fn = getattr(lib, "xs_daemon_socket", None)
+        sock = fn().decode() if fn is not None else None
+        if sock is not None:
+            refuse_dead_daemon_socket(sock)
         try:
             return LibxenstoreConnection(lib)
         except OSError as e:
-            sock = None
-            fn = getattr(lib, "xs_daemon_socket", None)
-            if fn is not None:
-                sock = fn().decode()
             raise XenstoreUnavailable(unavailable_message(e.errno, sock),
                                       errno=e.errno, op="open") from e
 

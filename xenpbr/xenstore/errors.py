@@ -61,6 +61,15 @@ class XenstoreUnavailable(XenstoreError):
     no ``libxenstore.so.4``). The message says what to do about it."""
 
 
+class ConnectionLost(XenstoreError):
+    """The connection to xenstored broke (xenstored died or restarted). Measured on the
+    lab's Xen 4.17: after xenstored is killed, libxenstore fails every call on the old
+    handle with ``EBADF``. A C xenstored restarted without live update starts with an
+    empty store, so reconnecting is not enough: domains lose their xenstore state and
+    xenstored must not be restarted under running domains (use ``xenstore-control
+    live-update``)."""
+
+
 class NoSuchKey(XenstoreError):
     """The node does not exist (``ENOENT``)."""
 
@@ -89,6 +98,7 @@ class ValueTooLarge(XenstoreError, ValueError):
 
 
 _QUOTA_ERRNOS = frozenset({_errno.ENOSPC, _errno.E2BIG, _errno.EDQUOT})
+_CONNECTION_ERRNOS = frozenset({_errno.EBADF, _errno.EPIPE, _errno.ECONNRESET})
 
 
 def _errno_name(err: int) -> str:
@@ -119,6 +129,11 @@ def error_from_errno(err: int, op: str, path: str | None = None, *,
         return TransactionConflict(
             f"xenstore transaction conflict during {op}{where}: another writer changed "
             "a node this transaction used; run the transaction again",
+            errno=err, path=path, op=op)
+    if err in _CONNECTION_ERRNOS:
+        return ConnectionLost(
+            f"xenstore {op}{where} failed: {detail}: the connection to xenstored is lost "
+            "(xenstored died or restarted); open a new client once xenstored runs again",
             errno=err, path=path, op=op)
     if err in _QUOTA_ERRNOS:
         return QuotaExceeded(f"xenstore {op}{where} exceeded a xenstored limit: {detail}",
