@@ -1,0 +1,123 @@
+"""Phase bookkeeping: validity, fallback chain, crash-loop guard (pure logic)."""
+
+from __future__ import annotations
+
+import pytest
+
+from xenpbr.phases import (
+    CrashLoopGuard,
+    DomainPhases,
+    Fingerprint,
+    ImageInfo,
+    plan_recovery,
+)
+
+PHASES = ("kernel", "services", "app")
+
+
+def fp(**changes) -> Fingerprint:
+    base = dict(kernel="k1", ramdisk="r1", cmdline="console=hvc0", memory_mib=128, vcpus=1,
+                disks=(("xvda", "root.img", "snapshot"),), phases=PHASES, identity="v1")
+    base.update(changes)
+    return Fingerprint(**base)
+
+
+def img(phase: str, fingerprint: str = "F", t: float = 0.0, ok: bool = True) -> ImageInfo:
+    return ImageInfo(f"{phase}-{t:g}", phase, fingerprint, t, ok)
+
+
+def phases_of(plan) -> list[str]:
+    return [c.image.phase if c.image else "reboot" for c in plan.candidates]
+
+
+@pytest.mark.parametrize("field,value", [("kernel", "k2"), ("cmdline", "quiet"),
+                                         ("memory_mib", 256), ("vcpus", 2),
+                                         ("disks", (("xvda", "other.img", "snapshot"),)),
+                                         ("phases", ("kernel", "app")), ("identity", "v2")])
+def test_each_fingerprint_input_changes_the_digest(field, value) -> None:
+    assert fp().digest() != fp(**{field: value}).digest()
+    assert fp().differences(fp(**{field: value})) == [field]
+
+
+def test_digest_is_stable() -> None:
+    assert fp().digest() == fp().digest() and len(fp().digest()) == 32
+
+
+def test_plan_is_deepest_valid_first_then_earlier_then_reboot() -> None:
+    images = [img("kernel", t=1), img("app", t=3), img("services", t=2)]
+    plan = plan_recovery(images, PHASES, "F", CrashLoopGuard())
+    assert phases_of(plan) == ["app", "services", "kernel", "reboot"]
+    assert plan.first.reason == "deepest valid image"
+
+
+def test_stale_and_corrupt_images_are_skipped_with_reasons() -> None:
+    images = [img("app", "OLD", 3), img("services", t=2, ok=False), img("kernel", t=1)]
+    plan = plan_recovery(images, PHASES, "F", CrashLoopGuard())
+    assert phases_of(plan) == ["kernel", "reboot"]
+    assert any("stale fingerprint" in s for s in plan.skipped)
+    assert any("failed verification" in s for s in plan.skipped)
+
+
+def test_no_image_means_normal_reboot() -> None:
+    plan = plan_recovery([], PHASES, "F", CrashLoopGuard())
+    assert phases_of(plan) == ["reboot"] and plan.first.is_normal_reboot
+
+
+def test_images_of_unknown_phases_are_ignored() -> None:
+    assert phases_of(plan_recovery([img("gone")], PHASES, "F", CrashLoopGuard())) == ["reboot"]
+
+
+def test_newest_image_of_a_phase_wins() -> None:
+    plan = plan_recovery([img("app", t=1), img("app", t=5)], PHASES, "F", CrashLoopGuard())
+    assert plan.first.image.created_at == 5 and len(plan.candidates) == 2
+
+
+def test_crash_loop_falls_back_one_phase_per_quick_crash_then_reboots() -> None:
+    d = DomainPhases("g", PHASES, "F")
+    for p, t in (("kernel", 1), ("services", 2), ("app", 3)):
+        d.record_image(img(p, t=t))
+    firsts = []
+    now = 100.0
+    for _ in range(5):
+        plan = d.plan(now)
+        firsts.append(phases_of(plan)[0])
+        d.recovered(now + 1, via_image=not plan.first.is_normal_reboot)
+        now += 10  # crashes again 9 s after each recovery: inside the 60 s window
+    assert firsts == ["app", "services", "kernel", "reboot", "app"]
+
+
+def test_surviving_the_window_resets_the_guard() -> None:
+    d = DomainPhases("g", PHASES, "F")
+    d.record_image(img("app", t=1))
+    d.record_image(img("services", t=1))
+    d.plan(100.0)
+    d.recovered(101.0, via_image=True)
+    assert phases_of(d.plan(110.0))[0] == "services"  # quick crash
+    d.recovered(111.0, via_image=True)
+    assert phases_of(d.plan(1000.0))[0] == "app"  # survived 889 s: back to the deepest
+
+
+def test_generation_counts_phase_based_reboots_only() -> None:
+    d = DomainPhases("g", PHASES, "F")
+    d.recovered(1.0, via_image=True)
+    d.recovered(2.0, via_image=False)
+    d.recovered(3.0, via_image=True)
+    assert d.generation == 2
+
+
+def test_boundary_skips_a_phase_already_known() -> None:
+    d = DomainPhases("g", PHASES, "F")
+    assert d.boundary_decision("services", "F") == "capture"
+    d.record_image(img("services"))
+    assert d.boundary_decision("services", "F") == "skip"
+    assert d.boundary_decision("services", "NEW") == "capture"
+
+
+def test_forget_drops_a_phase_and_everything_after_it() -> None:
+    d = DomainPhases("g", PHASES, "F")
+    for p in PHASES:
+        d.record_image(img(p))
+    dropped = d.forget("services")
+    assert sorted(i.phase for i in dropped) == ["app", "services"]
+    assert list(d.images) == ["kernel"]
+    assert [i.phase for i in d.forget()] == ["kernel"] and not d.images
