@@ -1,0 +1,92 @@
+"""Reading xl configs, translating phasereboot for xl, fingerprint inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from xenpbr import domconfig
+from xenpbr.domconfig import ConfigError
+
+SAMPLE = r'''
+# a PV guest
+name = "web1"
+type = "pv"
+kernel = "KERNEL"
+memory = 256
+vcpus = 2
+extra = "console=hvc0 quiet"
+on_crash = "phasereboot"   # handled by xenpbr
+on_watchdog = 'phasereboot'
+disk = [ 'format=raw, vdev=xvda, access=rw, target=/srv/root.img',
+         "file:/srv/data.img,xvdb,w",
+         "/srv/ro.iso,raw,xvdc,r", ]
+xenpbr_disks = ["xvdb=persistent"]
+uuid = "5a4c5e6b-1111-2222-3333-444455556666"
+'''
+
+
+def cfg(text: str = SAMPLE, tmp_path: Path | None = None) -> domconfig.DomainConfig:
+    return domconfig.parse(text, Path("vm.cfg"))
+
+
+def test_parse_values_comments_and_lists() -> None:
+    c = cfg()
+    assert c.name == "web1" and c.settings["memory"] == 256 and c.settings["vcpus"] == 2
+    assert c.settings["disk"][1] == "file:/srv/data.img,xvdb,w"
+    assert c.wants_phasereboot("on_crash") and c.wants_phasereboot("on_watchdog")
+
+
+def test_for_xl_translates_actions_and_drops_xenpbr_keys() -> None:
+    xl = cfg().for_xl()
+    assert xl["on_crash"] == "preserve" and xl["on_watchdog"] == "preserve"
+    assert "xenpbr_disks" not in xl
+    rendered = domconfig.render(xl)
+    assert domconfig.parse(rendered).settings == xl  # render/parse round trip
+
+
+def test_disk_policies_default_explicit_and_readonly() -> None:
+    assert domconfig.disk_policies(cfg()) == {"xvda": "snapshot", "xvdb": "persistent",
+                                              "xvdc": "readonly"}
+
+
+@pytest.mark.parametrize("text,match", [
+    ('name = "a"\non_crash = "reboot-please"\n', "not an action"),
+    ('name = "a"\non_poweroff = "phasereboot"\n', "not an action"),
+    ('name = "a"\ntype = "hvm"\non_crash = "phasereboot"\n', "PV guests only"),
+    ('name = "a"\nmemory = \n', "expected a value"),
+    ('name = "a" extra\n', "expected newline"),
+    ('name = "a"\ndisk = ["x" "y"]\n', "expected ',' or ']'"),
+    ('name = "a"\n$x = 1\n', "unexpected character"),
+    ('name = "a"\ndisk = ["/img,xvda,w"]\nxenpbr_disks = ["xvda=weird"]\n', "POLICY"),
+    ('name = "a"\ndisk = ["/img,xvda,w"]\nxenpbr_disks = ["xvdz=persistent"]\n', "VDEV"),
+])
+def test_bad_configs_name_the_problem(text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        c = domconfig.parse(text, Path("vm.cfg"))
+        domconfig.disk_policies(c)
+
+
+def test_missing_name_is_reported() -> None:
+    with pytest.raises(ConfigError, match="no name"):
+        domconfig.parse("memory = 1\n").name
+
+
+def test_fingerprint_follows_kernel_bytes_not_path(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"kernel-1")
+    c = cfg(SAMPLE.replace("KERNEL", str(kernel)))
+    before = domconfig.fingerprint(c, ("kernel", "app"), "v1")
+    kernel.write_bytes(b"kernel-2")  # upgraded in place, same path
+    after = domconfig.fingerprint(c, ("kernel", "app"), "v1")
+    assert before.differences(after) == ["kernel"]
+    assert before.disks == (("xvda", "/srv/root.img", "snapshot"),
+                            ("xvdb", "file:/srv/data.img", "persistent"),
+                            ("xvdc", "/srv/ro.iso", "readonly"))
+    assert before.memory_mib == 256 and before.cmdline == "console=hvc0 quiet"
+
+
+def test_unreadable_kernel_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="fingerprint"):
+        domconfig.fingerprint(cfg(SAMPLE.replace("KERNEL", "/nonexistent/vmlinuz")), (), "")

@@ -1,0 +1,271 @@
+"""Read xl domain configs, translate xenpbr's actions for xl, derive image fingerprints.
+
+xl rejects unknown actions (``Unknown on_crash action "phasereboot" specified``), so
+``xenpbr create`` reads the operator's config, replaces ``phasereboot`` with
+``preserve`` (the crashed domain must stay, with its memory, until xenpbr has dealt with
+it) and hands xl the translated file. The original settings are kept so the daemon knows
+what the operator asked for.
+
+The grammar is the subset of xl.cfg(5) that domain configs use: ``KEY = VALUE`` lines,
+``#`` comments, values that are strings (single or double quoted, C-style escapes),
+integers, floats or (nested) lists of those. Anything else is a :class:`ConfigError`
+naming the file, line and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+from xenpbr.errors import XenpbrError
+from xenpbr.phases import Fingerprint
+
+Value = Union[str, int, float, list["Value"]]
+
+XENPBR_ACTION = "phasereboot"
+ACTION_KEYS = ("on_crash", "on_watchdog")
+XL_ACTIONS = {"destroy", "restart", "rename-restart", "preserve", "coredump-destroy",
+              "coredump-restart", "soft-reset"}
+_TOKEN = re.compile(r"""
+    (?P<space>[ \t\r]+) | (?P<comment>\#[^\n]*) | (?P<newline>\n|;)
+  | (?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
+  | (?P<number>[+-]?(?:0[xX][0-9a-fA-F]+|\d+(?:\.\d+)?))
+  | (?P<name>[A-Za-z_][A-Za-z0-9_.]*) | (?P<op>\+?=|[\[\],])
+""", re.X)
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", '"': '"', "'": "'"}
+
+
+class ConfigError(XenpbrError):
+    """An xl config xenpbr cannot read or accept."""
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    """An xl domain config as the operator wrote it, plus where it came from."""
+
+    path: Path
+    settings: dict[str, Value]
+
+    @property
+    def name(self) -> str:
+        name = self.settings.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{self.path}: the config has no name = \"...\" setting")
+        return name
+
+    def wants_phasereboot(self, key: str = "on_crash") -> bool:
+        """True if the operator asked xenpbr to handle ``key`` (on_crash/on_watchdog)."""
+        return self.settings.get(key) == XENPBR_ACTION
+
+    def for_xl(self) -> dict[str, Value]:
+        """The settings xl accepts: ``phasereboot`` actions become ``preserve`` and
+        xenpbr's own ``xenpbr_*`` keys are left out."""
+        translated = {k: v for k, v in self.settings.items() if not k.startswith("xenpbr_")}
+        for key in ACTION_KEYS:
+            if translated.get(key) == XENPBR_ACTION:
+                translated[key] = "preserve"
+        return translated
+
+
+def _tokens(text: str, path: Path) -> list[tuple[str, str, int]]:
+    out, pos, line = [], 0, 1
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            raise ConfigError(f"{path}:{line}: unexpected character {text[pos]!r}")
+        kind = m.lastgroup
+        if kind == "newline":
+            out.append(("newline", m.group(), line))
+            line += 1
+        elif kind not in ("space", "comment"):
+            out.append((kind, m.group(), line))
+        pos = m.end()
+    out.append(("newline", "", line))
+    return out
+
+
+def _unquote(token: str) -> str:
+    body = token[1:-1]
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), "\\" + m.group(1)), body)
+
+
+class _Parser:
+    def __init__(self, tokens: list[tuple[str, str, int]], path: Path) -> None:
+        self.tokens, self.pos, self.path = tokens, 0, path
+
+    def peek(self) -> tuple[str, str, int]:
+        return self.tokens[self.pos]
+
+    def take(self, kind: str, text: str | None = None) -> tuple[str, str, int]:
+        tok = self.peek()
+        if tok[0] != kind or (text is not None and tok[1] != text):
+            want = text or kind
+            raise ConfigError(f"{self.path}:{tok[2]}: expected {want}, found {tok[1]!r}")
+        self.pos += 1
+        return tok
+
+    def value(self) -> Value:
+        kind, text, line = self.peek()
+        if kind == "string":
+            self.pos += 1
+            return _unquote(text)
+        if kind == "number":
+            self.pos += 1
+            return float(text) if "." in text else int(text, 0)
+        if (kind, text) == ("op", "["):
+            return self.list_value()
+        raise ConfigError(f"{self.path}:{line}: expected a value, found {text!r}")
+
+    def list_value(self) -> list[Value]:
+        self.take("op", "[")
+        items: list[Value] = []
+        while True:
+            while self.peek()[0] == "newline":
+                self.pos += 1
+            if self.peek()[1] == "]":
+                self.pos += 1
+                return items
+            items.append(self.value())
+            while self.peek()[0] == "newline":
+                self.pos += 1
+            if self.peek()[1] == ",":
+                self.pos += 1
+            elif self.peek()[1] != "]":
+                raise ConfigError(f"{self.path}:{self.peek()[2]}: expected ',' or ']' in a "
+                                  f"list, found {self.peek()[1]!r}")
+
+    def settings(self) -> dict[str, Value]:
+        result: dict[str, Value] = {}
+        while self.pos < len(self.tokens):
+            if self.peek()[0] == "newline":
+                self.pos += 1
+                continue
+            _, key, line = self.take("name")
+            op = self.take("op")[1]
+            if op not in ("=", "+="):
+                raise ConfigError(f"{self.path}:{line}: expected '=' after {key}")
+            value = self.value()
+            if op == "+=":
+                prev = result.get(key, [])
+                if not isinstance(prev, list) or not isinstance(value, list):
+                    raise ConfigError(f"{self.path}:{line}: '+=' needs lists ({key})")
+                value = prev + value
+            result[key] = value
+            self.take("newline")
+        return result
+
+
+def parse(text: str, path: Path = Path("<config>")) -> DomainConfig:
+    """Parse xl config text, validating xenpbr's and xl's action keys."""
+    settings = _Parser(_tokens(text, path), path).settings()
+    for key in (*ACTION_KEYS, "on_poweroff", "on_reboot"):
+        action = settings.get(key)
+        if action is None:
+            continue
+        allowed = XL_ACTIONS | ({XENPBR_ACTION} if key in ACTION_KEYS else set())
+        if action not in allowed:
+            raise ConfigError(f"{path}: {key} = {action!r} is not an action; use one of "
+                              f"{', '.join(sorted(allowed))}")
+    if settings.get("type", "pv") != "pv":
+        if any(settings.get(k) == XENPBR_ACTION for k in ACTION_KEYS):
+            raise ConfigError(f"{path}: phasereboot supports PV guests only "
+                              f"(type = {settings['type']!r})")
+    return DomainConfig(path, settings)
+
+
+def load(path: Path) -> DomainConfig:
+    """Read and parse an xl config file."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read domain config {path}: {exc.strerror}") from exc
+    return parse(text, path)
+
+
+def render(settings: dict[str, Value]) -> str:
+    """xl config text for ``settings`` (what ``xl create`` is given)."""
+    def value(v: Value) -> str:
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+    return "".join(f"{key} = {value(v)}\n" for key, v in settings.items())
+
+
+def file_digest(path: str | None) -> str:
+    """SHA-256 of a file named in the config ('' if none): images depend on the bytes of
+    the kernel and ramdisk, not on their names."""
+    if not path:
+        return ""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} to fingerprint it: {exc.strerror}") from exc
+    return h.hexdigest()
+
+
+DISK_POLICIES = ("snapshot", "persistent", "readonly")
+
+
+def _disk_spec(spec: str) -> tuple[str, str, str]:
+    """``(vdev, target, access)`` of one xl disk spec (xl-disk-configuration(5)): keyed
+    (``vdev=xvda, target=/img``) or positional (``target,[format,]vdev,access``)."""
+    parts = [p.strip() for p in spec.split(",")]
+    keyed = dict(p.split("=", 1) for p in parts if "=" in p)
+    positional = [p for p in parts if "=" not in p]
+    if not keyed and len(positional) == 3:
+        positional.insert(1, "")
+    target = keyed.get("target", positional[0] if positional else "")
+    vdev = keyed.get("vdev", positional[2] if len(positional) > 2 else "")
+    access = keyed.get("access", positional[3] if len(positional) > 3 else "rw")
+    if not vdev:
+        raise ConfigError(f"disk {spec!r}: no vdev (e.g. vdev=xvda)")
+    return vdev, target, access
+
+
+def disk_policies(config: DomainConfig) -> dict[str, str]:
+    """Each disk's consistency policy: ``xenpbr_disks = ["xvdb=persistent", ...]``;
+    read-only disks are ``readonly``, the others default to ``snapshot``."""
+    disks = config.settings.get("disk", [])
+    if not isinstance(disks, list):
+        raise ConfigError(f"{config.path}: disk must be a list of disk specifications")
+    specs = {vdev: (target, access) for vdev, target, access in map(_disk_spec, map(str, disks))}
+    explicit: dict[str, str] = {}
+    for item in config.settings.get("xenpbr_disks", []):  # type: ignore[union-attr]
+        vdev, _, policy = str(item).partition("=")
+        if vdev not in specs or policy not in DISK_POLICIES:
+            raise ConfigError(f"{config.path}: xenpbr_disks entry {item!r}: expected "
+                              f"VDEV=POLICY with VDEV one of {sorted(specs)} and POLICY one "
+                              f"of {', '.join(DISK_POLICIES)}")
+        explicit[vdev] = policy
+    return {vdev: explicit.get(vdev, "readonly" if access in ("r", "ro") else "snapshot")
+            for vdev, (target, access) in specs.items()}
+
+
+def _disk_entries(config: DomainConfig) -> tuple[tuple[str, str, str], ...]:
+    policies = disk_policies(config)
+    entries = [(vdev, target, policies[vdev])
+               for vdev, target, _ in map(_disk_spec, map(str, config.settings.get("disk", [])))]  # type: ignore[arg-type]
+    return tuple(sorted(entries))
+
+
+def fingerprint(config: DomainConfig, phases: tuple[str, ...], identity: str) -> Fingerprint:
+    """The image fingerprint of ``config`` with the guest's declared phases/identity."""
+    s = config.settings
+    return Fingerprint(
+        kernel=file_digest(s.get("kernel") if isinstance(s.get("kernel"), str) else None),
+        ramdisk=file_digest(s.get("ramdisk") if isinstance(s.get("ramdisk"), str) else None),
+        cmdline=" ".join(str(s.get(k, "")) for k in ("cmdline", "root", "extra")).strip(),
+        memory_mib=int(s.get("memory", 0)),  # type: ignore[arg-type]
+        vcpus=int(s.get("vcpus", 1)),  # type: ignore[arg-type]
+        disks=_disk_entries(config),
+        phases=phases,
+        identity=identity,
+    )
