@@ -1,0 +1,71 @@
+"""The persistent state survives restarts and refuses unsafe names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from xenpbr.phases import DomainPhases, ImageInfo
+from xenpbr.state import StateDir, StateError, UnknownDomain, check_name
+from xenpbr.timeline import Timeline
+
+
+def test_register_then_phase_state_round_trips(tmp_path: Path) -> None:
+    sd = StateDir(tmp_path)
+    sd.register("web1", {"name": "web1", "on_crash": "phasereboot"}, 'name = "web1"\n', "vm.cfg")
+    p = sd.phases("web1")
+    p.phases, p.fingerprint = ("kernel", "app"), "F"
+    p.record_image(ImageInfo("i1", "app", "F", 12.5))
+    p.guard.on_crash(3.0)
+    sd.save_phases(p)
+    again = StateDir(tmp_path).phases("web1")  # a restarted daemon
+    assert again == p
+    assert sd.domains() == ["web1"]
+    assert sd.xl_config_path("web1").read_text() == 'name = "web1"\n'
+
+
+def test_re_registering_keeps_images(tmp_path: Path) -> None:
+    sd = StateDir(tmp_path)
+    sd.register("g", {}, "", "a.cfg")
+    p = sd.phases("g")
+    p.record_image(ImageInfo("i1", "app", "F", 1.0))
+    sd.save_phases(p)
+    sd.register("g", {"memory": 1}, "", "b.cfg")
+    assert "app" in sd.phases("g").images
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "", ".", "..", "x" * 65, "-x", "a b"])
+def test_unsafe_names_are_refused(name: str) -> None:
+    with pytest.raises(StateError, match="not usable"):
+        check_name(name)
+
+
+def test_unknown_and_damaged_records_are_reported(tmp_path: Path) -> None:
+    sd = StateDir(tmp_path)
+    with pytest.raises(UnknownDomain, match="xenpbr create"):
+        sd.phases("nope")
+    sd.register("g", {}, "", "a.cfg")
+    (tmp_path / "domains/g/domain.json").write_text("{torn")
+    with pytest.raises(StateError, match="damaged"):
+        sd.phases("g")
+
+
+def test_history_is_ordered_and_bounded(tmp_path: Path, monkeypatch) -> None:
+    import xenpbr.state as state
+    monkeypatch.setattr(state, "HISTORY_KEEP", 3)
+    sd = StateDir(tmp_path)
+    sd.register("g", {}, "", "a.cfg")
+    for i in range(5):
+        t = Timeline("g", "crash", method=f"m{i}")
+        t.mark("crash_seen", now=float(i))
+        sd.add_history(t)
+    assert [t.method for t in sd.history("g")] == ["m2", "m3", "m4"]
+
+
+def test_unregister_removes_everything(tmp_path: Path) -> None:
+    sd = StateDir(tmp_path)
+    sd.register("g", {}, "", "a.cfg")
+    sd.add_history(Timeline("g", "crash"))
+    sd.unregister("g")
+    assert sd.domains() == [] and not (tmp_path / "domains/g").exists()

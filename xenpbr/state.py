@@ -1,0 +1,155 @@
+"""xenpbr's persistent state: registered domains, their phase state and recovery history.
+
+Everything the daemon knows lives here, so ``xenpbrd`` can be killed and restarted at
+any moment (DESIGN.md: "survives its own restart"). Layout under the state root
+(``/var/lib/xenpbr``, or ``$XENPBR_STATE_DIR``)::
+
+    domains/<name>/domain.json      registration + phase state (atomic rewrite)
+    domains/<name>/xl.cfg           the config handed to xl (phasereboot translated)
+    domains/<name>/history/<n>.json one recovery timeline each, n increasing
+    images/                         the image store
+
+Domain names become path components, so they are validated here (they come from the
+operator's config, never from a guest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+from xenpbr.errors import XenpbrError
+from xenpbr.fsutil import atomic_write, atomic_write_json
+from xenpbr.phases import CrashLoopGuard, DomainPhases, ImageInfo
+from xenpbr.timeline import Timeline
+
+DEFAULT_ROOT = Path("/var/lib/xenpbr")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+HISTORY_KEEP = 100
+
+
+class StateError(XenpbrError):
+    """The state directory is unusable or a record in it is damaged."""
+
+
+class UnknownDomain(StateError):
+    """The domain is not registered with xenpbr."""
+
+
+def state_root() -> Path:
+    """The state root: ``$XENPBR_STATE_DIR`` or /var/lib/xenpbr."""
+    return Path(os.environ.get("XENPBR_STATE_DIR", DEFAULT_ROOT))
+
+
+def check_name(name: str) -> str:
+    """A domain name safe to use as a directory name."""
+    if not _NAME.match(name) or name in (".", ".."):
+        raise StateError(f"domain name {name!r} is not usable by xenpbr: use letters, "
+                         "digits, '_', '.', '-' (at most 64, starting with a letter/digit)")
+    return name
+
+
+def phases_to_json(p: DomainPhases) -> dict[str, Any]:
+    return {"name": p.name, "phases": list(p.phases), "fingerprint": p.fingerprint,
+            "generation": p.generation,
+            "images": {k: asdict(v) for k, v in p.images.items()},
+            "guard": asdict(p.guard)}
+
+
+def phases_from_json(d: dict[str, Any]) -> DomainPhases:
+    return DomainPhases(name=d["name"], phases=tuple(d.get("phases", ())),
+                        fingerprint=d.get("fingerprint", ""),
+                        generation=int(d.get("generation", 0)),
+                        images={k: ImageInfo(**v) for k, v in d.get("images", {}).items()},
+                        guard=CrashLoopGuard(**d.get("guard", {})))
+
+
+class StateDir:
+    """Read and write xenpbr's state below ``root``."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or state_root()
+
+    @property
+    def images_root(self) -> Path:
+        return self.root / "images"
+
+    def _domain_dir(self, name: str) -> Path:
+        return self.root / "domains" / check_name(name)
+
+    def register(self, name: str, settings: dict[str, Any], xl_config_text: str,
+                 source: str) -> None:
+        """Record a domain xenpbr manages (``xenpbr create``); keeps existing phase
+        state if the domain was registered before (its images stay usable if valid)."""
+        record = self.load_record(name) if self.is_registered(name) else {}
+        record.update({"name": name, "settings": settings, "source": source,
+                       "phases": record.get("phases") or phases_to_json(DomainPhases(name))})
+        atomic_write(self._domain_dir(name) / "xl.cfg", xl_config_text.encode())
+        atomic_write_json(self._domain_dir(name) / "domain.json", record)
+
+    def is_registered(self, name: str) -> bool:
+        return (self._domain_dir(name) / "domain.json").exists()
+
+    def domains(self) -> list[str]:
+        """Names of the registered domains, sorted."""
+        base = self.root / "domains"
+        return sorted(p.name for p in base.iterdir()
+                      if (p / "domain.json").exists()) if base.is_dir() else []
+
+    def load_record(self, name: str) -> dict[str, Any]:
+        path = self._domain_dir(name) / "domain.json"
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError as exc:
+            raise UnknownDomain(f"domain {name!r} is not registered with xenpbr "
+                                "(create it with `xenpbr create CONFIG`)") from exc
+        except ValueError as exc:
+            raise StateError(f"{path} is damaged ({exc}); remove it and re-register the "
+                             "domain with `xenpbr create`") from exc
+
+    def xl_config_path(self, name: str) -> Path:
+        return self._domain_dir(name) / "xl.cfg"
+
+    def phases(self, name: str) -> DomainPhases:
+        return phases_from_json(self.load_record(name)["phases"])
+
+    def save_phases(self, state: DomainPhases) -> None:
+        record = self.load_record(state.name)
+        record["phases"] = phases_to_json(state)
+        atomic_write_json(self._domain_dir(state.name) / "domain.json", record)
+
+    def unregister(self, name: str) -> None:
+        """Forget a domain's registration and history (its images are GC'd separately)."""
+        d = self._domain_dir(name)
+        for path in sorted(d.rglob("*"), reverse=True):
+            path.rmdir() if path.is_dir() else path.unlink()
+        d.rmdir()
+
+    # -- history ---------------------------------------------------------------------
+
+    def _history_dir(self, name: str) -> Path:
+        return self._domain_dir(name) / "history"
+
+    def add_history(self, timeline: Timeline) -> Path:
+        """Store a finished (or failed) recovery's timeline; keep the newest 100."""
+        hdir = self._history_dir(timeline.domain)
+        hdir.mkdir(parents=True, exist_ok=True)
+        numbers = sorted(int(p.stem) for p in hdir.glob("*.json") if p.stem.isdigit())
+        path = hdir / f"{(numbers[-1] + 1) if numbers else 1:06d}.json"
+        atomic_write_json(path, timeline.to_json())
+        for old in numbers[:max(0, len(numbers) + 1 - HISTORY_KEEP)]:
+            (hdir / f"{old:06d}.json").unlink(missing_ok=True)
+        return path
+
+    def history(self, name: str) -> Iterator[Timeline]:
+        """The domain's recovery timelines, oldest first."""
+        hdir = self._history_dir(name)
+        for path in sorted(hdir.glob("*.json")) if hdir.is_dir() else []:
+            try:
+                yield Timeline.from_json(json.loads(path.read_text()))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise StateError(f"recovery record {path} is damaged: {exc}") from exc

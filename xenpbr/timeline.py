@@ -1,0 +1,80 @@
+"""The timeline of one recovery: what happened when, kept on disk, shown by the CLI.
+
+Each recovery (a crash, a watchdog, or an operator's ``xenpbr reboot``) records named
+marks with both clocks: monotonic time for durations (immune to clock steps) and wall
+time for the operator. The mark names are fixed so tools can compare recoveries:
+``crash_seen``, ``image_chosen``, ``destroyed``, ``restore_started``,
+``restore_finished``, ``devices_ready``, ``guest_ack``, ``service_ready``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MARKS = ("crash_seen", "image_chosen", "destroyed", "restore_started", "restore_finished",
+         "devices_ready", "guest_ack", "service_ready")
+
+
+@dataclass
+class Mark:
+    """One point of the timeline."""
+
+    name: str
+    monotonic: float
+    wall: float
+    detail: str = ""
+
+
+@dataclass
+class Timeline:
+    """The marks and outcome of one recovery of one domain."""
+
+    domain: str
+    trigger: str  # crash | watchdog | operator
+    marks: list[Mark] = field(default_factory=list)
+    method: str = ""  # phase:<name> | normal-reboot
+    outcome: str = "in-progress"  # recovered | failed
+    attempts: list[str] = field(default_factory=list)  # what was tried, in order
+    skipped: list[str] = field(default_factory=list)  # images not used, and why
+
+    def mark(self, name: str, detail: str = "", now: float | None = None) -> Mark:
+        """Record ``name`` now (or at monotonic time ``now``)."""
+        if name not in MARKS:
+            raise ValueError(f"unknown timeline mark {name!r}; known: {', '.join(MARKS)}")
+        mono = time.monotonic() if now is None else now
+        entry = Mark(name, mono, time.time() - (time.monotonic() - mono), detail)
+        self.marks.append(entry)
+        return entry
+
+    def at(self, name: str) -> float | None:
+        """Monotonic time of the first mark ``name``, if recorded."""
+        return next((m.monotonic for m in self.marks if m.name == name), None)
+
+    def since_crash(self) -> dict[str, float]:
+        """Seconds from ``crash_seen`` to each later mark (the recovery breakdown)."""
+        start = self.at("crash_seen")
+        if start is None:
+            return {}
+        return {m.name: round(m.monotonic - start, 3) for m in self.marks}
+
+    def downtime(self) -> float | None:
+        """Crash seen to the last of guest ack / service ready / restore finished."""
+        start = self.at("crash_seen")
+        ends = [t for n in ("service_ready", "guest_ack", "restore_finished")
+                if (t := self.at(n)) is not None]
+        return None if start is None or not ends else round(max(ends) - start, 3)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["since_crash"] = self.since_crash()
+        data["downtime_s"] = self.downtime()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Timeline":
+        marks = [Mark(**m) for m in data.get("marks", [])]
+        fields = {k: data[k] for k in ("domain", "trigger", "method", "outcome", "attempts",
+                                       "skipped") if k in data}
+        return cls(marks=marks, **fields)
