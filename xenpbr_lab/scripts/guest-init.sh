@@ -3,7 +3,8 @@
 # (xl's `extra`): lab.mode=count prints a counter every second, lab.mode=crash prints a
 # marker and crashes the kernel, lab.mode=service announces a ready service and waits,
 # lab.mode=memmark keeps a marker string in memory, lab.mode=probe checks xenstore,
-# lab.mode=shell just waits.
+# lab.mode=agent runs the guest agent for each phase of lab.phases=a,b, lab.mode=hostile
+# writes bad requests first, lab.mode=shell just waits.
 export PATH=/usr/bin:/usr/sbin:/bin:/sbin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
 mount -t proc proc /proc
@@ -20,13 +21,53 @@ for arg in $(cat /proc/cmdline); do
     case "$arg" in
         lab.mode=*) mode=${arg#lab.mode=} ;;
         lab.marker=*) marker=${arg#lab.marker=} ;;
+        lab.phases=*) phases=$(echo "${arg#lab.phases=}" | tr , ' ') ;;
     esac
 done
 echo "XENPBR-GUEST: up uptime=$(cut -d' ' -f1 /proc/uptime) mode=$mode marker=${marker:-none}"
 # Kernel text bounds from kallsyms (Debian's System.map is a stub), for vCPU RIP checks.
 echo "XENPBR-GUEST: text $(grep -E ' (_stext|_etext)$' /proc/kallsyms | cut -d' ' -f1 | tr '\n' ' ')"
 
+# agent/hostile (tests/lab/test_protocol_real.py): an agent config declaring lab.phases,
+# then `xenpbr-agent phase P` for each. hostile first writes, one at a time, the requests
+# dom0 left (escaped, as xenstore-read prints them) in control/xenpbr-lab/case/<n>,
+# waiting until dom0 bumps control/xenpbr-lab/handled, then tries to forge an ack.
+agent_phases() {
+    mkdir -p /etc/xenpbr
+    { for p in $phases; do echo "[phase:$p]"; done
+      printf '[after-restore]\nrun = echo XENPBR-STEP: after-restore\n'
+      printf '[after-last-phase]\nstart = echo XENPBR-STEP: after-last-phase\n'
+    } > /etc/xenpbr/agent.conf
+    for p in $phases; do
+        out=$(PYTHONPATH=/usr/lib/python3/dist-packages python3 -m xenpbr_agent phase "$p")
+        echo "XENPBR-AGENT: $out rc=$?"
+    done
+}
+hostile_writes() {
+    n=0
+    while v=$(xenstore-read control/xenpbr-lab/case/$n 2>/dev/null); do
+        h=$(xenstore-read control/xenpbr-lab/handled)
+        if xenstore-write data/xenpbr/request "$v" 2>/dev/null; then
+            i=0
+            while [ "$(xenstore-read control/xenpbr-lab/handled)" = "$h" ] && [ $i -lt 600 ]; do
+                sleep 0.1; i=$((i + 1))
+            done
+            echo "XENPBR-HOSTILE: $n written"
+        else
+            echo "XENPBR-HOSTILE: $n write-failed"
+        fi
+        n=$((n + 1))
+    done
+    xenstore-write control/xenpbr/ack "99 captured" 2>/dev/null
+    echo "XENPBR-HOSTILE: forge-ack rc=$?"
+}
+
 case "$mode" in
+    agent)
+        agent_phases ;;
+    hostile)
+        hostile_writes
+        agent_phases ;;
     count)
         i=0
         while true; do

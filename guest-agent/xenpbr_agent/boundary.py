@@ -1,0 +1,199 @@
+"""Marking one boundary: choose a seq, write the request, wait for dom0's ack of it.
+
+The wait is the heart of phase-based reboot: dom0 captures the image while this process
+sits in it, so after a restore the very same wait returns ``restored:<generation>``. The
+loop therefore re-reads the ack after every watch event (the guest kernel re-registers
+watches on resume, which fires them) and once more when the deadline passes, so a clock
+that jumped across a save/restore cannot make it miss the answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from xenpbr.protocol import (
+    ACK_KEY,
+    AGENT_KEY,
+    CONTROL_DIR,
+    DEVICE,
+    MAX_DISKS,
+    MOUNT,
+    REQUEST_KEY,
+    SEQ_LIMIT,
+    Ack,
+    AckMalformed,
+    BoundaryRequest,
+    DiskState,
+    RequestRefused,
+    Verdict,
+    encode_request,
+)
+from xenpbr.xenstore import NoSuchKey, PermissionDenied, XenstoreError
+from xenpbr_agent import AgentError, __version__
+from xenpbr_agent.config import AgentConfig
+from xenpbr_agent.state import AgentState, StateStore
+
+log = logging.getLogger(__name__)
+
+MOUNTS = "/proc/self/mounts"
+
+
+@dataclass(frozen=True)
+class BoundaryResult:
+    """The outcome of one boundary; ``verdict`` None means no ack came in time."""
+
+    phase: str
+    seq: int
+    verdict: Verdict | None
+    local: bool = False  # decided by the agent itself (dom0 has not enabled xenpbr)
+
+    @property
+    def text(self) -> str:
+        return str(self.verdict) if self.verdict is not None else "timeout"
+
+
+def collect_disks(mounts_text: str) -> tuple[DiskState, ...]:
+    """Block devices mounted in the guest, from ``/proc/self/mounts`` text.
+
+    Raises :class:`AgentError` when a mount cannot be reported within the protocol's
+    bounds: hiding a read-write disk from dom0 could let it capture an inconsistent image.
+    """
+    disks: list[DiskState] = []
+    for line in mounts_text.splitlines():
+        fields = line.split()
+        if len(fields) < 4 or not fields[0].startswith("/dev/"):
+            continue
+        dev = os.path.basename(os.path.realpath(fields[0]))  # /dev/mapper/x -> dm-0
+        disk = DiskState(dev, fields[1], fields[3].split(",")[0] == "rw")
+        if not DEVICE.fullmatch(disk.dev) or not MOUNT.fullmatch(disk.mount):
+            raise AgentError(f"cannot report mount {fields[0]} on {fields[1]} to dom0 (device "
+                             f"names must match {DEVICE.pattern!r}, mount points "
+                             f"{MOUNT.pattern!r}); unmount it before this boundary")
+        if disk not in disks:
+            disks.append(disk)
+    if len(disks) > MAX_DISKS:
+        raise AgentError(f"{len(disks)} block-device mounts, the protocol reports at most "
+                         f"{MAX_DISKS}; unmount some before this boundary")
+    return tuple(disks)
+
+
+def read_ack(xs: Any) -> Ack | None:
+    """dom0's current ack, or None if there is none or it is malformed (logged)."""
+    raw = xs.read_or(ACK_KEY, None)
+    if raw is None:
+        return None
+    try:
+        return Ack.parse(raw)
+    except AckMalformed as exc:
+        log.warning("ignoring malformed ack from dom0: %s", exc)
+        return None
+
+
+def next_seq(state: AgentState, current: Ack | None) -> int:
+    """Above both our own last seq and the seq dom0 last answered: the state in /run may
+    be gone (agent reinstalled, tmpfs cleared) and dom0 refuses reused seqs."""
+    seq = max(state.seq, current.seq if current else 0) + 1
+    if seq >= SEQ_LIMIT:
+        raise AgentError(f"sequence numbers exhausted ({seq}); reboot the guest normally")
+    return seq
+
+
+def dom0_enabled(xs: Any) -> bool:
+    """False if dom0 has not created ``control/xenpbr`` (xenpbr does not manage this
+    domain): there is nobody to answer, so do not wait."""
+    try:
+        xs.read(CONTROL_DIR)
+    except NoSuchKey:
+        return False
+    except PermissionDenied:
+        return True  # cannot tell; dom0 will answer if it is there
+    return True
+
+
+def announce(xs: Any) -> None:
+    """``data/xenpbr/agent`` = ``"<version> <pid>"`` (informational)."""
+    try:
+        xs.write(AGENT_KEY, f"{__version__} {os.getpid()}")
+    except XenstoreError as exc:
+        log.warning("cannot write %s: %s", AGENT_KEY, exc)
+
+
+def wait_for_ack(xs: Any, seq: int, deadline: float,
+                 clock: Callable[[], float] = time.monotonic) -> Verdict | None:
+    """Block until ``control/xenpbr/ack`` answers ``seq`` (acks for other seqs are
+    ignored) or ``deadline`` (on ``clock``) passes; a watch on the ack must be set."""
+    while True:
+        ack = read_ack(xs)
+        if ack is not None and ack.seq == seq:
+            return ack.verdict
+        if ack is not None:
+            log.debug("ack for seq %d is not ours (%d), still waiting", ack.seq, seq)
+        remaining = deadline - clock()
+        if remaining <= 0:
+            return None
+        xs.read_watch(timeout=remaining)
+
+
+def exchange(xs: Any, raw: bytes, seq: int, deadline: float,
+             clock: Callable[[], float] = time.monotonic) -> Verdict | None:
+    """Write the request and wait for its ack. The watch is set *before* the write, so an
+    ack written at once cannot be missed."""
+    token = f"xenpbr-agent-{os.getpid()}-{seq}"
+    xs.watch(ACK_KEY, token)
+    try:
+        xs.write(REQUEST_KEY, raw)
+        log.info("request %d written, waiting for dom0", seq)
+        return wait_for_ack(xs, seq, deadline, clock)
+    finally:
+        with contextlib.suppress(XenstoreError):
+            xs.unwatch(ACK_KEY, token)
+
+
+def build_request(config: AgentConfig, phase: str, seq: int, timeout: float,
+                  mounts_path: str = MOUNTS) -> bytes:
+    """The request bytes, validated with dom0's own parser (a request dom0 would refuse
+    as malformed is an agent/config problem: report it here)."""
+    try:
+        with open(mounts_path) as f:
+            disks = collect_disks(f.read())
+    except OSError as exc:
+        raise AgentError(f"cannot read {mounts_path} to report disks: {exc}") from None
+    request = BoundaryRequest(seq=seq, phase=phase, phases=config.phase_names,
+                              identity=config.identity, wait=max(1, math.ceil(timeout)),
+                              disks=disks)
+    try:
+        return encode_request(request)
+    except RequestRefused as exc:
+        raise AgentError(f"this boundary request would be refused by dom0 ({exc.reason}: "
+                         f"{exc.detail}); fix the config or the guest") from None
+
+
+def mark_boundary(xs: Any, config: AgentConfig, phase: str, store: StateStore,
+                  timeout: float, *, clock: Callable[[], float] = time.monotonic,
+                  mounts_path: str = MOUNTS) -> BoundaryResult:
+    """Mark boundary ``phase``: request, wait (at most ``timeout`` s), record the verdict."""
+    config.phase(phase)  # ConfigError if undeclared
+    with store.locked():
+        if not dom0_enabled(xs):
+            log.warning("dom0 has not enabled phase-based reboot for this domain (no %s); "
+                        "boundary %s not marked", CONTROL_DIR, phase)
+            return BoundaryResult(phase, 0, Verdict.refused("disabled"), local=True)
+        state = store.load()
+        seq = next_seq(state, read_ack(xs))
+        raw = build_request(config, phase, seq, timeout, mounts_path)
+        store.save(AgentState(seq, phase, "pending", state.generation))
+        announce(xs)
+        verdict = exchange(xs, raw, seq, clock() + timeout, clock)
+        result = BoundaryResult(phase, seq, verdict)
+        generation = verdict.generation if verdict is not None else None
+        store.save(AgentState(seq, phase, result.text,
+                              generation if generation is not None else state.generation))
+    log.info("boundary %s (seq %d): %s", phase, seq, result.text)
+    return result

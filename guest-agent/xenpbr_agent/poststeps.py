@@ -1,0 +1,124 @@
+"""Running the configured commands, and which ones run when.
+
+When (docs/phase-protocol.md, "Which steps run when"), for ``xenpbr-agent phase P``:
+
+1. ``[phase:P] start``, before the boundary is marked (so P's image contains what they
+   start); the first failure stops here: the boundary is not marked;
+2. the boundary (request, ack);
+3. ``[after-restore] run`` if the verdict is ``restored:<g>``;
+4. ``[after-last-phase] start`` if P is the last declared phase, whatever the verdict
+   (refused or timed out included: the guest must come up fully either way).
+
+Later phases are not run from here after a restore: the restored init system resumes
+the boot where the image was taken and invokes ``xenpbr-agent phase`` for them.
+
+Commands run without a shell, stdin from /dev/null, output to a temporary *file* (a
+daemon started by an init script inherits it and may keep it open; a pipe would make us
+wait for that daemon forever), each in its own session so a timeout kills the whole
+process group. Output is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import IO
+
+from xenpbr.protocol import Verdict, VerdictKind
+from xenpbr_agent.config import AgentConfig, Command
+
+log = logging.getLogger(__name__)
+
+#: Bytes of a command's output kept for the log.
+OUTPUT_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class StepResult:
+    command: Command
+    returncode: int | None  # None: did not start, or killed on timeout
+    output: str
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def describe(self) -> str:
+        text = shlex.join(self.command)
+        if self.error:
+            return f"{text!r}: {self.error}"
+        return f"{text!r} exited {self.returncode}"
+
+
+def _read_output(out: IO[bytes]) -> str:
+    out.seek(0)
+    data = out.read(OUTPUT_LIMIT + 1)
+    text = data[:OUTPUT_LIMIT].decode("utf-8", "replace").rstrip()
+    return text + (" [...]" if len(data) > OUTPUT_LIMIT else "")
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run_command(command: Command, timeout: float) -> StepResult:
+    """Run one command; never raises for a command that fails, hangs or does not exist."""
+    with tempfile.TemporaryFile() as out:
+        try:
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    close_fds=True)
+        except OSError as exc:
+            return StepResult(command, None, "", f"cannot start: {exc.strerror or exc}")
+        try:
+            code: int | None = proc.wait(timeout=timeout)
+            error = None
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            code, error = None, f"killed after {timeout:g} s (step_timeout)"
+        return StepResult(command, code, _read_output(out), error)
+
+
+def run_steps(commands: tuple[Command, ...], timeout: float, what: str,
+              stop_on_failure: bool = False) -> bool:
+    """Run ``commands`` in order, logging each; return True if all succeeded."""
+    ok = True
+    for command in commands:
+        log.info("%s: running %s", what, shlex.join(command))
+        result = run_command(command, timeout)
+        for line in result.output.splitlines():
+            log.info("%s: | %s", what, line)
+        if result.ok:
+            continue
+        log.error("%s: step failed: %s", what, result.describe())
+        ok = False
+        if stop_on_failure:
+            break
+    return ok
+
+
+def before_boundary(config: AgentConfig, phase: str) -> bool:
+    """Step 1: the phase's own ``start`` commands; stops at the first failure."""
+    return run_steps(config.phase(phase).start, config.step_timeout, f"phase {phase}",
+                     stop_on_failure=True)
+
+
+def after_boundary(config: AgentConfig, phase: str, verdict: Verdict | None) -> bool:
+    """Steps 3 and 4 (``verdict`` None: timed out). Every step runs even if an earlier
+    one failed: bringing the guest up matters more than stopping at the first error."""
+    ok = True
+    if verdict is not None and verdict.kind is VerdictKind.RESTORED:
+        ok &= run_steps(config.after_restore, config.step_timeout, "after-restore")
+    if config.is_last(phase):
+        ok &= run_steps(config.after_last_phase, config.step_timeout, "after-last-phase")
+    return ok

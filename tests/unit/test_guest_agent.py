@@ -1,0 +1,425 @@
+"""The guest agent against dom0's protocol code, end to end over the in-memory xenstore.
+
+A guest connection runs ``xenpbr-agent`` (``xenpbr_agent.cli.main``); a dom0 connection
+runs a responder thread built on :class:`xenpbr.protocol.PhaseProtocol` that answers
+each accepted request as the test scripts it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from xenpbr.protocol import (
+    Ack,
+    BoundaryRequest,
+    Outcome,
+    PhaseProtocol,
+    RateLimit,
+    RequestGate,
+    Verdict,
+    parse_request,
+    prepare_domain,
+    request_watch,
+    write_ack,
+)
+from xenpbr.xenstore import FakeXenstore, FakeXenstoreServer, PermissionDenied
+from xenpbr_agent import (
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_STEP_FAILED,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    AgentError,
+    ConfigError,
+    cli,
+)
+from xenpbr_agent.boundary import collect_disks
+from xenpbr_agent.config import load_config, parse_config
+from xenpbr_agent.poststeps import run_command
+from xenpbr_agent.state import StateStore
+
+DOMID = 5
+Plan = Callable[[PhaseProtocol, BoundaryRequest], None]
+
+
+def answer(verdict: Verdict) -> Plan:
+    return lambda proto, req: proto.answer(DOMID, req.seq, verdict)
+
+
+def restore(generation: int) -> Plan:
+    return lambda proto, req: proto.restored(DOMID, req.seq, generation)
+
+
+class Responder(threading.Thread):
+    """Dom0: watch the guest's request, admit it with the real protocol code, answer by
+    ``plans[phase]`` (no entry: never answer)."""
+
+    def __init__(self, server: FakeXenstoreServer, plans: dict[str, Plan]) -> None:
+        super().__init__(daemon=True)
+        self.server, self.plans = server, plans
+        self.requests: list[BoundaryRequest] = []
+        self.refusals: list[str] = []
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+
+    def run(self) -> None:
+        with self.server.connect(0) as dom0:
+            proto = PhaseProtocol(dom0, RequestGate(RateLimit(100, 1)))
+            path, token = request_watch(DOMID)
+            dom0.watch(path, token)
+            self.ready.set()
+            while not self.stop.is_set():
+                if dom0.read_watch(timeout=0.02) is None:
+                    continue
+                adm = proto.poll(DOMID)
+                if adm.outcome is Outcome.REFUSED:
+                    self.refusals.append(adm.refusal.reason)
+                if adm.outcome is Outcome.ACCEPTED:
+                    self.requests.append(adm.request)
+                    plan = self.plans.get(adm.request.phase)
+                    if plan is not None:
+                        plan(proto, adm.request)
+
+    def __enter__(self) -> Responder:
+        self.start()
+        self.ready.wait(5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.join(5)
+
+
+@pytest.fixture
+def server() -> FakeXenstoreServer:
+    srv = FakeXenstoreServer()
+    srv.create_domain(DOMID)
+    with srv.connect(0) as dom0:
+        prepare_domain(dom0, DOMID, generation=0)
+    return srv
+
+
+@pytest.fixture
+def env(tmp_path: Path, server: FakeXenstoreServer, caplog: pytest.LogCaptureFixture):
+    """Run the agent as domain DOMID; ``run(argv, capsys) -> (code, stdout, stderr+log)``
+    (under pytest the agent's log goes to caplog, not stderr)."""
+    mounts = tmp_path / "mounts"
+    mounts.write_text("rootfs / rootfs rw 0 0\n/dev/xvda1 / ext4 rw,relatime 0 0\n"
+                      "/dev/xvdb /srv ext4 ro 0 0\nproc /proc proc rw 0 0\n")
+    write_config(tmp_path, "")
+
+    def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+        code = cli.main([*argv, "--config", str(tmp_path / "agent.conf")],
+                        xs_factory=lambda: FakeXenstore(server, domid=DOMID),
+                        mounts_path=str(mounts))
+        out, err = capsys.readouterr()
+        log = caplog.text
+        caplog.clear()
+        return code, out, err + log
+
+    return run
+
+
+def write_config(tmp_path: Path, extra: str, phases: str = "kernel,services,app") -> Path:
+    sections = "".join(f"[phase:{p}]\n" for p in phases.split(","))
+    path = tmp_path / "agent.conf"
+    path.write_text(f"[agent]\nidentity = test.1\nack_timeout = 10\nstep_timeout = 10\n"
+                    f"state_dir = {tmp_path / 'state'}\n{sections}{extra}")
+    return path
+
+
+def state(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "state" / "state.json").read_text())
+
+
+# -- the boundary exchange --------------------------------------------------------------------
+
+
+def test_captured(env, server, tmp_path, capsys) -> None:
+    with Responder(server, {"kernel": answer(Verdict.captured())}) as dom0:
+        code, out, _ = env(["phase", "kernel"], capsys)
+    assert (code, out) == (EXIT_OK, "kernel captured\n")
+    (req,) = dom0.requests
+    assert (req.seq, req.phase, req.phases, req.identity) == (1, "kernel",
+                                                               ("kernel", "services", "app"),
+                                                               "test.1")
+    assert [(d.dev, d.mount, d.rw) for d in req.disks] == [("xvda1", "/", True),
+                                                           ("xvdb", "/srv", False)]
+    assert req.wait == 10
+    assert state(tmp_path)["seq"] == 1 and state(tmp_path)["verdict"] == "captured"
+    with server.connect(0) as dom0x:
+        presence = dom0x.read(f"/local/domain/{DOMID}/data/xenpbr/agent").decode()
+        assert presence.startswith("0.1.0 ")
+
+
+def test_seqs_increase_across_runs_and_follow_dom0s_last_ack(env, server, tmp_path,
+                                                             capsys) -> None:
+    plans = {p: answer(Verdict.skipped()) for p in ("kernel", "services", "app")}
+    with Responder(server, plans) as dom0:
+        assert env(["phase", "kernel"], capsys)[:2] == (EXIT_OK, "kernel skipped\n")
+        assert env(["phase", "services"], capsys)[0] == EXIT_OK
+        (tmp_path / "state" / "state.json").unlink()  # /run wiped: resync from the ack
+        assert env(["phase", "app"], capsys)[0] == EXIT_OK
+    assert [r.seq for r in dom0.requests] == [1, 2, 3]
+
+
+def test_refused_exit_code_and_reason(env, server, tmp_path, capsys) -> None:
+    with Responder(server, {"services": answer(Verdict.refused("persistent-disk-rw"))}):
+        code, out, err = env(["phase", "services"], capsys)
+    assert code == EXIT_REFUSED and out == "services refused:persistent-disk-rw\n"
+    assert "unmount persistent disks" in err
+    assert state(tmp_path)["verdict"] == "refused:persistent-disk-rw"
+
+
+def test_timeout(env, server, tmp_path, capsys) -> None:
+    code, out, err = env(["phase", "kernel", "--timeout", "0.3"], capsys)
+    assert code == EXIT_TIMEOUT and out == "kernel timeout\n"
+    assert "no answer from dom0" in err
+    assert state(tmp_path)["verdict"] == "timeout"
+
+
+def test_ack_for_another_seq_is_ignored(env, server, capsys) -> None:
+    def confuse(proto: PhaseProtocol, req: BoundaryRequest) -> None:
+        write_ack(proto.xs, DOMID, Ack(req.seq + 5, Verdict.refused("busy")))
+        write_ack(proto.xs, DOMID, Ack(0, Verdict.refused("bad-request:json")))
+        time.sleep(0.2)
+        proto.answer(DOMID, req.seq, Verdict.captured())
+
+    with Responder(server, {"kernel": confuse}):
+        assert env(["phase", "kernel"], capsys)[:2] == (EXIT_OK, "kernel captured\n")
+
+
+def test_malformed_ack_is_ignored(env, server, capsys) -> None:
+    def garble(proto: PhaseProtocol, req: BoundaryRequest) -> None:
+        proto.xs.write(f"/local/domain/{DOMID}/control/xenpbr/ack", f"{req.seq} maybe")
+        time.sleep(0.1)
+        proto.answer(DOMID, req.seq, Verdict.skipped())
+
+    with Responder(server, {"kernel": garble}):
+        code, out, err = env(["phase", "kernel"], capsys)
+    assert (code, out) == (EXIT_OK, "kernel skipped\n") and "malformed ack" in err
+
+
+def test_restored_runs_post_restore_steps_exactly_once(env, server, tmp_path, capsys) -> None:
+    marks = tmp_path / "marks"
+    write_config(tmp_path, f"[after-restore]\nrun = sh -c 'echo restore >> {marks}'\n"
+                           f"[after-last-phase]\nstart = sh -c 'echo last >> {marks}'\n"
+                           f"  sh -c 'echo last2 >> {marks}'\n")
+    with Responder(server, {"services": restore(1), "app": answer(Verdict.captured())}):
+        code, out, _ = env(["phase", "services"], capsys)
+        assert (code, out) == (EXIT_OK, "services restored:1\n")
+        assert marks.read_text() == "restore\n"  # not the last phase: no non-candidates
+        assert state(tmp_path)["generation"] == 1
+        code, out, _ = env(["phase", "app"], capsys)
+        assert (code, out) == (EXIT_OK, "app captured\n")
+    assert marks.read_text() == "restore\nlast\nlast2\n"
+
+
+def test_restored_at_the_last_phase_runs_both_step_lists(env, server, tmp_path,
+                                                         capsys) -> None:
+    marks = tmp_path / "marks"
+    write_config(tmp_path, f"[after-restore]\nrun = sh -c 'echo restore >> {marks}'\n"
+                           f"[after-last-phase]\nstart = sh -c 'echo last >> {marks}'\n")
+    with Responder(server, {"app": restore(4)}):
+        assert env(["phase", "app"], capsys)[:2] == (EXIT_OK, "app restored:4\n")
+    assert marks.read_text() == "restore\nlast\n"
+    code, out, _ = env(["status", "--json"], capsys)
+    status = json.loads(out)
+    assert code == EXIT_OK
+    assert status["generation"] == 4 and status["dom0_generation"] == 4
+    assert status["last_verdict"] == "restored:4" and status["dom0_ack"] == "1 restored:4"
+
+
+def test_non_candidates_start_even_when_the_last_boundary_is_refused(env, server, tmp_path,
+                                                                     capsys) -> None:
+    marks = tmp_path / "marks"
+    write_config(tmp_path, f"[after-last-phase]\nstart = sh -c 'echo last >> {marks}'\n")
+    with Responder(server, {"app": answer(Verdict.refused("quota"))}):
+        assert env(["phase", "app"], capsys)[0] == EXIT_REFUSED
+    assert marks.read_text() == "last\n"
+
+
+def test_phase_start_commands_run_before_the_boundary(env, server, tmp_path, capsys) -> None:
+    marks = tmp_path / "marks"
+    seen: list[str] = []
+
+    def check(proto: PhaseProtocol, req: BoundaryRequest) -> None:
+        seen.append(marks.read_text())
+        proto.answer(DOMID, req.seq, Verdict.captured())
+
+    write_config(tmp_path, "", phases="kernel")
+    (tmp_path / "agent.conf").write_text((tmp_path / "agent.conf").read_text()
+                                         + f"start = sh -c 'echo svc >> {marks}'\n")
+    with Responder(server, {"kernel": check}):
+        assert env(["phase", "kernel"], capsys)[0] == EXIT_OK
+    assert seen == ["svc\n"]
+
+
+def test_failing_start_command_leaves_the_boundary_unmarked(env, server, tmp_path,
+                                                            capsys) -> None:
+    write_config(tmp_path, "", phases="kernel,app")
+    text = (tmp_path / "agent.conf").read_text().replace("[phase:app]\n",
+                                                         "[phase:app]\nstart = false\n")
+    (tmp_path / "agent.conf").write_text(text)
+    with Responder(server, {}) as dom0:
+        code, out, err = env(["phase", "app"], capsys)
+    assert (code, out) == (EXIT_STEP_FAILED, "app not-marked\n")
+    assert "'false' exited 1" in err and dom0.requests == []
+
+
+def test_failing_post_restore_step_gives_exit_5_after_running_the_rest(env, server, tmp_path,
+                                                                       capsys) -> None:
+    marks = tmp_path / "marks"
+    write_config(tmp_path, f"[after-restore]\nrun = /nonexistent/tool\n"
+                           f"  sh -c 'echo still >> {marks}'\n")
+    with Responder(server, {"kernel": restore(2)}):
+        code, out, err = env(["phase", "kernel"], capsys)
+    assert (code, out) == (EXIT_STEP_FAILED, "kernel restored:2\n")
+    assert "cannot start" in err and marks.read_text() == "still\n"
+
+
+def test_dom0_not_managing_the_domain_answers_disabled_at_once(tmp_path, capsys,
+                                                              caplog) -> None:
+    srv = FakeXenstoreServer()
+    srv.create_domain(DOMID)  # no control/xenpbr
+    write_config(tmp_path, "")
+    code = cli.main(["phase", "kernel", "--config", str(tmp_path / "agent.conf")],
+                    xs_factory=lambda: FakeXenstore(srv, domid=DOMID), mounts_path="/dev/null")
+    out, err = capsys.readouterr()
+    assert (code, out) == (EXIT_REFUSED, "kernel refused:disabled\n")
+    assert "xenpbr create" in err + caplog.text
+    with srv.connect(0) as dom0:
+        assert dom0.read_or(f"/local/domain/{DOMID}/data/xenpbr/request") is None
+
+
+def test_guest_cannot_forge_its_own_ack(server) -> None:
+    with FakeXenstore(server, domid=DOMID) as guest:
+        for key in ("control/xenpbr/ack", "control/xenpbr/generation", "control/xenpbr/x"):
+            with pytest.raises(PermissionDenied):
+                guest.write(key, "1 captured")
+        with pytest.raises(PermissionDenied):
+            guest.rm("control/xenpbr")
+        assert guest.read_or("control/xenpbr/ack") is None
+
+
+def test_hostile_writes_from_the_guest_are_refused_and_dom0_keeps_serving(env, server,
+                                                                          capsys) -> None:
+    with Responder(server, {"kernel": answer(Verdict.captured())}) as dom0, \
+            FakeXenstore(server, domid=DOMID) as guest:
+        for bad in (b"\xff", b'{"v": 1, "seq": 1, "phase": "../x"}', b"[[[[[1]]]]]"):
+            guest.write("data/xenpbr/request", bad)
+            time.sleep(0.1)
+        assert env(["phase", "kernel"], capsys)[:2] == (EXIT_OK, "kernel captured\n")
+    assert dom0.refusals == ["bad-request:encoding", "bad-request:phase", "bad-request:json"]
+    assert dom0.requests[0].seq == 2  # the agent stepped past the seq the garbage used
+
+
+# -- usage and config errors -------------------------------------------------------------------
+
+
+def test_usage_errors(env, tmp_path, capsys) -> None:
+    code, _, err = env(["phase", "nosuch"], capsys)
+    assert code == EXIT_USAGE and "[phase:nosuch]" in err
+    code, _, err = env(["phase", "kernel", "--timeout", "-1"], capsys)
+    assert code == EXIT_USAGE and "--timeout" in err
+    assert cli.main(["bogus"]) == EXIT_USAGE
+    code = cli.main(["phase", "kernel", "--config", str(tmp_path / "missing.conf")])
+    assert code == EXIT_USAGE and "no agent config" in capsys.readouterr().err
+
+
+def test_status_without_state(env, capsys) -> None:
+    code, out, _ = env(["status"], capsys)
+    assert code == EXIT_OK and "last seq: 0" in out and "dom0 ack: -" in out
+
+
+def test_config_parsing() -> None:
+    cfg = parse_config("[agent]\nidentity = v1.2\n[phase:kernel]\n[phase:services]\n"
+                       "start = /etc/init.d/ssh start\n  sh -c 'a; b # not a comment'\n"
+                       "# a comment\n[after-restore]\nrun = hwclock --hctosys\n")
+    assert cfg.phase_names == ("kernel", "services") and cfg.is_last("services")
+    assert cfg.phase("services").start == (("/etc/init.d/ssh", "start"),
+                                           ("sh", "-c", "a; b # not a comment"))
+    assert cfg.after_restore == (("hwclock", "--hctosys"),) and cfg.after_last_phase == ()
+    assert cfg.ack_timeout == 120 and cfg.identity == "v1.2"
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[phase:Kernel]\n", "phase names"),
+    ("[phase:a/b]\n", "phase names"),
+    ("[phases:kernel]\n", "unknown section"),
+    ("[DEFAULT]\nx = 1\n", "unknown section"),
+    ("[agent]\nidentiy = x\n", "unknown keys"),
+    ("[agent]\nidentity = a/b\n", "identity"),
+    ("[agent]\nack_timeout = soon\n", "seconds"),
+    ("[agent]\nack_timeout = 0\n", "between"),
+    ("[agent]\nstep_timeout = nan\n", "between"),
+    ("[phase:a]\nstop = x\n", "unknown keys"),
+    ("[after-restore]\nstart = x\n", "unknown keys"),
+    ("[phase:a]\nstart = echo 'unterminated\n", "cannot split"),
+    ("[phase:a]\n[phase:a]\n", "already exists"),
+    ("".join(f"[phase:p{i}]\n" for i in range(9)), "at most 8"),
+    ("no section\n", "section"),
+])
+def test_config_errors(text: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        parse_config(text, "test.conf")
+
+
+def test_load_config_env_and_missing(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "c.conf"
+    path.write_text("[phase:one]\n")
+    monkeypatch.setenv("XENPBR_AGENT_CONFIG", str(path))
+    assert load_config().phase_names == ("one",)
+    with pytest.raises(ConfigError, match="no agent config"):
+        load_config(str(tmp_path / "nope"))
+
+
+# -- pieces ------------------------------------------------------------------------------------
+
+
+def test_collect_disks() -> None:
+    text = ("/dev/xvda1 / ext4 rw,relatime 0 0\n/dev/xvda1 / ext4 rw,relatime 0 0\n"
+            "/dev/xvdb /mnt/with\\040space ext4 ro 0 0\ntmpfs /run tmpfs rw 0 0\n")
+    disks = collect_disks(text)
+    assert [(d.dev, d.mount, d.rw) for d in disks] == [("xvda1", "/", True),
+                                                       ("xvdb", "/mnt/with\\040space", False)]
+    with pytest.raises(AgentError, match="at most 16"):
+        collect_disks("".join(f"/dev/xvd{chr(97 + i)} /m{i} ext4 rw 0 0\n" for i in range(17)))
+    with pytest.raises(AgentError, match="cannot report"):
+        collect_disks("/dev/xvda /m\u00e9 ext4 rw 0 0\n")
+
+
+def test_request_written_by_the_agent_follows_the_contract(env, server, capsys) -> None:
+    env(["phase", "kernel", "--timeout", "0.1"], capsys)
+    with server.connect(0) as dom0:
+        data = dom0.read(f"/local/domain/{DOMID}/data/xenpbr/request")
+    req = parse_request(data)
+    assert req.seq == 1 and req.services == () and req.hazards == ()
+    assert set(json.loads(data)) == {"v", "seq", "phase", "phases", "identity", "wait",
+                                     "disks", "services", "hazards"}
+
+
+def test_run_command_does_not_wait_for_daemons_holding_its_output() -> None:
+    result = run_command(("sh", "-c", "sleep 30 & echo started"), timeout=20)
+    assert result.ok and result.output == "started"
+
+
+def test_run_command_timeout_kills_the_group() -> None:
+    result = run_command(("sh", "-c", "echo before; sleep 30"), timeout=0.3)
+    assert not result.ok and "killed after" in result.error and result.output == "before"
+
+
+def test_state_store_is_atomic_and_tolerates_garbage(tmp_path) -> None:
+    store = StateStore(tmp_path / "s")
+    assert store.load().seq == 0
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "state.json").write_text("{not json")
+    assert store.load().seq == 0
+    with store.locked():
+        pass
