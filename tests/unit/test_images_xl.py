@@ -1,0 +1,243 @@
+"""capture() and restore() against a fake ``xl`` (FIFO handling, errors, cleanup).
+
+The fake speaks just enough of xl's command line: ``save -c NAME FILE`` copies a
+prepared stream into FILE, ``restore [-p] [-e] [CFG] FILE`` reads FILE and "creates"
+the domain named in the stream's embedded config as soon as the header arrives (as
+libxl does before the pages), ``domid`` and ``destroy`` manage those fake domains.
+Knobs are files in the fake's state directory. Real xl is exercised in
+tests/lab/test_images_real.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.unit.streams import synth
+from xenpbr.images import (
+    CaptureFailed,
+    CorruptObject,
+    ImageStore,
+    QuotaExceeded,
+    RestoreFailed,
+    capture,
+    restore,
+)
+from xenpbr.images.pagestore import PACK_HEADER, RECORD
+
+FAKE_XL = r'''#!PYTHON
+import json, os, sys, time
+state = os.environ["FAKE_XL_STATE"]
+def path(*p): return os.path.join(state, *p)
+def knob(name):
+    try:
+        with open(path(name)) as f: return f.read()
+    except FileNotFoundError: return None
+with open(path("calls.log"), "a") as log: log.write(json.dumps(sys.argv[1:]) + "\n")
+cmd, args = sys.argv[1], sys.argv[2:]
+domains = path("domains")
+os.makedirs(domains, exist_ok=True)
+if cmd == "save":
+    name, target = args[-2], args[-1]
+    if not os.path.exists(os.path.join(domains, name)):
+        sys.stderr.write(f"libxl: error: domain {name} not found\n"); sys.exit(1)
+    if knob("hang") is not None:
+        time.sleep(60)
+    sys.stderr.write(f"Saving to {target} new xl format (info 0x3/0x0/1234)\n")
+    data = open(path("stream.xl"), "rb").read()
+    cut = knob("truncate")
+    with open(target, "wb") as out:
+        out.write(data[:int(cut)] if cut else data)
+    if cut:
+        sys.stderr.write("libxl: error: domain died during save\n"); sys.exit(3)
+    open(path("save_done"), "w").close()
+elif cmd == "restore":
+    src = args[-1]
+    got = b""
+    with open(src, "rb") as f:
+        got = f.read(4096)
+        start = got.index(b'"name": "') + 9
+        name = got[start:got.index(b'"', start)].decode()
+        open(os.path.join(domains, name), "w").write("7")
+        while True:
+            chunk = f.read(1 << 16)
+            if not chunk: break
+            got += chunk
+    open(path("restored.xl"), "wb").write(got)
+    if knob("restore_fail"):
+        sys.stderr.write(knob("restore_fail")); sys.exit(1)
+    if got != open(path("stream.xl"), "rb").read():
+        sys.stderr.write("xc: error: truncated stream\n"); sys.exit(2)
+elif cmd == "domid":
+    p = os.path.join(domains, args[0])
+    if not os.path.exists(p):
+        sys.stderr.write(f"Can't get domid of domain name '{args[0]}', maybe this domain does not exist.\n")
+        sys.exit(1)
+    print(open(p).read())
+elif cmd == "destroy":
+    os.unlink(os.path.join(domains, args[0]))
+else:
+    sys.exit(99)
+'''
+
+
+class FakeXl:
+    def __init__(self, tmp: Path, data: bytes) -> None:
+        self.state = tmp / "xlstate"
+        (self.state / "domains").mkdir(parents=True)
+        (self.state / "stream.xl").write_bytes(data)
+        self.script = tmp / "xl"
+        self.script.write_text(FAKE_XL.replace("PYTHON", sys.executable))
+        self.script.chmod(0o755)
+        self.argv = (str(self.script),)
+
+    def knob(self, name: str, value: str = "") -> None:
+        (self.state / name).write_text(value)
+
+    def add_domain(self, name: str) -> None:
+        (self.state / "domains" / name).write_text("5")
+
+    def domains(self) -> list[str]:
+        return sorted(p.name for p in (self.state / "domains").iterdir())
+
+    def calls(self) -> list[list[str]]:
+        return [json.loads(line) for line in (self.state / "calls.log").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data() -> bytes:
+    return b"".join(synth.iter_pv_stream(synth.PvStreamSpec()))
+
+
+@pytest.fixture
+def fake(tmp_path, data, monkeypatch) -> FakeXl:
+    xl = FakeXl(tmp_path, data)
+    monkeypatch.setenv("FAKE_XL_STATE", str(xl.state))
+    xl.add_domain("vm1")
+    return xl
+
+
+@pytest.fixture
+def store(tmp_path) -> ImageStore:
+    return ImageStore(tmp_path / "store")
+
+
+def test_capture_stores_the_stream_xl_writes(store, fake, data) -> None:
+    seen = []
+    result = capture("vm1", store, "boot", seq=3, fingerprint="f", xl=fake.argv,
+                     progress=seen.append)
+    assert fake.calls()[0][:3] == ["save", "-c", "vm1"]
+    assert result.raw_bytes == len(data) and result.meta.seq == 3
+    assert result.stats.new_pages == result.meta.distinct_pages
+    assert result.paused_s is not None and 0 <= result.paused_s <= result.total_s
+    assert [p.pages for p in seen] == [1024, 1500]
+    assert "Saving to" in result.xl_output
+    out = io.BytesIO()
+    store.regenerate(store.load("vm1", result.meta.image_id), out)
+    assert out.getvalue() == data
+    assert json.dumps(result.to_json())
+
+
+def test_capture_of_a_missing_domain_reports_xl_message(store, fake) -> None:
+    with pytest.raises(CaptureFailed, match="exit status 1.*domain ghost not found"):
+        capture("ghost", store, "boot", xl=fake.argv)
+    assert store.images("ghost") == []
+
+
+def test_xl_dying_mid_stream_stores_nothing(store, fake) -> None:
+    fake.knob("truncate", "300000")
+    with pytest.raises(CaptureFailed, match="exit status 3.*domain died during save.*truncated"):
+        capture("vm1", store, "boot", xl=fake.argv)
+    assert store.images("vm1") == []
+    assert not list(store.pages.dir.glob("*.pack"))
+
+
+def test_quota_refusal_still_lets_xl_finish(store, fake) -> None:
+    store.set_quota("vm1", 100_000)
+    with pytest.raises(QuotaExceeded):
+        capture("vm1", store, "boot", xl=fake.argv)
+    assert (fake.state / "save_done").exists()  # the FIFO was drained: guest resumed
+    assert store.images("vm1") == []
+
+
+def test_capture_timeout_kills_xl(store, fake) -> None:
+    fake.knob("hang")
+    t0 = time.monotonic()
+    with pytest.raises(CaptureFailed, match="timeout"):
+        capture("vm1", store, "boot", xl=fake.argv, timeout=1.0)
+    assert time.monotonic() - t0 < 30
+
+
+def test_missing_xl_binary(store, tmp_path) -> None:
+    with pytest.raises(CaptureFailed, match="cannot run"):
+        capture("vm1", store, "boot", xl=(str(tmp_path / "no-such-xl"),))
+
+
+def captured(store, fake):
+    result = capture("vm1", store, "boot", xl=fake.argv)
+    return store.load("vm1", result.meta.image_id)
+
+
+def test_restore_feeds_xl_the_regenerated_stream(store, fake, data) -> None:
+    image = captured(store, fake)
+    (fake.state / "domains" / "vm1").unlink()  # the crashed domain was destroyed
+    result = restore(store, image, xl=fake.argv)
+    assert result.domid == 7 and result.name == "pbr-guest"  # name from embedded config
+    assert (fake.state / "restored.xl").read_bytes() == data
+    assert result.stream_bytes == len(data)
+    restore_call = next(c for c in fake.calls() if c[0] == "restore")
+    assert restore_call[1:3] == ["-p", "-e"] and len(restore_call) == 4
+
+
+def test_restore_options_config_file_and_unpaused(store, fake, tmp_path) -> None:
+    image = captured(store, fake)
+    cfg = tmp_path / "vm.cfg"
+    restore(store, image, paused=False, monitor=True, config_file=cfg, verify_first=True,
+            xl=fake.argv)
+    restore_call = next(c for c in fake.calls() if c[0] == "restore")
+    assert restore_call[1:] == [str(cfg), restore_call[-1]]
+
+
+def test_restore_refuses_when_the_domain_exists(store, fake) -> None:
+    image = captured(store, fake)
+    fake.add_domain("pbr-guest")
+    with pytest.raises(RestoreFailed, match="already exists.*domid 5"):
+        restore(store, image, xl=fake.argv)
+    assert "pbr-guest" in fake.domains()  # not ours to destroy
+
+
+def test_corrupt_page_kills_xl_and_destroys_the_partial_domain(store, fake) -> None:
+    image = captured(store, fake)
+    (pack,) = store.pages.dir.glob("*.pack")
+    raw = bytearray(pack.read_bytes())
+    raw[PACK_HEADER.size + 600 * (RECORD.size + 4096) + RECORD.size + 7] ^= 0x80
+    pack.write_bytes(bytes(raw))
+    with pytest.raises(CorruptObject, match=r"page #\d+ .*partial domain pbr-guest "
+                                            r"\(domid 7\) destroyed"):
+        restore(store, image, xl=fake.argv)
+    assert "pbr-guest" not in fake.domains()
+
+
+def test_corruption_found_before_xl_with_verify_first(store, fake) -> None:
+    image = captured(store, fake)
+    (pack,) = store.pages.dir.glob("*.pack")
+    raw = bytearray(pack.read_bytes())
+    raw[-1] ^= 1
+    pack.write_bytes(bytes(raw))
+    with pytest.raises(CorruptObject):
+        restore(store, image, verify_first=True, xl=fake.argv)
+    assert not any(c[0] == "restore" for c in fake.calls())
+
+
+def test_xl_restore_failure_reports_its_message_and_cleans_up(store, fake) -> None:
+    image = captured(store, fake)
+    fake.knob("restore_fail", "libxl: error: cannot allocate memory for the domain\n")
+    with pytest.raises(RestoreFailed, match="exit status 1.*cannot allocate memory.*"
+                                            "partial domain pbr-guest .* destroyed"):
+        restore(store, image, xl=fake.argv)
+    assert "pbr-guest" not in fake.domains()

@@ -1,0 +1,436 @@
+"""Content-addressed page store: append-only pack files plus sealed per-pack indexes.
+
+Pages are keyed by the SHA-256 of their 4 KiB contents. All-zero pages are never
+stored (manifests mark them). A page is stored once per host however many images,
+phases or domains reference it. Layout under ``<store>/packs/`` (byte layouts in
+``docs/images.md``):
+
+* ``<id>.pack``: a 32-byte header, then records ``header(48) + payload``, appended
+  sequentially by one writer through a large buffer (one ``write`` per MiB, not one
+  file per page: a 128 MiB guest has 32768 pages and dom0 under TCG is slow).
+* ``<id>.idx``: written atomically (temp + fsync + rename) only after the pack has
+  been fsync'd. It *seals* the pack: a pack without an index is an interrupted
+  capture, and GC deletes it.
+
+Every record carries its codec byte and the digest of its raw contents, so a pack is
+self-describing: an index can be rebuilt by scanning it, and every read is verified
+against the digest the *manifest* expects (not the one in the record), so neither a
+flipped payload byte nor a misplaced index entry can hand out a wrong page.
+
+This module knows nothing about images or locking; :mod:`.store` adds both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import mmap
+import os
+import secrets
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xenpbr.fsutil import atomic_write
+from xenpbr.images import codecs
+from xenpbr.images.errors import CorruptObject
+
+_LOG = logging.getLogger(__name__)
+
+PAGE_SIZE = 4096
+ZERO_PAGE = bytes(PAGE_SIZE)
+ZERO_DIGEST = hashlib.sha256(ZERO_PAGE).digest()
+
+PACK_MAGIC = b"XPBRPACK"
+PACK_VERSION = 1
+PACK_HEADER = struct.Struct("<8sII16s")  # magic, version, header size, pack id
+RECORD = struct.Struct("<BBHIII32s")  # codec, kind, rsvd, stored_len, raw_len, rsvd, sha256
+KIND_PAGE = 1
+MAX_STORED_LEN = 2 * PAGE_SIZE  # a codec may expand a page a little; never this much
+
+IDX_MAGIC = b"XPBRIDX\n"
+IDX_VERSION = 1
+IDX_HEADER = struct.Struct("<8sIIQQ16s")  # magic, version, entry size, count, pack size, id
+IDX_ENTRY = struct.Struct("<32sQII")  # sha256, record offset, record length, reserved
+DIGEST_SIZE = 32
+
+FLUSH_AT = 1 << 20
+_MAX_IOV = 512  # stay well under IOV_MAX (1024)
+DEFAULT_MAX_PACK = 1 << 30
+
+_OFF_BITS, _LEN_BITS = 40, 24
+_LEN_MASK = (1 << _LEN_BITS) - 1
+_OFF_MASK = (1 << _OFF_BITS) - 1
+
+
+def _pack_id(name: str) -> bytes:
+    """The 16-byte id field of a pack and its index (the name's bytes, zero-padded)."""
+    return bytes.fromhex(name).ljust(16, b"\0")
+
+
+def make_loc(pack_no: int, offset: int, reclen: int) -> int:
+    """Pack a location into one int (a dict of ints is much smaller than of tuples)."""
+    return pack_no << (_OFF_BITS + _LEN_BITS) | offset << _LEN_BITS | reclen
+
+
+def split_loc(loc: int) -> tuple[int, int, int]:
+    """``(pack_no, offset, record_length)`` of a location made by :func:`make_loc`."""
+    return loc >> (_OFF_BITS + _LEN_BITS), (loc >> _LEN_BITS) & _OFF_MASK, loc & _LEN_MASK
+
+
+@dataclass(slots=True)
+class PackInfo:
+    """A sealed pack known to the index."""
+
+    no: int
+    name: str
+    path: Path
+    size: int  # bytes covered by the index (the pack may be longer only if torn)
+    entries: list[tuple[bytes, int, int]] = field(default_factory=list, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexProblem:
+    """An index file that could not be used, and why; ``stamp`` (mtime, size) lets a
+    later refresh notice that GC (maybe in another process) rewrote it."""
+
+    name: str
+    reason: str
+    stamp: tuple[int, int] | None = None
+
+
+# ------------------------------------------------------------------ pack writing
+
+
+class PackWriter:
+    """Appends records to one new pack file; :meth:`seal` publishes its index."""
+
+    def __init__(self, directory: Path, codec: codecs.PageCodec) -> None:
+        self.name = secrets.token_hex(8)
+        self.path = directory / f"{self.name}.pack"
+        self.codec = codec
+        self.entries: list[tuple[bytes, int, int]] = []
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        header = PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, PACK_HEADER.size,
+                                  _pack_id(self.name))
+        self._chunks: list[bytes] = [header]  # written with one writev per MiB: no copies
+        self._pending = len(header)
+        self.size = len(header)
+        self.sealed = False
+
+    def encode(self, page: bytes) -> tuple[int, bytes]:
+        """``(codec byte, payload)`` for a page: raw whenever compressing does not help."""
+        codec = self.codec
+        if not codec.ident:
+            return 0, page
+        payload = codec.encode(page)
+        return (codec.ident, payload) if len(payload) < len(page) else (0, page)
+
+    def append_record(self, digest: bytes, codec_id: int, payload: bytes, raw_len: int) -> int:
+        """Queue an already-encoded record (GC copies records without re-encoding)."""
+        reclen = RECORD.size + len(payload)
+        self.entries.append((digest, self.size, reclen))
+        chunks = self._chunks
+        chunks.append(RECORD.pack(codec_id, KIND_PAGE, 0, len(payload), raw_len, 0, digest))
+        chunks.append(payload)
+        self.size += reclen
+        self._pending += reclen
+        if self._pending >= FLUSH_AT or len(chunks) >= _MAX_IOV:
+            self.flush()
+        return reclen
+
+    def flush(self) -> None:
+        """Write the queued records (no fsync)."""
+        if not self._chunks:
+            return
+        written = os.writev(self._fd, self._chunks)
+        if written < self._pending:  # short write (rare): finish the rest plainly
+            rest = memoryview(b"".join(self._chunks))[written:]
+            while rest:
+                rest = rest[os.write(self._fd, rest):]
+        self._chunks = []
+        self._pending = 0
+
+    def seal(self) -> PackInfo:
+        """fsync the pack, then atomically publish its index; the pack is now visible."""
+        self.flush()
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        atomic_write(self.path.with_suffix(".idx"),
+                     encode_index(self.name, self.size, self.entries), mode=0o600)
+        self.sealed = True
+        return PackInfo(-1, self.name, self.path, self.size, self.entries)
+
+    def discard(self) -> None:
+        """Drop the pack if it is not sealed yet (GC also reclaims it after a crash).
+
+        A sealed pack is left alone: another process may already have deduplicated
+        against its pages; GC removes whatever no manifest references.
+        """
+        if self.sealed:
+            return
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ index files
+
+
+def encode_index(name: str, pack_size: int, entries: list[tuple[bytes, int, int]]) -> bytes:
+    """The ``.idx`` bytes for a pack: header, entries, SHA-256 of all that."""
+    parts = [IDX_HEADER.pack(IDX_MAGIC, IDX_VERSION, IDX_ENTRY.size, len(entries),
+                             pack_size, _pack_id(name))]
+    parts += [IDX_ENTRY.pack(d, off, n, 0) for d, off, n in entries]
+    body = b"".join(parts)
+    return body + hashlib.sha256(body).digest()
+
+
+def decode_index(name: str, data: bytes) -> tuple[int, list[tuple[bytes, int, int]]]:
+    """Verify and parse an ``.idx`` file; return ``(pack size, entries)``.
+
+    :raises CorruptObject: checksum, magic, version or size mismatch.
+    """
+    def bad(reason: str) -> CorruptObject:
+        return CorruptObject(f"pack index {name}.idx is corrupt: {reason}; "
+                             "run the store's gc() to rebuild it from the pack")
+
+    if len(data) < IDX_HEADER.size + DIGEST_SIZE:
+        raise bad(f"only {len(data)} bytes")
+    body, checksum = data[:-DIGEST_SIZE], data[-DIGEST_SIZE:]
+    if hashlib.sha256(body).digest() != checksum:
+        raise bad("SHA-256 checksum mismatch")
+    magic, version, entry_size, count, pack_size, ident = IDX_HEADER.unpack_from(body)
+    if magic != IDX_MAGIC or version != IDX_VERSION or entry_size != IDX_ENTRY.size:
+        raise bad(f"unsupported header (magic {magic!r}, version {version})")
+    if ident != _pack_id(name):
+        raise bad("it belongs to another pack")
+    if len(body) != IDX_HEADER.size + count * IDX_ENTRY.size:
+        raise bad(f"length does not match {count} entries")
+    entries = [(d, off, n) for d, off, n, _ in
+               IDX_ENTRY.iter_unpack(memoryview(body)[IDX_HEADER.size:])]
+    return pack_size, entries
+
+
+# ------------------------------------------------------------------ pack scanning
+
+
+@dataclass(slots=True)
+class ScanResult:
+    """What :func:`scan_pack` found: good records, bad ones, where parsing stopped."""
+
+    entries: list[tuple[bytes, int, int]]
+    corrupt: list[int]  # offsets of records whose payload fails its digest
+    end: int  # offset after the last parseable record
+    stop_reason: str | None  # why scanning stopped before the end of the file
+
+
+def scan_pack(path: Path) -> ScanResult:
+    """Walk a pack record by record, verifying every payload (index rebuild, GC)."""
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        _check_pack_header(path, mm)
+        entries: list[tuple[bytes, int, int]] = []
+        corrupt: list[int] = []
+        off, size = PACK_HEADER.size, len(mm)
+        while off + RECORD.size <= size:
+            codec_id, kind, _, stored, raw, _, digest = RECORD.unpack_from(mm, off)
+            if kind != KIND_PAGE or codec_id not in codecs.BY_ID or stored > MAX_STORED_LEN \
+                    or raw != PAGE_SIZE or off + RECORD.size + stored > size:
+                return ScanResult(entries, corrupt, off, f"unparseable record at offset {off}")
+            reclen = RECORD.size + stored
+            if _digest_of(mm, off, codec_id, stored) == digest:
+                entries.append((digest, off, reclen))
+            else:
+                corrupt.append(off)
+            off += reclen
+        reason = None if off == size else f"torn record at offset {off}"
+        return ScanResult(entries, corrupt, off, reason)
+
+
+def _check_pack_header(path: Path, mm: mmap.mmap) -> None:
+    if len(mm) < PACK_HEADER.size:
+        raise CorruptObject(f"pack {path.name}: shorter than its header")
+    magic, version, hsize, _ = PACK_HEADER.unpack_from(mm)
+    if magic != PACK_MAGIC or version != PACK_VERSION or hsize != PACK_HEADER.size:
+        raise CorruptObject(f"pack {path.name}: bad header (magic {magic!r}, version {version})")
+
+
+def _digest_of(mm: mmap.mmap, off: int, codec_id: int, stored: int) -> bytes | None:
+    start = off + RECORD.size
+    try:
+        raw = codecs.BY_ID[codec_id].decode(mm[start:start + stored])
+    except Exception:  # noqa: BLE001 - a corrupt compressed payload may raise anything
+        return None
+    return hashlib.sha256(raw).digest() if len(raw) == PAGE_SIZE else None
+
+
+# ------------------------------------------------------------------ the store
+
+
+class PageStore:
+    """The packs directory and the in-memory index ``digest -> location``.
+
+    Not thread-safe by itself for mutation; :class:`~.store.ImageStore` serialises
+    :meth:`refresh` and :meth:`add_sealed` under its own mutex and the store lock.
+    """
+
+    def __init__(self, directory: Path, codec: codecs.PageCodec = codecs.NONE,
+                 max_pack_bytes: int = DEFAULT_MAX_PACK) -> None:
+        self.dir = directory
+        self.codec = codec
+        self.max_pack_bytes = max_pack_bytes
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.index: dict[bytes, int] = {}
+        self.packs: dict[int, PackInfo] = {}
+        self.by_name: dict[str, PackInfo] = {}
+        self.problems: dict[str, IndexProblem] = {}
+        self._next_no = 0
+
+    # -- index maintenance
+
+    def refresh(self) -> None:
+        """Bring the index up to date with the ``.idx`` files on disk.
+
+        New indexes are added; if one we know disappeared (GC in another process
+        compacted its pack) the whole index is rebuilt, so no stale location survives.
+        """
+        on_disk = {p.stem for p in self.dir.glob("*.idx")}
+        if set(self.by_name) - on_disk:
+            self.index.clear()
+            self.packs.clear()
+            self.by_name.clear()
+        self.problems = {n: p for n, p in self.problems.items()
+                         if n in on_disk and p.stamp == self._stamp(n)}
+        for name in sorted(on_disk - set(self.by_name) - set(self.problems)):
+            self._load_index(name)
+
+    def reload(self) -> None:
+        """Forget everything and re-read every index (after GC)."""
+        self.index.clear()
+        self.packs.clear()
+        self.by_name.clear()
+        self.problems.clear()
+        self.refresh()
+
+    def _load_index(self, name: str) -> None:
+        path = self.dir / f"{name}.idx"
+        try:
+            pack_size, entries = decode_index(name, path.read_bytes())
+            actual = (self.dir / f"{name}.pack").stat().st_size
+        except FileNotFoundError:
+            self._problem(name, "the pack file is missing (pages lost)")
+            return
+        except CorruptObject as err:
+            self._problem(name, str(err))
+            return
+        if actual < pack_size:
+            self._problem(name, f"pack is {actual} bytes, index covers {pack_size} (truncated)")
+            return
+        self._register(PackInfo(-1, name, self.dir / f"{name}.pack", pack_size, entries))
+
+    def _stamp(self, name: str) -> tuple[int, int] | None:
+        try:
+            st = (self.dir / f"{name}.idx").stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def _problem(self, name: str, reason: str) -> None:
+        _LOG.error("page store %s: pack %s unusable: %s", self.dir, name, reason)
+        self.problems[name] = IndexProblem(name, reason, self._stamp(name))
+
+    def _register(self, info: PackInfo) -> None:
+        info.no = self._next_no
+        self._next_no += 1
+        self.packs[info.no] = info
+        self.by_name[info.name] = info
+        index = self.index
+        for digest, off, reclen in info.entries:
+            if digest not in index:  # the first copy wins; later ones are GC fodder
+                index[digest] = make_loc(info.no, off, reclen)
+
+    def add_sealed(self, info: PackInfo) -> None:
+        """Make a pack sealed by this process visible to lookups."""
+        self._register(info)
+
+    # -- lookups and sizes
+
+    def record_len(self, digest: bytes) -> int | None:
+        """Stored size (record header + payload) of a page, or None if absent."""
+        loc = self.index.get(digest)
+        return None if loc is None else loc & _LEN_MASK
+
+    def disk_bytes(self) -> int:
+        """Bytes of all pack and index files (sealed or not)."""
+        return sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file())
+
+    def new_writer(self) -> PackWriter:
+        """A writer for one new pack with the store's codec."""
+        return PackWriter(self.dir, self.codec)
+
+    def open_reader(self) -> PackReader:
+        """A reader that maps packs lazily; close it when done."""
+        return PackReader(self)
+
+
+class PackReader:
+    """Verified page reads from memory-mapped packs (no per-page open or seek)."""
+
+    def __init__(self, store: PageStore) -> None:
+        self._packs = dict(store.packs)  # a snapshot: numbering is stable while we read
+        self._maps: dict[int, mmap.mmap] = {}
+
+    def read(self, loc: int, digest: bytes) -> bytes:
+        """The raw page at ``loc``, verified against ``digest``.
+
+        :raises CorruptObject: with ``pack`` and ``offset`` attributes set.
+        """
+        pack_no = loc >> (_OFF_BITS + _LEN_BITS)  # split_loc() inlined: once per page
+        off, reclen = (loc >> _LEN_BITS) & _OFF_MASK, loc & _LEN_MASK
+        mm = self._maps.get(pack_no) or self._map(pack_no)
+        codec_id, kind, _, stored, raw_len, _, rec_digest = RECORD.unpack_from(mm, off)
+        if rec_digest != digest or kind != KIND_PAGE or RECORD.size + stored != reclen \
+                or raw_len != PAGE_SIZE:
+            raise self._corrupt(pack_no, off, "record header does not match the index")
+        start = off + RECORD.size
+        page = mm[start:start + stored]
+        if codec_id:
+            page = self._decode(pack_no, off, codec_id, page)
+        if hashlib.sha256(page).digest() != digest:
+            raise self._corrupt(pack_no, off, "contents do not match their SHA-256")
+        return page
+
+    def _decode(self, pack_no: int, off: int, codec_id: int, payload: bytes) -> bytes:
+        codec = codecs.BY_ID.get(codec_id)
+        if codec is None:
+            raise self._corrupt(pack_no, off, f"unknown codec {codec_id}")
+        try:
+            return codec.decode(payload)
+        except Exception as err:
+            raise self._corrupt(pack_no, off, f"{codec.name} decoding failed: {err}") from err
+
+    def _map(self, pack_no: int) -> mmap.mmap:
+        info = self._packs[pack_no]
+        with info.path.open("rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if len(mm) < info.size:
+            mm.close()
+            raise CorruptObject(f"pack {info.name} is {len(mm)} bytes, its index covers "
+                                f"{info.size}: truncated")
+        self._maps[pack_no] = mm
+        return mm
+
+    def _corrupt(self, pack_no: int, off: int, reason: str) -> CorruptObject:
+        name = self._packs[pack_no].name
+        err = CorruptObject(f"pack {name} offset {off}: {reason}")
+        err.pack = name  # type: ignore[attr-defined]
+        err.offset = off  # type: ignore[attr-defined]
+        return err
+
+    def close(self) -> None:
+        """Unmap every pack."""
+        for mm in self._maps.values():
+            mm.close()
+        self._maps.clear()

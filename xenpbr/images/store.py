@@ -1,0 +1,326 @@
+"""``ImageStore``: the restartable images of every domain of a host, on one directory.
+
+Layout (formats in ``docs/images.md``)::
+
+    <root>/FORMAT                          "xenpbr-image-store 1"
+    <root>/lock                            flock: shared = capture/restore, exclusive = GC
+    <root>/quotas.json                     per-domain quotas (atomic rewrite)
+    <root>/packs/<id>.pack, <id>.idx       the page store (:mod:`.pagestore`)
+    <root>/images/<domain>/<image>.manifest  one per image (:mod:`.manifest`)
+
+Everything is created mode 0600/0700: images hold guest memory (keys, passwords).
+
+**Quota.** A domain is charged for every distinct page its images reference (stored
+size, record header included), counted once per domain and *in full even when
+other domains share the page*, plus its manifest files. So a domain's usage depends
+only on its own images (deleting another domain's images never pushes it over),
+and is what its images would occupy in a store of their own. Host-wide usage is
+smaller thanks to cross-domain sharing (:meth:`ImageStore.disk_bytes`). A capture
+that would exceed the quota raises :class:`QuotaExceeded` before the page that
+crosses it is written, and publishes nothing.
+
+**Concurrency.** Captures, restores and listings of any domains may run at the same
+time, from threads or processes: writers append only to their own unsealed packs,
+readers only read sealed packs referenced by published manifests. GC excludes both
+through the lock. Two captures *of the same domain* at once may jointly overshoot the
+quota (each checks against the images published when it began); the phase controller
+serialises captures per domain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from xenpbr.fsutil import atomic_write, atomic_write_json, fsync_dir
+from xenpbr.images import codecs, garbage, manifest, skeleton
+from xenpbr.images.errors import CorruptObject, ImageError, ImageInvalid, ImageNotFound
+from xenpbr.images.image import Image, ImageMeta, check_image_id, check_name
+from xenpbr.images.locking import StoreLock
+from xenpbr.images.pagestore import DEFAULT_MAX_PACK, PackInfo, PageStore
+from xenpbr.images.reader import ImageReader, resolve
+from xenpbr.images.writer import CaptureWriter
+
+_LOG = logging.getLogger(__name__)
+FORMAT = b"xenpbr-image-store 1\n"
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One manifest found on disk: its metadata, or why it is unusable."""
+
+    domain: str
+    image_id: str
+    meta: ImageMeta | None
+    error: ImageInvalid | None
+
+    @property
+    def valid(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class DomainUsage:
+    """What a domain is charged (see the module docstring), in bytes."""
+
+    domain: str
+    images: int
+    page_bytes: int
+    manifest_bytes: int
+    quota: int | None
+
+    @property
+    def total(self) -> int:
+        return self.page_bytes + self.manifest_bytes
+
+
+class ImageStore:
+    """The image store rooted at ``root`` (created if missing)."""
+
+    def __init__(self, root: Path | str, *, codec: str = "none",
+                 default_quota: int | None = None, max_pack_bytes: int = DEFAULT_MAX_PACK,
+                 lock_timeout: float = 300.0) -> None:
+        self.root = Path(root)
+        self.default_quota = default_quota
+        self.lock_timeout = lock_timeout
+        self._init_layout()
+        self.images_dir = self.root / "images"
+        self.pages = PageStore(self.root / "packs", codecs.by_name(codec), max_pack_bytes)
+        self._mutex = threading.RLock()
+        with self._mutex:
+            self.pages.refresh()
+
+    def _init_layout(self) -> None:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        marker = self.root / "FORMAT"
+        if marker.exists():
+            if marker.read_bytes() != FORMAT:
+                raise ImageError(f"{self.root} is not a version-1 xenpbr image store "
+                                 f"(FORMAT says {marker.read_bytes()[:40]!r})")
+        else:
+            atomic_write(marker, FORMAT, mode=0o600)
+        for sub in ("images", "packs"):
+            (self.root / sub).mkdir(mode=0o700, exist_ok=True)
+
+    # ------------------------------------------------------------------ locking
+
+    def _lock(self, exclusive: bool = False, timeout: float | None = None) -> StoreLock:
+        return StoreLock(self.root / "lock", exclusive,
+                         self.lock_timeout if timeout is None else timeout)
+
+    def _refresh(self) -> None:
+        with self._mutex:
+            self.pages.refresh()
+
+    def register_packs(self, sealed: list[PackInfo]) -> None:
+        """A writer committed: make its packs visible to this process's lookups."""
+        with self._mutex:
+            for info in sealed:
+                if info.name not in self.pages.by_name:
+                    self.pages.add_sealed(info)
+
+    # ------------------------------------------------------------------ paths
+
+    def domain_dir(self, domain: str) -> Path:
+        return self.images_dir / check_name(domain, "domain")
+
+    def manifest_path(self, domain: str, image_id: str) -> Path:
+        return self.domain_dir(domain) / f"{check_image_id(image_id)}{manifest.SUFFIX}"
+
+    def manifest_paths(self) -> Iterator[Path]:
+        """Every published manifest of every domain."""
+        for d in sorted(p for p in self.images_dir.iterdir() if p.is_dir()):
+            yield from sorted(d.glob(f"*{manifest.SUFFIX}"))
+
+    def domains(self) -> list[str]:
+        """Domains with at least one manifest."""
+        return sorted(d.name for d in self.images_dir.iterdir()
+                      if d.is_dir() and any(d.glob(f"*{manifest.SUFFIX}")))
+
+    # ------------------------------------------------------------------ quotas
+
+    def quota(self, domain: str) -> int | None:
+        """The domain's quota in bytes (None: unlimited)."""
+        check_name(domain, "domain")
+        return self._quotas().get(domain, self.default_quota)
+
+    def set_quota(self, domain: str, limit: int | None) -> None:
+        """Set (or with None, remove) a domain's quota; existing images are kept."""
+        check_name(domain, "domain")
+        if limit is not None and (not isinstance(limit, int) or limit < 0):
+            raise ImageError(f"quota must be a non-negative number of bytes, not {limit!r}")
+        with self._mutex:
+            quotas = self._quotas()
+            if limit is None:
+                quotas.pop(domain, None)
+            else:
+                quotas[domain] = limit
+            atomic_write_json(self.root / "quotas.json", {"version": 1, "quotas": quotas})
+
+    def _quotas(self) -> dict[str, int]:
+        try:
+            data = json.loads((self.root / "quotas.json").read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError as err:
+            raise ImageError(f"{self.root / 'quotas.json'} is damaged ({err}); fix or "
+                             "remove it (quotas then fall back to the default)") from err
+        quotas = data.get("quotas", {}) if isinstance(data, dict) else {}
+        return {k: v for k, v in quotas.items() if isinstance(v, int)}
+
+    def usage(self, domain: str) -> DomainUsage:
+        """What the domain is charged against its quota."""
+        _, page_bytes, manifest_bytes, count = self._charged(domain)
+        return DomainUsage(domain, count, page_bytes, manifest_bytes, self.quota(domain))
+
+    def _charged(self, domain: str) -> tuple[set[bytes], int, int, int]:
+        hashes: set[bytes] = set()
+        manifest_bytes = count = 0
+        for path in self._domain_manifests(domain):
+            try:
+                data = path.read_bytes()
+                parts = manifest.decode_parts(data, f"{domain}/{path.stem}")
+            except (FileNotFoundError, CorruptObject):
+                continue  # deleted meanwhile, or invalid: not charged (GC removes it)
+            hashes.update(parts.hashes)
+            manifest_bytes += len(data)
+            count += 1
+        with self._mutex:
+            lens = [self.pages.record_len(h) for h in hashes]
+        return hashes, sum(n for n in lens if n), manifest_bytes, count
+
+    def _domain_manifests(self, domain: str) -> list[Path]:
+        d = self.domain_dir(domain)
+        return sorted(d.glob(f"*{manifest.SUFFIX}")) if d.is_dir() else []
+
+    # ------------------------------------------------------------------ capture
+
+    def begin_capture(self, domain: str, phase: str, *, seq: int = 0, fingerprint: str = "",
+                      uuid: str | None = None, extra: dict[str, Any] | None = None
+                      ) -> CaptureWriter:
+        """Start storing an image; feed ``writer.on_page`` then ``writer.commit(stream)``.
+
+        Holds the store lock (shared) until commit or abort, so use it as a context
+        manager or make sure one of them is called.
+        """
+        check_name(domain, "domain")
+        check_name(phase, "phase")
+        if not isinstance(fingerprint, str) or len(fingerprint) > 4096:
+            raise ImageError("fingerprint must be a string of at most 4096 characters")
+        lock = self._lock()
+        try:
+            self._refresh()
+            self.domain_dir(domain).mkdir(mode=0o700, exist_ok=True)
+            charged, page_bytes, manifest_bytes, _ = self._charged(domain)
+            return CaptureWriter(self, lock, domain, phase, seq=seq, fingerprint=fingerprint,
+                                 uuid=uuid, extra=dict(extra or {}), quota=self.quota(domain),
+                                 charged=charged, charged_bytes=page_bytes + manifest_bytes)
+        except BaseException:
+            lock.release()
+            raise
+
+    # ------------------------------------------------------------------ listing
+
+    def scan(self, domain: str) -> list[ImageEntry]:
+        """Every manifest of the domain, verified (checksum), oldest first (ids start
+        with their UTC creation time); invalid ones carry their error, not metadata."""
+        entries = []
+        for path in self._domain_manifests(domain):
+            try:
+                meta = manifest.read_meta(path.read_bytes(), f"{domain}/{path.stem}")
+                entries.append(ImageEntry(domain, path.stem, meta, None))
+            except FileNotFoundError:
+                continue
+            except ImageInvalid as err:
+                _LOG.warning("image %s/%s is invalid: %s", domain, path.stem, err)
+                entries.append(ImageEntry(domain, path.stem, None, err))
+        return sorted(entries, key=lambda e: e.image_id)
+
+    def images(self, domain: str) -> list[ImageMeta]:
+        """Metadata of the domain's valid images, oldest first."""
+        return [e.meta for e in self.scan(domain) if e.meta is not None]
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self, domain: str, image_id: str) -> Image:
+        """Read and verify a manifest; check every page it needs is in the store.
+
+        Page *contents* are verified as they are read (:meth:`reader`) or by :meth:`verify`.
+
+        :raises ImageNotFound, CorruptObject, MissingObject:
+        """
+        path = self.manifest_path(domain, image_id)
+        where = f"{domain}/{image_id}"
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ImageNotFound(f"domain {domain} has no image {image_id} in {self.root}") from None
+        image = manifest.decode(data, where)
+        if (image.meta.domain, image.meta.image_id) != (domain, image_id):
+            raise CorruptObject(f"manifest {path} describes image {image.meta.domain}/"
+                                f"{image.meta.image_id}: it was moved or copied; not used")
+        with self._mutex:
+            self.pages.refresh()
+            resolve(self.pages, image)
+        return image
+
+    def reader(self, image: Image) -> ImageReader:
+        """Verified page source for regenerating ``image`` (holds the shared lock)."""
+        lock = self._lock()
+        try:
+            with self._mutex:
+                self.pages.refresh()
+                return ImageReader(self.pages, image, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    def regenerate(self, image: Image, fileobj: BinaryIO) -> int:
+        """Write the image's ``xl save`` stream to ``fileobj``; return bytes written."""
+        with self.reader(image) as pages:
+            return pages.write_to(fileobj)
+
+    def verify(self, domain: str, image_id: str) -> ImageMeta:
+        """Full check: manifest, then every page read back and hashed."""
+        image = self.load(domain, image_id)
+        with self.reader(image) as pages:
+            for pfn in skeleton.data_pfns(image.stream):
+                pages.get_page(pfn)
+        return image.meta
+
+    # ------------------------------------------------------------------ removal
+
+    def delete(self, domain: str, image_id: str) -> None:
+        """Remove an image (its pages are reclaimed by the next :meth:`gc`)."""
+        path = self.manifest_path(domain, image_id)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            raise ImageNotFound(f"domain {domain} has no image {image_id}") from None
+        fsync_dir(path.parent)
+        _LOG.info("image %s/%s deleted", domain, image_id)
+
+    def gc(self, *, min_dead_fraction: float = 0.1, drop_invalid: bool = False,
+           wait: float = 0.0) -> garbage.GcReport:
+        """Reclaim unreferenced pages; see :mod:`.garbage`.
+
+        :param wait: seconds to wait for running captures/restores (else StoreBusy).
+        :param min_dead_fraction: rewrite a pack when at least this share of it is dead
+            (packs with no live page are always deleted).
+        """
+        with self._lock(exclusive=True, timeout=wait), self._mutex:
+            return garbage.collect(self, min_dead_fraction=min_dead_fraction,
+                                   drop_invalid=drop_invalid)
+
+    def disk_bytes(self) -> int:
+        """Bytes of every pack, index and manifest file (what the store occupies)."""
+        total = self.pages.disk_bytes()
+        for path in self.images_dir.rglob("*"):
+            if path.is_file():
+                total += path.stat().st_size
+        return total
