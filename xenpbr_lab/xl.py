@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 CONSOLE_DIR = "/var/log/xen/console"
 DOMAIN_DIR = "/lab/domains"
 _LIST_LINE = re.compile(r"^(?P<name>\S+)\s+(?P<id>\d+)\s+(?P<mem>\d+)\s+(?P<vcpus>\d+)\s+"
-                        r"(?P<state>[-rbpscd]{6})\s+(?P<time>[\d.]+)")
+                        r"(?P<state>[-rbpscdwS?]{6})\s+(?P<time>[\d.]+)")
 
 
 @dataclass(frozen=True)

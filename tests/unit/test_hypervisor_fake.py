@@ -163,6 +163,22 @@ def test_first_shutdown_reason_sticks_until_resume(hv):
     assert hv.domain_state(domid).shutdown_reason is ShutdownReason.WATCHDOG
 
 
+@pytest.mark.parametrize(("code", "xl"), [
+    (ShutdownReason.POWEROFF, "---s--"), (ShutdownReason.REBOOT, "---sr-"),
+    (ShutdownReason.SUSPEND, "---ss-"), (ShutdownReason.CRASH, "---sc-"),
+    (ShutdownReason.WATCHDOG, "---sw-"), (ShutdownReason.SOFT_RESET, "---sS-"), (42, "---s?-"),
+])
+def test_xl_state_shows_the_shutdown_reason_letter_as_xl_does(hv, code, xl):
+    """Real `xl list` (lab H5/H7/H8) prints xl's "-rscwS" letter for every reason and
+    "?" for codes Xen does not define, not just "c" for a crash."""
+    domid = hv.create_domain(paused=True)
+    hv.guest_shutdown(domid, code)
+    assert hv.domain_state(domid).xl_state == "--p" + xl[3:]
+    hv.hold_reference(domid)
+    hv.destroy(domid)
+    assert hv.domain_state(domid).xl_state == "--p" + xl[3:5] + "d"
+
+
 def test_guest_chosen_unknown_shutdown_code(hv):
     domid = hv.create_domain()
     hv.guest_shutdown(domid, 42)

@@ -440,16 +440,11 @@ class DomainInfo:
 
     @property
     def xl_state(self) -> str:
-        """The 6-letter State column of ``xl list`` (r b p s c d), for cross-checking."""
-        marks = (
-            (self.running, "r"),
-            (self.blocked, "b"),
-            (self.paused, "p"),
-            (self.shutdown, "s"),
-            (self.crashed, "c"),
-            (self.dying, "d"),
-        )
-        return "".join(ch if on else "-" for on, ch in marks)
+        """The 6-letter State column of ``xl list``, for cross-checking (see
+        :func:`xl_state_column`)."""
+        reason = self.shutdown_reason
+        return xl_state_column(self.running, self.blocked, self.paused, self.shutdown,
+                               None if reason is None else int(reason), self.dying)
 
     @classmethod
     def from_c(cls, raw: XcDomainInfo) -> DomainInfo:
@@ -484,6 +479,25 @@ class DomainInfo:
             gpaddr_bits=raw.gpaddr_bits,
             arch_config=ArchConfig(raw.arch_config.emulation_flags, raw.arch_config.misc_flags),
         )
+
+
+#: xl list's fifth State letter per shutdown code (tools/xl/xl_list.c): poweroff "-",
+#: reboot "r", suspend "s", crash "c", watchdog "w", soft_reset "S"; "?" for other codes.
+XL_SHUTDOWN_LETTERS = "-rscwS"
+
+
+def xl_state_column(running: bool, blocked: bool, paused: bool, shutdown: bool,
+                    shutdown_code: int | None, dying: bool) -> str:
+    """``xl list``'s State column exactly as xl prints it: ``r b p s``, then the letter
+    of the shutdown reason (:data:`XL_SHUTDOWN_LETTERS`, ``-`` when not shut down), then
+    ``d``. A crashed domain shows ``---sc-``, a watchdog-killed one ``---sw-``."""
+    if shutdown and shutdown_code is not None:
+        code = shutdown_code
+        letter = XL_SHUTDOWN_LETTERS[code] if 0 <= code < len(XL_SHUTDOWN_LETTERS) else "?"
+    else:
+        letter = "-"
+    flags = ((running, "r"), (blocked, "b"), (paused, "p"), (shutdown, "s"))
+    return "".join(ch if on else "-" for on, ch in flags) + letter + ("d" if dying else "-")
 
 
 def _shutdown_reason(flags: int) -> ShutdownReason | int:

@@ -28,7 +28,12 @@ from typing import Any
 from uuid import UUID
 
 from xenpbr.ctypes_libxc._errcheck import DomainNotFound, XenCallError
-from xenpbr.ctypes_libxc.xenctrl import DOMID_FIRST_RESERVED, ShutdownReason, VcpuFlags
+from xenpbr.ctypes_libxc.xenctrl import (
+    DOMID_FIRST_RESERVED,
+    ShutdownReason,
+    VcpuFlags,
+    xl_state_column,
+)
 from xenpbr.errors import XenpbrError
 from xenpbr.guest_memory import PAGE_SIZE
 
@@ -159,10 +164,11 @@ class DomainState:
 
     @property
     def xl_state(self) -> str:
-        """``xl list``'s State column (r b p s c d), handy in logs and lab comparisons."""
-        marks = ((self.running, "r"), (self.blocked, "b"), (self.paused, "p"),
-                 (self.shutdown, "s"), (self.crashed, "c"), (self.dying, "d"))
-        return "".join(ch if on else "-" for on, ch in marks)
+        """``xl list``'s State column as xl prints it, handy in logs and lab comparisons:
+        ``r b p s``, the shutdown reason letter (``c`` crash, ``w`` watchdog, ``r`` reboot,
+        ``s`` suspend, ``S`` soft reset, ``-`` poweroff, ``?`` unknown code), ``d``."""
+        return xl_state_column(self.running, self.blocked, self.paused, self.shutdown,
+                               self.shutdown_code, self.dying)
 
 
 @dataclass(frozen=True)
