@@ -64,6 +64,7 @@ class ImageInfo:
     fingerprint: str
     created_at: float
     verified: bool = True  # False if the store found it corrupt
+    seq: int = 0  # the boundary seq the image's agent waits on (the ack after restore)
 
 
 @dataclass(frozen=True)
@@ -211,6 +212,12 @@ class DomainPhases:
         """Record a crash at ``now`` and return the recovery plan for it."""
         self.guard.on_crash(now)
         return plan_recovery(self.images.values(), self.phases, self.fingerprint, self.guard)
+
+    def mark_unusable(self, image_id: str) -> None:
+        """The store or xl rejected ``image_id``: never plan it again."""
+        for phase, img in self.images.items():
+            if img.image_id == image_id:
+                self.images[phase] = replace(img, verified=False)
 
     def recovered(self, now: float, via_image: bool) -> None:
         """A recovery finished; bump the generation if it was phase-based."""

@@ -1,0 +1,119 @@
+"""Recovery follows the plan, falls back on failure, never leaves the domain down."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from xenpbr.phases import ImageInfo
+from xenpbr.recovery import CandidateFailed, Recovery, RecoveryFailed
+from xenpbr.state import StateDir
+
+PHASES = ("kernel", "services", "app")
+
+
+class FakeXen:
+    """Toolstack + restorer + acknowledger recording what recovery asked for."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.domids = itertools.count(10)
+        self.bad_images: set[str] = set()
+        self.create_fails = False
+        self.ack_fails = False
+
+    def destroy(self, name: str) -> None:
+        self.calls.append(("destroy", name))
+
+    def create(self, config: Path) -> int:
+        self.calls.append(("create", config.name))
+        if self.create_fails:
+            raise CandidateFailed("xl create failed: out of memory")
+        return next(self.domids)
+
+    def unpause(self, domid: int) -> None:
+        self.calls.append(("unpause", domid))
+
+    def restore(self, domain: str, image_id: str) -> int:
+        self.calls.append(("restore", image_id))
+        if image_id in self.bad_images:
+            raise CandidateFailed(f"image {image_id} is corrupt")
+        return next(self.domids)
+
+    def restored(self, domid: int, seq: int, generation: int) -> None:
+        if self.ack_fails:
+            raise CandidateFailed("xenstore write failed")
+        self.calls.append(("ack", domid, seq, generation))
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    state = StateDir(tmp_path)
+    state.register("g", {"name": "g"}, 'name = "g"\n', "g.cfg")
+    p = state.phases("g")
+    p.phases, p.fingerprint = PHASES, "F"
+    for i, name in enumerate(PHASES):
+        p.record_image(ImageInfo(f"img-{name}", name, "F", float(i), seq=i + 1))
+    state.save_phases(p)
+    xen = FakeXen()
+    clock = itertools.count(100.0, 0.5)
+    return state, xen, Recovery(state, xen, xen, xen, clock=lambda: next(clock))
+
+
+def test_deepest_image_restored_acked_and_unpaused(setup) -> None:
+    state, xen, recovery = setup
+    t = recovery.recover("g", "crash")
+    assert xen.calls == [("destroy", "g"), ("restore", "img-app"), ("ack", 10, 3, 1),
+                         ("unpause", 10)]
+    assert t.outcome == "recovered" and t.method == "phase:app"
+    assert [m.name for m in t.marks] == ["crash_seen", "image_chosen", "destroyed",
+                                         "restore_started", "restore_finished"]
+    assert state.phases("g").generation == 1
+    assert [h.method for h in state.history("g")] == ["phase:app"]
+
+
+def test_corrupt_image_falls_back_and_is_never_planned_again(setup) -> None:
+    state, xen, recovery = setup
+    xen.bad_images = {"img-app"}
+    t = recovery.recover("g", "crash")
+    assert t.method == "phase:services"
+    assert t.attempts[0].startswith("phase:app failed: image img-app is corrupt")
+    assert not state.phases("g").images["app"].verified
+    xen.calls.clear()
+    recovery.recover("g", "crash")
+    assert ("restore", "img-app") not in xen.calls
+
+
+def test_all_images_bad_ends_in_a_normal_reboot(setup) -> None:
+    state, xen, recovery = setup
+    xen.bad_images = {"img-app", "img-services", "img-kernel"}
+    t = recovery.recover("g", "watchdog")
+    assert t.method == "normal-reboot" and ("create", "xl.cfg") in xen.calls
+    assert state.phases("g").generation == 0  # a normal reboot is not a phase reboot
+
+
+def test_failed_ack_destroys_the_paused_domain_and_falls_back(setup) -> None:
+    state, xen, recovery = setup
+    xen.ack_fails = True
+    t = recovery.recover("g", "crash")
+    assert t.method == "normal-reboot"
+    assert xen.calls.count(("destroy", "g")) == 1 + 3  # the crash + each half-restored one
+    assert ("unpause", 10) not in xen.calls
+
+
+def test_nothing_works_raises_and_keeps_the_record(setup) -> None:
+    state, xen, recovery = setup
+    xen.bad_images = {"img-app", "img-services", "img-kernel"}
+    xen.create_fails = True
+    with pytest.raises(RecoveryFailed, match="xenpbr history g"):
+        recovery.recover("g", "crash")
+    (record,) = list(state.history("g"))
+    assert record.outcome == "failed" and len(record.attempts) == 4
+
+
+def test_quick_re_crash_restores_an_earlier_phase(setup) -> None:
+    state, xen, recovery = setup
+    assert recovery.recover("g", "crash").method == "phase:app"
+    assert recovery.recover("g", "crash").method == "phase:services"  # within 60 s

@@ -1,0 +1,174 @@
+"""Bring a crashed domain back: the deepest valid image first, a normal reboot last.
+
+On a crash (or watchdog, or an operator's ``xenpbr reboot``) :meth:`Recovery.recover`
+follows the plan of :mod:`xenpbr.phases`: destroy the crashed domain, restore the chosen
+image paused, write ``restored:<generation>`` into the new domain's control dir (the
+agent inside is waiting for exactly that ack), unpause. If the image turns out corrupt or
+xl refuses it, the image is marked unusable and the next candidate is tried; the plan
+always ends with a normal reboot (``xl create`` of the registered config), so the domain
+is never left down unless even that fails, which raises :class:`RecoveryFailed` after the
+timeline is saved. Xen and xl are reached through two small injected interfaces so the
+whole decision path is unit-tested; the lab tests run it against real Xen.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+from xenpbr.errors import XenpbrError
+from xenpbr.phases import Candidate, DomainPhases
+from xenpbr.state import StateDir
+from xenpbr.timeline import Timeline
+
+log = logging.getLogger(__name__)
+
+
+class RecoveryFailed(XenpbrError):
+    """Every candidate failed, the normal reboot included: the domain is down."""
+
+
+class CandidateFailed(XenpbrError):
+    """One candidate could not be used (the next one is tried)."""
+
+
+class Toolstack(Protocol):
+    """The domain lifecycle operations recovery needs (xl in production)."""
+
+    def destroy(self, name: str) -> None: ...
+    def create(self, config: Path) -> int: ...
+    def unpause(self, domid: int) -> None: ...
+
+
+class Restorer(Protocol):
+    """Creates a paused domain from a stored image; returns its domid."""
+
+    def restore(self, domain: str, image_id: str) -> int: ...
+
+
+class Acknowledger(Protocol):
+    """Writes ``<seq> restored:<generation>`` into a restored domain (see protocol)."""
+
+    def restored(self, domid: int, seq: int, generation: int) -> None: ...
+
+
+class XlToolstack:
+    """:class:`Toolstack` over the ``xl`` command."""
+
+    def __init__(self, xl: tuple[str, ...] = ("xl",), timeout: float = 300.0) -> None:
+        self.xl, self.timeout = xl, timeout
+
+    def _run(self, *args: str) -> str:
+        proc = subprocess.run([*self.xl, *args], capture_output=True, text=True,
+                              timeout=self.timeout, check=False)
+        if proc.returncode != 0:
+            raise CandidateFailed(f"xl {' '.join(args)} failed: "
+                                  f"{(proc.stderr or proc.stdout).strip()[-600:]}")
+        return proc.stdout
+
+    def destroy(self, name: str) -> None:
+        from xenpbr.images.xltool import destroy
+        problem = destroy(self.xl, name, self.timeout)
+        if problem:
+            raise CandidateFailed(f"could not destroy {name}: {problem}")
+
+    def create(self, config: Path) -> int:
+        self._run("create", str(config))
+        from xenpbr.domconfig import load
+        from xenpbr.images.xltool import domid
+        found = domid(self.xl, load(config).name)
+        if found is None:
+            raise CandidateFailed(f"xl create {config} succeeded but the domain is missing")
+        return found
+
+    def unpause(self, domid: int) -> None:
+        self._run("unpause", str(domid))
+
+
+class Recovery:
+    """Executes recovery plans and records their timelines."""
+
+    def __init__(self, state: StateDir, toolstack: Toolstack, restorer: Restorer,
+                 ack: Acknowledger, clock: Callable[[], float] = time.monotonic) -> None:
+        self.state, self.toolstack, self.restorer, self.ack = state, toolstack, restorer, ack
+        self.clock = clock
+
+    def recover(self, name: str, trigger: str, crash_seen: float | None = None) -> Timeline:
+        """Recover ``name`` after ``trigger`` (crash | watchdog | operator).
+
+        ``crash_seen`` is the monotonic time the event was first seen (defaults to now),
+        so the timeline starts at detection, not at the start of this call.
+        """
+        timeline = Timeline(name, trigger)
+        timeline.mark("crash_seen", now=crash_seen if crash_seen is not None else self.clock())
+        phases = self.state.phases(name)
+        plan = phases.plan(self.clock())
+        timeline.skipped = list(plan.skipped)
+        timeline.mark("image_chosen", self._describe(plan.first), now=self.clock())
+        try:
+            self._destroy_crashed(name, timeline)
+            for candidate in plan.candidates:
+                if self._attempt(name, candidate, phases, timeline):
+                    timeline.outcome = "recovered"
+                    return timeline
+            timeline.outcome = "failed"
+            raise RecoveryFailed(f"{name} could not be recovered: tried "
+                                 f"{', '.join(timeline.attempts)}; see `xenpbr history {name}`")
+        finally:
+            self.state.save_phases(phases)
+            self.state.add_history(timeline)
+            log.info("%s: recovery %s via %s in %s s", name, timeline.outcome,
+                     timeline.method or "-", timeline.downtime())
+
+    @staticmethod
+    def _describe(candidate: Candidate) -> str:
+        img = candidate.image
+        return "normal reboot" if img is None else f"{img.phase} ({img.image_id})"
+
+    def _destroy_crashed(self, name: str, timeline: Timeline) -> None:
+        try:
+            self.toolstack.destroy(name)
+        except CandidateFailed as exc:
+            log.error("%s: %s", name, exc)
+            timeline.attempts.append(f"destroy failed: {exc}")
+        timeline.mark("destroyed", now=self.clock())
+
+    def _attempt(self, name: str, candidate: Candidate, phases: DomainPhases,
+                 timeline: Timeline) -> bool:
+        label = "normal-reboot" if candidate.image is None else f"phase:{candidate.image.phase}"
+        timeline.attempts.append(label)
+        timeline.mark("restore_started", label, now=self.clock())
+        try:
+            if candidate.image is None:
+                self._normal_reboot(name)
+                phases.recovered(self.clock(), via_image=False)
+            else:
+                self._phase_reboot(name, candidate, phases)
+        except (CandidateFailed, XenpbrError) as exc:
+            log.warning("%s: %s failed: %s", name, label, exc)
+            timeline.attempts[-1] = f"{label} failed: {exc}"
+            if candidate.image is not None:
+                phases.mark_unusable(candidate.image.image_id)
+            return False
+        timeline.method = label
+        timeline.mark("restore_finished", now=self.clock())
+        return True
+
+    def _normal_reboot(self, name: str) -> None:
+        self.toolstack.create(self.state.xl_config_path(name))
+
+    def _phase_reboot(self, name: str, candidate: Candidate, phases: DomainPhases) -> None:
+        image = candidate.image
+        assert image is not None
+        domid = self.restorer.restore(name, image.image_id)
+        generation = phases.generation + 1
+        try:
+            self.ack.restored(domid, image.seq, generation)
+            self.toolstack.unpause(domid)
+        except XenpbrError:
+            self.toolstack.destroy(name)  # never leave a paused, half-recovered domain
+            raise
+        phases.recovered(self.clock(), via_image=True)
