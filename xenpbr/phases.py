@@ -132,7 +132,7 @@ def order_by_phase(images: Iterable[ImageInfo], phases: Sequence[str]) -> list[I
 
 
 def plan_recovery(images: Iterable[ImageInfo], phases: Sequence[str], current: str,
-                  guard: CrashLoopGuard) -> RecoveryPlan:
+                  guard: CrashLoopGuard, max_phase: str | None = None) -> RecoveryPlan:
     """Which images to try, in order, ending with a normal reboot.
 
     ``current`` is the domain's current fingerprint digest: images with another one are
@@ -142,8 +142,12 @@ def plan_recovery(images: Iterable[ImageInfo], phases: Sequence[str], current: s
     """
     skipped: list[str] = []
     usable: list[ImageInfo] = []
+    limit = phases.index(max_phase) if max_phase in phases else len(phases)
     for img in order_by_phase(images, phases):
-        if not img.verified:
+        if phases.index(img.phase) > limit:
+            skipped.append(f"{img.image_id} ({img.phase}): deeper than the requested "
+                           f"phase {max_phase}")
+        elif not img.verified:
             skipped.append(f"{img.image_id} ({img.phase}): failed verification")
         elif img.fingerprint != current:
             skipped.append(f"{img.image_id} ({img.phase}): stale fingerprint")
@@ -208,10 +212,12 @@ class DomainPhases:
         self.images = {p: img for p, img in self.images.items() if p not in doomed}
         return dropped
 
-    def plan(self, now: float) -> RecoveryPlan:
-        """Record a crash at ``now`` and return the recovery plan for it."""
+    def plan(self, now: float, max_phase: str | None = None) -> RecoveryPlan:
+        """Record a crash at ``now`` and return the recovery plan for it (no deeper than
+        ``max_phase`` if given: an operator's ``xenpbr reboot --phase``)."""
         self.guard.on_crash(now)
-        return plan_recovery(self.images.values(), self.phases, self.fingerprint, self.guard)
+        return plan_recovery(self.images.values(), self.phases, self.fingerprint, self.guard,
+                             max_phase)
 
     def mark_unusable(self, image_id: str) -> None:
         """The store or xl rejected ``image_id``: never plan it again."""

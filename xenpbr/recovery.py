@@ -96,7 +96,8 @@ class Recovery:
         self.state, self.toolstack, self.restorer, self.ack = state, toolstack, restorer, ack
         self.clock = clock
 
-    def recover(self, name: str, trigger: str, crash_seen: float | None = None) -> Timeline:
+    def recover(self, name: str, trigger: str, crash_seen: float | None = None,
+                max_phase: str | None = None) -> Timeline:
         """Recover ``name`` after ``trigger`` (crash | watchdog | operator).
 
         ``crash_seen`` is the monotonic time the event was first seen (defaults to now),
@@ -105,7 +106,10 @@ class Recovery:
         timeline = Timeline(name, trigger)
         timeline.mark("crash_seen", now=crash_seen if crash_seen is not None else self.clock())
         phases = self.state.phases(name)
-        plan = phases.plan(self.clock())
+        if max_phase is not None and max_phase not in phases.phases:
+            raise RecoveryFailed(f"{name} has no phase {max_phase!r}; its phases are "
+                                 f"{', '.join(phases.phases) or 'not known yet'}")
+        plan = phases.plan(self.clock(), max_phase)
         timeline.skipped = list(plan.skipped)
         timeline.mark("image_chosen", self._describe(plan.first), now=self.clock())
         try:

@@ -121,3 +121,10 @@ def test_forget_drops_a_phase_and_everything_after_it() -> None:
     assert sorted(i.phase for i in dropped) == ["app", "services"]
     assert list(d.images) == ["kernel"]
     assert [i.phase for i in d.forget()] == ["kernel"] and not d.images
+
+
+def test_operator_can_cap_the_phase() -> None:
+    images = [img("kernel", t=1), img("services", t=2), img("app", t=3)]
+    plan = plan_recovery(images, PHASES, "F", CrashLoopGuard(), max_phase="services")
+    assert phases_of(plan) == ["services", "kernel", "reboot"]
+    assert any("deeper than the requested phase services" in s for s in plan.skipped)

@@ -117,3 +117,11 @@ def test_quick_re_crash_restores_an_earlier_phase(setup) -> None:
     state, xen, recovery = setup
     assert recovery.recover("g", "crash").method == "phase:app"
     assert recovery.recover("g", "crash").method == "phase:services"  # within 60 s
+
+
+def test_operator_reboot_to_a_phase_and_unknown_phase(setup) -> None:
+    state, xen, recovery = setup
+    assert recovery.recover("g", "operator", max_phase="kernel").method == "phase:kernel"
+    assert "app" in state.phases("g").images  # deeper images are kept, only skipped
+    with pytest.raises(RecoveryFailed, match="no phase 'nope'"):
+        recovery.recover("g", "operator", max_phase="nope")

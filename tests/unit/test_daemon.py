@@ -1,0 +1,129 @@
+"""xenpbrd's handlers over the fake hypervisor and fake xenstore (real Xen: tests/lab)."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+
+from xenpbr import protocol
+from xenpbr.daemon import Daemon
+from xenpbr.hypervisor.fake import FakeHypervisor
+from xenpbr.images.store import ImageStore
+from xenpbr.state import StateDir
+from xenpbr.xenstore import FakeXenstoreServer
+
+CONFIG = 'name = "web"\ntype = "pv"\nmemory = 128\non_crash = "phasereboot"\n'
+
+
+class Recorder:
+    """Capture function, toolstack and restorer that record calls."""
+
+    def __init__(self, hv: FakeHypervisor) -> None:
+        self.hv, self.calls, self.captures = hv, [], 0
+
+    def capture(self, name, store, phase, seq, fingerprint):
+        self.captures += 1
+        self.calls.append(("capture", name, phase, seq))
+        meta = types.SimpleNamespace(image_id=f"img-{phase}-{seq}")
+        return types.SimpleNamespace(meta=meta, total_s=0.1)
+
+    def destroy(self, name):
+        self.calls.append(("destroy", name))
+
+    def create(self, config):
+        self.calls.append(("create", config.name))
+        return self.hv.create_domain(name="web")
+
+    def unpause(self, domid):
+        self.calls.append(("unpause", domid))
+
+    def restore(self, domain, image_id):
+        self.calls.append(("restore", image_id))
+        return self.hv.create_domain(name="web", paused=True)
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    server = FakeXenstoreServer()
+    hv = FakeHypervisor(server)
+    state = StateDir(tmp_path)
+    state.register("web", {"name": "web", "on_crash": "phasereboot"}, CONFIG, "web.cfg")
+    rec = Recorder(hv)
+    daemon = Daemon(state, ImageStore(state.images_root), hv, server.connect(0),
+                    server.connect(0), toolstack=rec, restorer=rec, capture_fn=rec.capture)
+    daemon.watcher.start()
+    return server, hv, state, rec, daemon
+
+
+def request(seq: int, phase: str) -> bytes:
+    return json.dumps({"v": 1, "seq": seq, "phase": phase, "phases": ["kernel", "app"],
+                       "identity": "v1", "wait": 60, "disks": [], "services": [],
+                       "hazards": []}).encode()
+
+
+def settle(daemon: Daemon, rounds: int = 3) -> None:
+    for _ in range(rounds):
+        daemon.turn()
+
+
+def test_boundary_is_captured_then_skipped_after_a_normal_reboot(world) -> None:
+    server, hv, state, rec, daemon = world
+    domid = hv.create_domain(name="web")
+    settle(daemon)
+    guest = server.connect(domid)
+    guest.write("data/xenpbr/request", request(1, "kernel"))
+    settle(daemon)
+    assert server.connect(0).read(protocol.ack_path(domid)) == b"1 captured"
+    assert rec.calls == [("capture", "web", "kernel", 1)]
+    images = state.phases("web").images
+    assert images["kernel"].image_id == "img-kernel-1" and images["kernel"].seq == 1
+    guest.write("data/xenpbr/request", request(2, "kernel"))  # same phase, same fingerprint
+    settle(daemon)
+    assert server.connect(0).read(protocol.ack_path(domid)) == b"2 skipped"
+    assert rec.captures == 1
+
+
+def test_crash_of_a_registered_domain_is_recovered_from_its_image(world) -> None:
+    server, hv, state, rec, daemon = world
+    domid = hv.create_domain(name="web")
+    settle(daemon)
+    server.connect(domid).write("data/xenpbr/request", request(1, "app"))
+    settle(daemon)
+    hv.crash(domid)
+    settle(daemon)
+    assert ("destroy", "web") in rec.calls and ("restore", "img-app-1") in rec.calls
+    new = [c for c in rec.calls if c[0] == "unpause"][0][1]
+    assert server.connect(0).read(protocol.ack_path(new)) == b"1 restored:1"
+    (timeline,) = state.history("web")
+    assert timeline.method == "phase:app" and timeline.outcome == "recovered"
+
+
+def test_unregistered_and_hostile_domains_do_not_disturb_the_daemon(world) -> None:
+    server, hv, state, rec, daemon = world
+    other = hv.create_domain(name="stranger")
+    web = hv.create_domain(name="web")
+    settle(daemon)
+    server.connect(web).write("data/xenpbr/request", b"\xff" * 100)
+    hv.crash(other)
+    settle(daemon)
+    assert rec.calls == []  # the stranger is not ours; garbage is refused, not captured
+    server.connect(web).write("data/xenpbr/request", request(5, "kernel"))
+    settle(daemon)
+    assert server.connect(0).read(protocol.ack_path(web)) == b"5 captured"
+
+
+def test_failed_capture_is_refused_and_daemon_goes_on(world) -> None:
+    server, hv, state, rec, daemon = world
+    from xenpbr.images.errors import CaptureFailed
+
+    def broken(*args, **kwargs):
+        raise CaptureFailed("xl save failed: no space")
+    daemon.capture = broken
+    domid = hv.create_domain(name="web")
+    settle(daemon)
+    server.connect(domid).write("data/xenpbr/request", request(1, "kernel"))
+    settle(daemon)
+    assert server.connect(0).read(protocol.ack_path(domid)) == b"1 refused:capture-failed"

@@ -1,0 +1,235 @@
+"""xenpbrd: one event loop that captures images at phase boundaries and recovers crashes.
+
+Two xenstore connections feed one ``selectors`` loop, no polling where a watch exists:
+
+* the domain watcher's (``@introduceDomain`` / ``@releaseDomain``): a registered domain
+  appearing gets its control dir and a watch on its request key; a registered domain
+  that crashes (or whose watchdog fires) and asked for ``phasereboot`` is recovered;
+* the protocol's: a guest's boundary request is validated, judged (capture or skip) and
+  answered; a capture runs ``xl save -c`` into the image store.
+
+All state lives in :class:`~xenpbr.state.StateDir`, so the daemon can be killed at any
+point and started again: on start the watcher reports every existing domain, including
+one that crashed while the daemon was down. Work for one domain is serialised by a
+per-domain lock shared with the CLI (``xenpbr reboot``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import selectors
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from xenpbr import domconfig, protocol
+from xenpbr.errors import XenpbrError
+from xenpbr.images.capture import capture
+from xenpbr.images.store import ImageStore
+from xenpbr.phases import ImageInfo
+from xenpbr.protocol import Outcome, PhaseProtocol, Verdict
+from xenpbr.recovery import Recovery, RecoveryFailed, XlToolstack
+from xenpbr.state import StateDir
+from xenpbr.watcher import (
+    DomainAppeared,
+    DomainCrashed,
+    DomainDestroyed,
+    DomainEvent,
+    DomainWatchdogFired,
+    DomainWatcher,
+)
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def domain_lock(state: StateDir, name: str) -> Iterator[None]:
+    """Serialise captures and recoveries of one domain across processes (daemon, CLI)."""
+    path = state.root / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class StoreRestorer:
+    """:class:`~xenpbr.recovery.Restorer` over the image store and ``xl restore``."""
+
+    def __init__(self, store: ImageStore) -> None:
+        self.store = store
+
+    def restore(self, domain: str, image_id: str) -> int:
+        from xenpbr.images.restore import restore
+        return restore(self.store, self.store.load(domain, image_id), paused=True).domid
+
+
+class Daemon:
+    """The xenpbrd event loop and its handlers."""
+
+    def __init__(self, state: StateDir, store: ImageStore, hypervisor: Any,
+                 xs_domains: Any, xs_requests: Any, toolstack: Any | None = None,
+                 restorer: Any | None = None, capture_fn: Any = capture) -> None:
+        self.state, self.store, self.hv = state, store, hypervisor
+        self.xs = xs_requests
+        self.protocol = PhaseProtocol(xs_requests)
+        self.watcher = DomainWatcher(hypervisor, xs_domains)
+        self.capture = capture_fn
+        self.recovery = Recovery(state, toolstack or XlToolstack(),
+                                 restorer or StoreRestorer(store), self)
+        self.names: dict[int, str] = {}  # domid -> registered name
+        self.restored_domids: set[int] = set()  # prepared by recovery, not a fresh boot
+        self._running = True
+
+    def restored(self, domid: int, seq: int, generation: int) -> None:
+        """Recovery's acknowledger: ack ``restored:<g>`` and remember that this domid's
+        control dir is already prepared (its appearance is not a fresh boot)."""
+        self.restored_domids.add(domid)
+        self.protocol.restored(domid, seq, generation)
+
+    # -- loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until SIGTERM/SIGINT."""
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop())
+        self.watcher.start()
+        sel = selectors.DefaultSelector()
+        sel.register(self.watcher.fileno(), selectors.EVENT_READ, "domains")
+        sel.register(self.xs.fileno(), selectors.EVENT_READ, "requests")
+        log.info("xenpbrd serving %d registered domain(s) from %s",
+                 len(self.state.domains()), self.state.root)
+        while self._running:
+            self.turn(sel.select(timeout=1.0))
+        self.watcher.close()
+
+    def stop(self) -> None:
+        self._running = False
+        self.watcher.stop()
+
+    def turn(self, ready: list[tuple[Any, int]] | None = None) -> None:
+        """Handle whatever is pending (``ready`` from a selector, or everything)."""
+        sources = {key.data for key, _ in ready} if ready is not None else {"domains",
+                                                                             "requests"}
+        if "domains" in sources:
+            for event in self.watcher.poll_once(0):
+                self._guard(self.on_domain_event, event)
+        if "requests" in sources:
+            while (watch := self.xs.read_watch(timeout=0)) is not None:
+                domid = protocol.domid_from_token(watch.token)
+                if domid is not None:
+                    self._guard(self.on_request, domid)
+
+    def _guard(self, handler: Any, arg: Any) -> None:
+        """One domain's failure must never stop the daemon serving the others."""
+        try:
+            handler(arg)
+        except XenpbrError as exc:
+            log.error("%s(%s) failed: %s", handler.__name__, arg, exc)
+        except Exception:  # a bug: log it with its traceback and keep serving
+            log.exception("%s(%s) crashed", handler.__name__, arg)
+
+    # -- domain events -------------------------------------------------------------------
+
+    def _name_of(self, domid: int) -> str | None:
+        if domid not in self.names:
+            raw = self.xs.read_or(f"/local/domain/{int(domid)}/name", None)
+            name = raw.decode(errors="replace") if raw else None
+            if name is None or name not in self.state.domains():
+                return None
+            self.names[domid] = name
+        return self.names[domid]
+
+    def on_domain_event(self, event: DomainEvent) -> None:
+        name = self._name_of(event.domid)
+        if name is None:
+            return
+        if isinstance(event, DomainAppeared):
+            self._adopt(event.domid, name)
+        elif isinstance(event, (DomainCrashed, DomainWatchdogFired)):
+            self._recover(event, name)
+        elif isinstance(event, DomainDestroyed):
+            self.names.pop(event.domid, None)
+            self.protocol.forget(event.domid)
+
+    def _adopt(self, domid: int, name: str) -> None:
+        """A registered domain exists: prepare its control dir and watch its requests."""
+        if domid in self.restored_domids:
+            self.restored_domids.discard(domid)
+        else:
+            self.protocol.register(domid, self.state.phases(name).generation)
+        path, token = protocol.request_watch(domid)
+        self.xs.watch(path, token)
+        log.info("%s (domid %d): watching its phase boundaries", name, domid)
+
+    def _recover(self, event: DomainEvent, name: str) -> None:
+        settings = self.state.load_record(name).get("settings", {})
+        key = "on_watchdog" if isinstance(event, DomainWatchdogFired) else "on_crash"
+        if settings.get(key) != domconfig.XENPBR_ACTION:
+            return
+        trigger = "watchdog" if key == "on_watchdog" else "crash"
+        with domain_lock(self.state, name):
+            self.names.pop(event.domid, None)
+            try:
+                timeline = self.recovery.recover(name, trigger, crash_seen=event.seen_at)
+            except RecoveryFailed as exc:
+                log.critical("%s is DOWN: %s", name, exc)
+                return
+        log.info("%s recovered via %s, downtime %.2f s", name, timeline.method,
+                 timeline.downtime() or -1)
+
+    # -- phase boundaries ----------------------------------------------------------------
+
+    def on_request(self, domid: int) -> None:
+        name = self._name_of(domid)
+        if name is None:
+            return
+        admission = self.protocol.poll(domid)
+        if admission.outcome is not Outcome.ACCEPTED or admission.request is None:
+            return
+        request = admission.request
+        with domain_lock(self.state, name):
+            verdict = self._judge_and_capture(name, request)
+        self.protocol.answer(domid, request.seq, verdict)
+        self.watcher.rescan()  # xl save -c suspends/resumes: resync the domain snapshot
+
+    def _judge_and_capture(self, name: str, request: protocol.BoundaryRequest) -> Verdict:
+        phases = self.state.phases(name)
+        config = domconfig.load(self.state.xl_config_path(name))
+        fingerprint = domconfig.fingerprint(config, request.phases, request.identity).digest()
+        phases.phases, phases.fingerprint = request.phases, fingerprint
+        if phases.boundary_decision(request.phase, fingerprint) == "skip":
+            self.state.save_phases(phases)
+            return Verdict.skipped()
+        try:
+            result = self.capture(name, self.store, request.phase, seq=request.seq,
+                                  fingerprint=fingerprint)
+        except XenpbrError as exc:
+            log.error("%s: capture of phase %s failed: %s", name, request.phase, exc)
+            return Verdict.refused("capture-failed")
+        meta = result.meta
+        phases.record_image(ImageInfo(meta.image_id, request.phase, fingerprint, time.time(),
+                                      seq=request.seq))
+        self.state.save_phases(phases)
+        log.info("%s: captured phase %s (%s) in %.2f s", name, request.phase, meta.image_id,
+                 result.total_s)
+        return Verdict.captured()
+
+
+def main(state_root: Path | None = None) -> int:
+    """Entry point of ``xenpbrd``."""
+    from xenpbr.hypervisor.libxc import LibxcHypervisor
+    from xenpbr.xenstore import XenstoreClient
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    state = StateDir(state_root)
+    store = ImageStore(state.images_root)
+    with LibxcHypervisor() as hv, XenstoreClient() as xs_dom, XenstoreClient() as xs_req:
+        Daemon(state, store, hv, xs_dom, xs_req).run()
+    return 0
