@@ -233,3 +233,7 @@ def main(state_root: Path | None = None) -> int:
     with LibxcHypervisor() as hv, XenstoreClient() as xs_dom, XenstoreClient() as xs_req:
         Daemon(state, store, hv, xs_dom, xs_req).run()
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
