@@ -61,7 +61,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(json.dumps(asdict(report), indent=2) if args.json else render(report))
     if not args.json:
         print(f"\nreport written to {args.report}")
-    return 0 if report.recovered else 1
+    return 0 if report.recovered_from_phase and report.phase_reboot_s > 0 else 1
 
 
 def cmd_measure(args: argparse.Namespace) -> int:

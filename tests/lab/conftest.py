@@ -100,3 +100,23 @@ def dom0_python(xen_host: XenHost) -> Callable[..., object]:
         return json.loads(result.stdout.strip().splitlines()[-1])
 
     return run
+
+
+#: Where lab tests leave big files in dom0 (its root is a RAM-backed tmpfs): image
+#: stores, captured streams, checkpoints. Cleared after every test so one test's
+#: leftovers can never fill dom0 for the next (seen: ENOSPC cascading through a session).
+DOM0_SCRATCH = ("/var/lib/xenpbr", "/var/lib/xenpbr-lab-images", "/tmp/*.xl", "/tmp/*.chk",
+                "/tmp/*.fifo")
+
+
+@pytest.fixture(autouse=True)
+def dom0_scratch_cleared(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each lab test, remove what tests write to dom0's scratch locations."""
+    yield
+    if "xen_host" not in request.fixturenames:
+        return
+    host = request.getfixturevalue("xen_host")
+    try:
+        host.run("rm -rf " + " ".join(DOM0_SCRATCH), timeout=60, check=False)
+    except LabError as exc:
+        log.warning("could not clear dom0 scratch space: %s", exc)

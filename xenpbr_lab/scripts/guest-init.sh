@@ -4,7 +4,8 @@
 # marker and crashes the kernel, lab.mode=service announces a ready service and waits,
 # lab.mode=memmark keeps a marker string in memory, lab.mode=probe checks xenstore,
 # lab.mode=agent runs the guest agent for each phase of lab.phases=a,b, lab.mode=hostile
-# writes bad requests first, lab.mode=shell just waits.
+# writes bad requests first, lab.mode=demo runs the demo application, lab.mode=shell
+# just waits.
 export PATH=/usr/bin:/usr/sbin:/bin:/sbin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
 mount -t proc proc /proc
@@ -22,6 +23,7 @@ for arg in $(cat /proc/cmdline); do
         lab.mode=*) mode=${arg#lab.mode=} ;;
         lab.marker=*) marker=${arg#lab.marker=} ;;
         lab.phases=*) phases=$(echo "${arg#lab.phases=}" | tr , ' ') ;;
+        lab.docs=*) docs=${arg#lab.docs=} ;;
     esac
 done
 echo "XENPBR-GUEST: up uptime=$(cut -d' ' -f1 /proc/uptime) mode=$mode marker=${marker:-none}"
@@ -39,6 +41,22 @@ agent_phases() {
       printf '[after-last-phase]\nstart = echo XENPBR-STEP: after-last-phase\n'
     } > /etc/xenpbr/agent.conf
     for p in $phases; do
+        out=$(PYTHONPATH=/usr/lib/python3/dist-packages python3 -m xenpbr_agent phase "$p")
+        echo "XENPBR-AGENT: $out rc=$?"
+    done
+}
+# demo (make demo): three phases; services starts syslogd, app runs a real warm-up
+# (xenpbr_lab.demo_app builds an index) and then answers with heartbeat lines.
+demo_phases() {
+    mkdir -p /etc/xenpbr
+    cat > /etc/xenpbr/agent.conf <<CONF
+[phase:kernel]
+[phase:services]
+start = syslogd -O /run/messages
+[phase:app]
+start = python3 -m xenpbr_lab.demo_app --documents ${docs:-60000}
+CONF
+    for p in kernel services app; do
         out=$(PYTHONPATH=/usr/lib/python3/dist-packages python3 -m xenpbr_agent phase "$p")
         echo "XENPBR-AGENT: $out rc=$?"
     done
@@ -65,6 +83,8 @@ hostile_writes() {
 case "$mode" in
     agent)
         agent_phases ;;
+    demo)
+        demo_phases ;;
     hostile)
         hostile_writes
         agent_phases ;;

@@ -1,0 +1,31 @@
+"""The demo's guest application and its report (the demo itself runs on real Xen)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from xenpbr_lab.demo import DemoReport, render, write_report
+from xenpbr_lab.demo_app import answer, build_index, corpus, fill_cache
+
+
+def test_warm_up_is_deterministic_and_indexes_every_word() -> None:
+    docs = corpus(500)
+    assert docs == corpus(500)
+    index = build_index(docs)
+    assert all(doc_id in index[word] for doc_id, words in enumerate(docs) for word in words)
+    assert answer(index) == len(index.get("alpha", set()) & index.get("omega", set()))
+    cache = fill_cache(docs, index, words=5)
+    assert len(cache) == 5 and all(len(top) <= 10 for top in cache.values())
+
+
+def test_report_json_has_the_keys_automation_reads(tmp_path: Path) -> None:
+    report = DemoReport(normal_reboot_s=30.0, phase_reboot_s=7.5, reduction_pct=75.0,
+                        recovered_from_phase="app",
+                        phase_reboot_breakdown={"crash_seen": 0.0, "restore_finished": 6.0})
+    write_report(report, tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    for key in ("normal_reboot_s", "phase_reboot_s", "reduction_pct", "recovered_from_phase"):
+        assert key in data
+    text = render(report)
+    assert "75.0 %" in text and "restore_finished 6.00" in text
