@@ -21,7 +21,7 @@ from . import xenpbrd
 from .build import LabImages, build
 from .host import XenHost
 from .paths import artifacts_root
-from .xl import LabDomain, render_config
+from .xl import LabDomain
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,7 @@ def _crash_to_alive(guest: LabDomain) -> float:
 
 def _phase_reboot(host: XenHost, report: DemoReport) -> None:
     guest = _guest(host, "demo-pbr", "phasereboot")
-    host.put(guest.config_path, render_config(guest.config).encode())
-    host.run(["rm", "-f", guest.console_log])
+    guest.write_config()
     start = time.monotonic()
     xenpbrd.cli(host, "create", guest.config_path)
     guest.watch_console([APP_CAPTURED], timeout=300)

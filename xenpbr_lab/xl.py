@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from xenpbr.domconfig import render
+
 from .errors import LabError, LabTimeout
 
 if TYPE_CHECKING:
@@ -58,14 +60,8 @@ def xl_list(host: "XenHost") -> dict[str, XlListEntry]:
 
 
 def render_config(settings: dict[str, object]) -> str:
-    """An xl config file from a dict (strings quoted, lists as xl lists)."""
-    def value(v: object) -> str:
-        if isinstance(v, str):
-            return '"' + v.replace('"', '\\"') + '"'
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return str(v)
-    return "".join(f"{k} = {value(v)}\n" for k, v in settings.items())
+    """An xl config file from a dict (the same rendering ``xenpbr create`` hands xl)."""
+    return render(settings)  # type: ignore[arg-type]
 
 
 class LabDomain:
@@ -84,10 +80,15 @@ class LabDomain:
         self.config_path = f"{DOMAIN_DIR}/{name}.cfg"
         self.console_log = f"{CONSOLE_DIR}/guest-{name}.log"
 
-    def create(self, paused: bool = False, timeout: float = 120.0) -> float:
-        """Write the config into dom0 and ``xl create`` it; return the seconds it took."""
+    def write_config(self) -> None:
+        """Put this domain's xl config into dom0 and start a fresh console log (for
+        creating it some other way than :meth:`create`, e.g. ``xenpbr create``)."""
         self.host.put(self.config_path, render_config(self.config).encode())
         self.host.run(f"rm -f {shlex.quote(self.console_log)}")
+
+    def create(self, paused: bool = False, timeout: float = 120.0) -> float:
+        """Write the config into dom0 and ``xl create`` it; return the seconds it took."""
+        self.write_config()
         argv = ["xl", "create", *(["-p"] if paused else []), self.config_path]
         return self.host.run(argv, timeout=timeout).elapsed
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import re
 
-import pytest
 
-from xenpbr_lab.xl import LabDomain
 
 GETINFO = """
 import json

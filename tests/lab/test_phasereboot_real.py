@@ -11,7 +11,7 @@ import time
 import pytest
 
 from xenpbr_lab import xenpbrd as xenpbrd_lab
-from xenpbr_lab.xl import LabDomain, render_config
+from xenpbr_lab.xl import LabDomain
 
 AGENT_LINE = r"XENPBR-AGENT: (\S+) (\S+) rc=(\d+)"
 
@@ -34,8 +34,7 @@ def agent_verdicts(guest: LabDomain, count: int, after: int = 0,
 def test_crash_is_recovered_from_the_deepest_phase(xen_host, lab_domain, xenpbrd) -> None:
     guest = lab_domain("pbr", mode="agent", extra="lab.phases=kernel,services,app",
                        on_crash="phasereboot")
-    xen_host.put(guest.config_path, render_config(guest.config).encode())
-    xen_host.run(["rm", "-f", guest.console_log])
+    guest.write_config()
     xenpbrd_lab.cli(xen_host, "create", guest.config_path)
 
     first_boot = agent_verdicts(guest, 3)

@@ -27,7 +27,7 @@ from tests.lab.xen_real import (
     watchdog_guest_settings,
 )
 from xenpbr_lab.paths import artifacts_root
-from xenpbr_lab.xl import LabDomain, render_config
+from xenpbr_lab.xl import LabDomain
 
 PRESERVE = {"on_poweroff": "preserve", "on_reboot": "preserve", "on_watchdog": "preserve",
             "on_soft_reset": "preserve"}
@@ -138,7 +138,7 @@ def test_l3_a_domain_that_stays_shut_down_is_not_notified_again(
     returns the dom0 times that split the recorder's firings into phases."""
     a, b, c = (lab_domain(name, **SMALL) for name in ("l3a", "l3b", "l3c"))
     for guest in (b, c):
-        xen_host.put(guest.config_path, render_config(guest.config).encode())
+        guest.write_config()
     a.create(paused=True)
     recorder = WatchRecorder(xen_host)
     r = hv_snippet(dom0_python, f"""

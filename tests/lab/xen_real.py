@@ -12,7 +12,6 @@ import gzip
 import io
 import json
 import os
-import shlex
 import statistics
 import textwrap
 import time
@@ -23,7 +22,7 @@ from xenpbr_lab import kmod
 from xenpbr_lab.cpio import CpioWriter
 from xenpbr_lab.errors import LabTimeout
 from xenpbr_lab.host import XenHost
-from xenpbr_lab.xl import LabDomain, render_config
+from xenpbr_lab.xl import LabDomain
 
 #: Prologue of every hypervisor snippet: the interface, its errors, a JSON-able state.
 HV_PROLOGUE = """
@@ -71,8 +70,7 @@ def create_unmonitored(guest: LabDomain, paused: bool = True) -> None:
     """``xl create -e``: no xl process waits for the domain's death. Needed when the
     domain will shut down with a code xl does not know: xl's monitor would destroy it
     ("Unknown shutdown reason code ... Destroying domain")."""
-    guest.host.put(guest.config_path, render_config(guest.config).encode())
-    guest.host.run(f"rm -f {shlex.quote(guest.console_log)}")
+    guest.write_config()
     guest.host.run(["xl", "create", "-e", *(["-p"] if paused else []), guest.config_path])
 
 
