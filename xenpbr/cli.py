@@ -91,6 +91,7 @@ def cmd_images(args: argparse.Namespace, state: StateDir) -> int:
 
 
 def cmd_history(args: argparse.Namespace, state: StateDir) -> int:
+    state.load_record(args.domain)  # UnknownDomain rather than an empty history
     timelines = list(state.history(args.domain))
     if args.json:
         emit([t.to_json() for t in timelines], True, None)
@@ -108,16 +109,49 @@ def cmd_history(args: argparse.Namespace, state: StateDir) -> int:
 
 def cmd_forget(args: argparse.Namespace, state: StateDir) -> int:
     from xenpbr.daemon import domain_lock
+    from xenpbr.images.errors import ImageNotFound
     with domain_lock(state, args.domain):
         phases = state.phases(args.domain)
         dropped = phases.forget(args.phase)
         store = _store(state)
         for img in dropped:
-            store.delete(args.domain, img.image_id)
+            try:
+                store.delete(args.domain, img.image_id)
+            except ImageNotFound:  # already gone from the store: forgetting it is the point
+                logging.getLogger(__name__).info("%s: image %s was not in the store",
+                                                 args.domain, img.image_id)
         state.save_phases(phases)
+    _republish(state, args.domain)
     rows = [{"phase": i.phase, "image": i.image_id} for i in dropped]
     emit(rows, args.json, lambda: table(rows, [("phase", "forgotten phase"),
                                                ("image", "image")], empty="nothing to forget"))
+    return 0
+
+
+def _republish(state: StateDir, name: str) -> None:
+    """Refresh the state xenpbrd publishes in xenstore (best effort: outside dom0, or
+    without xenstored, there is nothing to refresh)."""
+    from xenpbr import publish
+    from xenpbr.xenstore import XenstoreClient
+    try:
+        with XenstoreClient() as xs:
+            publish.refresh(xs, state, name)
+    except (XenpbrError, OSError) as exc:
+        logging.getLogger(__name__).debug("not republished: %s", exc)
+
+
+def cmd_inject(args: argparse.Namespace, state: StateDir) -> int:
+    """Crash a registered domain's kernel on purpose (``xl sysrq DOMAIN c``), to test
+    that its recovery works before a real fault needs it."""
+    state.load_record(args.domain)  # UnknownDomain: only domains xenpbr manages
+    proc = subprocess.run(["xl", "sysrq", args.domain, "c"], capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        raise XenpbrError(f"xl sysrq {args.domain} c failed: "
+                          f"{(proc.stderr or proc.stdout).strip()[-400:]}")
+    emit({"domain": args.domain, "fault": "crash", "injected_at": time.time()}, args.json,
+         lambda: print(f"{args.domain}: kernel crash injected (sysrq c); follow it with "
+                       f"`xenpbr history {args.domain}`"))
     return 0
 
 
@@ -169,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("reboot", cmd_reboot, "phase-based reboot now (from --phase or deepest)")
     p.add_argument("domain")
     p.add_argument("--phase")
+    p = command("inject", cmd_inject, "crash a domain's kernel on purpose (sysrq c)")
+    p.add_argument("domain")
     command("daemon", cmd_daemon, "run xenpbrd in the foreground")
     return parser
 

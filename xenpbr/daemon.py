@@ -6,12 +6,17 @@ Two xenstore connections feed one ``selectors`` loop, no polling where a watch e
   appearing gets its control dir and a watch on its request key; a registered domain
   that crashes (or whose watchdog fires) and asked for ``phasereboot`` is recovered;
 * the protocol's: a guest's boundary request is validated, judged (capture or skip) and
-  answered; a capture runs ``xl save -c`` into the image store.
+  answered; a capture runs ``xl save -c`` into the image store. A restored guest's
+  status note (``acked``/``ready``) adds the guest_ack and service_ready marks to the
+  recovery's timeline.
 
 All state lives in :class:`~xenpbr.state.StateDir`, so the daemon can be killed at any
-point and started again: on start the watcher reports every existing domain, including
-one that crashed while the daemon was down. Work for one domain is serialised by a
-per-domain lock shared with the CLI (``xenpbr reboot``).
+point and started again: on start it finishes recoveries a previous instance left
+half-done (:meth:`~xenpbr.recovery.Recovery.resume_interrupted`), then the watcher
+reports every existing domain, including one that crashed while the daemon was down,
+and a guest still waiting for an ack is answered (a new watch fires at once). Work for
+one domain is serialised by a per-domain lock shared with the CLI (``xenpbr reboot``).
+Each domain's state is published in xenstore (:mod:`xenpbr.publish`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from xenpbr import domconfig, protocol
+from xenpbr import domconfig, protocol, publish
 from xenpbr.errors import XenpbrError
 from xenpbr.images.capture import capture
 from xenpbr.images.store import ImageStore
@@ -66,7 +71,10 @@ class StoreRestorer:
 
     def restore(self, domain: str, image_id: str) -> int:
         from xenpbr.images.restore import restore
-        return restore(self.store, self.store.load(domain, image_id), paused=True).domid
+        # monitor: xl stays behind as for `xl create`, to act on the restored guest's own
+        # reboot or poweroff (on_reboot/on_poweroff of the config saved in the image).
+        return restore(self.store, self.store.load(domain, image_id), paused=True,
+                       monitor=True).domid
 
 
 class Daemon:
@@ -84,13 +92,34 @@ class Daemon:
                                  restorer or StoreRestorer(store), self)
         self.names: dict[int, str] = {}  # domid -> registered name
         self.restored_domids: set[int] = set()  # prepared by recovery, not a fresh boot
+        self.watching: dict[int, list[tuple[str, str]]] = {}  # domid -> its watches
         self._running = True
 
     def restored(self, domid: int, seq: int, generation: int) -> None:
         """Recovery's acknowledger: ack ``restored:<g>`` and remember that this domid's
-        control dir is already prepared (its appearance is not a fresh boot)."""
+        control dir is already prepared (its appearance is not a fresh boot). The guest's
+        keys are watched now, before the unpause, so its first status note is seen."""
         self.restored_domids.add(domid)
         self.protocol.restored(domid, seq, generation)
+        self._watch_guest(domid)
+
+    def _watch_guest(self, domid: int) -> None:
+        if domid in self.watching:
+            return
+        watches = [protocol.request_watch(domid), protocol.status_watch(domid)]
+        for path, token in watches:
+            self.xs.watch(path, token)
+        self.watching[domid] = watches
+
+    def _unwatch_guest(self, domid: int) -> None:
+        for path, token in self.watching.pop(domid, []):
+            try:
+                self.xs.unwatch(path, token)
+            except XenpbrError as exc:
+                log.debug("unwatch %s: %s", path, exc)
+
+    def _publish(self, name: str, status: str, domid: int | None = None) -> None:
+        publish.publish(self.xs, self.state, name, status, domid)
 
     # -- loop ----------------------------------------------------------------------------
 
@@ -99,6 +128,9 @@ class Daemon:
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
         signal.signal(signal.SIGINT, lambda *_: self.stop())
         self.watcher.start()
+        self.resume_interrupted()
+        for name in self.state.domains():
+            self._publish(name, "stopped")  # until the watcher reports the domain
         sel = selectors.DefaultSelector()
         sel.register(self.watcher.fileno(), selectors.EVENT_READ, "domains")
         sel.register(self.xs.fileno(), selectors.EVENT_READ, "requests")
@@ -121,9 +153,16 @@ class Daemon:
                 self._guard(self.on_domain_event, event)
         if "requests" in sources:
             while (watch := self.xs.read_watch(timeout=0)) is not None:
-                domid = protocol.domid_from_token(watch.token)
-                if domid is not None:
+                if (domid := protocol.domid_from_token(watch.token)) is not None:
                     self._guard(self.on_request, domid)
+                elif (domid := protocol.domid_from_status_token(watch.token)) is not None:
+                    self._guard(self.on_status, domid)
+
+    def resume_interrupted(self) -> None:
+        """Finish the recoveries a killed xenpbrd left half-done (before serving)."""
+        for name in self.state.interrupted_recoveries():
+            with domain_lock(self.state, name):
+                self._guard(self.recovery.resume_interrupted, name)
 
     def _guard(self, handler: Any, arg: Any) -> None:
         """One domain's failure must never stop the daemon serving the others."""
@@ -156,15 +195,24 @@ class Daemon:
         elif isinstance(event, DomainDestroyed):
             self.names.pop(event.domid, None)
             self.protocol.forget(event.domid)
+            self._unwatch_guest(event.domid)
+            if name not in self.names.values():  # not replaced by a recovery
+                self._publish(name, "stopped")
 
     def _adopt(self, domid: int, name: str) -> None:
-        """A registered domain exists: prepare its control dir and watch its requests."""
-        if domid in self.restored_domids:
+        """A registered domain exists: prepare its control dir and watch its requests.
+
+        A domain whose control dir already holds an ack was prepared by whoever restored
+        it (this daemon, the CLI's ``xenpbr reboot``, or a previous xenpbrd): rewriting
+        its generation could contradict the ack its agent is reading.
+        """
+        prepared = self.xs.read_or(protocol.ack_path(domid), None) is not None
+        if domid in self.restored_domids or prepared:
             self.restored_domids.discard(domid)
         else:
             self.protocol.register(domid, self.state.phases(name).generation)
-        path, token = protocol.request_watch(domid)
-        self.xs.watch(path, token)
+        self._watch_guest(domid)
+        self._publish(name, "watching", domid)
         log.info("%s (domid %d): watching its phase boundaries", name, domid)
 
     def _recover(self, event: DomainEvent, name: str) -> None:
@@ -175,11 +223,14 @@ class Daemon:
         trigger = "watchdog" if key == "on_watchdog" else "crash"
         with domain_lock(self.state, name):
             self.names.pop(event.domid, None)
+            self._publish(name, "recovering")
             try:
                 timeline = self.recovery.recover(name, trigger, crash_seen=event.seen_at)
             except RecoveryFailed as exc:
                 log.critical("%s is DOWN: %s", name, exc)
+                self._publish(name, "down")
                 return
+        self._publish(name, "watching")  # the new domid follows when it is adopted
         log.info("%s recovered via %s, downtime %.2f s", name, timeline.method,
                  timeline.downtime() or -1)
 
@@ -193,10 +244,27 @@ class Daemon:
         if admission.outcome is not Outcome.ACCEPTED or admission.request is None:
             return
         request = admission.request
+        self._publish(name, "capturing", domid)
         with domain_lock(self.state, name):
             verdict = self._judge_and_capture(name, request)
         self.protocol.answer(domid, request.seq, verdict)
+        self._publish(name, "watching", domid)
         self.watcher.rescan()  # xl save -c suspends/resumes: resync the domain snapshot
+
+    def on_status(self, domid: int) -> None:
+        """A restored guest's agent reported ``acked``/``ready``: mark the timeline."""
+        name = self._name_of(domid)
+        if name is None:
+            return
+        raw = self.xs.read_or(protocol.status_watch(domid)[0], None)
+        status = protocol.parse_guest_status(raw)
+        if status is None:
+            return
+        now = time.monotonic()
+        if self.state.amend_latest_history(
+                name, lambda t: t.note_guest(status.state, status.generation, now)):
+            log.info("%s (domid %d): guest reports %s", name, domid, status.encode())
+            self._publish(name, "watching", domid)
 
     def _judge_and_capture(self, name: str, request: protocol.BoundaryRequest) -> Verdict:
         phases = self.state.phases(name)

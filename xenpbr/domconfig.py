@@ -169,6 +169,7 @@ def parse(text: str, path: Path = Path("<config>")) -> DomainConfig:
         if action not in allowed:
             raise ConfigError(f"{path}: {key} = {action!r} is not an action; use one of "
                               f"{', '.join(sorted(allowed))}")
+    crash_loop_policy(DomainConfig(path, settings))  # ConfigError now, not at the crash
     if settings.get("type", "pv") != "pv":
         if any(settings.get(k) == XENPBR_ACTION for k in ACTION_KEYS):
             raise ConfigError(f"{path}: phasereboot supports PV guests only "
@@ -209,6 +210,25 @@ def file_digest(path: str | None) -> str:
     except OSError as exc:
         raise ConfigError(f"cannot read {path} to fingerprint it: {exc.strerror}") from exc
     return h.hexdigest()
+
+
+#: ``xenpbr_crash_loop_window`` (seconds) and ``xenpbr_crash_loop_limit`` (crashes):
+#: a crash sooner than the window after a phase-based reboot recovers from one phase
+#: earlier; ``limit`` such crashes in a row get a normal reboot.
+CRASH_LOOP_DEFAULTS = (60.0, 3)
+
+
+def crash_loop_policy(config: DomainConfig) -> tuple[float, int]:
+    """``(window_s, limit)`` of the crash-loop guard for this domain."""
+    window = config.settings.get("xenpbr_crash_loop_window", CRASH_LOOP_DEFAULTS[0])
+    limit = config.settings.get("xenpbr_crash_loop_limit", CRASH_LOOP_DEFAULTS[1])
+    if not isinstance(window, (int, float)) or not 0 < window <= 86400:
+        raise ConfigError(f"{config.path}: xenpbr_crash_loop_window = {window!r}: expected a "
+                          "number of seconds between 1 and 86400")
+    if not isinstance(limit, int) or not 1 <= limit <= 100:
+        raise ConfigError(f"{config.path}: xenpbr_crash_loop_limit = {limit!r}: expected a "
+                          "whole number of crashes between 1 and 100")
+    return float(window), limit
 
 
 DISK_POLICIES = ("snapshot", "persistent", "readonly")

@@ -107,8 +107,9 @@ class CrashLoopGuard:
 
     def on_crash(self, now: float) -> None:
         """Record a crash at ``now`` (monotonic seconds)."""
+        # A negative gap means the clock restarted (dom0 rebooted): not a quick crash.
         quick = (self.last_recovery_at is not None
-                 and now - self.last_recovery_at < self.loop_window)
+                 and 0 <= now - self.last_recovery_at < self.loop_window)
         self.quick_crashes = self.quick_crashes + 1 if quick else 0
 
     def on_recovered(self, now: float) -> None:
@@ -212,10 +213,16 @@ class DomainPhases:
         self.images = {p: img for p, img in self.images.items() if p not in doomed}
         return dropped
 
-    def plan(self, now: float, max_phase: str | None = None) -> RecoveryPlan:
+    def plan(self, now: float, max_phase: str | None = None,
+             crash_loop: tuple[float, int] | None = None, crashed: bool = True) -> RecoveryPlan:
         """Record a crash at ``now`` and return the recovery plan for it (no deeper than
-        ``max_phase`` if given: an operator's ``xenpbr reboot --phase``)."""
-        self.guard.on_crash(now)
+        ``max_phase`` if given: an operator's ``xenpbr reboot --phase``). ``crash_loop``
+        is the domain's configured ``(window_s, limit)`` for the guard; an operator's
+        reboot (``crashed=False``) is not a crash and does not feed the guard."""
+        if crash_loop is not None:
+            self.guard.loop_window, self.guard.max_quick_crashes = crash_loop
+        if crashed:
+            self.guard.on_crash(now)
         return plan_recovery(self.images.values(), self.phases, self.fingerprint, self.guard,
                              max_phase)
 

@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ACK_KEY",
     "AGENT_KEY",
+    "STATUS_KEY",
+    "GuestStatus",
+    "parse_guest_status",
+    "status_watch",
+    "domid_from_status_token",
     "CONTROL_DIR",
     "GENERATION_KEY",
     "MAX_REQUEST_BYTES",
@@ -88,6 +93,10 @@ PROTOCOL_VERSION = 1
 # -- keys, relative to a domain's home /local/domain/<domid> ---------------------------------
 REQUEST_KEY = "data/xenpbr/request"
 AGENT_KEY = "data/xenpbr/agent"
+#: ``acked <generation>`` when a restored agent has read its ack, then ``ready
+#: <generation>`` (or ``steps-failed <generation>``) when its after-restore steps ran:
+#: the guest_ack and service_ready marks of the recovery timeline.
+STATUS_KEY = "data/xenpbr/status"
 CONTROL_DIR = "control/xenpbr"
 ACK_KEY = f"{CONTROL_DIR}/ack"
 GENERATION_KEY = f"{CONTROL_DIR}/generation"
@@ -540,6 +549,30 @@ def parse_agent_presence(raw: bytes | None) -> AgentPresence | None:
     return AgentPresence(match.group(1), int(match.group(2))) if match else None
 
 
+_STATUS = re.compile(r"(acked|ready|steps-failed) ([1-9][0-9]{0,8})")
+GUEST_STATES = ("acked", "ready", "steps-failed")
+
+
+@dataclass(frozen=True)
+class GuestStatus:
+    """``data/xenpbr/status``: how far a restored guest's agent got (see STATUS_KEY)."""
+
+    state: str  # one of GUEST_STATES
+    generation: int
+
+    def encode(self) -> str:
+        return f"{self.state} {self.generation}"
+
+
+def parse_guest_status(raw: bytes | None) -> GuestStatus | None:
+    """The guest's status note, or None if absent or not well-formed (it only adds
+    marks to a timeline: a guest lying here can fool nothing but its own history)."""
+    if raw is None or len(raw) > 32:
+        return None
+    match = _STATUS.fullmatch(raw.decode("ascii", "replace"))
+    return GuestStatus(match.group(1), int(match.group(2))) if match else None
+
+
 # --------------------------------------------------------------------------------------------
 # Rate limiting, sequence tracking, counters (pure: no I/O)
 # --------------------------------------------------------------------------------------------
@@ -775,10 +808,27 @@ def request_watch(domid: int) -> tuple[str, str]:
     return request_path(domid), f"{_TOKEN_PREFIX}{domid}"
 
 
+_STATUS_TOKEN_PREFIX = "xenpbr-status-"
+
+
+def status_watch(domid: int) -> tuple[str, str]:
+    """``(path, token)`` for watching a domain's status key (:data:`STATUS_KEY`)."""
+    return f"{_home(domid)}/{STATUS_KEY}", f"{_STATUS_TOKEN_PREFIX}{domid}"
+
+
+def _domid_after(prefix: str, token: str) -> int | None:
+    rest = token[len(prefix):] if token.startswith(prefix) else ""
+    return int(rest) if rest.isascii() and rest.isdigit() and len(rest) <= 5 else None
+
+
 def domid_from_token(token: str) -> int | None:
     """The domid of a :func:`request_watch` token, or None for other tokens."""
-    rest = token[len(_TOKEN_PREFIX):] if token.startswith(_TOKEN_PREFIX) else ""
-    return int(rest) if rest.isascii() and rest.isdigit() and len(rest) <= 5 else None
+    return _domid_after(_TOKEN_PREFIX, token)
+
+
+def domid_from_status_token(token: str) -> int | None:
+    """The domid of a :func:`status_watch` token, or None for other tokens."""
+    return _domid_after(_STATUS_TOKEN_PREFIX, token)
 
 
 def prepare_domain(xs: Any, domid: int, generation: int | None = None) -> None:

@@ -9,6 +9,12 @@ always ends with a normal reboot (``xl create`` of the registered config), so th
 is never left down unless even that fails, which raises :class:`RecoveryFailed` after the
 timeline is saved. Xen and xl are reached through two small injected interfaces so the
 whole decision path is unit-tested; the lab tests run it against real Xen.
+
+**Surviving our own death.** A recovery writes an intent record before it destroys
+anything and removes it when the timeline is saved. If xenpbrd is killed in between,
+:meth:`Recovery.resume_interrupted` (run when xenpbrd starts) finds the record: a domain
+that is up and unpaused was already handed back to its guest and is kept; anything else
+(no domain, or one left paused mid-restore) is destroyed and recovered again.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class Toolstack(Protocol):
     def destroy(self, name: str) -> None: ...
     def create(self, config: Path) -> int: ...
     def unpause(self, domid: int) -> None: ...
+    def state(self, name: str) -> str | None: ...
 
 
 class Restorer(Protocol):
@@ -87,6 +94,17 @@ class XlToolstack:
     def unpause(self, domid: int) -> None:
         self._run("unpause", str(domid))
 
+    def state(self, name: str) -> str | None:
+        """xl's six state letters for ``name`` (``-b----``), or None if no such domain."""
+        from xenpbr.images.xltool import domain_state
+        return domain_state(self.xl, name, self.timeout)
+
+
+def handed_back(state: str | None) -> bool:
+    """True if xl's state letters say the domain runs its guest (not paused, not shut
+    down, not crashed, not dying): a recovery that got that far had finished."""
+    return state is not None and not set(state) & set("pscd")
+
 
 class Recovery:
     """Executes recovery plans and records their timelines."""
@@ -109,9 +127,11 @@ class Recovery:
         if max_phase is not None and max_phase not in phases.phases:
             raise RecoveryFailed(f"{name} has no phase {max_phase!r}; its phases are "
                                  f"{', '.join(phases.phases) or 'not known yet'}")
-        plan = phases.plan(self.clock(), max_phase)
+        plan = phases.plan(self.clock(), max_phase, self._crash_loop_policy(name),
+                           crashed=trigger != "operator")
         timeline.skipped = list(plan.skipped)
         timeline.mark("image_chosen", self._describe(plan.first), now=self.clock())
+        self.state.begin_recovery(name, {"trigger": trigger})
         try:
             self._destroy_crashed(name, timeline)
             for candidate in plan.candidates:
@@ -124,8 +144,44 @@ class Recovery:
         finally:
             self.state.save_phases(phases)
             self.state.add_history(timeline)
+            if timeline.outcome != "in-progress":  # interrupted: resume on next start
+                self.state.end_recovery(name)
             log.info("%s: recovery %s via %s in %s s", name, timeline.outcome,
                      timeline.method or "-", timeline.downtime())
+
+    def resume_interrupted(self, name: str) -> Timeline | None:
+        """Finish a recovery of ``name`` that a previous xenpbrd did not (it was killed).
+
+        Returns the new recovery's timeline, or None if there was nothing to resume or
+        the domain had already been handed back to its guest.
+        """
+        intent = self.state.recovery_intent(name)
+        if intent is None:
+            return None
+        state = self.toolstack.state(name)
+        if handed_back(state):
+            generation = intent.get("generation")
+            if isinstance(generation, int):
+                phases = self.state.phases(name)
+                phases.generation = max(phases.generation, generation)
+                self.state.save_phases(phases)
+            log.warning("%s: the recovery interrupted by xenpbrd's restart had already "
+                        "started the domain (%s); keeping it", name, state)
+            self.state.end_recovery(name)
+            return None
+        log.warning("%s: resuming a recovery interrupted by xenpbrd's restart (domain %s)",
+                    name, "absent" if state is None else f"left {state}")
+        return self.recover(name, "resume")
+
+    def _crash_loop_policy(self, name: str) -> tuple[float, int] | None:
+        from xenpbr import domconfig
+        settings = self.state.load_record(name).get("settings", {})
+        try:
+            return domconfig.crash_loop_policy(
+                domconfig.DomainConfig(self.state.xl_config_path(name), settings))
+        except domconfig.ConfigError as exc:
+            log.error("%s: %s; using the default crash-loop guard", name, exc)
+            return None
 
     @staticmethod
     def _describe(candidate: Candidate) -> str:
@@ -150,7 +206,7 @@ class Recovery:
                 self._normal_reboot(name)
                 phases.recovered(self.clock(), via_image=False)
             else:
-                self._phase_reboot(name, candidate, phases)
+                self._phase_reboot(name, candidate, phases, timeline)
         except (CandidateFailed, XenpbrError) as exc:
             log.warning("%s: %s failed: %s", name, label, exc)
             timeline.attempts[-1] = f"{label} failed: {exc}"
@@ -164,11 +220,14 @@ class Recovery:
     def _normal_reboot(self, name: str) -> None:
         self.toolstack.create(self.state.xl_config_path(name))
 
-    def _phase_reboot(self, name: str, candidate: Candidate, phases: DomainPhases) -> None:
+    def _phase_reboot(self, name: str, candidate: Candidate, phases: DomainPhases,
+                      timeline: Timeline) -> None:
         image = candidate.image
         assert image is not None
         domid = self.restorer.restore(name, image.image_id)
         generation = phases.generation + 1
+        self.state.begin_recovery(name, {"stage": "acknowledging", "generation": generation})
+        timeline.generation = generation
         try:
             self.ack.restored(domid, image.seq, generation)
             self.toolstack.unpause(domid)

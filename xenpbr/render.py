@@ -28,8 +28,11 @@ def wall_age(wall: float | None) -> str:
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]],
-          out: TextIO = sys.stdout, empty: str = "(none)") -> None:
-    """Print ``rows`` as an aligned table; ``columns`` are (key, heading) pairs."""
+          out: TextIO | None = None, empty: str = "(none)") -> None:
+    """Print ``rows`` as an aligned table; ``columns`` are (key, heading) pairs.
+    ``out`` defaults to the *current* sys.stdout (looked up per call, so redirection
+    works)."""
+    out = out or sys.stdout
     if not rows:
         print(empty, file=out)
         return
@@ -40,8 +43,9 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]],
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
 
 
-def emit(data: Any, as_json: bool, human: Any, out: TextIO = sys.stdout) -> None:
+def emit(data: Any, as_json: bool, human: Any, out: TextIO | None = None) -> None:
     """JSON of ``data`` if ``as_json``, else call ``human()`` to print a table."""
+    out = out or sys.stdout
     if as_json:
         json.dump(data, out, indent=2, sort_keys=True, default=str)
         out.write("\n")

@@ -7,6 +7,7 @@ any moment (DESIGN.md: "survives its own restart"). Layout under the state root
     domains/<name>/domain.json      registration + phase state (atomic rewrite)
     domains/<name>/xl.cfg           the config handed to xl (phasereboot translated)
     domains/<name>/history/<n>.json one recovery timeline each, n increasing
+    domains/<name>/recovering.json  present while a recovery runs (see recovery.py)
     images/                         the image store
 
 Domain names become path components, so they are validated here (they come from the
@@ -16,11 +17,13 @@ operator's config, never from a guest).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from xenpbr.errors import XenpbrError
 from xenpbr.fsutil import atomic_write, atomic_write_json
@@ -30,6 +33,7 @@ from xenpbr.timeline import Timeline
 DEFAULT_ROOT = Path("/var/lib/xenpbr")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 HISTORY_KEEP = 100
+log = logging.getLogger(__name__)
 
 
 class StateError(XenpbrError):
@@ -145,6 +149,24 @@ class StateDir:
             (hdir / f"{old:06d}.json").unlink(missing_ok=True)
         return path
 
+    def amend_latest_history(self, name: str, amend: Callable[[Timeline], bool]) -> bool:
+        """Apply ``amend`` to the newest timeline of ``name``; rewrite it if it returns
+        True (late marks: the guest's ack and service ready come after the recovery)."""
+        hdir = self._history_dir(name)
+        numbers = sorted(int(p.stem) for p in hdir.glob("*.json")
+                         if p.stem.isdigit()) if hdir.is_dir() else []
+        if not numbers:
+            return False
+        path = hdir / f"{numbers[-1]:06d}.json"
+        try:
+            timeline = Timeline.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise StateError(f"recovery record {path} is damaged: {exc}") from exc
+        if not amend(timeline):
+            return False
+        atomic_write_json(path, timeline.to_json())
+        return True
+
     def history(self, name: str) -> Iterator[Timeline]:
         """The domain's recovery timelines, oldest first."""
         hdir = self._history_dir(name)
@@ -153,3 +175,34 @@ class StateDir:
                 yield Timeline.from_json(json.loads(path.read_text()))
             except (ValueError, TypeError, KeyError) as exc:
                 raise StateError(f"recovery record {path} is damaged: {exc}") from exc
+
+    # -- recovery intents --------------------------------------------------------------
+
+    def _intent_path(self, name: str) -> Path:
+        return self._domain_dir(name) / "recovering.json"
+
+    def begin_recovery(self, name: str, fields: dict[str, Any]) -> None:
+        """Record (or update) that a recovery of ``name`` is under way."""
+        intent = self.recovery_intent(name) or {"started_wall": time.time()}
+        intent.update(fields)
+        atomic_write_json(self._intent_path(name), intent)
+
+    def recovery_intent(self, name: str) -> dict[str, Any] | None:
+        """The record of an unfinished recovery of ``name``, if any. A damaged record
+        still means "unfinished" (it is returned empty): resuming is the safe side."""
+        try:
+            data = json.loads(self._intent_path(name).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("%s: damaged recovery record (%s); treating it as unfinished",
+                        name, exc)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def end_recovery(self, name: str) -> None:
+        self._intent_path(name).unlink(missing_ok=True)
+
+    def interrupted_recoveries(self) -> list[str]:
+        """Registered domains whose last recovery never finished."""
+        return [n for n in self.domains() if self._intent_path(n).exists()]

@@ -32,12 +32,13 @@ class Timeline:
     """The marks and outcome of one recovery of one domain."""
 
     domain: str
-    trigger: str  # crash | watchdog | operator
+    trigger: str  # crash | watchdog | operator | resume (after xenpbrd's restart)
     marks: list[Mark] = field(default_factory=list)
     method: str = ""  # phase:<name> | normal-reboot
     outcome: str = "in-progress"  # recovered | failed
     attempts: list[str] = field(default_factory=list)  # what was tried, in order
     skipped: list[str] = field(default_factory=list)  # images not used, and why
+    generation: int | None = None  # the generation a phase-based reboot acknowledged
 
     def mark(self, name: str, detail: str = "", now: float | None = None) -> Mark:
         """Record ``name`` now (or at monotonic time ``now``)."""
@@ -47,6 +48,21 @@ class Timeline:
         entry = Mark(name, mono, time.time() - (time.monotonic() - mono), detail)
         self.marks.append(entry)
         return entry
+
+    def note_guest(self, state: str, generation: int, now: float) -> bool:
+        """Mark what a restored guest's agent reported (``acked``, ``ready`` or
+        ``steps-failed`` for ``generation``); True if a mark was added. Reports for another
+        generation (an older restore, or a lying guest) are ignored."""
+        if self.generation != generation or self.outcome != "recovered":
+            return False
+        added = False
+        if self.at("guest_ack") is None:
+            self.mark("guest_ack", now=now)
+            added = True
+        if state != "acked" and self.at("service_ready") is None:
+            self.mark("service_ready", "" if state == "ready" else state, now=now)
+            added = True
+        return added
 
     def at(self, name: str) -> float | None:
         """Monotonic time of the first mark ``name``, if recorded."""
@@ -76,5 +92,5 @@ class Timeline:
     def from_json(cls, data: dict[str, Any]) -> "Timeline":
         marks = [Mark(**m) for m in data.get("marks", [])]
         fields = {k: data[k] for k in ("domain", "trigger", "method", "outcome", "attempts",
-                                       "skipped") if k in data}
+                                       "skipped", "generation") if k in data}
         return cls(marks=marks, **fields)

@@ -27,10 +27,12 @@ from xenpbr.protocol import (
     MOUNT,
     REQUEST_KEY,
     SEQ_LIMIT,
+    STATUS_KEY,
     Ack,
     AckMalformed,
     BoundaryRequest,
     DiskState,
+    GuestStatus,
     RequestRefused,
     Verdict,
     encode_request,
@@ -123,6 +125,17 @@ def announce(xs: Any) -> None:
         xs.write(AGENT_KEY, f"{__version__} {os.getpid()}")
     except XenstoreError as exc:
         log.warning("cannot write %s: %s", AGENT_KEY, exc)
+
+
+def report_status(xs_factory: Callable[[], Any], status: GuestStatus) -> None:
+    """Tell dom0 how far a restored guest got (``acked``/``ready``): the guest_ack and
+    service_ready marks of its recovery timeline. Informational: a failure is logged,
+    never raised (the guest's recovery matters more than its timeline)."""
+    try:
+        with xs_factory() as xs:
+            xs.write(STATUS_KEY, status.encode())
+    except (XenstoreError, OSError) as exc:
+        log.warning("cannot write %s: %s", STATUS_KEY, exc)
 
 
 def wait_for_ack(xs: Any, seq: int, deadline: float,

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from xenpbr.protocol import GENERATION_KEY, VerdictKind
+from xenpbr.protocol import GENERATION_KEY, GuestStatus, VerdictKind
 from xenpbr.xenstore import XenstoreClient, XenstoreError
 from xenpbr_agent import (
     EXIT_OK,
@@ -34,7 +34,13 @@ from xenpbr_agent import (
     __version__,
     poststeps,
 )
-from xenpbr_agent.boundary import MOUNTS, BoundaryResult, mark_boundary, read_ack
+from xenpbr_agent.boundary import (
+    MOUNTS,
+    BoundaryResult,
+    mark_boundary,
+    read_ack,
+    report_status,
+)
 from xenpbr_agent.config import AgentConfig, load_config
 from xenpbr_agent.state import StateStore
 
@@ -123,7 +129,15 @@ def cmd_phase(args: argparse.Namespace, xs_factory: XenstoreFactory, mounts_path
     elif result.verdict is None:
         log.warning("boundary %s: no answer from dom0 within %g s (is xenpbrd running?); "
                     "the boot goes on without an image", result.phase, timeout)
-    return _exit_code(result, poststeps.after_boundary(config, args.name, result.verdict))
+    generation = (result.verdict.generation if result.verdict is not None
+                  and result.verdict.kind is VerdictKind.RESTORED else None)
+    if generation is not None:
+        report_status(xs_factory, GuestStatus("acked", generation))
+    steps_ok = poststeps.after_boundary(config, args.name, result.verdict)
+    if generation is not None:
+        report_status(xs_factory, GuestStatus("ready" if steps_ok else "steps-failed",
+                                              generation))
+    return _exit_code(result, steps_ok)
 
 
 def _status(args: argparse.Namespace, xs_factory: XenstoreFactory) -> dict[str, Any]:

@@ -39,6 +39,10 @@ class Recorder:
 
     def unpause(self, domid):
         self.calls.append(("unpause", domid))
+        self.hv.unpause(domid)
+
+    def state(self, name):
+        return None
 
     def restore(self, domain, image_id):
         self.calls.append(("restore", image_id))
@@ -127,3 +131,96 @@ def test_failed_capture_is_refused_and_daemon_goes_on(world) -> None:
     server.connect(domid).write("data/xenpbr/request", request(1, "kernel"))
     settle(daemon)
     assert server.connect(0).read(protocol.ack_path(domid)) == b"1 refused:capture-failed"
+
+
+def published(server: FakeXenstoreServer, name: str = "web") -> dict[str, str]:
+    """Everything xenpbrd published for ``name``, as relative key -> value."""
+    dom0, root, out = server.connect(0), f"/xenpbr/domains/{name}", {}
+
+    def walk(rel: str) -> None:
+        path = f"{root}/{rel}" if rel else root
+        value = dom0.read(path)
+        if value:
+            out[rel] = value.decode()
+        for child in dom0.ls(path):
+            walk(f"{rel}/{child}" if rel else child)
+    walk("")
+    return out
+
+
+def crash_and_recover(server, hv, rec, daemon) -> int:
+    domid = hv.create_domain(name="web")
+    settle(daemon)
+    server.connect(domid).write("data/xenpbr/request", request(1, "app"))
+    settle(daemon)
+    hv.crash(domid)
+    settle(daemon)
+    return [c for c in rec.calls if c[0] == "unpause"][0][1]
+
+
+def test_guest_status_notes_complete_the_recovery_timeline(world) -> None:
+    server, hv, state, rec, daemon = world
+    new = crash_and_recover(server, hv, rec, daemon)
+    guest = server.connect(new)
+    guest.write("data/xenpbr/status", b"acked 7")  # another generation: ignored
+    settle(daemon)
+    (timeline,) = state.history("web")
+    assert timeline.at("guest_ack") is None
+    guest.write("data/xenpbr/status", b"acked 1")
+    settle(daemon)
+    guest.write("data/xenpbr/status", b"ready 1")
+    settle(daemon)
+    (timeline,) = state.history("web")
+    marks = [m.name for m in timeline.marks]
+    assert marks[-2:] == ["guest_ack", "service_ready"]
+    assert timeline.downtime() == round(timeline.at("service_ready")
+                                        - timeline.at("crash_seen"), 3)
+
+
+def test_state_is_published_in_xenstore(world) -> None:
+    server, hv, state, rec, daemon = world
+    domid = hv.create_domain(name="web")
+    settle(daemon)
+    assert published(server)["status"] == "watching"
+    assert published(server)["domid"] == str(domid)
+    server.connect(domid).write("data/xenpbr/request", request(1, "app"))
+    settle(daemon)
+    keys = published(server)
+    assert keys["phases"] == "kernel app" and keys["images/app/id"] == "img-app-1"
+    assert keys["images/app/valid"] == "1" and float(keys["images/app/created"]) > 0
+    hv.crash(domid)
+    settle(daemon)
+    keys = published(server)
+    assert keys["last-recovery/method"] == "phase:app"
+    assert keys["last-recovery/outcome"] == "recovered" and keys["generation"] == "1"
+    new = [c for c in rec.calls if c[0] == "unpause"][0][1]
+    assert keys["status"] == "watching" and keys["domid"] == str(new)
+
+
+def test_guests_cannot_read_the_published_state(world) -> None:
+    from xenpbr.xenstore import PermissionDenied
+    server, hv, state, rec, daemon = world
+    domid = hv.create_domain(name="web")
+    settle(daemon)
+    with pytest.raises(PermissionDenied):
+        server.connect(domid).read("/xenpbr/domains/web/status")
+
+
+def test_interrupted_recovery_is_finished_at_start(world) -> None:
+    server, hv, state, rec, daemon = world
+    state.begin_recovery("web", {"trigger": "crash"})
+    daemon.resume_interrupted()
+    assert rec.calls[0] == ("destroy", "web") and ("create", "xl.cfg") in rec.calls
+    assert state.interrupted_recoveries() == []
+    assert [t.trigger for t in state.history("web")] == ["resume"]
+
+
+def test_a_domain_restored_by_someone_else_keeps_its_ack(world) -> None:
+    server, hv, state, rec, daemon = world
+    domid = hv.create_domain(name="web")
+    protocol.prepare_domain(server.connect(0), domid, generation=4)
+    protocol.write_ack(server.connect(0), domid, protocol.Ack(9, protocol.Verdict.restored(4)))
+    settle(daemon)
+    dom0 = server.connect(0)
+    assert dom0.read(protocol.ack_path(domid)) == b"9 restored:4"
+    assert dom0.read(protocol.generation_path(domid)) == b"4"

@@ -90,3 +90,21 @@ def test_fingerprint_follows_kernel_bytes_not_path(tmp_path: Path) -> None:
 def test_unreadable_kernel_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="fingerprint"):
         domconfig.fingerprint(cfg(SAMPLE.replace("KERNEL", "/nonexistent/vmlinuz")), (), "")
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("xenpbr_crash_loop_window = 0", "xenpbr_crash_loop_window = 0"),
+    ("xenpbr_crash_loop_window = \"60\"", "expected a number of seconds"),
+    ("xenpbr_crash_loop_limit = 0", "xenpbr_crash_loop_limit = 0"),
+    ("xenpbr_crash_loop_limit = 2.5", "whole number of crashes"),
+])
+def test_bad_crash_loop_settings_are_refused_at_parse_time(line: str, problem: str) -> None:
+    with pytest.raises(domconfig.ConfigError, match=problem):
+        domconfig.parse(f'name = "g"\n{line}\n')
+
+
+def test_crash_loop_policy_defaults_and_overrides() -> None:
+    assert domconfig.crash_loop_policy(domconfig.parse('name = "g"\n')) == (60.0, 3)
+    cfg = domconfig.parse('name = "g"\nxenpbr_crash_loop_window = 20\n'
+                          'xenpbr_crash_loop_limit = 5\n')
+    assert domconfig.crash_loop_policy(cfg) == (20.0, 5)

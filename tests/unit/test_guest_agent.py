@@ -216,9 +216,22 @@ def test_restored_runs_post_restore_steps_exactly_once(env, server, tmp_path, ca
         assert (code, out) == (EXIT_OK, "services restored:1\n")
         assert marks.read_text() == "restore\n"  # not the last phase: no non-candidates
         assert state(tmp_path)["generation"] == 1
+        assert guest_status(server) == b"ready 1"  # dom0's service_ready mark
         code, out, _ = env(["phase", "app"], capsys)
         assert (code, out) == (EXIT_OK, "app captured\n")
     assert marks.read_text() == "restore\nlast\nlast2\n"
+    assert guest_status(server) == b"ready 1"  # a capture reports nothing
+
+
+def guest_status(server: FakeXenstoreServer) -> bytes | None:
+    with server.connect(0) as dom0:
+        return dom0.read_or(f"/local/domain/{DOMID}/data/xenpbr/status", None)
+
+
+def test_a_capture_writes_no_status_note(env, server, capsys) -> None:
+    with Responder(server, {"kernel": answer(Verdict.captured())}):
+        assert env(["phase", "kernel"], capsys)[:2] == (EXIT_OK, "kernel captured\n")
+    assert guest_status(server) is None
 
 
 def test_restored_at_the_last_phase_runs_both_step_lists(env, server, tmp_path,
@@ -282,6 +295,7 @@ def test_failing_post_restore_step_gives_exit_5_after_running_the_rest(env, serv
         code, out, err = env(["phase", "kernel"], capsys)
     assert (code, out) == (EXIT_STEP_FAILED, "kernel restored:2\n")
     assert "cannot start" in err and marks.read_text() == "still\n"
+    assert guest_status(server) == b"steps-failed 2"
 
 
 def test_dom0_not_managing_the_domain_answers_disabled_at_once(tmp_path, capsys,

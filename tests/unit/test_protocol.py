@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from xenpbr import protocol
 from xenpbr.errors import XenpbrError
 from xenpbr.protocol import (
     MAX_REQUEST_BYTES,
@@ -563,3 +564,24 @@ def test_guest_text_never_becomes_a_dom0_path(server: FakeXenstoreServer) -> Non
         new = set(server.dump()) - before
         guest_dir = request_path(DOMID).rsplit("/", 1)[0]  # created by the guest's write
         assert new <= {ack_path(DOMID), request_path(DOMID), guest_dir}, new
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b"acked 3", ("acked", 3)),
+    (b"ready 12", ("ready", 12)),
+    (b"steps-failed 1", ("steps-failed", 1)),
+    (None, None), (b"", None), (b"ready 0", None), (b"ready -1", None),
+    (b"ready 3 ", None), (b"READY 3", None), (b"ready 1234567890", None),
+    (b"ready " + b"9" * 40, None), (b"\xff\xfe 1", None), (b"acked 3\n", None),
+])
+def test_guest_status_notes_are_parsed_strictly(raw, expected) -> None:
+    status = protocol.parse_guest_status(raw)
+    assert (None if status is None else (status.state, status.generation)) == expected
+
+
+def test_status_watch_tokens_are_not_request_tokens() -> None:
+    path, token = protocol.status_watch(7)
+    assert path == "/local/domain/7/data/xenpbr/status"
+    assert protocol.domid_from_status_token(token) == 7
+    assert protocol.domid_from_token(token) is None
+    assert protocol.domid_from_status_token(protocol.request_watch(7)[1]) is None

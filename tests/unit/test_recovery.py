@@ -23,6 +23,8 @@ class FakeXen:
         self.bad_images: set[str] = set()
         self.create_fails = False
         self.ack_fails = False
+        self.domain_state: str | None = None  # what `xl list` would say
+        self.die_on_unpause = False  # simulates xenpbrd being killed at that point
 
     def destroy(self, name: str) -> None:
         self.calls.append(("destroy", name))
@@ -35,6 +37,11 @@ class FakeXen:
 
     def unpause(self, domid: int) -> None:
         self.calls.append(("unpause", domid))
+        if self.die_on_unpause:
+            raise KeyboardInterrupt("killed")
+
+    def state(self, name: str) -> str | None:
+        return self.domain_state
 
     def restore(self, domain: str, image_id: str) -> int:
         self.calls.append(("restore", image_id))
@@ -125,3 +132,85 @@ def test_operator_reboot_to_a_phase_and_unknown_phase(setup) -> None:
     assert "app" in state.phases("g").images  # deeper images are kept, only skipped
     with pytest.raises(RecoveryFailed, match="no phase 'nope'"):
         recovery.recover("g", "operator", max_phase="nope")
+
+
+def _register_with(state: StateDir, **settings: object) -> None:
+    record = state.load_record("g")
+    state.register("g", {"name": "g", **settings}, 'name = "g"\n', "g.cfg")
+    assert state.load_record("g")["phases"] == record["phases"]
+
+
+def test_configured_crash_loop_window_and_limit_are_applied(setup) -> None:
+    state, xen, recovery = setup
+    _register_with(state, xenpbr_crash_loop_window=5, xenpbr_crash_loop_limit=2)
+    first = recovery.recover("g", "crash")  # clock steps 0.5 s: every crash is "quick"
+    second = recovery.recover("g", "crash")
+    third = recovery.recover("g", "crash")
+    assert [first.method, second.method, third.method] == ["phase:app", "phase:services",
+                                                           "normal-reboot"]
+    assert any("crash loop: 2 crashes within 5 s" in s for s in third.skipped)
+
+
+def test_crash_after_the_window_is_not_a_loop(tmp_path: Path) -> None:
+    state = StateDir(tmp_path)
+    state.register("g", {"name": "g", "xenpbr_crash_loop_window": 10}, 'name = "g"\n', "c")
+    p = state.phases("g")
+    p.phases, p.fingerprint = PHASES, "F"
+    p.record_image(ImageInfo("img-app", "app", "F", 1.0, seq=3))
+    state.save_phases(p)
+    xen, now = FakeXen(), [100.0]
+    recovery = Recovery(state, xen, xen, xen, clock=lambda: now[0])
+    recovery.recover("g", "crash")
+    now[0] += 11
+    assert recovery.recover("g", "crash").method == "phase:app"
+    now[0] = 5.0  # dom0 rebooted: monotonic time restarted below the last recovery
+    assert recovery.recover("g", "crash").method == "phase:app"
+
+
+def test_operator_reboots_do_not_feed_the_crash_loop_guard(setup) -> None:
+    state, xen, recovery = setup
+    for _ in range(4):
+        assert recovery.recover("g", "operator").method == "phase:app"
+
+
+def test_intent_is_cleared_when_the_recovery_ends(setup) -> None:
+    state, xen, recovery = setup
+    recovery.recover("g", "crash")
+    assert state.recovery_intent("g") is None and state.interrupted_recoveries() == []
+
+
+def test_recovery_killed_after_unpause_is_kept_on_resume(setup) -> None:
+    state, xen, recovery = setup
+    xen.die_on_unpause = True
+    with pytest.raises(KeyboardInterrupt):
+        recovery.recover("g", "crash")
+    assert state.interrupted_recoveries() == ["g"]
+    assert state.recovery_intent("g")["generation"] == 1
+    xen.die_on_unpause, xen.domain_state = False, "-b----"
+    xen.calls.clear()
+    assert recovery.resume_interrupted("g") is None
+    assert xen.calls == [] and state.interrupted_recoveries() == []
+    assert state.phases("g").generation == 1  # the generation the guest was told
+
+
+@pytest.mark.parametrize("left", [None, "--p---", "---s--"])
+def test_recovery_killed_midway_is_redone_on_resume(setup, left) -> None:
+    state, xen, recovery = setup
+    state.begin_recovery("g", {"trigger": "crash"})
+    xen.domain_state = left
+    timeline = recovery.resume_interrupted("g")
+    assert timeline is not None and timeline.trigger == "resume"
+    assert timeline.method == "phase:app" and xen.calls[0] == ("destroy", "g")
+    assert state.interrupted_recoveries() == []
+
+
+def test_damaged_intent_still_means_unfinished(setup) -> None:
+    state, xen, recovery = setup
+    (state.root / "domains" / "g" / "recovering.json").write_text("{not json")
+    assert state.recovery_intent("g") == {}
+    assert recovery.resume_interrupted("g") is not None
+
+
+def test_nothing_to_resume_without_an_intent(setup) -> None:
+    state, xen, recovery = setup
+    assert recovery.resume_interrupted("g") is None and xen.calls == []

@@ -197,3 +197,19 @@ def destroy(xl: Sequence[str], name: str, timeout: float = 120.0) -> str | None:
     except (OSError, subprocess.TimeoutExpired) as err:
         return str(err)
     return None if result.returncode == 0 else (result.stderr or result.stdout).strip()
+
+
+def domain_state(xl: Sequence[str], name: str, timeout: float = 60.0) -> str | None:
+    """xl's six state letters for ``name`` (e.g. ``-b----``, ``--p---``), or None if there
+    is no such domain (or xl could not be asked: callers treat that as "not running")."""
+    try:
+        result = subprocess.run([*xl, "list", name], capture_output=True, text=True,
+                                timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        _LOG.warning("xl list %s failed: %s", name, err)
+        return None
+    for line in result.stdout.splitlines()[1:] if result.returncode == 0 else []:
+        fields = line.split()
+        if len(fields) >= 5 and fields[0] == name and len(fields[4]) == 6:
+            return fields[4]
+    return None

@@ -1,0 +1,123 @@
+"""Publish each registered domain's xenpbr state in xenstore, for automation.
+
+Monitoring and orchestration in dom0 already speak xenstore (``xenstore-read``,
+``xenstore-watch``, libxenstore bindings), so xenpbrd mirrors what it knows there, under
+one documented subtree (contract: ``docs/xenstore.md``, "Published state")::
+
+    /xenpbr/domains/<name>/status              watching | capturing | recovering |
+                                               down | stopped
+    /xenpbr/domains/<name>/domid               current domid ("" when none)
+    /xenpbr/domains/<name>/phases              declared phases, space separated
+    /xenpbr/domains/<name>/generation          phase-based reboots so far
+    /xenpbr/domains/<name>/images/<phase>/id       image id
+    /xenpbr/domains/<name>/images/<phase>/created  Unix time it was captured
+    /xenpbr/domains/<name>/images/<phase>/valid    1, or 0 once it failed verification
+    /xenpbr/domains/<name>/last-recovery/{trigger,method,outcome,downtime,finished}
+    /xenpbr/domains/<name>/updated             Unix time of this snapshot
+
+Image *ages* are left to the reader (now - created): a published age would be stale the
+moment it was written. Each domain's subtree is replaced in one transaction, so a reader
+never sees half an update. The nodes are created by dom0 below the root, which only dom0
+may read: guests cannot see other domains' state. Publishing is best effort: xenstore
+trouble is logged and never stops a capture or a recovery.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from xenpbr.errors import XenpbrError
+from xenpbr.state import StateDir
+from xenpbr.timeline import Timeline
+from xenpbr.xenstore import NoSuchKey
+
+log = logging.getLogger(__name__)
+
+ROOT = "/xenpbr/domains"
+STATUSES = ("watching", "capturing", "recovering", "down", "stopped")
+
+
+def domain_root(name: str) -> str:
+    return f"{ROOT}/{name}"
+
+
+def snapshot(state: StateDir, name: str, status: str, domid: int | None,
+             now: float | None = None) -> dict[str, str]:
+    """The keys (relative to the domain's root) and values to publish for ``name``."""
+    if status not in STATUSES:
+        raise ValueError(f"unknown published status {status!r}; known: {STATUSES}")
+    phases = state.phases(name)
+    keys = {"status": status, "domid": "" if domid is None else str(int(domid)),
+            "phases": " ".join(phases.phases), "generation": str(phases.generation),
+            "updated": f"{time.time() if now is None else now:.0f}"}
+    for phase, image in phases.images.items():
+        keys.update({f"images/{phase}/id": image.image_id,
+                     f"images/{phase}/created": f"{image.created_at:.0f}",
+                     f"images/{phase}/valid": "1" if image.verified else "0"})
+    last = _last_recovery(state, name)
+    if last is not None:
+        finished = last.marks[-1].wall if last.marks else 0.0
+        downtime = last.downtime()
+        keys.update({"last-recovery/trigger": last.trigger,
+                     "last-recovery/method": last.method or "-",
+                     "last-recovery/outcome": last.outcome,
+                     "last-recovery/downtime": "" if downtime is None else f"{downtime:.3f}",
+                     "last-recovery/finished": f"{finished:.0f}"})
+    return keys
+
+
+def _last_recovery(state: StateDir, name: str) -> Timeline | None:
+    last = None
+    for last in state.history(name):
+        pass
+    return last
+
+
+def publish(xs: Any, state: StateDir, name: str, status: str,
+            domid: int | None = None) -> bool:
+    """Replace ``name``'s published subtree; False (and a log line) if it failed."""
+    try:
+        keys = snapshot(state, name, status, domid)
+    except XenpbrError as exc:
+        log.warning("%s: state not published: %s", name, exc)
+        return False
+    root = domain_root(name)
+
+    def work(t: Any) -> None:
+        try:
+            t.rm(root)
+        except NoSuchKey:
+            pass  # the first publication: /xenpbr/domains does not exist yet
+        for key, value in sorted(keys.items()):
+            t.write(f"{root}/{key}", value)
+
+    try:
+        xs.run_transaction(work)
+    except (XenpbrError, OSError) as exc:
+        log.warning("%s: could not publish its state in xenstore: %s", name, exc)
+        return False
+    return True
+
+
+def unpublish(xs: Any, name: str) -> None:
+    """Remove ``name``'s published subtree (the domain was unregistered)."""
+    try:
+        xs.rm(domain_root(name))
+    except (XenpbrError, OSError) as exc:
+        log.warning("%s: could not remove its published state: %s", name, exc)
+
+
+def refresh(xs: Any, state: StateDir, name: str) -> bool:
+    """Republish ``name`` keeping its published status and domid (for the CLI, which
+    changes images but does not know what the daemon last saw)."""
+    root = domain_root(name)
+    try:
+        status = (xs.read_or(f"{root}/status", b"stopped") or b"stopped").decode()
+        domid_text = (xs.read_or(f"{root}/domid", b"") or b"").decode()
+    except (XenpbrError, OSError) as exc:
+        log.debug("%s: published state not readable: %s", name, exc)
+        return False
+    domid = int(domid_text) if domid_text.isdigit() else None
+    return publish(xs, state, name, status if status in STATUSES else "stopped", domid)
