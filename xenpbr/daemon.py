@@ -93,6 +93,7 @@ class Daemon:
         self.names: dict[int, str] = {}  # domid -> registered name
         self.restored_domids: set[int] = set()  # prepared by recovery, not a fresh boot
         self.watching: dict[int, list[tuple[str, str]]] = {}  # domid -> its watches
+        self._published_at: dict[str, float] = {}  # name -> monotonic time
         self._running = True
 
     def restored(self, domid: int, seq: int, generation: int) -> None:
@@ -119,7 +120,9 @@ class Daemon:
                 log.debug("unwatch %s: %s", path, exc)
 
     def _publish(self, name: str, status: str, domid: int | None = None) -> None:
-        publish.publish(self.xs, self.state, name, status, domid)
+        refusals = self.protocol.gate.refusal_counts(domid) if domid is not None else None
+        publish.publish(self.xs, self.state, name, status, domid, refusals)
+        self._published_at[name] = time.monotonic()
 
     # -- loop ----------------------------------------------------------------------------
 
@@ -203,13 +206,13 @@ class Daemon:
         """A registered domain exists: prepare its control dir and watch its requests.
 
         A domain whose control dir already holds an ack was prepared by whoever restored
-        it (this daemon, the CLI's ``xenpbr reboot``, or a previous xenpbrd): rewriting
-        its generation could contradict the ack its agent is reading.
+        it (this daemon, the CLI's ``xenpbr reboot``) or served by a previous xenpbrd:
+        it is adopted as it is (rewriting its generation could contradict the ack its
+        agent is reading, and requests up to the acked seq are replays).
         """
-        prepared = self.xs.read_or(protocol.ack_path(domid), None) is not None
-        if domid in self.restored_domids or prepared:
+        if domid in self.restored_domids:
             self.restored_domids.discard(domid)
-        else:
+        elif not self.protocol.adopt(domid):
             self.protocol.register(domid, self.state.phases(name).generation)
         self._watch_guest(domid)
         self._publish(name, "watching", domid)
@@ -241,6 +244,11 @@ class Daemon:
         if name is None:
             return
         admission = self.protocol.poll(domid)
+        if admission.outcome is Outcome.REFUSED:
+            # refusal counters, at most once a second: a flooding guest must not turn
+            # each of its writes into a dom0 transaction
+            if time.monotonic() - self._published_at.get(name, 0.0) >= 1.0:
+                self._publish(name, "watching", domid)
         if admission.outcome is not Outcome.ACCEPTED or admission.request is None:
             return
         request = admission.request
@@ -274,6 +282,7 @@ class Daemon:
         if phases.boundary_decision(request.phase, fingerprint) == "skip":
             self.state.save_phases(phases)
             return Verdict.skipped()
+        log.info("%s: capturing phase %s (seq %d)", name, request.phase, request.seq)
         try:
             result = self.capture(name, self.store, request.phase, seq=request.seq,
                                   fingerprint=fingerprint)

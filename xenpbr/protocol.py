@@ -931,6 +931,21 @@ class PhaseProtocol:
         self.gate.restored(domid, seq)
         log.info("domain %d: ack %s (restored)", domid, ack.encode())
 
+    def adopt(self, domid: int) -> bool:
+        """Take over a domain whose control dir already holds an ack (xenpbrd restarted,
+        or another process restored it): the ack is the durable record of the last answer
+        (only dom0 can write it), so requests up to its seq are replays. False if there
+        is no readable ack (then :meth:`register` the domain as a fresh boot)."""
+        raw = self.xs.read_or(ack_path(domid), None)
+        try:
+            ack = Ack.parse(raw) if raw is not None else None
+        except AckMalformed:
+            ack = None
+        if ack is None:
+            return False
+        self.gate.restored(domid, ack.seq)
+        return True
+
     def forget(self, domid: int) -> None:
         self.gate.forget(domid)
 

@@ -13,6 +13,8 @@ one documented subtree (contract: ``docs/xenstore.md``, "Published state")::
     /xenpbr/domains/<name>/images/<phase>/created  Unix time it was captured
     /xenpbr/domains/<name>/images/<phase>/valid    1, or 0 once it failed verification
     /xenpbr/domains/<name>/last-recovery/{trigger,method,outcome,downtime,finished}
+    /xenpbr/domains/<name>/refusals/<reason>   the current domid's refused requests
+                                               (reason with ':' as '-')
     /xenpbr/domains/<name>/updated             Unix time of this snapshot
 
 Image *ages* are left to the reader (now - created): a published age would be stale the
@@ -44,7 +46,8 @@ def domain_root(name: str) -> str:
 
 
 def snapshot(state: StateDir, name: str, status: str, domid: int | None,
-             now: float | None = None) -> dict[str, str]:
+             now: float | None = None,
+             refusals: dict[str, int] | None = None) -> dict[str, str]:
     """The keys (relative to the domain's root) and values to publish for ``name``."""
     if status not in STATUSES:
         raise ValueError(f"unknown published status {status!r}; known: {STATUSES}")
@@ -56,6 +59,8 @@ def snapshot(state: StateDir, name: str, status: str, domid: int | None,
         keys.update({f"images/{phase}/id": image.image_id,
                      f"images/{phase}/created": f"{image.created_at:.0f}",
                      f"images/{phase}/valid": "1" if image.verified else "0"})
+    for reason, count in sorted((refusals or {}).items()):
+        keys[f"refusals/{reason.replace(':', '-')}"] = str(count)  # ':' is not a path char
     last = _last_recovery(state, name)
     if last is not None:
         finished = last.marks[-1].wall if last.marks else 0.0
@@ -76,10 +81,10 @@ def _last_recovery(state: StateDir, name: str) -> Timeline | None:
 
 
 def publish(xs: Any, state: StateDir, name: str, status: str,
-            domid: int | None = None) -> bool:
+            domid: int | None = None, refusals: dict[str, int] | None = None) -> bool:
     """Replace ``name``'s published subtree; False (and a log line) if it failed."""
     try:
-        keys = snapshot(state, name, status, domid)
+        keys = snapshot(state, name, status, domid, refusals=refusals)
     except XenpbrError as exc:
         log.warning("%s: state not published: %s", name, exc)
         return False

@@ -146,8 +146,8 @@ class Recovery:
             self.state.add_history(timeline)
             if timeline.outcome != "in-progress":  # interrupted: resume on next start
                 self.state.end_recovery(name)
-            log.info("%s: recovery %s via %s in %s s", name, timeline.outcome,
-                     timeline.method or "-", timeline.downtime())
+            log.info("%s: recovery ended: %s via %s, downtime so far %s s", name,
+                     timeline.outcome, timeline.method or "-", timeline.downtime())
 
     def resume_interrupted(self, name: str) -> Timeline | None:
         """Finish a recovery of ``name`` that a previous xenpbrd did not (it was killed).
@@ -200,6 +200,7 @@ class Recovery:
                  timeline: Timeline) -> bool:
         label = "normal-reboot" if candidate.image is None else f"phase:{candidate.image.phase}"
         timeline.attempts.append(label)
+        log.info("%s: trying %s (%s)", name, label, candidate.reason)
         timeline.mark("restore_started", label, now=self.clock())
         try:
             if candidate.image is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -16,18 +17,61 @@ _READY = (f"for i in $(seq 150); do grep -q 'xenpbrd serving' {LOG} && exit 0; s
           f"done; cat {LOG}; exit 1")
 
 
-def start(host: "XenHost") -> None:
-    """Start xenpbrd with an empty state directory and wait until it serves."""
-    host.run(_START)
-    host.run(_READY, timeout=60)
+def start(host: "XenHost", fresh: bool = True) -> None:
+    """Start xenpbrd and wait until it serves: with an empty state directory, or
+    (``fresh=False``) with the state a previous xenpbrd left, as after a crash of it."""
+    if fresh:
+        host.run(_START)
+        host.run(_READY, timeout=60)
+        return
+    served = log_text(host).count("xenpbrd serving")
+    host.run(_START.replace(f"rm -rf {STATE} && ", "").replace(f"> {LOG}", f">> {LOG}"))
+    wait_for_log(host, "xenpbrd serving", timeout=60, count=served + 1)
 
 
-def stop(host: "XenHost") -> str:
-    """Stop xenpbrd; return its log."""
-    return host.run(f"kill $(cat /run/xenpbrd.pid); sleep 0.5; cat {LOG}", check=False).stdout
+def kill(host: "XenHost") -> None:
+    """SIGKILL xenpbrd: no cleanup of any kind runs (the children it started live on)."""
+    host.run(_ALIVE + "pid=$(cat /run/xenpbrd.pid); kill -9 $pid; "
+             "while alive; do sleep 0.05; done", timeout=30)
+    host.run(f"echo '---- xenpbrd killed (SIGKILL) ----' >> {LOG}")
+
+
+def wait_for_log(host: "XenHost", pattern: str, timeout: float = 120.0,
+                 count: int = 1) -> None:
+    """Wait until ``pattern`` (an ERE) appears ``count`` times in xenpbrd's log."""
+    host.run(f"i=0; while [ $(grep -cE {shlex.quote(pattern)} {LOG}) -lt {count} ]; do "
+             f"i=$((i+1)); [ $i -gt {int(timeout * 10)} ] && exit 1; sleep 0.1; done",
+             timeout=timeout + 10)
+
+
+def log_text(host: "XenHost") -> str:
+    return host.run(["cat", LOG], check=False).stdout
+
+
+#: Shell: true while process $pid exists and is not a zombie (dom0's init does not reap
+#: the daemons the control server orphans, so `kill -0` alone would never turn false).
+_ALIVE = ('alive() { [ -e /proc/$pid ] && [ "$(cut -d" " -f3 /proc/$pid/stat 2>/dev/null)" '
+          '!= Z ]; }; ')
+
+
+def stop(host: "XenHost", grace: float = 60.0) -> str:
+    """Stop xenpbrd (SIGTERM: it finishes the capture or recovery under way, then exits;
+    SIGKILL after ``grace`` seconds) and wait until it is gone, so that the next test's
+    xenpbrd never runs beside it; return its log."""
+    host.run(_ALIVE + "pid=$(cat /run/xenpbrd.pid); kill $pid 2>/dev/null; i=0; "
+             f"while alive && [ $i -lt {int(grace * 10)} ]; do "
+             "sleep 0.1; i=$((i+1)); done; kill -9 $pid 2>/dev/null; "
+             "while alive; do sleep 0.05; done",
+             check=False, timeout=grace + 30)
+    return log_text(host)
 
 
 def cli(host: "XenHost", *args: str, timeout: float = 120.0) -> Any:
     """Run ``xenpbr ARGS --json`` in dom0 and return the parsed JSON."""
     argv = ["env", f"XENPBR_STATE_DIR={STATE}", "python3", "-m", "xenpbr.cli", *args, "--json"]
     return json.loads(host.run(argv, timeout=timeout).stdout)
+
+
+def running(host: "XenHost") -> bool:
+    """True if the xenpbrd started last is alive (not a zombie)."""
+    return host.run(_ALIVE + "pid=$(cat /run/xenpbrd.pid); alive", check=False).rc == 0

@@ -105,6 +105,16 @@ def dom0_python(xen_host: XenHost) -> Callable[..., object]:
 #: Where lab tests leave big files in dom0 (its root is a RAM-backed tmpfs): image
 #: stores, captured streams, checkpoints. Cleared after every test so one test's
 #: leftovers can never fill dom0 for the next (seen: ENOSPC cascading through a session).
+@pytest.fixture
+def xenpbrd(xen_host: XenHost) -> Iterator[None]:
+    """xenpbrd running in dom0 for one test (fresh state), stopped and its log shown
+    afterwards (pytest prints it for failed tests)."""
+    from xenpbr_lab import xenpbrd as xenpbrd_lab
+    xenpbrd_lab.start(xen_host)
+    yield
+    print("---- xenpbrd log ----\n" + xenpbrd_lab.stop(xen_host)[-8000:])
+
+
 DOM0_SCRATCH = ("/var/lib/xenpbr", "/var/lib/xenpbr-lab-images", "/tmp/*.xl", "/tmp/*.chk",
                 "/tmp/*.fifo")
 

@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import os
+import re
 import statistics
 import textwrap
 import time
@@ -266,3 +267,18 @@ def percentile(values: list[float], pct: float) -> float:
 def summary(values: list[float]) -> dict[str, float]:
     return {"n": len(values), "median": statistics.median(values),
             "p90": percentile(values, 90), "min": min(values), "max": max(values)}
+
+
+# --------------------------------------------------------------------------- the agent
+
+AGENT_LINE = r"XENPBR-AGENT: (\S+) (\S+) rc=(\d+)"
+
+
+def agent_verdicts(guest: LabDomain, count: int, after: int = 0,
+                   timeout: float = 300) -> list[tuple[str, str, int]]:
+    """The first ``count`` ``(phase, verdict, rc)`` the guest's agent printed after
+    console offset ``after`` (waiting for them)."""
+    guest.wait_for_console(r"(?s)(?:%s.*?){%d}" % (AGENT_LINE, count), after=after,
+                           timeout=timeout)
+    found = re.findall(AGENT_LINE, guest.console()[after:])
+    return [(p, v, int(rc)) for p, v, rc in found[:count]]

@@ -117,6 +117,7 @@ def test_unregistered_and_hostile_domains_do_not_disturb_the_daemon(world) -> No
     server.connect(web).write("data/xenpbr/request", request(5, "kernel"))
     settle(daemon)
     assert server.connect(0).read(protocol.ack_path(web)) == b"5 captured"
+    assert published(server)["refusals/bad-request-encoding"] == "1"
 
 
 def test_failed_capture_is_refused_and_daemon_goes_on(world) -> None:
@@ -224,3 +225,34 @@ def test_a_domain_restored_by_someone_else_keeps_its_ack(world) -> None:
     dom0 = server.connect(0)
     assert dom0.read(protocol.ack_path(domid)) == b"9 restored:4"
     assert dom0.read(protocol.generation_path(domid)) == b"4"
+
+
+def test_restarted_daemon_treats_the_answered_request_as_a_replay(world, tmp_path) -> None:
+    server, hv, state, rec, daemon = world
+    domid = hv.create_domain(name="web")
+    settle(daemon)
+    server.connect(domid).write("data/xenpbr/request", request(1, "kernel"))
+    settle(daemon)
+    assert rec.captures == 1
+    again = Daemon(state, ImageStore(state.images_root), hv, server.connect(0),
+                   server.connect(0), toolstack=rec, restorer=rec, capture_fn=rec.capture)
+    again.watcher.start()
+    settle(again)  # the request watch fires at once with the old, answered request
+    assert rec.captures == 1
+    assert server.connect(0).read(protocol.ack_path(domid)) == b"1 captured"
+    server.connect(domid).write("data/xenpbr/request", request(2, "app"))
+    settle(again)
+    assert rec.captures == 2
+
+
+def test_restarted_daemon_answers_a_request_left_pending(world) -> None:
+    server, hv, state, rec, daemon = world
+    domid = hv.create_domain(name="web")
+    settle(daemon)
+    daemon.watcher.close()  # xenpbrd dies; the guest asks meanwhile
+    server.connect(domid).write("data/xenpbr/request", request(1, "kernel"))
+    again = Daemon(state, ImageStore(state.images_root), hv, server.connect(0),
+                   server.connect(0), toolstack=rec, restorer=rec, capture_fn=rec.capture)
+    again.watcher.start()
+    settle(again)
+    assert server.connect(0).read(protocol.ack_path(domid)) == b"1 captured"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from xenpbr.phases import DomainPhases, ImageInfo
+from xenpbr.phases import ImageInfo
 from xenpbr.state import StateDir, StateError, UnknownDomain, check_name
 from xenpbr.timeline import Timeline
 

@@ -4,8 +4,9 @@
 # marker and crashes the kernel, lab.mode=service announces a ready service and waits,
 # lab.mode=memmark keeps a marker string in memory, lab.mode=probe checks xenstore,
 # lab.mode=agent runs the guest agent for each phase of lab.phases=a,b, lab.mode=hostile
-# writes bad requests first, lab.mode=demo runs the demo application, lab.mode=shell
-# just waits.
+# writes bad requests first, lab.mode=flood floods xenstored with bad and repeated
+# requests on its own, lab.mode=demo runs the demo application, lab.mode=shell just
+# waits.
 export PATH=/usr/bin:/usr/sbin:/bin:/sbin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
 mount -t proc proc /proc
@@ -80,6 +81,27 @@ hostile_writes() {
     echo "XENPBR-HOSTILE: forge-ack rc=$?"
 }
 
+# flood (tests/lab/test_phasereboot_real.py): with xenpbrd serving, write requests as
+# fast as the shell can: oversized, broken JSON, a nesting bomb, names with '/' and '..',
+# an undeclared phase, replayed and backwards seqs, and a burst of well-formed
+# boundaries; then forge an ack, then run the agent as usual.
+flood_writes() {
+    big=$(head -c 4000 /dev/zero | tr '\0' a)
+    ok() { echo "{\"v\":1,\"seq\":$1,\"phase\":\"$2\",\"phases\":[\"kernel\"],\"identity\":\"x\",\"wait\":60,\"disks\":[],\"services\":[],\"hazards\":[]}"; }
+    n=0
+    for v in "$big" '{"v":1,' "$(head -c 1500 /dev/zero | tr '\0' '[')" "$(ok 900 ../../etc)" \
+             "$(ok 901 a/b)" "$(ok 902 nosuchphase)" "$(ok 5 kernel)" "$(ok 5 kernel)" \
+             "$(ok 3 kernel)" "$(ok -1 kernel)"; do
+        xenstore-write data/xenpbr/request "$v" 2>/dev/null; n=$((n + 1))
+    done
+    i=10
+    while [ $i -lt 70 ]; do
+        xenstore-write data/xenpbr/request "$(ok $i kernel)" 2>/dev/null; i=$((i + 1))
+    done
+    xenstore-write control/xenpbr/ack "99 captured" 2>/dev/null
+    echo "XENPBR-FLOOD: wrote $((n + 60)) requests, forge-ack rc=$?"
+}
+
 case "$mode" in
     agent)
         agent_phases ;;
@@ -87,6 +109,9 @@ case "$mode" in
         demo_phases ;;
     hostile)
         hostile_writes
+        agent_phases ;;
+    flood)
+        flood_writes
         agent_phases ;;
     count)
         i=0
