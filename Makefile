@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: help deps venv lab test test-fast test-lab demo clean
+.PHONY: help deps venv lab test test-fast test-lab demo bench clean
 
 help:
 	@echo "make demo       build the lab, boot real Xen in QEMU, crash a guest, show its recovery"
@@ -12,6 +12,8 @@ help:
 	@echo "make test-fast  unit tests only (no QEMU)"
 	@echo "make test-lab   real-Xen lab tests only"
 	@echo "make lab        build (or reuse) the lab's boot artefacts"
+	@echo "make bench      normal vs phase-based vs xl-restore recovery, into docs/benchmarks/"
+	@echo "                (BENCH_ARGS='--workloads bare --memory 128 --repeats 3' for a quick run)"
 
 deps:
 	tools/install-host-deps.sh
@@ -19,7 +21,7 @@ deps:
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	touch $@
 
 venv: $(BIN)/.installed
@@ -38,6 +40,9 @@ test-lab: deps venv
 
 demo: deps venv
 	$(BIN)/xenpbr-lab demo
+
+bench: deps venv
+	$(BIN)/xenpbr-lab bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build lab-artifacts *.egg-info

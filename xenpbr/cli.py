@@ -83,10 +83,14 @@ def cmd_images(args: argparse.Namespace, state: StateDir) -> int:
                      "valid": bool(img and img.verified and img.fingerprint == phases.fingerprint),
                      "age": wall_age(img.created_at) if img else None,
                      "seq": img.seq if img else None,
+                     "capture_s": img.capture_s if img else None,
+                     "paused_s": img.paused_s if img else None,
+                     "raw_bytes": getattr(meta, "stream_bytes", None),
                      "stored_bytes": getattr(meta, "stored_bytes", None)})
     emit(rows, args.json, lambda: table(rows, [
         ("phase", "phase"), ("image", "image"), ("valid", "valid"), ("age", "age"),
-        ("seq", "seq"), ("stored_bytes", "stored bytes")]))
+        ("seq", "seq"), ("capture_s", "capture s"), ("paused_s", "paused s"),
+        ("raw_bytes", "raw bytes"), ("stored_bytes", "stored bytes")]))
     return 0
 
 

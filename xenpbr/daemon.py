@@ -290,11 +290,14 @@ class Daemon:
             log.error("%s: capture of phase %s failed: %s", name, request.phase, exc)
             return Verdict.refused("capture-failed")
         meta = result.meta
+        paused = getattr(result, "paused_s", None)
         phases.record_image(ImageInfo(meta.image_id, request.phase, fingerprint, time.time(),
-                                      seq=request.seq))
+                                      seq=request.seq, capture_s=round(result.total_s, 3),
+                                      paused_s=None if paused is None else round(paused, 3)))
         self.state.save_phases(phases)
-        log.info("%s: captured phase %s (%s) in %.2f s", name, request.phase, meta.image_id,
-                 result.total_s)
+        log.info("%s: captured phase %s (%s) in %.2f s, guest paused ~%s s", name,
+                 request.phase, meta.image_id, result.total_s,
+                 "?" if paused is None else f"{paused:.2f}")
         return Verdict.captured()
 
 

@@ -65,6 +65,8 @@ class ImageInfo:
     created_at: float
     verified: bool = True  # False if the store found it corrupt
     seq: int = 0  # the boundary seq the image's agent waits on (the ack after restore)
+    capture_s: float | None = None  # boundary request accepted -> image committed
+    paused_s: float | None = None  # how long the guest stood still for it (estimate)
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,52 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(kind: type, allowed: tuple | None = None):
+    def parse(text: str) -> list:
+        values = [kind(v) for v in text.split(",") if v]
+        bad = [v for v in values if allowed is not None and v not in allowed]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of "
+                                             f"{', '.join(map(str, allowed or ())) or kind.__name__}")
+        return values
+    return parse
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Normal reboot vs phase-based reboot vs xl save/restore, side by side."""
+    from . import bench, bench_report
+    images = build()
+    workdir = artifacts_root() / time.strftime("bench-%Y%m%d-%H%M%S")
+    samples: list = []
+    facts: list = []
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    with XenHost(images, workdir) as host:
+        xen = host.run("xl info | sed -n 's/^xen_version *: //p'").stdout.strip()
+        try:
+            for workload in args.workloads:
+                for memory in args.memory:
+                    more, fact = bench.run_config(
+                        host, workload, memory, args.repeats,
+                        lambda line: print(line, file=sys.stderr, flush=True))
+                    samples += more
+                    facts.append(fact)
+        except Exception:
+            host.collect_artifacts(workdir / "failure")
+            raise
+    command = ("xenpbr-lab bench --workloads " + ",".join(args.workloads) + " --memory " +
+               ",".join(map(str, args.memory)) + f" --repeats {args.repeats}")
+    detail = bench.as_json(bench.summarize(samples), samples, facts,
+                           {"command": command, "date": started, "repeats": args.repeats,
+                            "xen": xen, "machine": bench.machine()})
+    written = bench_report.write(detail, Path(args.out))
+    if args.json:
+        print(json.dumps(detail["rows"], indent=2))
+    else:
+        print(bench_report.markdown(detail))
+        print("\nwritten: " + ", ".join(map(str, written)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xenpbr-lab", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -95,6 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--report", default="build/demo-report.json")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("bench", help="recovery downtime: normal vs phase-based vs xl restore")
+    p.add_argument("--workloads", type=_csv(str, ("bare", "services", "app")),
+                   default=["bare", "services", "app"])
+    p.add_argument("--memory", type=_csv(int, (128, 256, 512)), default=[128, 256, 512],
+                   help="guest memory sizes in MiB (default 128,256,512)")
+    p.add_argument("--repeats", type=int, default=5, help="crashes per method (default 5)")
+    p.add_argument("--out", default="docs/benchmarks", help="where the results go")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("measure", help="time the lab: boot, control channel, guest events")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_measure)

@@ -25,6 +25,7 @@ for arg in $(cat /proc/cmdline); do
         lab.marker=*) marker=${arg#lab.marker=} ;;
         lab.phases=*) phases=$(echo "${arg#lab.phases=}" | tr , ' ') ;;
         lab.docs=*) docs=${arg#lab.docs=} ;;
+        lab.workload=*) workload=${arg#lab.workload=} ;;
     esac
 done
 echo "XENPBR-GUEST: up uptime=$(cut -d' ' -f1 /proc/uptime) mode=$mode marker=${marker:-none}"
@@ -61,6 +62,23 @@ CONF
         out=$(PYTHONPATH=/usr/lib/python3/dist-packages python3 -m xenpbr_agent phase "$p")
         echo "XENPBR-AGENT: $out rc=$?"
     done
+}
+# bench (xenpbr-lab bench): the phases of lab.workload=bare|services|app, then the
+# "service answering" signal: a heartbeat line every 0.2 s (the app workload's own).
+bench_phases() {
+    mkdir -p /etc/xenpbr
+    case "${workload:-bare}" in
+        app) demo_phases; return ;;
+        services) list="kernel services"
+            printf '[phase:kernel]\n[phase:services]\nstart = syslogd -O /run/messages\n  klogd\n' \
+                > /etc/xenpbr/agent.conf ;;
+        *) list=kernel; printf '[phase:kernel]\n' > /etc/xenpbr/agent.conf ;;
+    esac
+    for p in $list; do
+        out=$(PYTHONPATH=/usr/lib/python3/dist-packages python3 -m xenpbr_agent phase "$p")
+        echo "XENPBR-AGENT: $out rc=$?"
+    done
+    ( n=0; while :; do n=$((n + 1)); echo "XENPBR-APP: alive n=$n"; sleep 0.2; done ) &
 }
 hostile_writes() {
     n=0
@@ -113,6 +131,8 @@ case "$mode" in
     flood)
         flood_writes
         agent_phases ;;
+    bench)
+        bench_phases ;;
     count)
         i=0
         while true; do

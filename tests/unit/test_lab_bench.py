@@ -1,0 +1,59 @@
+"""The bench's arithmetic and its reports (the runs themselves need real Xen)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from xenpbr_lab import bench, bench_report
+from xenpbr_lab.bench import ConfigFacts, Sample
+
+
+def samples() -> list[Sample]:
+    out = []
+    for run, (normal, pbr, xlr) in enumerate([(20.0, 6.0, 9.0), (22.0, 5.0, 8.0),
+                                              (30.0, 7.0, 10.0)], 1):
+        out += [Sample("app", 128, "normal", run, normal),
+                Sample("app", 128, "phasereboot", run, pbr,
+                       {"crash_seen": 0.0, "image_chosen": 0.1, "destroyed": 0.4,
+                        "restore_started": 0.5, "restore_finished": 5.0 + run / 10,
+                        "guest_ack": 5.2 + run / 10, "service_ready": 5.3 + run / 10}),
+                Sample("app", 128, "xl-restore", run, xlr)]
+    return out
+
+
+def test_summary_medians_spread_and_reduction_against_normal() -> None:
+    rows = {r["method"]: r for r in bench.summarize(samples())}
+    assert rows["normal"]["median_s"] == 22.0 and rows["normal"]["reduction_pct"] is None
+    assert (rows["phasereboot"]["min_s"], rows["phasereboot"]["max_s"]) == (5.0, 7.0)
+    assert rows["phasereboot"]["reduction_pct"] == round(100 * (1 - 6 / 22), 1)
+    assert rows["xl-restore"]["runs"] == 3 and rows["xl-restore"]["median_s"] == 9.0
+
+
+def test_biggest_piece_of_the_timeline_is_named() -> None:
+    found = bench.biggest_piece(samples())
+    assert found["biggest"] == "restore_started->restore_finished"
+    assert found["steps_median_s"]["restore_started->restore_finished"] == pytest.approx(4.7)
+
+
+def test_reports_are_written_with_the_required_keys(tmp_path: Path) -> None:
+    s = samples()
+    facts = [ConfigFacts("app", 128, {"normal": 30.0}, [{"phase": "app", "capture_s": 4.2,
+                                                         "paused_s": 3.1, "raw_bytes": 2**27,
+                                                         "stored_bytes": 2**24}], 900.0)]
+    detail = bench.as_json(bench.summarize(s), s, facts,
+                           {"command": "xenpbr-lab bench", "date": "today", "repeats": 3,
+                            "xen": "4.17.7", "machine": bench.machine()})
+    written = bench_report.write(detail, tmp_path)
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert isinstance(rows, list) and {r["method"] for r in rows} == set(bench.METHODS)
+    for row in rows:
+        assert {"workload", "memory_mib", "method", "runs", "median_s", "min_s",
+                "max_s"} <= set(row)
+    md = (tmp_path / "results.md").read_text()
+    assert "| app | 128 MiB | phasereboot | 3 | 6.00 | 5.00 | 7.00 | 72.7 % less |" in md
+    assert "Biggest piece: **restore_started->restore_finished**" in md
+    png = tmp_path / "results.png"
+    assert png in written and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

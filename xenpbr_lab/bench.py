@@ -1,0 +1,209 @@
+"""``make bench``: downtime of three recovery methods, side by side, on real Xen.
+
+For each workload (``bare`` kernel, kernel + ``services``, an ``app`` with a real warm-up:
+:mod:`xenpbr_lab.demo_app`) and each guest memory size, in one lab session:
+
+* ``normal``: ``on_crash = "restart"``, xl reboots the guest;
+* ``phasereboot``: ``xenpbr create`` with ``on_crash = "phasereboot"``, xenpbrd restores
+  the deepest phase image;
+* ``xl-restore``: the obvious hand-made alternative: one ``xl save -c`` after the boot,
+  and on a crash a script that waits for xl to show the domain crashed, destroys it and
+  ``xl restore``s the checkpoint.
+
+Downtime is from the crash (``xl sysrq DOMAIN c``) to the service answering again (the
+first heartbeat line after the panic), timed in dom0 by :mod:`xenpbr_lab.console_watch`.
+Each method is repeated ``repeats`` times per configuration; the three methods of one
+configuration run back to back in the same dom0, so their ratios are comparable even on
+a noisy machine. Absolute times are under QEMU TCG (software emulation), roughly ten
+times slower than native: lead with the ratios.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from . import xenpbrd
+from .host import XenHost
+from .xl import LabDomain
+
+log = logging.getLogger(__name__)
+
+WORKLOADS = ("bare", "services", "app")
+METHODS = ("normal", "phasereboot", "xl-restore")
+MEMORY_MIB = (128, 256, 512)
+PANIC = r"Kernel panic - not syncing"
+ALIVE = r"XENPBR-APP: alive"
+LAST_BOUNDARY = {"bare": r"XENPBR-AGENT: kernel \S+ rc=",
+                 "services": r"XENPBR-AGENT: services \S+ rc=",
+                 "app": r"XENPBR-AGENT: app \S+ rc="}
+DOCUMENTS = 20000  # the app's data set (as in make demo)
+CHECKPOINT_DIR = "/var/lib/xenpbr-bench"
+# The hand-made alternative, as an operator would script it: poll until crashed.
+_XL_RESTORE = ("while ! xl list {name} | tail -1 | awk '{{print $5}}' | grep -q c; do "
+               "sleep 0.1; done; xl destroy {name} && xl restore {chk} >/dev/null 2>&1")
+
+
+@dataclass
+class Sample:
+    """One crash and recovery."""
+
+    workload: str
+    memory_mib: int
+    method: str
+    run: int
+    downtime_s: float
+    breakdown: dict[str, float] = field(default_factory=dict)  # xenpbrd's timeline
+
+
+@dataclass
+class ConfigFacts:
+    """What one (workload, memory) configuration cost besides downtime."""
+
+    workload: str
+    memory_mib: int
+    first_boot_s: dict[str, float] = field(default_factory=dict)  # per method
+    capture: list[dict[str, Any]] = field(default_factory=list)  # per phase image
+    dom0_copy_mib_s: float = 0.0  # a plain memory copy of the guest's size, in dom0
+
+
+def _guest(host: XenHost, workload: str, memory_mib: int, method: str) -> LabDomain:
+    on_crash = {"normal": "restart", "phasereboot": "phasereboot",
+                "xl-restore": "preserve"}[method]
+    name = f"b-{workload}-{memory_mib}-{method}".replace("phasereboot", "pbr")
+    return LabDomain(host, name, memory_mib=memory_mib, mode="bench", on_crash=on_crash,
+                     extra=f"lab.workload={workload} lab.docs={DOCUMENTS}")
+
+
+def _start(host: XenHost, guest: LabDomain, method: str) -> float:
+    """Create the guest the way ``method`` needs; seconds until it answers."""
+    start = time.monotonic()
+    if method == "phasereboot":
+        guest.write_config()
+        xenpbrd.cli(host, "create", guest.config_path)
+    else:
+        guest.create()
+    guest.watch_console([ALIVE], timeout=600)
+    took = time.monotonic() - start
+    if method == "xl-restore":
+        host.run(["mkdir", "-p", CHECKPOINT_DIR])
+        guest.save_checkpoint(f"{CHECKPOINT_DIR}/{guest.name}.chk", timeout=600)
+    return round(took, 2)
+
+
+def _crash_and_time(host: XenHost, guest: LabDomain, method: str) -> float:
+    """Crash the guest; seconds from the crash to its first heartbeat after the panic."""
+    trigger = f"xl sysrq {guest.name} c"
+    if method == "xl-restore":
+        trigger += "; " + _XL_RESTORE.format(name=guest.name,
+                                             chk=f"{CHECKPOINT_DIR}/{guest.name}.chk")
+    watched = guest.watch_console([PANIC, ALIVE], after=guest.console_size(), timeout=600,
+                                  trigger=trigger)
+    return round(watched["found"][ALIVE]["t"] - watched["t0"], 3)
+
+
+def _dom0_copy_rate(host: XenHost, memory_mib: int) -> float:
+    """MiB/s of a plain copy of ``memory_mib`` MiB in dom0 (the restore's yardstick)."""
+    code = (f"import time; b = bytearray({memory_mib} << 20); t = time.perf_counter(); "
+            f"c = bytes(b); print({memory_mib} / (time.perf_counter() - t))")
+    return round(float(host.run(["python3", "-c", code]).stdout.strip()), 1)
+
+
+def run_config(host: XenHost, workload: str, memory_mib: int, repeats: int,
+               progress: Callable[[str], None]) -> tuple[list[Sample], ConfigFacts]:
+    """All methods for one configuration, ``repeats`` crashes each."""
+    samples: list[Sample] = []
+    facts = ConfigFacts(workload, memory_mib, dom0_copy_mib_s=_dom0_copy_rate(host, memory_mib))
+    xenpbrd.start(host)  # fresh state: each configuration starts with an empty store
+    try:
+        for method in METHODS:
+            guest = _guest(host, workload, memory_mib, method)
+            facts.first_boot_s[method] = _start(host, guest, method)
+            for run in range(1, repeats + 1):
+                downtime = _crash_and_time(host, guest, method)
+                breakdown: dict[str, float] = {}
+                if method == "phasereboot":
+                    breakdown = _settled_breakdown(host, guest.name, run)
+                samples.append(Sample(workload, memory_mib, method, run, downtime, breakdown))
+                progress(f"{workload:8} {memory_mib:4} MiB  {method:11} run {run}/{repeats}: "
+                         f"{downtime:.2f} s")
+            if method == "phasereboot":
+                facts.capture = [{k: r.get(k) for k in ("phase", "capture_s", "paused_s",
+                                                        "raw_bytes", "stored_bytes")}
+                                 for r in xenpbrd.cli(host, "images", guest.name)]
+            guest.destroy()
+    finally:
+        xenpbrd.stop(host)
+        host.run(f"rm -rf {CHECKPOINT_DIR} {xenpbrd.STATE}", check=False)
+    return samples, facts
+
+
+def _settled_breakdown(host: XenHost, name: str, run: int) -> dict[str, float]:
+    """The recovery's timeline once the guest reported service ready (or 10 s passed)."""
+    deadline = time.monotonic() + 10
+    while True:
+        history = xenpbrd.cli(host, "history", name)
+        last = history[-1] if len(history) >= run else {}
+        marks = last.get("since_crash", {})
+        if "service_ready" in marks or time.monotonic() > deadline:
+            return marks
+        time.sleep(0.3)
+
+
+def summarize(samples: list[Sample]) -> list[dict[str, Any]]:
+    """One row per (workload, memory, method): runs, median, min, max, spread and the
+    reduction of the median against the normal reboot of the same configuration."""
+    groups: dict[tuple[str, int, str], list[float]] = {}
+    for s in samples:
+        groups.setdefault((s.workload, s.memory_mib, s.method), []).append(s.downtime_s)
+    rows = []
+    for (workload, memory, method), values in groups.items():
+        median = statistics.median(values)
+        normal = groups.get((workload, memory, "normal"))
+        reduction = (round(100 * (1 - median / statistics.median(normal)), 1)
+                     if normal and method != "normal" else None)
+        rows.append({"workload": workload, "memory_mib": memory, "method": method,
+                     "runs": len(values), "median_s": round(median, 3),
+                     "min_s": min(values), "max_s": max(values),
+                     "stdev_s": round(statistics.stdev(values), 3) if len(values) > 1 else 0.0,
+                     "reduction_pct": reduction})
+    return rows
+
+
+def biggest_piece(samples: list[Sample]) -> dict[str, Any]:
+    """Median duration of each step of xenpbrd's recoveries, and the largest one."""
+    order = ("image_chosen", "destroyed", "restore_started", "restore_finished",
+             "guest_ack", "service_ready")
+    steps: dict[str, list[float]] = {}
+    for s in samples:
+        marks, previous = s.breakdown, "crash_seen"
+        for mark in order:
+            if mark in marks and previous in marks:
+                steps.setdefault(f"{previous}->{mark}", []).append(marks[mark] - marks[previous])
+                previous = mark
+    medians = {k: round(statistics.median(v), 3) for k, v in steps.items()}
+    return {"steps_median_s": medians,
+            "biggest": max(medians, key=medians.get) if medians else None}
+
+
+def machine() -> dict[str, Any]:
+    """Where the bench ran (the host; the guests ran under QEMU TCG on it)."""
+    import os
+    cpu = ""
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpu": cpu, "cpus": os.cpu_count(),
+            "python": platform.python_version(), "accelerator": "QEMU TCG (no KVM)"}
+
+
+def as_json(rows: list[dict[str, Any]], samples: list[Sample], facts: list[ConfigFacts],
+            meta: dict[str, Any]) -> dict[str, Any]:
+    return {"meta": meta, "rows": rows, "samples": [asdict(s) for s in samples],
+            "configs": [asdict(f) for f in facts], "breakdown": biggest_piece(samples)}

@@ -1,0 +1,124 @@
+"""Write ``make bench`` results: JSON rows, a markdown table and a PNG plot.
+
+``results.json`` is the list of summary rows (``workload``, ``memory_mib``, ``method``,
+``runs``, ``median_s``, ``min_s``, ``max_s``, ...); ``results-detail.json`` keeps every
+sample, the capture figures and xenpbrd's timeline breakdown; ``results.md`` says what
+ran where and leads with the ratios; ``results.png`` plots the medians with min-max bars.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+METHOD_ORDER = ("normal", "phasereboot", "xl-restore")
+
+
+def _sorted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    workloads = ("bare", "services", "app")
+    return sorted(rows, key=lambda r: (workloads.index(r["workload"])
+                                       if r["workload"] in workloads else 99,
+                                       r["memory_mib"], METHOD_ORDER.index(r["method"])))
+
+
+def markdown(detail: dict[str, Any]) -> str:
+    """The results as a markdown page."""
+    meta, rows = detail["meta"], _sorted(detail["rows"])
+    lines = [
+        "# Benchmark: recovery downtime, three methods side by side",
+        "",
+        f"Command: `{meta['command']}`, {meta['date']}, {meta['repeats']} crashes per "
+        f"method and configuration, all in one lab session (Xen {meta.get('xen', '?')}).",
+        f"Machine: {meta['machine']['cpu']} ({meta['machine']['cpus']} CPUs), guests under "
+        f"{meta['machine']['accelerator']}: absolute times are roughly ten times native, so "
+        "**compare the ratios**, which were measured back to back in the same dom0.",
+        "",
+        "Downtime = crash (`xl sysrq c`) to the guest's service answering again (first "
+        "heartbeat after the panic), timed in dom0.",
+        "",
+        "| workload | memory | method | runs | median s | min s | max s | vs normal reboot |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        reduction = "" if r.get("reduction_pct") is None else f"{r['reduction_pct']:+.1f} % less" \
+            if r["reduction_pct"] >= 0 else f"{-r['reduction_pct']:.1f} % more"
+        lines.append(f"| {r['workload']} | {r['memory_mib']} MiB | {r['method']} | {r['runs']} "
+                     f"| {r['median_s']:.2f} | {r['min_s']:.2f} | {r['max_s']:.2f} "
+                     f"| {reduction.replace('+', '')} |")
+    lines += ["", "## Capture cost (phase-based reboot)", "",
+              "| workload | memory | phase | capture s | guest paused s | raw MiB | stored MiB |",
+              "|---|---:|---|---:|---:|---:|---:|"]
+    for cfg in detail["configs"]:
+        for c in cfg["capture"]:
+            lines.append(f"| {cfg['workload']} | {cfg['memory_mib']} MiB | {c['phase']} | "
+                         f"{_num(c.get('capture_s'))} | {_num(c.get('paused_s'))} | "
+                         f"{_mib(c.get('raw_bytes'))} | {_mib(c.get('stored_bytes'))} |")
+    breakdown = detail["breakdown"]
+    lines += ["", "## Where a phase-based reboot spends its time (median of all runs)", ""]
+    lines += [f"- `{step}`: {secs:.3f} s" for step, secs in breakdown["steps_median_s"].items()]
+    if breakdown.get("biggest"):
+        lines += ["", f"Biggest piece: **{breakdown['biggest']}**."]
+    lines += ["", "Restore yardstick: a plain memory copy of the guest's size in dom0 ran at " +
+              ", ".join(f"{c['dom0_copy_mib_s']:.0f} MiB/s ({c['memory_mib']} MiB)"
+                        for c in detail["configs"] if c["workload"] == detail["configs"][0]["workload"]),
+              ""]
+    return "\n".join(lines)
+
+
+def _num(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.2f}"
+
+
+def _mib(value: Any) -> str:
+    return "-" if value is None else f"{int(value) / 2**20:.1f}"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Grouped bars (median, min-max whiskers) per configuration; False without
+    matplotlib (install the ``bench`` extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install '.[bench]'): no plot")
+        return False
+    rows = _sorted(rows)
+    configs = list(dict.fromkeys((r["workload"], r["memory_mib"]) for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(configs)), 4.5))
+    width = 0.8 / len(METHOD_ORDER)
+    for i, method in enumerate(METHOD_ORDER):
+        found = {(r["workload"], r["memory_mib"]): r for r in rows if r["method"] == method}
+        xs = [k + (i - 1) * width for k, c in enumerate(configs) if c in found]
+        meds = [found[c]["median_s"] for c in configs if c in found]
+        errs = [[found[c]["median_s"] - found[c]["min_s"] for c in configs if c in found],
+                [found[c]["max_s"] - found[c]["median_s"] for c in configs if c in found]]
+        ax.bar(xs, meds, width, yerr=errs, capsize=3, label=method)
+    ax.set_xticks(range(len(configs)))
+    ax.set_xticklabels([f"{w}\n{m} MiB" for w, m in configs])
+    ax.set_ylabel("downtime, crash to service answering (s)")
+    ax.set_title("xenpbr recovery downtime on Xen 4.17 (QEMU TCG: compare ratios)")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write(detail: dict[str, Any], outdir: Path) -> list[Path]:
+    """Write results.json, results-detail.json, results.md and results.png."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in (("results.json", json.dumps(_sorted(detail["rows"]), indent=2)),
+                       ("results-detail.json", json.dumps(detail, indent=2)),
+                       ("results.md", markdown(detail))):
+        (outdir / name).write_text(text + "\n")
+        written.append(outdir / name)
+    if plot(detail["rows"], outdir / "results.png"):
+        written.append(outdir / "results.png")
+    return written
