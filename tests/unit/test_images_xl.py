@@ -241,3 +241,25 @@ def test_xl_restore_failure_reports_its_message_and_cleans_up(store, fake) -> No
                                             "partial domain pbr-guest .* destroyed"):
         restore(store, image, xl=fake.argv)
     assert "pbr-guest" not in fake.domains()
+
+
+def test_xl_outlives_its_caller_without_sigpipe(tmp_path) -> None:
+    """xenpbrd killed mid-save must not kill xl on its next message (xl would then never
+    resume the guest it suspended): xl's output goes to a file, not a pipe."""
+    import subprocess
+    import sys
+    import time
+    marker = tmp_path / "xl-finished"
+    script = tmp_path / "fake-xl"
+    script.write_text(f"#!/bin/sh\nsleep 0.5\necho 'Failed to save domain, resuming domain' >&2\n"
+                      f"echo resumed > {marker}\n")
+    script.chmod(0o755)
+    caller = ("import os, sys; sys.path.insert(0, {root!r});"
+              "from xenpbr.images.xltool import XlProcess;"
+              "XlProcess([{xl!r}], 30); os._exit(9)").format(
+                  root=str(__import__("pathlib").Path(__file__).parents[2]), xl=str(script))
+    subprocess.run([sys.executable, "-c", caller], check=False)
+    deadline = time.monotonic() + 10
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.read_text() == "resumed\n"

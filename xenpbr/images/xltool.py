@@ -3,9 +3,14 @@
 ``xl save`` and ``xl restore`` talk to us through a FIFO in a private directory. The
 traps handled here: opening a FIFO blocks until the other side opens it, which would
 hang forever if xl fails before opening (unknown domain, bad config), so both ends
-are opened non-blocking and we wait while watching the xl process; xl's stdout and
-stderr are drained by threads (a full pipe would stall xl); a watchdog kills xl at
-the deadline, which turns any blocked read or write on our side into EOF / EPIPE.
+are opened non-blocking and we wait while watching the xl process; a watchdog kills
+xl at the deadline, which turns any blocked read or write on our side into EOF / EPIPE.
+
+xl's stdout and stderr go to an unnamed temporary file, not a pipe: if xenpbrd dies
+mid-save, a pipe would kill xl with SIGPIPE on its next message, before it resumes the
+guest it suspended (seen on real Xen: the guest stayed ``---ss-``). With a file, xl
+notices the broken FIFO, prints "Failed to save domain, resuming domain" and does so.
+A file also never fills up and stalls xl, and needs no drain threads.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ import logging
 import os
 import select
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import BinaryIO
 
 _LOG = logging.getLogger(__name__)
 _KEEP = 64 << 10  # bytes of xl output kept for messages
@@ -44,29 +50,17 @@ class XlProcess:
         self.started = time.monotonic()
         self.deadline = self.started + timeout
         self.ended: float | None = None
+        self._log = tempfile.TemporaryFile(prefix="xenpbr-xl-")
         try:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                         stdout=self._log, stderr=subprocess.STDOUT)
         except OSError as err:
+            self._log.close()
             raise XlError(f"cannot run {self.argv[0]!r}: {err} (is xen-utils installed?)") from err
-        self._out, self._err = bytearray(), bytearray()
-        self._drains = [self._drain(self.proc.stdout, self._out),
-                        self._drain(self.proc.stderr, self._err)]
         self._timer = threading.Timer(timeout, self._on_timeout)
         self._timer.daemon = True
         self._timer.start()
         _LOG.debug("started %s (pid %d)", " ".join(self.argv), self.proc.pid)
-
-    @staticmethod
-    def _drain(pipe: IO[bytes] | None, sink: bytearray) -> threading.Thread:
-        def run() -> None:
-            assert pipe is not None
-            for chunk in iter(lambda: pipe.read1(4096), b""):  # type: ignore[attr-defined]
-                sink.extend(chunk)
-                del sink[:-_KEEP]
-        thread = threading.Thread(target=run, daemon=True, name="xl-output")
-        thread.start()
-        return thread
 
     def _on_timeout(self) -> None:
         if self.proc.poll() is None:
@@ -91,8 +85,6 @@ class XlProcess:
         if self.ended is None:
             self.ended = time.monotonic()
         self._timer.cancel()
-        for thread in self._drains:
-            thread.join(2.0)  # a daemonised xl child may keep the pipes open
         return rc
 
     def kill(self) -> None:
@@ -102,9 +94,10 @@ class XlProcess:
         self.wait(30)
 
     def output(self) -> str:
-        """Everything xl printed (last 64 KiB of each stream), stderr first."""
-        text = bytes(self._err).decode(errors="replace") + bytes(self._out).decode(errors="replace")
-        return text.strip()
+        """What xl printed so far (stdout and stderr interleaved; the last 64 KiB)."""
+        size = os.fstat(self._log.fileno()).st_size
+        data = os.pread(self._log.fileno(), min(size, _KEEP), max(0, size - _KEEP))
+        return data.decode(errors="replace").strip()
 
     def message(self, lines: int = 15) -> str:
         """The tail of xl's output, for an error message."""
