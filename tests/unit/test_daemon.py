@@ -90,16 +90,20 @@ def test_boundary_is_captured_then_skipped_after_a_normal_reboot(world) -> None:
     assert rec.captures == 1
 
 
-def test_crash_of_a_registered_domain_is_recovered_from_its_image(world) -> None:
-    server, hv, state, rec, daemon = world
+def crash_and_recover(server, hv, rec, daemon) -> int:
     domid = hv.create_domain(name="web")
     settle(daemon)
     server.connect(domid).write("data/xenpbr/request", request(1, "app"))
     settle(daemon)
     hv.crash(domid)
     settle(daemon)
+    return [c for c in rec.calls if c[0] == "unpause"][0][1]
+
+
+def test_crash_of_a_registered_domain_is_recovered_from_its_image(world) -> None:
+    server, hv, state, rec, daemon = world
+    new = crash_and_recover(server, hv, rec, daemon)
     assert ("destroy", "web") in rec.calls and ("restore", "img-app-1") in rec.calls
-    new = [c for c in rec.calls if c[0] == "unpause"][0][1]
     assert server.connect(0).read(protocol.ack_path(new)) == b"1 restored:1"
     (timeline,) = state.history("web")
     assert timeline.method == "phase:app" and timeline.outcome == "recovered"
@@ -147,16 +151,6 @@ def published(server: FakeXenstoreServer, name: str = "web") -> dict[str, str]:
             walk(f"{rel}/{child}" if rel else child)
     walk("")
     return out
-
-
-def crash_and_recover(server, hv, rec, daemon) -> int:
-    domid = hv.create_domain(name="web")
-    settle(daemon)
-    server.connect(domid).write("data/xenpbr/request", request(1, "app"))
-    settle(daemon)
-    hv.crash(domid)
-    settle(daemon)
-    return [c for c in rec.calls if c[0] == "unpause"][0][1]
 
 
 def test_guest_status_notes_complete_the_recovery_timeline(world) -> None:

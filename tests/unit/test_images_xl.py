@@ -263,3 +263,14 @@ def test_xl_outlives_its_caller_without_sigpipe(tmp_path) -> None:
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert marker.read_text() == "resumed\n"
+
+
+def test_domain_state_reads_xls_state_letters(tmp_path) -> None:
+    from xenpbr.images.xltool import domain_state
+    script = tmp_path / "xl"
+    script.write_text('#!/bin/sh\n[ "$2" = web ] || { echo "invalid domain identifier" >&2; exit 1; }\n'
+                      'printf "Name  ID   Mem VCPUs\\tState\\tTime(s)\\nweb   7   128  1     --p---   0.1\\n"\n')
+    script.chmod(0o755)
+    assert domain_state((str(script),), "web") == "--p---"
+    assert domain_state((str(script),), "other") is None
+    assert domain_state((str(tmp_path / "missing-xl"),), "web") is None

@@ -170,13 +170,20 @@ def open_fifo_writer(path: Path, proc: XlProcess) -> BinaryIO:
     return open(fd, "wb", buffering=FIFO_BUFFER)
 
 
+def _ask(xl: Sequence[str], *args: str, timeout: float) -> "subprocess.CompletedProcess[str] | str":
+    """Run a short xl command; its result, or why it could not run."""
+    try:
+        return subprocess.run([*xl, *args], capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return str(err)
+
+
 def domid(xl: Sequence[str], name: str, timeout: float = 60.0) -> int | None:
     """The domid of domain ``name``, or None if there is no such domain."""
-    try:
-        result = subprocess.run([*xl, "domid", name], capture_output=True, text=True,
-                                timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        _LOG.warning("xl domid %s failed: %s", name, err)
+    result = _ask(xl, "domid", name, timeout=timeout)
+    if isinstance(result, str):
+        _LOG.warning("xl domid %s failed: %s", name, result)
         return None
     text = result.stdout.strip()
     return int(text) if result.returncode == 0 and text.isdigit() else None
@@ -184,22 +191,18 @@ def domid(xl: Sequence[str], name: str, timeout: float = 60.0) -> int | None:
 
 def destroy(xl: Sequence[str], name: str, timeout: float = 120.0) -> str | None:
     """``xl destroy name``; return None on success, else xl's message."""
-    try:
-        result = subprocess.run([*xl, "destroy", name], capture_output=True, text=True,
-                                timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return str(err)
+    result = _ask(xl, "destroy", name, timeout=timeout)
+    if isinstance(result, str):
+        return result
     return None if result.returncode == 0 else (result.stderr or result.stdout).strip()
 
 
 def domain_state(xl: Sequence[str], name: str, timeout: float = 60.0) -> str | None:
     """xl's six state letters for ``name`` (e.g. ``-b----``, ``--p---``), or None if there
     is no such domain (or xl could not be asked: callers treat that as "not running")."""
-    try:
-        result = subprocess.run([*xl, "list", name], capture_output=True, text=True,
-                                timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        _LOG.warning("xl list %s failed: %s", name, err)
+    result = _ask(xl, "list", name, timeout=timeout)
+    if isinstance(result, str):
+        _LOG.warning("xl list %s failed: %s", name, result)
         return None
     for line in result.stdout.splitlines()[1:] if result.returncode == 0 else []:
         fields = line.split()
