@@ -49,6 +49,7 @@ def markdown(detail: dict[str, Any]) -> str:
         lines.append(f"| {r['workload']} | {r['memory_mib']} MiB | {r['method']} | {r['runs']} "
                      f"| {r['median_s']:.2f} | {r['min_s']:.2f} | {r['max_s']:.2f} "
                      f"| {reduction.replace('+', '')} |")
+    lines += [f"\nNot run: {why}." for why in meta.get("not_run", [])]
     lines += ["", "## Capture cost (phase-based reboot)", "",
               "| workload | memory | phase | capture s | guest paused s | raw MiB | stored MiB |",
               "|---|---:|---|---:|---:|---:|---:|"]

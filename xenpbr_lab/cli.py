@@ -98,15 +98,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     workdir = artifacts_root() / time.strftime("bench-%Y%m%d-%H%M%S")
     samples: list = []
     facts: list = []
+    not_run: list[str] = []
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with XenHost(images, workdir) as host:
         xen = host.run("xl info | sed -n 's/^xen_version *: //p'").stdout.strip()
         try:
             for workload in args.workloads:
                 for memory in args.memory:
+                    if (why := bench.fits(workload, memory)) is not None:
+                        print(f"not run: {why}", file=sys.stderr, flush=True)
+                        not_run.append(why)
+                        continue
                     more, fact = bench.run_config(
                         host, workload, memory, args.repeats,
-                        lambda line: print(line, file=sys.stderr, flush=True))
+                        lambda line: print(line, file=sys.stderr, flush=True), workdir)
                     samples += more
                     facts.append(fact)
         except Exception:
@@ -116,7 +121,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                ",".join(map(str, args.memory)) + f" --repeats {args.repeats}")
     detail = bench.as_json(bench.summarize(samples), samples, facts,
                            {"command": command, "date": started, "repeats": args.repeats,
-                            "xen": xen, "machine": bench.machine()})
+                            "xen": xen, "machine": bench.machine(), "not_run": not_run})
     written = bench_report.write(detail, Path(args.out))
     if args.json:
         print(json.dumps(detail["rows"], indent=2))

@@ -57,3 +57,13 @@ def test_reports_are_written_with_the_required_keys(tmp_path: Path) -> None:
     assert "Biggest piece: **restore_started->restore_finished**" in md
     png = tmp_path / "results.png"
     assert png in written and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_apps_data_set_grows_with_the_guest() -> None:
+    assert [bench.documents(m) for m in (128, 256, 512)] == [2560, 12800, 33280]
+    assert bench.documents(64) == 1000  # never empty
+
+
+def test_configurations_that_cannot_fit_are_named_not_silently_dropped() -> None:
+    assert bench.fits("bare", 128) is None and bench.fits("app", 256) is None
+    assert "app needs at least 192 MiB" in bench.fits("app", 128)
