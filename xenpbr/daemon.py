@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from xenpbr import domconfig, protocol, publish
+from xenpbr import consistency, domconfig, protocol, publish
 from xenpbr.errors import XenpbrError
 from xenpbr.images.capture import capture
 from xenpbr.images.store import ImageStore
@@ -254,8 +254,8 @@ class Daemon:
         request = admission.request
         self._publish(name, "capturing", domid)
         with domain_lock(self.state, name):
-            verdict = self._judge_and_capture(name, request)
-        self.protocol.answer(domid, request.seq, verdict)
+            verdict, detail = self._judge_and_capture(name, request)
+        self.protocol.answer(domid, request.seq, verdict, detail)
         self._publish(name, "watching", domid)
         self.watcher.rescan()  # xl save -c suspends/resumes: resync the domain snapshot
 
@@ -274,21 +274,30 @@ class Daemon:
             log.info("%s (domid %d): guest reports %s", name, domid, status.encode())
             self._publish(name, "watching", domid)
 
-    def _judge_and_capture(self, name: str, request: protocol.BoundaryRequest) -> Verdict:
+    def _judge_and_capture(self, name: str,
+                           request: protocol.BoundaryRequest) -> tuple[Verdict, str]:
+        """The verdict for an admitted boundary, and why if it is a refusal."""
         phases = self.state.phases(name)
-        config = domconfig.load(self.state.xl_config_path(name))
+        config = domconfig.DomainConfig(self.state.xl_config_path(name),
+                                        self.state.load_record(name)["settings"])
         fingerprint = domconfig.fingerprint(config, request.phases, request.identity).digest()
         phases.phases, phases.fingerprint = request.phases, fingerprint
+        unsafe = consistency.judge(config, request)
+        if unsafe is not None:
+            self.state.save_phases(phases)
+            log.warning("%s: boundary %s refused (%s): %s", name, request.phase,
+                        unsafe.reason, unsafe.detail)
+            return Verdict.refused(unsafe.reason), unsafe.detail
         if phases.boundary_decision(request.phase, fingerprint) == "skip":
             self.state.save_phases(phases)
-            return Verdict.skipped()
+            return Verdict.skipped(), ""
         log.info("%s: capturing phase %s (seq %d)", name, request.phase, request.seq)
         try:
             result = self.capture(name, self.store, request.phase, seq=request.seq,
                                   fingerprint=fingerprint)
         except XenpbrError as exc:
             log.error("%s: capture of phase %s failed: %s", name, request.phase, exc)
-            return Verdict.refused("capture-failed")
+            return Verdict.refused("capture-failed"), f"capture failed in dom0: {exc}"
         meta = result.meta
         paused = getattr(result, "paused_s", None)
         phases.record_image(ImageInfo(meta.image_id, request.phase, fingerprint, time.time(),
@@ -298,7 +307,7 @@ class Daemon:
         log.info("%s: captured phase %s (%s) in %.2f s, guest paused ~%s s", name,
                  request.phase, meta.image_id, result.total_s,
                  "?" if paused is None else f"{paused:.2f}")
-        return Verdict.captured()
+        return Verdict.captured(), ""
 
 
 def main(state_root: Path | None = None) -> int:

@@ -53,6 +53,8 @@ __all__ = [
     "domid_from_status_token",
     "CONTROL_DIR",
     "GENERATION_KEY",
+    "DETAIL_KEY",
+    "MAX_DETAIL",
     "MAX_REQUEST_BYTES",
     "PROTOCOL_VERSION",
     "REFUSAL_REASONS",
@@ -100,6 +102,9 @@ STATUS_KEY = "data/xenpbr/status"
 CONTROL_DIR = "control/xenpbr"
 ACK_KEY = f"{CONTROL_DIR}/ack"
 GENERATION_KEY = f"{CONTROL_DIR}/generation"
+#: Why the newest request was refused, for people (the ack carries only a reason token).
+DETAIL_KEY = f"{CONTROL_DIR}/detail"
+MAX_DETAIL = 512
 
 # -- bounds (docs/phase-protocol.md, "Request") --------------------------------------------
 #: Fits xenstored's default node quota for an unprivileged domain (2048 bytes *including*
@@ -912,9 +917,19 @@ class PhaseProtocol:
             write_ack(self.xs, domid, admission.ack)
         return admission
 
-    def answer(self, domid: int, seq: int, verdict: Verdict) -> None:
-        """Ack an accepted request with the controller's verdict."""
-        write_ack(self.xs, domid, Ack(seq, verdict))
+    def answer(self, domid: int, seq: int, verdict: Verdict, detail: str = "") -> None:
+        """Ack an accepted request with the controller's verdict; ``detail`` (why it was
+        refused, ASCII, cut to MAX_DETAIL) goes to ``control/xenpbr/detail`` in the same
+        transaction, so the guest never reads one ack with another's explanation."""
+        ack = Ack(seq, verdict)
+        text = detail.encode("ascii", "replace")[:MAX_DETAIL]
+
+        def work(t: Any) -> None:
+            _write_dom0_key(t, domid, f"{_home(domid)}/{DETAIL_KEY}", text)
+            _write_dom0_key(t, domid, ack_path(domid), ack.encode())
+
+        self.xs.run_transaction(work)
+        log.info("domain %d: ack %s%s", domid, ack.encode(), f" ({detail})" if detail else "")
         self.gate.answered(domid, seq)
 
     def restored(self, domid: int, seq: int, generation: int) -> None:

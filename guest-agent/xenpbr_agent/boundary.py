@@ -22,7 +22,9 @@ from xenpbr.protocol import (
     ACK_KEY,
     AGENT_KEY,
     CONTROL_DIR,
+    DETAIL_KEY,
     DEVICE,
+    MAX_DETAIL,
     MAX_DISKS,
     MOUNT,
     REQUEST_KEY,
@@ -38,13 +40,14 @@ from xenpbr.protocol import (
     encode_request,
 )
 from xenpbr.xenstore import NoSuchKey, PermissionDenied, XenstoreError
-from xenpbr_agent import AgentError, __version__
+from xenpbr_agent import AgentError, __version__, hazards
 from xenpbr_agent.config import AgentConfig
 from xenpbr_agent.state import AgentState, StateStore
 
 log = logging.getLogger(__name__)
 
 MOUNTS = "/proc/self/mounts"
+PROC = "/proc"
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ class BoundaryResult:
     seq: int
     verdict: Verdict | None
     local: bool = False  # decided by the agent itself (dom0 has not enabled xenpbr)
+    detail: str = ""  # dom0's explanation of a refusal (control/xenpbr/detail)
 
     @property
     def text(self) -> str:
@@ -84,6 +88,15 @@ def collect_disks(mounts_text: str) -> tuple[DiskState, ...]:
         raise AgentError(f"{len(disks)} block-device mounts, the protocol reports at most "
                          f"{MAX_DISKS}; unmount some before this boundary")
     return tuple(disks)
+
+
+def read_detail(xs: Any) -> str:
+    """dom0's explanation of its last refusal ('' if none): printable ASCII only."""
+    try:
+        raw = xs.read_or(DETAIL_KEY, b"") or b""
+    except XenstoreError:
+        return ""
+    return "".join(c for c in raw[:MAX_DETAIL].decode("ascii", "replace") if c.isprintable())
 
 
 def read_ack(xs: Any) -> Ack | None:
@@ -170,7 +183,7 @@ def exchange(xs: Any, raw: bytes, seq: int, deadline: float,
 
 
 def build_request(config: AgentConfig, phase: str, seq: int, timeout: float,
-                  mounts_path: str = MOUNTS) -> bytes:
+                  mounts_path: str = MOUNTS, proc_path: str = PROC) -> bytes:
     """The request bytes, validated with dom0's own parser (a request dom0 would refuse
     as malformed is an agent/config problem: report it here)."""
     try:
@@ -178,9 +191,13 @@ def build_request(config: AgentConfig, phase: str, seq: int, timeout: float,
             disks = collect_disks(f.read())
     except OSError as exc:
         raise AgentError(f"cannot read {mounts_path} to report disks: {exc}") from None
+    found = hazards.scan(proc_path, skip_pids=frozenset({os.getpid()}))
+    if found:
+        log.warning("boundary %s: %d file(s) open for writing without O_APPEND on a disk: "
+                    "%s", phase, len(found), "; ".join(w.encode() for w in found[:4]))
     request = BoundaryRequest(seq=seq, phase=phase, phases=config.phase_names,
                               identity=config.identity, wait=max(1, math.ceil(timeout)),
-                              disks=disks)
+                              disks=disks, hazards=hazards.hazard_strings(found))
     try:
         return encode_request(request)
     except RequestRefused as exc:
@@ -190,7 +207,7 @@ def build_request(config: AgentConfig, phase: str, seq: int, timeout: float,
 
 def mark_boundary(xs: Any, config: AgentConfig, phase: str, store: StateStore,
                   timeout: float, *, clock: Callable[[], float] = time.monotonic,
-                  mounts_path: str = MOUNTS) -> BoundaryResult:
+                  mounts_path: str = MOUNTS, proc_path: str = PROC) -> BoundaryResult:
     """Mark boundary ``phase``: request, wait (at most ``timeout`` s), record the verdict."""
     config.phase(phase)  # ConfigError if undeclared
     with store.locked():
@@ -200,11 +217,12 @@ def mark_boundary(xs: Any, config: AgentConfig, phase: str, store: StateStore,
             return BoundaryResult(phase, 0, Verdict.refused("disabled"), local=True)
         state = store.load()
         seq = next_seq(state, read_ack(xs))
-        raw = build_request(config, phase, seq, timeout, mounts_path)
+        raw = build_request(config, phase, seq, timeout, mounts_path, proc_path)
         store.save(AgentState(seq, phase, "pending", state.generation))
         announce(xs)
         verdict = exchange(xs, raw, seq, clock() + timeout, clock)
-        result = BoundaryResult(phase, seq, verdict)
+        detail = read_detail(xs) if verdict is not None and verdict.reason else ""
+        result = BoundaryResult(phase, seq, verdict, detail=detail)
         generation = verdict.generation if verdict is not None else None
         store.save(AgentState(seq, phase, result.text,
                               generation if generation is not None else state.generation))

@@ -36,6 +36,7 @@ from xenpbr_agent import (
 )
 from xenpbr_agent.boundary import (
     MOUNTS,
+    PROC,
     BoundaryResult,
     mark_boundary,
     read_ack,
@@ -105,7 +106,8 @@ def _timeout(args: argparse.Namespace, config: AgentConfig) -> float:
     return timeout
 
 
-def cmd_phase(args: argparse.Namespace, xs_factory: XenstoreFactory, mounts_path: str) -> int:
+def cmd_phase(args: argparse.Namespace, xs_factory: XenstoreFactory, mounts_path: str,
+              proc_path: str = PROC) -> int:
     config = load_config(args.config)
     config.phase(args.name)
     timeout = _timeout(args, config)
@@ -116,14 +118,17 @@ def cmd_phase(args: argparse.Namespace, xs_factory: XenstoreFactory, mounts_path
     try:
         with xs_factory() as xs:
             result = mark_boundary(xs, config, args.name, StateStore(config.state_dir),
-                                   timeout, mounts_path=mounts_path)
+                                   timeout, mounts_path=mounts_path, proc_path=proc_path)
     except (AgentError, XenstoreError) as exc:
         print(f"xenpbr-agent: error: {exc}", file=sys.stderr, flush=True)
         print(f"{args.name} not-marked", flush=True)
         poststeps.after_boundary(config, args.name, None)  # the guest still comes up
         return EXIT_USAGE
     print(f"{result.phase} {result.text}", flush=True)
-    if result.verdict is not None and result.verdict.reason in HINTS:
+    if result.detail:
+        log.warning("boundary %s refused (%s): %s", result.phase, result.verdict.reason
+                    if result.verdict else "?", result.detail)
+    elif result.verdict is not None and result.verdict.reason in HINTS:
         log.warning("boundary %s refused (%s): %s", result.phase, result.verdict.reason,
                     HINTS[result.verdict.reason])
     elif result.verdict is None:
@@ -173,7 +178,7 @@ def cmd_status(args: argparse.Namespace, xs_factory: XenstoreFactory) -> int:
 
 
 def main(argv: list[str] | None = None, *, xs_factory: XenstoreFactory | None = None,
-         mounts_path: str = MOUNTS) -> int:
+         mounts_path: str = MOUNTS, proc_path: str = PROC) -> int:
     """Entry point (console script ``xenpbr-agent``); returns the exit code.
     ``xs_factory`` replaces the xenstore client (tests pass a FakeXenstore)."""
     parser = _parser()
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None, *, xs_factory: XenstoreFactory | None = 
     factory = xs_factory or XenstoreClient
     try:
         if args.command == "phase":
-            return cmd_phase(args, factory, mounts_path)
+            return cmd_phase(args, factory, mounts_path, proc_path)
         return cmd_status(args, factory)
     except (AgentError, XenstoreError) as exc:
         print(f"xenpbr-agent: error: {exc}", file=sys.stderr, flush=True)

@@ -250,3 +250,26 @@ def test_restarted_daemon_answers_a_request_left_pending(world) -> None:
     again.watcher.start()
     settle(again)
     assert server.connect(0).read(protocol.ack_path(domid)) == b"1 captured"
+
+
+def test_unsafe_boundary_is_refused_with_a_detail_the_guest_can_read(world) -> None:
+    server, hv, state, rec, daemon = world
+    state.register("web", {"name": "web", "on_crash": "phasereboot",
+                           "disk": ["vdev=xvdb, target=/img/data"],
+                           "xenpbr_disks": ["xvdb=persistent"]}, CONFIG, "web.cfg")
+    domid = hv.create_domain(name="web")
+    settle(daemon)
+    doc = json.loads(request(1, "kernel"))
+    doc["hazards"] = ["xvdb 312 auditd /data/audit/audit.log"]
+    server.connect(domid).write("data/xenpbr/request", json.dumps(doc).encode())
+    settle(daemon)
+    guest = server.connect(domid)
+    assert guest.read(protocol.ack_path(domid)) == b"1 refused:hazard"
+    detail = guest.read(f"/local/domain/{domid}/{protocol.DETAIL_KEY}").decode()
+    assert detail.startswith("pid 312 (auditd) has /data/audit/audit.log open for writing")
+    assert rec.captures == 0
+    doc.update(seq=2, hazards=[])
+    guest.write("data/xenpbr/request", json.dumps(doc).encode())
+    settle(daemon)
+    assert guest.read(protocol.ack_path(domid)) == b"2 captured"
+    assert guest.read(f"/local/domain/{domid}/{protocol.DETAIL_KEY}") == b""

@@ -113,11 +113,13 @@ def env(tmp_path: Path, server: FakeXenstoreServer, caplog: pytest.LogCaptureFix
     mounts.write_text("rootfs / rootfs rw 0 0\n/dev/xvda1 / ext4 rw,relatime 0 0\n"
                       "/dev/xvdb /srv ext4 ro 0 0\nproc /proc proc rw 0 0\n")
     write_config(tmp_path, "")
+    proc = tmp_path / "proc"  # no processes: hazards are tested in test_agent_hazards.py
+    (proc / "self").mkdir(parents=True)
 
     def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
         code = cli.main([*argv, "--config", str(tmp_path / "agent.conf")],
                         xs_factory=lambda: FakeXenstore(server, domid=DOMID),
-                        mounts_path=str(mounts))
+                        mounts_path=str(mounts), proc_path=str(proc))
         out, err = capsys.readouterr()
         log = caplog.text
         caplog.clear()
@@ -437,3 +439,13 @@ def test_state_store_is_atomic_and_tolerates_garbage(tmp_path) -> None:
     assert store.load().seq == 0
     with store.locked():
         pass
+
+
+def test_a_refusal_shows_dom0s_explanation(env, server, capsys) -> None:
+    why = "pid 42 (logger) has /data/log open for writing without O_APPEND on persistent disk xvdb"
+    plan = {"kernel": lambda proto, req: proto.answer(DOMID, req.seq, Verdict.refused("hazard"),
+                                                      why)}
+    with Responder(server, plan):
+        code, out, err = env(["phase", "kernel"], capsys)
+    assert (code, out) == (EXIT_REFUSED, "kernel refused:hazard\n")
+    assert why in err

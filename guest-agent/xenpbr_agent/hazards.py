@@ -1,0 +1,113 @@
+"""Find the processes that would be unsafe to keep in a restartable image.
+
+A process that lives in an image is resumed, after a restore, with the file offsets it
+had when the image was taken. For a file on a disk that the restore does *not* revert (a
+``persistent`` disk), a process that writes at its own offset, without ``O_APPEND``,
+would then overwrite whatever was written there after the image point: auditd is the
+classic case. Such open files are *hazards*: the agent reports each one in its boundary
+request and dom0, which knows each disk's policy, refuses the capture and names the
+process and the file (docs/consistency.md).
+
+Read from ``/proc``: ``/proc/PID/fd/N`` (the path) and ``/proc/PID/fdinfo/N`` (``flags:``
+in octal, and ``mnt_id:``), matched to a block device through ``/proc/PID/mountinfo``.
+Processes that vanish while being read are skipped; nothing here needs root beyond what
+the agent already has. Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from xenpbr.protocol import HAZARD, MAX_HAZARDS
+
+O_ACCMODE, O_WRONLY, O_RDWR, O_APPEND = 0o3, 0o1, 0o2, 0o2000
+
+
+@dataclass(frozen=True)
+class OpenWrite:
+    """A regular file some process has open for writing, without ``O_APPEND``."""
+
+    pid: int
+    comm: str
+    path: str
+    dev: str  # the block device it lives on (xvdb, xvdb1, dm-0), "" if none
+
+    def encode(self) -> str:
+        """The request's hazard string: ``<dev> <pid> <comm> <path>`` (path last: it may
+        hold spaces), cut to what the protocol allows."""
+        comm = "".join(c if c.isprintable() and c.isascii() and c != " " else "?"
+                       for c in self.comm) or "?"
+        path = self.path.encode("ascii", "backslashreplace").decode()
+        return f"{self.dev} {self.pid} {comm} {path}"[:128]
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:  # the process or fd vanished, or is not ours to read
+        return None
+
+
+def _mount_devices(proc_pid: Path) -> dict[int, str]:
+    """mnt_id -> block device name, from ``mountinfo`` (``-`` separates the optional
+    fields; the source follows the file system type)."""
+    devices: dict[int, str] = {}
+    for line in (_read(proc_pid / "mountinfo") or "").splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if sep and fields and len(tail) >= 2 and tail[1].startswith("/dev/"):
+            devices[int(fields[0])] = os.path.basename(os.path.realpath(tail[1]))
+    return devices
+
+
+def _fd_flags(fdinfo: str) -> tuple[int, int] | None:
+    """``(flags, mnt_id)`` from an fdinfo text."""
+    values = dict(line.split(":", 1) for line in fdinfo.splitlines() if ":" in line)
+    try:
+        return int(values["flags"].strip(), 8), int(values.get("mnt_id", "-1").strip())
+    except (KeyError, ValueError):
+        return None
+
+
+def writes_without_append(pid_dir: Path, devices: dict[int, str]) -> list[OpenWrite]:
+    """The hazards of one process."""
+    comm = (_read(pid_dir / "comm") or "?").strip()
+    found: list[OpenWrite] = []
+    try:
+        fds = sorted(os.listdir(pid_dir / "fd"), key=lambda n: int(n) if n.isdigit() else -1)
+    except OSError:
+        return found
+    for fd in fds:
+        try:
+            target = os.readlink(pid_dir / "fd" / fd)
+        except OSError:
+            continue
+        info = _fd_flags(_read(pid_dir / "fdinfo" / fd) or "")
+        if not target.startswith("/") or target.startswith("/dev/") or info is None:
+            continue  # pipes, sockets, devices: no file offset on a disk
+        flags, mnt_id = info
+        if flags & O_ACCMODE in (O_WRONLY, O_RDWR) and not flags & O_APPEND:
+            found.append(OpenWrite(int(pid_dir.name), comm, target, devices.get(mnt_id, "")))
+    return found
+
+
+def scan(proc: str = "/proc", skip_pids: frozenset[int] = frozenset()) -> list[OpenWrite]:
+    """Every regular file on a block device open for writing without ``O_APPEND``, by
+    any process but ``skip_pids`` (the agent itself), in pid order."""
+    root = Path(proc)
+    devices = _mount_devices(root / "self")
+    found: list[OpenWrite] = []
+    pids = sorted(int(n) for n in os.listdir(root) if n.isdigit())
+    for pid in pids:
+        if pid not in skip_pids:
+            found += [w for w in writes_without_append(root / str(pid), devices) if w.dev]
+    return found
+
+
+def hazard_strings(found: list[OpenWrite]) -> tuple[str, ...]:
+    """The request's ``hazards`` list: valid strings, at most the protocol's limit (the
+    first ones; one is enough for dom0 to refuse, and the count goes to the log)."""
+    encoded = [w.encode() for w in found]
+    return tuple(h for h in encoded if HAZARD.fullmatch(h))[:MAX_HAZARDS]
