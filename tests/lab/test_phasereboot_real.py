@@ -11,6 +11,8 @@ import re
 import time
 from typing import Any, Callable
 
+import pytest
+
 from tests.lab.xen_real import (
     WDT_INIT,
     agent_verdicts,
@@ -68,6 +70,7 @@ def wait_for_history(xen_host: XenHost, name: str, done: Callable[[list[dict]], 
         time.sleep(0.5)
 
 
+@pytest.mark.timeout(600)  # several boots and recoveries under TCG
 def test_crash_is_recovered_from_the_deepest_phase(xen_host, lab_domain, xenpbrd) -> None:
     guest = protected_guest(xen_host, lab_domain, "pbr")
     images = xenpbrd_lab.cli(xen_host, "images", guest.name)
@@ -115,6 +118,7 @@ def test_operator_reboot_to_an_earlier_phase(xen_host, lab_domain, xenpbrd) -> N
     assert [(p, v) for p, v, _ in after] == [("services", "restored:1"), ("app", "skipped")]
 
 
+@pytest.mark.timeout(600)  # several boots and recoveries under TCG
 def test_quick_recrashes_fall_back_then_reboot_normally(xen_host, lab_domain,
                                                         xenpbrd) -> None:
     guest = protected_guest(xen_host, lab_domain, "loop", xenpbr_crash_loop_window=900,
@@ -163,6 +167,7 @@ def test_corrupt_image_is_skipped_for_the_previous_phase(xen_host, lab_domain, x
     assert images["app"]["image"] != corrupted
 
 
+@pytest.mark.timeout(600)  # several boots and recoveries under TCG
 def test_xenpbrd_killed_mid_capture_leaves_no_partial_image(xen_host, lab_domain, xenpbrd,
                                                             dom0_python) -> None:
     guest = lab_domain("kcap", mode="agent", extra=f"lab.phases={THREE}",
@@ -219,6 +224,7 @@ def test_xenpbrd_killed_mid_restore_finishes_the_recovery(xen_host, lab_domain,
     print(f"domain when xenpbrd was killed: {left}")
 
 
+@pytest.mark.timeout(600)  # several boots and recoveries under TCG
 def test_flooding_guest_is_refused_and_others_are_served(xen_host, lab_domain,
                                                          xenpbrd) -> None:
     flood = lab_domain("flood", mode="flood", extra="lab.phases=kernel",
@@ -237,6 +243,7 @@ def test_flooding_guest_is_refused_and_others_are_served(xen_host, lab_domain,
     print(f"refusals counted for the flooding guest: {counts}")
 
 
+@pytest.mark.timeout(600)  # several boots and recoveries under TCG
 def test_expired_watchdog_is_recovered_from_an_image(xen_host, lab_domain, lab_images,
                                                      xenpbrd) -> None:
     ramdisk = install_watchdog_ramdisk(xen_host, lab_images.kernel_version)
