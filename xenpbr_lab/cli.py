@@ -109,9 +109,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
                         print(f"not run: {why}", file=sys.stderr, flush=True)
                         not_run.append(why)
                         continue
-                    more, fact = bench.run_config(
-                        host, workload, memory, args.repeats,
-                        lambda line: print(line, file=sys.stderr, flush=True), workdir)
+                    try:
+                        more, fact = bench.run_config(
+                            host, workload, memory, args.repeats,
+                            lambda line: print(line, file=sys.stderr, flush=True), workdir)
+                    except LabError as exc:  # keep what the other configurations measured
+                        why = f"{workload} at {memory} MiB failed: {str(exc)[:300]}"
+                        print(f"not run: {why}", file=sys.stderr, flush=True)
+                        not_run.append(why)
+                        host.collect_artifacts(workdir / f"failure-{workload}-{memory}")
+                        continue
                     samples += more
                     facts.append(fact)
         except Exception:
