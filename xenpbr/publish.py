@@ -32,7 +32,6 @@ from typing import Any
 
 from xenpbr.errors import XenpbrError
 from xenpbr.state import StateDir
-from xenpbr.timeline import Timeline
 from xenpbr.xenstore import NoSuchKey
 
 log = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ def snapshot(state: StateDir, name: str, status: str, domid: int | None,
                      f"images/{phase}/valid": "1" if image.verified else "0"})
     for reason, count in sorted((refusals or {}).items()):
         keys[f"refusals/{reason.replace(':', '-')}"] = str(count)  # ':' is not a path char
-    last = _last_recovery(state, name)
+    last = state.latest_history(name)
     if last is not None:
         finished = last.marks[-1].wall if last.marks else 0.0
         downtime = last.downtime()
@@ -71,13 +70,6 @@ def snapshot(state: StateDir, name: str, status: str, domid: int | None,
                      "last-recovery/downtime": "" if downtime is None else f"{downtime:.3f}",
                      "last-recovery/finished": f"{finished:.0f}"})
     return keys
-
-
-def _last_recovery(state: StateDir, name: str) -> Timeline | None:
-    last = None
-    for last in state.history(name):
-        pass
-    return last
 
 
 def publish(xs: Any, state: StateDir, name: str, status: str,

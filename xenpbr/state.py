@@ -149,19 +149,31 @@ class StateDir:
             (hdir / f"{old:06d}.json").unlink(missing_ok=True)
         return path
 
-    def amend_latest_history(self, name: str, amend: Callable[[Timeline], bool]) -> bool:
-        """Apply ``amend`` to the newest timeline of ``name``; rewrite it if it returns
-        True (late marks: the guest's ack and service ready come after the recovery)."""
+    def _latest_history_path(self, name: str) -> Path | None:
         hdir = self._history_dir(name)
         numbers = sorted(int(p.stem) for p in hdir.glob("*.json")
                          if p.stem.isdigit()) if hdir.is_dir() else []
-        if not numbers:
-            return False
-        path = hdir / f"{numbers[-1]:06d}.json"
+        return hdir / f"{numbers[-1]:06d}.json" if numbers else None
+
+    @staticmethod
+    def _load_timeline(path: Path) -> Timeline:
         try:
-            timeline = Timeline.from_json(json.loads(path.read_text()))
+            return Timeline.from_json(json.loads(path.read_text()))
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise StateError(f"recovery record {path} is damaged: {exc}") from exc
+
+    def latest_history(self, name: str) -> Timeline | None:
+        """The newest recovery timeline of ``name`` (reads one file, not the history)."""
+        path = self._latest_history_path(name)
+        return None if path is None else self._load_timeline(path)
+
+    def amend_latest_history(self, name: str, amend: Callable[[Timeline], bool]) -> bool:
+        """Apply ``amend`` to the newest timeline of ``name``; rewrite it if it returns
+        True (late marks: the guest's ack and service ready come after the recovery)."""
+        path = self._latest_history_path(name)
+        if path is None:
+            return False
+        timeline = self._load_timeline(path)
         if not amend(timeline):
             return False
         atomic_write_json(path, timeline.to_json())
@@ -171,10 +183,7 @@ class StateDir:
         """The domain's recovery timelines, oldest first."""
         hdir = self._history_dir(name)
         for path in sorted(hdir.glob("*.json")) if hdir.is_dir() else []:
-            try:
-                yield Timeline.from_json(json.loads(path.read_text()))
-            except (ValueError, TypeError, KeyError) as exc:
-                raise StateError(f"recovery record {path} is damaged: {exc}") from exc
+            yield self._load_timeline(path)
 
     # -- recovery intents --------------------------------------------------------------
 

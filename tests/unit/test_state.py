@@ -69,3 +69,20 @@ def test_unregister_removes_everything(tmp_path: Path) -> None:
     sd.add_history(Timeline("g", "crash"))
     sd.unregister("g")
     assert sd.domains() == [] and not (tmp_path / "domains/g").exists()
+
+
+def test_latest_history_reads_the_newest_and_amend_rewrites_it(tmp_path) -> None:
+
+    state = StateDir(tmp_path)
+    state.register("g", {"name": "g"}, 'name = "g"\n', "c")
+    assert state.latest_history("g") is None
+    for method in ("phase:app", "normal-reboot"):
+        t = Timeline("g", "crash")
+        t.mark("crash_seen", now=1.0)
+        t.method = method
+        state.add_history(t)
+    assert state.latest_history("g").method == "normal-reboot"
+    assert not state.amend_latest_history("g", lambda t: False)
+    assert state.amend_latest_history("g", lambda t: bool(t.mark("guest_ack", now=3.0)))
+    assert [m.name for m in state.latest_history("g").marks] == ["crash_seen", "guest_ack"]
+    assert [t.method for t in state.history("g")] == ["phase:app", "normal-reboot"]
