@@ -273,3 +273,19 @@ def test_unsafe_boundary_is_refused_with_a_detail_the_guest_can_read(world) -> N
     settle(daemon)
     assert guest.read(protocol.ack_path(domid)) == b"2 captured"
     assert guest.read(f"/local/domain/{domid}/{protocol.DETAIL_KEY}") == b""
+
+
+def test_cli_refresh_keeps_the_published_status_and_domid(world) -> None:
+    from xenpbr import publish
+    server, hv, state, rec, daemon = world
+    domid = hv.create_domain(name="web")
+    settle(daemon)
+    server.connect(domid).write("data/xenpbr/request", request(1, "app"))
+    settle(daemon)
+    phases = state.phases("web")
+    phases.forget(None)
+    state.save_phases(phases)
+    assert publish.refresh(server.connect(0), state, "web")
+    keys = published(server)
+    assert keys["status"] == "watching" and keys["domid"] == str(domid)
+    assert not any(k.startswith("images/") for k in keys)
