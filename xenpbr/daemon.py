@@ -257,7 +257,11 @@ class Daemon:
             verdict, detail = self._judge_and_capture(name, request)
         self.protocol.answer(domid, request.seq, verdict, detail)
         self._publish(name, "watching", domid)
-        self.watcher.rescan()  # xl save -c suspends/resumes: resync the domain snapshot
+        # xl save -c suspends and resumes the guest: resync the domain snapshot, and act on
+        # what changed meanwhile (a guest that crashed during the capture must be
+        # recovered: dropping these events once left it crashed for good, in the bench)
+        for event in self.watcher.rescan():
+            self._guard(self.on_domain_event, event)
 
     def on_status(self, domid: int) -> None:
         """A restored guest's agent reported ``acked``/``ready``: mark the timeline."""

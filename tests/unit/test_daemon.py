@@ -289,3 +289,22 @@ def test_cli_refresh_keeps_the_published_status_and_domid(world) -> None:
     keys = published(server)
     assert keys["status"] == "watching" and keys["domid"] == str(domid)
     assert not any(k.startswith("images/") for k in keys)
+
+
+def test_a_crash_during_a_capture_is_recovered(world) -> None:
+    server, hv, state, rec, daemon = world
+    domid = hv.create_domain(name="web")
+    settle(daemon)
+    server.connect(domid).write("data/xenpbr/request", request(1, "kernel"))
+    settle(daemon)  # the kernel image exists now
+
+    def crashing(name, store, phase, seq, fingerprint):
+        hv.crash(domid)  # the guest dies while xl save waits for it to suspend
+        from xenpbr.images.errors import CaptureFailed
+        raise CaptureFailed("guest didn't acknowledge suspend")
+    daemon.capture = crashing
+    server.connect(domid).write("data/xenpbr/request", request(2, "app"))
+    settle(daemon)
+    assert ("restore", "img-kernel-1") in rec.calls
+    (timeline,) = state.history("web")
+    assert timeline.method == "phase:kernel" and timeline.outcome == "recovered"
