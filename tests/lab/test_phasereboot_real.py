@@ -256,3 +256,20 @@ def test_expired_watchdog_is_recovered_from_an_image(xen_host, lab_domain, lab_i
     assert (phase, verdict) == ("kernel", "restored:1")
     last = xenpbrd_lab.cli(xen_host, "history", guest.name)[-1]
     assert last["trigger"] == "watchdog" and last["method"] == "phase:kernel"
+
+
+@pytest.mark.timeout(600)  # xl save waits up to 60 s for a dead guest to suspend
+def test_crash_during_a_capture_is_recovered(xen_host, lab_domain, xenpbrd) -> None:
+    guest = lab_domain("ccap", mode="agent", extra=f"lab.phases={THREE}",
+                       on_crash="phasereboot")
+    guest.write_config()
+    xenpbrd_lab.cli(xen_host, "create", guest.config_path)
+    xenpbrd_lab.wait_for_log(xen_host, "capturing phase app")
+    offset = guest.console_size()
+    xen_host.run(["xl", "sysrq", guest.name, "c"])  # while xl save asks it to suspend
+    after = agent_verdicts(guest, 2, after=offset, timeout=400)
+    # the app capture failed with the guest; it comes back from services and its app
+    # boundary is captured on the way
+    assert [(p, v) for p, v, _ in after] == [("services", "restored:1"), ("app", "captured")]
+    last = xenpbrd_lab.cli(xen_host, "history", guest.name)[-1]
+    assert last["method"] == "phase:services" and last["outcome"] == "recovered"
