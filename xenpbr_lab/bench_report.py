@@ -102,7 +102,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     ax.set_xticks(range(len(configs)))
     ax.set_xticklabels([f"{w}\n{m} MiB" for w, m in configs])
     ax.set_ylabel("downtime, crash to service answering (s)")
-    ax.set_title("xenpbr recovery downtime on Xen 4.17 (QEMU TCG: compare ratios)")
+    ax.set_title("xenpbr recovery downtime on Xen 4.17\n(guests under QEMU TCG: compare ratios)")
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
