@@ -18,6 +18,7 @@ image runs. Three mechanisms, detected per disk, best first:
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import logging
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
 CHUNK = 8 << 20
+_LIBC = ctypes.CDLL(None, use_errno=True)  # fallocate(2), which os does not wrap
 
 
 class SnapshotError(XenpbrError):
@@ -116,10 +118,8 @@ def _holes(data: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
 def _zero(fd: int, start: int, end: int) -> None:
     """Make ``[start, end)`` of ``fd`` read as zeros: punch a hole in a file, write
     zeros on a device (a restored kernel must not find data the snapshot had not)."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
     punch = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-    if libc.fallocate(fd, punch, ctypes.c_long(start), ctypes.c_long(end - start)) == 0:
+    if _LIBC.fallocate(fd, punch, ctypes.c_long(start), ctypes.c_long(end - start)) == 0:
         return
     zeros = bytes(min(CHUNK, end - start))
     pos = start
@@ -133,7 +133,7 @@ def _copy(src_path: str, dst_path: str) -> int:
     copied = 0
     with open(src_path, "rb") as src, open(dst_path, "r+b" if os.path.exists(dst_path)
                                            else "wb") as dst:
-        size = os.fstat(src.fileno()).st_size or _device_size(src.fileno())
+        size = _size(src.fileno())
         if stat.S_ISREG(os.fstat(dst.fileno()).st_mode):
             dst.truncate(size)  # also drops what lies beyond a shorter source
         data = _ranges(src.fileno(), size)
@@ -146,7 +146,7 @@ def _copy(src_path: str, dst_path: str) -> int:
                     break
                 pos += n
             copied += pos - start
-        dst_size = os.fstat(dst.fileno()).st_size or _device_size(dst.fileno())
+        dst_size = _size(dst.fileno())
         dst_data = _ranges(dst.fileno(), dst_size)
         for hole_start, hole_end in _holes(data, size):
             for start, end in dst_data:  # only where dst holds data inside src's hole
@@ -157,8 +157,9 @@ def _copy(src_path: str, dst_path: str) -> int:
     return copied
 
 
-def _device_size(fd: int) -> int:
-    return os.lseek(fd, 0, os.SEEK_END)
+def _size(fd: int) -> int:
+    """Bytes in a file, or in a block device (whose st_size is 0)."""
+    return os.fstat(fd).st_size or os.lseek(fd, 0, os.SEEK_END)
 
 
 def snapshot(target: str, dest: Path) -> SnapshotResult:
