@@ -58,3 +58,32 @@ def test_failed(request: pytest.FixtureRequest) -> bool:
     """True if the requesting test's setup or call phase failed."""
     reports = request.node.stash.get(PHASE_REPORTS, {})
     return any(r.failed for r in reports.values())
+
+
+class _RefusingFreezer:
+    """Stands in for the agent's kernel freezer during tests: it answers questions about
+    devices, but a FIFREEZE/FITHAW ioctl fails the test instead of reaching the kernel."""
+
+    def device(self, mount: str) -> int:
+        return os.stat(mount).st_dev
+
+    def ioctl(self, mount: str, request: int) -> None:
+        raise AssertionError(f"a test reached the real freeze ioctl {request:#x} on {mount}: "
+                             "give it a fake freezer (run as root this would freeze the "
+                             "test host's own file system)")
+
+    def output_devices(self) -> set[int]:
+        return set()
+
+
+@pytest.fixture(autouse=True)
+def _never_freeze_the_test_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest agent freezes every read-write disk at a boundary. A test that reaches it
+    with the real ioctls, run as root, would freeze this machine's own disks (it nearly
+    did): every test starts with a freezer that refuses, and sets a fake where it wants
+    one. Tests that mean the real kernel pass ``KernelFreezer()`` explicitly."""
+    try:
+        from xenpbr_agent import freeze
+    except ImportError:
+        return
+    monkeypatch.setattr(freeze, "KERNEL", _RefusingFreezer())

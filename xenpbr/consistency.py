@@ -9,7 +9,10 @@ taken, except for ``snapshot`` disks, which are reverted with it. So at a bounda
 * a process holding a file on a ``persistent`` disk open for writing without
   ``O_APPEND`` is a *hazard* (after a restore it would write at its old offset, over
   newer data: auditd is the classic case). The refusal names the process and the file;
-  the operator starts that service after the restore point.
+  the operator starts that service after the restore point;
+* a ``snapshot`` disk mounted read-write must have been frozen by the agent for this
+  boundary: dom0 snapshots it between the memory capture and the ack, and only a frozen
+  file system is on disk exactly as the image's kernel believes it is.
 
 Guest input (the request's ``disks`` and ``hazards``) was bounded by the protocol parser;
 here it is only matched against the operator's config, and quoted in messages with
@@ -32,7 +35,7 @@ _PARTITION = re.compile(r"p?[0-9]+")
 class Refusal:
     """Why a capture is refused: a protocol reason token and a message for people."""
 
-    reason: str  # "hazard" | "persistent-disk-rw"
+    reason: str  # "hazard" | "persistent-disk-rw" | "snapshot-not-frozen"
     detail: str
 
 
@@ -64,7 +67,15 @@ def judge(config: DomainConfig, request: BoundaryRequest) -> Refusal | None:
                            f"{dev}: after a restore it would overwrite newer data; start it "
                            "after the last phase ([after-last-phase] in the agent config)")
     for disk in request.disks:
-        if disk.rw and _unsafe(disk_policy(policies, disk.dev), has_persistent):
+        policy = disk_policy(policies, disk.dev)
+        if disk.rw and policy == "snapshot" and not disk.frozen:
+            return Refusal("snapshot-not-frozen",
+                           f"snapshot disk {disk.dev} is mounted read-write on "
+                           f"{ascii(disk.mount)[1:-1]} but was not frozen for the boundary: "
+                           "a snapshot now could miss writes its kernel believes are on "
+                           "disk; use an agent that freezes (xenpbr-agent >= 0.2) or a "
+                           "file system that supports FIFREEZE")
+        if disk.rw and _unsafe(policy, has_persistent):
             return Refusal("persistent-disk-rw",
                            f"persistent disk {disk.dev} is mounted read-write on "
                            f"{ascii(disk.mount)[1:-1]}: mount it after the last phase "

@@ -133,13 +133,16 @@ HAZARD = re.compile(r"[ -~]{1,128}")
 
 FIELDS = ("v", "seq", "phase", "phases", "identity", "wait", "disks", "services", "hazards")
 _DISK_FIELDS = frozenset({"dev", "mount", "rw"})
+#: Optional disk keys: ``frozen`` (the agent froze this file system for the boundary).
+_DISK_OPTIONAL = frozenset({"frozen"})
 
 #: ``bad-request:<field>`` suffixes, in the order the parser checks them.
 BAD_REQUEST_FIELDS = ("size", "encoding", "json", "not-object", "duplicate-key",
                       "unknown-key") + FIELDS
 #: Reasons dom0 gives for a well-formed request.
 DECISION_REASONS = ("stale-seq", "unknown-phase", "out-of-order", "rate-limited", "busy",
-                    "hazard", "persistent-disk-rw", "quota", "capture-failed", "disabled")
+                    "hazard", "persistent-disk-rw", "snapshot-not-frozen", "quota",
+                    "capture-failed", "snapshot-failed", "disabled")
 REFUSAL_REASONS = frozenset([f"bad-request:{f}" for f in BAD_REQUEST_FIELDS]
                             + list(DECISION_REASONS))
 #: What an agent accepts as a reason: a newer dom0 may add tokens.
@@ -202,14 +205,19 @@ class _BadInput(Exception):
 @dataclass(frozen=True)
 class DiskState:
     """A block device mounted in the guest: the guest's device name (``xvda1``), where it
-    is mounted (as ``/proc/mounts`` shows it) and whether read-write."""
+    is mounted (as ``/proc/mounts`` shows it), whether read-write, and whether the agent
+    froze it (``FIFREEZE``) for this boundary, so a disk snapshot taken now is clean."""
 
     dev: str
     mount: str
     rw: bool
+    frozen: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"dev": self.dev, "mount": self.mount, "rw": self.rw}
+        doc: dict[str, Any] = {"dev": self.dev, "mount": self.mount, "rw": self.rw}
+        if self.frozen:
+            doc["frozen"] = True
+        return doc
 
 
 @dataclass(frozen=True)
@@ -367,13 +375,16 @@ def _phases(doc: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _disk(value: Any) -> DiskState:
-    if not isinstance(value, dict) or set(value) != _DISK_FIELDS:
-        raise _BadInput("disks", "each disk must be an object with exactly 'dev', 'mount', "
-                                 f"'rw', got {_show(value)}")
-    if not isinstance(value["rw"], bool):
-        raise _BadInput("disks", f"a disk's 'rw' must be true or false, got {_show(value['rw'])}")
+    if not isinstance(value, dict) or not _DISK_FIELDS <= set(value) <= (
+            _DISK_FIELDS | _DISK_OPTIONAL):
+        raise _BadInput("disks", "each disk must be an object with 'dev', 'mount', 'rw' and "
+                                 f"optionally 'frozen', got {_show(value)}")
+    for flag in ("rw", "frozen"):
+        if not isinstance(value.get(flag, False), bool):
+            raise _BadInput("disks", f"a disk's {flag!r} must be true or false, got "
+                                     f"{_show(value[flag])}")
     return DiskState(_name(value["dev"], DEVICE, "disks"), _name(value["mount"], MOUNT, "disks"),
-                     value["rw"])
+                     value["rw"], value.get("frozen", False))
 
 
 def _build(doc: Any) -> BoundaryRequest:

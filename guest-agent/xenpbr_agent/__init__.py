@@ -8,7 +8,7 @@ configured steps; see ``guest-agent/README.md`` and ``docs/phase-protocol.md``.
 
 from xenpbr.errors import XenpbrError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: Exit codes of ``xenpbr-agent`` (docs/phase-protocol.md, "Guest agent").
 EXIT_OK = 0          # captured, skipped, or restored (post-restore steps done)

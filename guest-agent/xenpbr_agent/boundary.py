@@ -13,9 +13,10 @@ import contextlib
 import logging
 import math
 import os
+import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, replace
 from typing import Any
 
 from xenpbr.protocol import (
@@ -40,7 +41,7 @@ from xenpbr.protocol import (
     encode_request,
 )
 from xenpbr.xenstore import NoSuchKey, PermissionDenied, XenstoreError
-from xenpbr_agent import AgentError, __version__, hazards
+from xenpbr_agent import AgentError, __version__, freeze, hazards
 from xenpbr_agent.config import AgentConfig
 from xenpbr_agent.state import AgentState, StateStore
 
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 MOUNTS = "/proc/self/mounts"
 PROC = "/proc"
+_OCTAL = re.compile(r"\\([0-7]{3})")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,12 @@ class BoundaryResult:
     @property
     def text(self) -> str:
         return str(self.verdict) if self.verdict is not None else "timeout"
+
+
+def unescape_mount(field: str) -> str:
+    """A mount point as a path: ``/proc/self/mounts`` writes space, tab, newline and
+    backslash as octal escapes (``/mnt/with\\040space``)."""
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
 def collect_disks(mounts_text: str) -> tuple[DiskState, ...]:
@@ -182,15 +190,21 @@ def exchange(xs: Any, raw: bytes, seq: int, deadline: float,
             xs.unwatch(ACK_KEY, token)
 
 
-def build_request(config: AgentConfig, phase: str, seq: int, timeout: float,
-                  mounts_path: str = MOUNTS, proc_path: str = PROC) -> bytes:
-    """The request bytes, validated with dom0's own parser (a request dom0 would refuse
-    as malformed is an agent/config problem: report it here)."""
+def read_disks(mounts_path: str = MOUNTS) -> tuple[DiskState, ...]:
+    """:func:`collect_disks` of the mounts file at ``mounts_path``."""
     try:
         with open(mounts_path) as f:
-            disks = collect_disks(f.read())
+            return collect_disks(f.read())
     except OSError as exc:
         raise AgentError(f"cannot read {mounts_path} to report disks: {exc}") from None
+
+
+def prepare_request(config: AgentConfig, phase: str, seq: int, timeout: float,
+                    mounts_path: str = MOUNTS, proc_path: str = PROC) -> BoundaryRequest:
+    """The request for ``phase``, nothing frozen yet, checked with dom0's own parser (a
+    request dom0 would refuse as malformed is an agent/config problem: report it here,
+    before anything is frozen)."""
+    disks = read_disks(mounts_path)
     found = hazards.scan(proc_path, skip_pids=frozenset({os.getpid()}))
     if found:
         log.warning("boundary %s: %d file(s) open for writing without O_APPEND on a disk: "
@@ -198,6 +212,12 @@ def build_request(config: AgentConfig, phase: str, seq: int, timeout: float,
     request = BoundaryRequest(seq=seq, phase=phase, phases=config.phase_names,
                               identity=config.identity, wait=max(1, math.ceil(timeout)),
                               disks=disks, hazards=hazards.hazard_strings(found))
+    encode_checked(request)
+    return request
+
+
+def encode_checked(request: BoundaryRequest) -> bytes:
+    """``encode_request``, with dom0's refusal turned into an actionable AgentError."""
     try:
         return encode_request(request)
     except RequestRefused as exc:
@@ -205,10 +225,45 @@ def build_request(config: AgentConfig, phase: str, seq: int, timeout: float,
                          f"{exc.detail}); fix the config or the guest") from None
 
 
+def mark_frozen(disks: tuple[DiskState, ...], frozen: Collection[str]) -> tuple[DiskState, ...]:
+    """``disks`` with ``frozen`` set on the read-write ones whose mount point is in
+    ``frozen``. A mount hidden under a later mount on the same path is left unflagged:
+    the freeze reached the file system on top, not it."""
+    last = {d.mount: i for i, d in enumerate(disks)}
+    return tuple(replace(d, frozen=True) if d.rw and d.mount in frozen and last[d.mount] == i
+                 else d for i, d in enumerate(disks))
+
+
+def build_request(config: AgentConfig, phase: str, seq: int, timeout: float,
+                  mounts_path: str = MOUNTS, proc_path: str = PROC, *,
+                  frozen: Collection[str] = ()) -> bytes:
+    """The request bytes, validated with dom0's own parser; ``frozen``: the mount points
+    whose file system the caller froze."""
+    request = prepare_request(config, phase, seq, timeout, mounts_path, proc_path)
+    return encode_checked(replace(request, disks=mark_frozen(request.disks, frozen)))
+
+
+def exchange_frozen(xs: Any, request: BoundaryRequest, timeout: float, *,
+                    clock: Callable[[], float] = time.monotonic,
+                    freezer: freeze.Freezer | None = None) -> Verdict | None:
+    """Freeze the read-write disks, write ``request`` flagged accordingly, wait for the
+    ack (``timeout`` s from the moment it is written), thaw. The thaw runs whatever
+    happens, and also after a restore: the process restored from the image continues
+    right here, with the file systems still frozen in its memory."""
+    paths = {unescape_mount(d.mount): d.mount for d in request.disks if d.rw}
+    with freeze.frozen(paths, freezer, clock) as done:
+        flagged = mark_frozen(request.disks, {paths[p] for p in done})
+        raw = encode_checked(replace(request, disks=flagged))
+        return exchange(xs, raw, request.seq, clock() + timeout, clock)
+
+
 def mark_boundary(xs: Any, config: AgentConfig, phase: str, store: StateStore,
                   timeout: float, *, clock: Callable[[], float] = time.monotonic,
-                  mounts_path: str = MOUNTS, proc_path: str = PROC) -> BoundaryResult:
-    """Mark boundary ``phase``: request, wait (at most ``timeout`` s), record the verdict."""
+                  mounts_path: str = MOUNTS, proc_path: str = PROC,
+                  freezer: freeze.Freezer | None = None) -> BoundaryResult:
+    """Mark boundary ``phase``: request, wait (at most ``timeout`` s), record the verdict.
+    The read-write file systems stay frozen from before the request is written until the
+    ack is read; the state (in /run) is saved outside that window."""
     config.phase(phase)  # ConfigError if undeclared
     with store.locked():
         if not dom0_enabled(xs):
@@ -217,10 +272,10 @@ def mark_boundary(xs: Any, config: AgentConfig, phase: str, store: StateStore,
             return BoundaryResult(phase, 0, Verdict.refused("disabled"), local=True)
         state = store.load()
         seq = next_seq(state, read_ack(xs))
-        raw = build_request(config, phase, seq, timeout, mounts_path, proc_path)
+        request = prepare_request(config, phase, seq, timeout, mounts_path, proc_path)
         store.save(AgentState(seq, phase, "pending", state.generation))
         announce(xs)
-        verdict = exchange(xs, raw, seq, clock() + timeout, clock)
+        verdict = exchange_frozen(xs, request, timeout, clock=clock, freezer=freezer)
         detail = read_detail(xs) if verdict is not None and verdict.reason else ""
         result = BoundaryResult(phase, seq, verdict, detail=detail)
         generation = verdict.generation if verdict is not None else None

@@ -55,7 +55,12 @@ HINTS = {
     "stale-seq": "another writer used a higher seq; the next run picks a fresh one",
     "out-of-order": "mark the phases in the order the config declares them",
     "persistent-disk-rw": "unmount persistent disks (or mount them read-only) before this "
-                          "boundary; mount them in [after-last-phase]",
+                          "boundary; mount them with [after-last-phase] mount",
+    "snapshot-not-frozen": "a snapshot disk is mounted read-write but could not be frozen "
+                           "(see the agent's warning above: its file system cannot "
+                           "freeze, or it holds the agent's output file); mount it "
+                           "read-only before this boundary or use one that can freeze",
+    "snapshot-failed": "dom0 could not snapshot a disk; see xenpbrd's log in dom0",
     "hazard": "a restartable candidate holds a non-O_APPEND write offset on a disk that is "
               "not reverted; start it in [after-last-phase] instead",
     "rate-limited": "too many boundaries in a short time; mark fewer",

@@ -24,8 +24,11 @@ without a shell (write ``sh -c '...'`` when you need one)::
     [after-restore]
     run = /sbin/hwclock --hctosys
 
-    # non-candidate services: after the last boundary, whatever its verdict
+    # non-candidate services: after the last boundary, whatever its verdict; "mount"
+    # (DEVICE MOUNTPOINT [FSTYPE [OPTIONS]], one per line) runs first: the persistent
+    # disks, which dom0 refuses to capture while they are mounted read-write
     [after-last-phase]
+    mount = /dev/xvdb /data ext4 noatime
     start = /etc/init.d/auditd start
 """
 
@@ -34,6 +37,7 @@ from __future__ import annotations
 import configparser
 import math
 import os
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +53,28 @@ ENV_PATH = "XENPBR_AGENT_CONFIG"
 Command = tuple[str, ...]
 
 _AGENT_KEYS = {"identity", "ack_timeout", "step_timeout", "state_dir"}
-_SECTION_KEYS = {"after-restore": {"run"}, "after-last-phase": {"start"}}
+_SECTION_KEYS = {"after-restore": {"run"}, "after-last-phase": {"start", "mount"}}
+#: A mount's FSTYPE: a name, never an option (``-o``) in disguise.
+_FSTYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,31}")
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    """One ``[after-last-phase] mount`` line: ``DEVICE MOUNTPOINT [FSTYPE [OPTIONS]]``."""
+
+    device: str
+    mount_point: str
+    fstype: str | None = None
+    options: str | None = None
+
+    def command(self) -> Command:
+        """``mount [-t FSTYPE] [-o OPTIONS] DEVICE MOUNTPOINT``."""
+        argv = ["mount"]
+        if self.fstype:
+            argv += ["-t", self.fstype]
+        if self.options:
+            argv += ["-o", self.options]
+        return (*argv, self.device, self.mount_point)
 
 
 @dataclass(frozen=True)
@@ -69,6 +94,7 @@ class AgentConfig:
     state_dir: str = DEFAULT_STATE_DIR
     after_restore: tuple[Command, ...] = ()
     after_last_phase: tuple[Command, ...] = ()
+    after_last_phase_mounts: tuple[MountSpec, ...] = ()
     path: str | None = None
 
     @property
@@ -104,6 +130,36 @@ def _commands(text: str, where: str) -> tuple[Command, ...]:
             raise ConfigError(f"{where}: cannot split command {line.strip()!r}: {exc}") from None
         commands.append(argv)
     return tuple(commands)
+
+
+def _mount(line: str, where: str) -> MountSpec:
+    """One mount line, validated now: a typo must not surface as a failed mount after
+    the last image point."""
+    try:
+        fields = shlex.split(line)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: cannot split {line.strip()!r}: {exc}") from None
+    if not 2 <= len(fields) <= 4:
+        raise ConfigError(f"{where}: {line.strip()!r} must be DEVICE MOUNTPOINT [FSTYPE "
+                          f"[OPTIONS]] (2 to 4 fields, got {len(fields)})")
+    device, mount_point, *rest = fields
+    fstype = rest[0] if rest else None
+    options = rest[1] if len(rest) > 1 else None
+    if not device.startswith("/dev/") or device == "/dev/":
+        raise ConfigError(f"{where}: the device must be a /dev/ path, got {device!r}")
+    if not os.path.isabs(mount_point):
+        raise ConfigError(f"{where}: the mount point must be absolute, got {mount_point!r}")
+    if fstype is not None and not _FSTYPE.fullmatch(fstype):
+        raise ConfigError(f"{where}: bad file system type {fstype!r} (a name like ext4)")
+    if options is not None and (not options or options.startswith("-")):
+        raise ConfigError(f"{where}: bad mount options {options!r} (comma-separated, "
+                          "like noatime,errors=remount-ro)")
+    return MountSpec(device, os.path.normpath(mount_point), fstype, options)
+
+
+def _mounts(text: str, where: str) -> tuple[MountSpec, ...]:
+    """One mount per non-empty line."""
+    return tuple(_mount(line, where) for line in text.splitlines() if line.strip())
 
 
 def _seconds(value: str, where: str) -> float:
@@ -151,6 +207,22 @@ def _phase_section(parser: configparser.ConfigParser, name: str, where: str) -> 
     return PhaseConfig(phase, _commands(section.get("start", ""), f"{where} [{name}] start"))
 
 
+def _steps_section(parser: configparser.ConfigParser, name: str,
+                   where: str) -> dict[str, Any]:
+    """``[after-restore]`` or ``[after-last-phase]`` as AgentConfig fields."""
+    section = parser[name]
+    _check_keys(section, _SECTION_KEYS[name], f"{where} [{name}]")
+    field = name.replace("-", "_")
+    out: dict[str, Any] = {}
+    for key in sorted(_SECTION_KEYS[name]):
+        what = f"{where} [{name}] {key}"
+        if key == "mount":
+            out[f"{field}_mounts"] = _mounts(section.get(key, ""), what)
+        else:
+            out[field] = _commands(section.get(key, ""), what)
+    return out
+
+
 def parse_config(text: str, path: str | None = None) -> AgentConfig:
     """Parse config text (``path`` only names it in messages)."""
     where = path or "agent config"
@@ -166,10 +238,7 @@ def parse_config(text: str, path: str | None = None) -> AgentConfig:
         if name.startswith("phase:"):
             phases.append(_phase_section(parser, name, where))
         elif name in _SECTION_KEYS:
-            (key,) = _SECTION_KEYS[name]
-            _check_keys(parser[name], {key}, f"{where} [{name}]")
-            extra[name.replace("-", "_")] = _commands(parser[name].get(key, ""),
-                                                      f"{where} [{name}] {key}")
+            extra.update(_steps_section(parser, name, where))
         elif name != "agent":
             raise ConfigError(f"{where}: unknown section [{name}] (allowed: [agent], "
                               "[phase:NAME], [after-restore], [after-last-phase])")

@@ -6,8 +6,12 @@ When (docs/phase-protocol.md, "Which steps run when"), for ``xenpbr-agent phase 
    start); the first failure stops here: the boundary is not marked;
 2. the boundary (request, ack);
 3. ``[after-restore] run`` if the verdict is ``restored:<g>``;
-4. ``[after-last-phase] start`` if P is the last declared phase, whatever the verdict
-   (refused or timed out included: the guest must come up fully either way).
+4. ``[after-last-phase]`` if P is the last declared phase, whatever the verdict
+   (refused or timed out included: the guest must come up fully either way): first its
+   ``mount`` lines (the persistent disks, which dom0 refuses to capture while they are
+   mounted read-write, and which the ``start`` services may need), then its ``start``
+   commands. A mount point that is already mounted is left alone, so this is safe to
+   run again after every restore into the last phase's image.
 
 Later phases are not run from here after a restore: the restored init system resumes
 the boot where the image was taken and invokes ``xenpbr-agent phase`` for them.
@@ -26,11 +30,13 @@ import shlex
 import signal
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
 from xenpbr.protocol import Verdict, VerdictKind
-from xenpbr_agent.config import AgentConfig, Command
+from xenpbr_agent.boundary import MOUNTS, unescape_mount
+from xenpbr_agent.config import AgentConfig, Command, MountSpec
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +95,16 @@ def run_command(command: Command, timeout: float) -> StepResult:
         return StepResult(command, code, _read_output(out), error)
 
 
+Runner = Callable[[Command, float], StepResult]
+
+
 def run_steps(commands: tuple[Command, ...], timeout: float, what: str,
-              stop_on_failure: bool = False) -> bool:
+              stop_on_failure: bool = False, runner: Runner = run_command) -> bool:
     """Run ``commands`` in order, logging each; return True if all succeeded."""
     ok = True
     for command in commands:
         log.info("%s: running %s", what, shlex.join(command))
-        result = run_command(command, timeout)
+        result = runner(command, timeout)
         for line in result.output.splitlines():
             log.info("%s: | %s", what, line)
         if result.ok:
@@ -107,18 +116,63 @@ def run_steps(commands: tuple[Command, ...], timeout: float, what: str,
     return ok
 
 
+def mounted_points(mounts_path: str = MOUNTS) -> set[str]:
+    """The mount points in use, from ``/proc/self/mounts`` (octal escapes such as
+    ``\\040`` decoded); empty, with a warning, if it cannot be read."""
+    try:
+        with open(mounts_path) as f:
+            text = f.read()
+    except OSError as exc:
+        log.warning("cannot read %s (%s); mounting without checking", mounts_path, exc)
+        return set()
+    fields = (line.split() for line in text.splitlines())
+    return {unescape_mount(f[1]) for f in fields if len(f) > 1}
+
+
+def mount_disks(mounts: tuple[MountSpec, ...], timeout: float, what: str, *,
+                runner: Runner = run_command, mounts_path: str = MOUNTS) -> bool:
+    """Mount each of ``mounts`` not mounted yet (creating the mount point); return True
+    if none failed. A failure is logged with mount's own message and the rest go on."""
+    mounted = mounted_points(mounts_path) if mounts else set()
+    ok = True
+    for spec in mounts:
+        if spec.mount_point in mounted:
+            log.info("%s: %s is already mounted, leaving it", what, spec.mount_point)
+            continue
+        try:
+            os.makedirs(spec.mount_point, exist_ok=True)
+        except OSError as exc:
+            log.error("%s: cannot create mount point %s: %s", what, spec.mount_point,
+                      exc.strerror or exc)
+            ok = False
+            continue
+        log.info("%s: running %s", what, shlex.join(spec.command()))
+        result = runner(spec.command(), timeout)
+        if result.ok:
+            mounted.add(spec.mount_point)
+            continue
+        log.error("%s: cannot mount %s on %s: %s: %s", what, spec.device, spec.mount_point,
+                  result.describe(), result.output or "(no output)")
+        ok = False
+    return ok
+
+
 def before_boundary(config: AgentConfig, phase: str) -> bool:
     """Step 1: the phase's own ``start`` commands; stops at the first failure."""
     return run_steps(config.phase(phase).start, config.step_timeout, f"phase {phase}",
                      stop_on_failure=True)
 
 
-def after_boundary(config: AgentConfig, phase: str, verdict: Verdict | None) -> bool:
+def after_boundary(config: AgentConfig, phase: str, verdict: Verdict | None, *,
+                   runner: Runner = run_command, mounts_path: str = MOUNTS) -> bool:
     """Steps 3 and 4 (``verdict`` None: timed out). Every step runs even if an earlier
     one failed: bringing the guest up matters more than stopping at the first error."""
     ok = True
+    timeout = config.step_timeout
     if verdict is not None and verdict.kind is VerdictKind.RESTORED:
-        ok &= run_steps(config.after_restore, config.step_timeout, "after-restore")
+        ok &= run_steps(config.after_restore, timeout, "after-restore", runner=runner)
     if config.is_last(phase):
-        ok &= run_steps(config.after_last_phase, config.step_timeout, "after-last-phase")
+        ok &= mount_disks(config.after_last_phase_mounts, timeout, "after-last-phase",
+                          runner=runner, mounts_path=mounts_path)
+        ok &= run_steps(config.after_last_phase, timeout, "after-last-phase", runner=runner)
     return ok

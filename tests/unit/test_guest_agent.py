@@ -7,6 +7,7 @@ each accepted request as the test scripts it.
 
 from __future__ import annotations
 
+import errno
 import json
 import threading
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_agent_freeze import FakeFreezer
 from xenpbr.protocol import (
     Ack,
     BoundaryRequest,
@@ -28,7 +30,12 @@ from xenpbr.protocol import (
     request_watch,
     write_ack,
 )
-from xenpbr.xenstore import FakeXenstore, FakeXenstoreServer, PermissionDenied
+from xenpbr.xenstore import (
+    FakeXenstore,
+    FakeXenstoreServer,
+    PermissionDenied,
+    XenstoreError,
+)
 from xenpbr_agent import (
     EXIT_OK,
     EXIT_REFUSED,
@@ -37,11 +44,19 @@ from xenpbr_agent import (
     EXIT_USAGE,
     AgentError,
     ConfigError,
+    __version__,
     cli,
+    freeze,
 )
-from xenpbr_agent.boundary import collect_disks
-from xenpbr_agent.config import load_config, parse_config
-from xenpbr_agent.poststeps import run_command
+from xenpbr_agent.boundary import collect_disks, mark_boundary, mark_frozen
+from xenpbr_agent.config import AgentConfig, MountSpec, load_config, parse_config
+from xenpbr_agent.freeze import FIFREEZE
+from xenpbr_agent.poststeps import (
+    StepResult,
+    after_boundary,
+    mounted_points,
+    run_command,
+)
 from xenpbr_agent.state import StateStore
 
 DOMID = 5
@@ -94,6 +109,15 @@ class Responder(threading.Thread):
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.join(5)
+
+
+@pytest.fixture(autouse=True)
+def freezer(monkeypatch: pytest.MonkeyPatch) -> FakeFreezer:
+    """Every test here freezes through a fake: the agent must never FIFREEZE the test
+    host's own disks (the mounts it is shown name this machine's "/")."""
+    fake = FakeFreezer()
+    monkeypatch.setattr(freeze, "KERNEL", fake)
+    return fake
 
 
 @pytest.fixture
@@ -151,13 +175,13 @@ def test_captured(env, server, tmp_path, capsys) -> None:
     assert (req.seq, req.phase, req.phases, req.identity) == (1, "kernel",
                                                                ("kernel", "services", "app"),
                                                                "test.1")
-    assert [(d.dev, d.mount, d.rw) for d in req.disks] == [("xvda1", "/", True),
-                                                           ("xvdb", "/srv", False)]
+    assert [(d.dev, d.mount, d.rw, d.frozen) for d in req.disks] == [
+        ("xvda1", "/", True, True), ("xvdb", "/srv", False, False)]
     assert req.wait == 10
     assert state(tmp_path)["seq"] == 1 and state(tmp_path)["verdict"] == "captured"
     with server.connect(0) as dom0x:
         presence = dom0x.read(f"/local/domain/{DOMID}/data/xenpbr/agent").decode()
-        assert presence.startswith("0.1.0 ")
+        assert presence.startswith(f"{__version__} ")
 
 
 def test_seqs_increase_across_runs_and_follow_dom0s_last_ack(env, server, tmp_path,
@@ -381,6 +405,16 @@ def test_config_parsing() -> None:
     ("[phase:a]\n[phase:a]\n", "already exists"),
     ("".join(f"[phase:p{i}]\n" for i in range(9)), "at most 8"),
     ("no section\n", "section"),
+    ("[after-last-phase]\nmount = xvdb /data\n", "must be a /dev/ path"),
+    ("[after-last-phase]\nmount = /dev/ /data\n", "must be a /dev/ path"),
+    ("[after-last-phase]\nmount = /dev/xvdb data\n", "must be absolute"),
+    ("[after-last-phase]\nmount = /dev/xvdb\n", "2 to 4 fields, got 1"),
+    ("[after-last-phase]\nmount = /dev/xvdb /data ext4 noatime ro\n", "2 to 4 fields, got 5"),
+    ("[after-last-phase]\nmount = /dev/xvdb /data -o ro\n", "file system type '-o'"),
+    ("[after-last-phase]\nmount = /dev/xvdb /data ext4 -oro\n", "mount options"),
+    ("[after-last-phase]\nmount = /dev/xvdb '/data\n", "cannot split"),
+    ("[after-last-phase]\nmount = /dev/xvda /a\n  /dev/xvdb b\n", "'b'"),
+    ("[after-restore]\nmount = /dev/xvdb /data\n", "unknown keys"),
 ])
 def test_config_errors(text: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
@@ -449,3 +483,190 @@ def test_a_refusal_shows_dom0s_explanation(env, server, capsys) -> None:
         code, out, err = env(["phase", "kernel"], capsys)
     assert (code, out) == (EXIT_REFUSED, "kernel refused:hazard\n")
     assert why in err
+
+
+def test_config_mount_lines() -> None:
+    cfg = parse_config("[phase:a]\n[after-last-phase]\nstart = svc start\n"
+                       "mount = /dev/xvdb /data ext4 noatime,errors=remount-ro\n"
+                       "  /dev/xvdc '/srv/my data'\n  /dev/disk/by-label/x /x/ xfs\n")
+    assert cfg.after_last_phase_mounts == (
+        MountSpec("/dev/xvdb", "/data", "ext4", "noatime,errors=remount-ro"),
+        MountSpec("/dev/xvdc", "/srv/my data"),
+        MountSpec("/dev/disk/by-label/x", "/x", "xfs"))
+    assert cfg.after_last_phase == (("svc", "start"),)
+    assert cfg.after_last_phase_mounts[0].command() == (
+        "mount", "-t", "ext4", "-o", "noatime,errors=remount-ro", "/dev/xvdb", "/data")
+    assert cfg.after_last_phase_mounts[1].command() == ("mount", "/dev/xvdc", "/srv/my data")
+    assert parse_config("[phase:a]\n").after_last_phase_mounts == ()
+
+
+# -- the freeze window -------------------------------------------------------------------------
+
+
+def test_rw_disks_stay_frozen_from_the_request_to_the_ack(env, server, tmp_path, capsys,
+                                                           freezer) -> None:
+    (tmp_path / "mounts").write_text(
+        "/dev/xvda1 / ext4 rw,relatime 0 0\n/dev/xvdb /srv ext4 ro 0 0\n"
+        "/dev/xvdc /data ext4 rw 0 0\n/dev/xvdd /scratch vfat rw 0 0\n")
+    freezer.errors[("/scratch", FIFREEZE)] = errno.EOPNOTSUPP
+    frozen_at_answer: list[set[str]] = []
+
+    def check(proto: PhaseProtocol, req: BoundaryRequest) -> None:
+        frozen_at_answer.append(set(freezer.frozen))
+        proto.answer(DOMID, req.seq, Verdict.captured())
+
+    with Responder(server, {"kernel": check}) as dom0:
+        code, out, err = env(["phase", "kernel"], capsys)
+    assert (code, out) == (EXIT_OK, "kernel captured\n")
+    (req,) = dom0.requests
+    assert {d.mount: d.frozen for d in req.disks} == {"/": True, "/srv": False,
+                                                      "/data": True, "/scratch": False}
+    assert frozen_at_answer == [{"/", "/data"}]
+    assert freezer.frozen == set()
+    assert ("freeze", "/srv") not in freezer.calls  # read-only: nothing to freeze
+    assert freezer.calls[-2:] == [("thaw", "/data"), ("thaw", "/")]
+    assert "frozen for this boundary: /, /data" in err and "thawed /data, / after" in err
+    with server.connect(0) as dom0x:
+        wire = json.loads(dom0x.read(f"/local/domain/{DOMID}/data/xenpbr/request"))
+    assert [d.get("frozen") for d in wire["disks"]] == [True, None, True, None]
+
+
+def test_an_escaped_mount_point_is_frozen_by_its_real_path(env, server, tmp_path, capsys,
+                                                           freezer) -> None:
+    (tmp_path / "mounts").write_text("/dev/xvdb /mnt/my\\040data ext4 rw 0 0\n")
+    with Responder(server, {"kernel": answer(Verdict.captured())}) as dom0:
+        assert env(["phase", "kernel"], capsys)[0] == EXIT_OK
+    assert freezer.calls == [("freeze", "/mnt/my data"), ("thaw", "/mnt/my data")]
+    assert [(d.mount, d.frozen) for d in dom0.requests[0].disks] == [("/mnt/my\\040data", True)]
+
+
+def test_thawed_after_a_timeout(env, tmp_path, capsys, freezer) -> None:
+    assert env(["phase", "kernel", "--timeout", "0.2"], capsys)[0] == EXIT_TIMEOUT
+    assert freezer.calls == [("freeze", "/"), ("thaw", "/")]
+    assert state(tmp_path)["verdict"] == "timeout"
+
+
+def test_thawed_after_a_restore_on_the_same_path(env, server, capsys, freezer) -> None:
+    frozen_at_answer: list[set[str]] = []
+
+    def restore_frozen(proto: PhaseProtocol, req: BoundaryRequest) -> None:
+        frozen_at_answer.append(set(freezer.frozen))
+        proto.restored(DOMID, req.seq, 3)
+
+    with Responder(server, {"kernel": restore_frozen}):
+        assert env(["phase", "kernel"], capsys)[:2] == (EXIT_OK, "kernel restored:3\n")
+    assert frozen_at_answer == [{"/"}] and freezer.frozen == set()
+    assert freezer.calls == [("freeze", "/"), ("thaw", "/")]
+
+
+def test_thawed_when_xenstore_fails_while_frozen(server, tmp_path, freezer) -> None:
+    seen: list[set[str]] = []
+
+    class LostXenstore(FakeXenstore):
+        def read_watch(self, timeout: float | None = None) -> None:
+            seen.append(set(freezer.frozen))
+            raise XenstoreError("connection to xenstored lost")
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/xvda1 / ext4 rw 0 0\n/dev/xvdb /data ext4 rw 0 0\n")
+    (tmp_path / "proc" / "self").mkdir(parents=True)
+    config = parse_config(write_config(tmp_path, "").read_text())
+    with LostXenstore(server, domid=DOMID) as xs, pytest.raises(XenstoreError, match="lost"):
+        mark_boundary(xs, config, "kernel", StateStore(tmp_path / "state"), 5,
+                      mounts_path=str(mounts), proc_path=str(tmp_path / "proc"),
+                      freezer=freezer)
+    assert seen == [{"/", "/data"}]
+    assert freezer.frozen == set() and freezer.calls[-2:] == [("thaw", "/data"), ("thaw", "/")]
+    assert state(tmp_path)["verdict"] == "pending"  # saved before the window, not inside it
+
+
+def test_a_freeze_error_leaves_the_boundary_unmarked_and_thawed(env, server, tmp_path,
+                                                                 capsys, freezer) -> None:
+    (tmp_path / "mounts").write_text("/dev/xvda1 / ext4 rw 0 0\n/dev/xvdb /data ext4 rw 0 0\n")
+    freezer.errors[("/data", FIFREEZE)] = errno.EIO
+    with Responder(server, {"kernel": answer(Verdict.captured())}) as dom0:
+        code, out, err = env(["phase", "kernel"], capsys)
+    assert (code, out) == (EXIT_USAGE, "kernel not-marked\n")
+    assert "cannot freeze the file system on /data" in err and dom0.requests == []
+    assert freezer.frozen == set() and freezer.calls[-1] == ("thaw", "/")
+
+
+def test_mark_frozen_flags_rw_disks_and_not_a_mount_hidden_under_another() -> None:
+    disks = collect_disks("/dev/xvda1 / ext4 rw 0 0\n/dev/xvdb /srv ext4 ro 0 0\n"
+                          "/dev/xvdc /data ext4 rw 0 0\n/dev/xvdd /data ext4 rw 0 0\n")
+    flagged = mark_frozen(disks, {"/", "/srv", "/data"})
+    assert [(d.dev, d.frozen) for d in flagged] == [("xvda1", True), ("xvdb", False),
+                                                    ("xvdc", False), ("xvdd", True)]
+    assert mark_frozen(disks, set()) == disks
+
+
+# -- [after-last-phase] mount ------------------------------------------------------------------
+
+
+class FakeRunner:
+    """Records the commands poststeps runs; ``fail`` maps argv[0] to (code, output)."""
+
+    def __init__(self, fail: dict[str, tuple[int, str]] | None = None) -> None:
+        self.ran: list[tuple[str, ...]] = []
+        self.fail = fail or {}
+
+    def __call__(self, command: tuple[str, ...], timeout: float) -> StepResult:
+        self.ran.append(command)
+        code, output = self.fail.get(command[0], (0, ""))
+        return StepResult(command, code, output)
+
+
+def _mount_config(tmp_path: Path, mounts: str) -> AgentConfig:
+    return parse_config("[phase:a]\n[phase:b]\n[after-last-phase]\nstart = svc1\n  svc2\n"
+                        f"mount = {mounts}\n")
+
+
+def test_last_phase_mounts_before_its_starts_and_skips_mounted_ones(tmp_path) -> None:
+    data = tmp_path / "new" / "data"
+    proc_mounts = tmp_path / "mounts"
+    proc_mounts.write_text(f"/dev/xvda1 / ext4 rw 0 0\n"
+                           f"/dev/xvdc {tmp_path}/already\\040there ext4 ro 0 0\n")
+    cfg = _mount_config(tmp_path, f"/dev/xvdb {data} ext4 noatime\n"
+                                  f"  /dev/xvdc '{tmp_path}/already there'")
+    runner = FakeRunner()
+    assert after_boundary(cfg, "b", None, runner=runner, mounts_path=str(proc_mounts))
+    assert runner.ran == [("mount", "-t", "ext4", "-o", "noatime", "/dev/xvdb", str(data)),
+                          ("svc1",), ("svc2",)]
+    assert data.is_dir()  # mkdir -p
+    runner.ran.clear()
+    assert after_boundary(cfg, "a", Verdict.captured(), runner=runner,
+                          mounts_path=str(proc_mounts))
+    assert runner.ran == []  # not the last phase
+
+
+def test_last_phase_mounts_again_after_a_restore(tmp_path) -> None:
+    proc_mounts = tmp_path / "mounts"
+    proc_mounts.write_text("/dev/xvda1 / ext4 rw 0 0\n")
+    cfg = _mount_config(tmp_path, f"/dev/xvdb {tmp_path}/data")
+    runner = FakeRunner()
+    assert after_boundary(cfg, "b", Verdict.restored(2), runner=runner,
+                          mounts_path=str(proc_mounts))
+    assert runner.ran[0] == ("mount", "/dev/xvdb", f"{tmp_path}/data")
+
+
+def test_a_failed_mount_is_a_failed_step_and_the_starts_still_run(tmp_path, caplog) -> None:
+    proc_mounts = tmp_path / "mounts"
+    proc_mounts.write_text("")
+    (tmp_path / "afile").write_text("")
+    cfg = _mount_config(tmp_path, f"/dev/xvdb {tmp_path}/data ext4\n"
+                                  f"  /dev/xvdc {tmp_path}/afile/sub\n"
+                                  f"  /dev/xvdd {tmp_path}/other")
+    runner = FakeRunner({"mount": (32, "mount: /data: wrong fs type, bad superblock")})
+    assert not after_boundary(cfg, "b", None, runner=runner, mounts_path=str(proc_mounts))
+    assert [c[-1] for c in runner.ran] == [f"{tmp_path}/data", f"{tmp_path}/other",
+                                           "svc1", "svc2"]
+    assert f"cannot mount /dev/xvdb on {tmp_path}/data" in caplog.text
+    assert "wrong fs type" in caplog.text and "exited 32" in caplog.text
+    assert f"cannot create mount point {tmp_path}/afile/sub" in caplog.text
+
+
+def test_mounted_points_decodes_escapes_and_tolerates_a_missing_file(tmp_path) -> None:
+    path = tmp_path / "mounts"
+    path.write_text("/dev/xvda1 / ext4 rw 0 0\n/dev/xvdb /a\\040b\\134c ext4 rw 0 0\n")
+    assert mounted_points(str(path)) == {"/", "/a b\\c"}
+    assert mounted_points(str(tmp_path / "missing")) == set()
