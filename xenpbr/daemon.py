@@ -32,6 +32,7 @@ from typing import Any, Iterator
 
 from xenpbr import consistency, domconfig, protocol, publish
 from xenpbr.errors import XenpbrError
+from xenpbr.images import disks
 from xenpbr.images.capture import capture
 from xenpbr.images.store import ImageStore
 from xenpbr.phases import ImageInfo
@@ -296,22 +297,62 @@ class Daemon:
             self.state.save_phases(phases)
             return Verdict.skipped(), ""
         log.info("%s: capturing phase %s (seq %d)", name, request.phase, request.seq)
+        snap_disks = domconfig.snapshot_disks(config)
+        extra = {"extra": {disks.EXTRA_KEY: sorted(snap_disks)}} if snap_disks else {}
         try:
             result = self.capture(name, self.store, request.phase, seq=request.seq,
-                                  fingerprint=fingerprint)
+                                  fingerprint=fingerprint, **extra)
         except XenpbrError as exc:
             log.error("%s: capture of phase %s failed: %s", name, request.phase, exc)
             return Verdict.refused("capture-failed"), f"capture failed in dom0: {exc}"
         meta = result.meta
+        taken, refusal = self._snapshot_disks(name, meta.image_id, snap_disks)
+        if refusal is not None:
+            return refusal
         paused = getattr(result, "paused_s", None)
-        phases.record_image(ImageInfo(meta.image_id, request.phase, fingerprint, time.time(),
-                                      seq=request.seq, capture_s=round(result.total_s, 3),
-                                      paused_s=None if paused is None else round(paused, 3)))
+        phases.record_image(ImageInfo(
+            meta.image_id, request.phase, fingerprint, time.time(), seq=request.seq,
+            capture_s=round(result.total_s, 3),
+            paused_s=None if paused is None else round(paused, 3),
+            disks_s=round(sum(t.seconds for t in taken), 3) if taken else None,
+            disk_mechanisms=",".join(f"{t.vdev}={t.mechanism}" for t in taken)))
         self.state.save_phases(phases)
-        log.info("%s: captured phase %s (%s) in %.2f s, guest paused ~%s s", name,
+        log.info("%s: captured phase %s (%s) in %.2f s, guest paused ~%s s%s", name,
                  request.phase, meta.image_id, result.total_s,
-                 "?" if paused is None else f"{paused:.2f}")
+                 "?" if paused is None else f"{paused:.2f}",
+                 "".join(f", disk {t.vdev} by {t.mechanism} in {t.seconds:.2f} s"
+                         for t in taken))
         return Verdict.captured(), ""
+
+    def _snapshot_disks(self, name: str, image_id: str, snap_disks: dict[str, str]
+                        ) -> tuple[list[disks.DiskSnapshot], tuple[Verdict, str] | None]:
+        """Snapshot the ``snapshot`` disks for the image just captured (the agent keeps
+        their file systems frozen until our ack). On failure, or past the quota, the image
+        is dropped: a memory image without its disks must never be restored."""
+        if not snap_disks:
+            return [], None
+        try:
+            taken = disks.take(self.store, name, image_id, snap_disks)
+        except (XenpbrError, OSError) as exc:
+            log.error("%s: disk snapshot for image %s failed: %s", name, image_id, exc)
+            self._drop_image(name, image_id)
+            return [], (Verdict.refused("snapshot-failed"),
+                        f"disk snapshot failed in dom0: {exc}")
+        usage = self.store.usage(name)
+        if usage.over_quota:
+            self._drop_image(name, image_id)
+            return [], (Verdict.refused("quota"),
+                        f"image with disk snapshots takes {name} to {usage.total} bytes, "
+                        f"over its quota of {usage.quota}: raise the quota or use a "
+                        "reflink/thin-capable disk store")
+        return taken, None
+
+    def _drop_image(self, name: str, image_id: str) -> None:
+        try:
+            self.store.delete(name, image_id)
+        except XenpbrError as exc:
+            log.error("%s: could not delete image %s: %s", name, image_id, exc)
+        disks.remove(self.store, name, image_id)
 
 
 def main(state_root: Path | None = None) -> int:

@@ -34,6 +34,7 @@ from xenpbr.errors import XenpbrError
 log = logging.getLogger(__name__)
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
+BLKFLSBUF = 0x1261  # _IO(0x12, 97), linux/fs.h
 CHUNK = 8 << 20
 _LIBC = ctypes.CDLL(None, use_errno=True)  # fallocate(2), which os does not wrap
 
@@ -138,14 +139,7 @@ def _copy(src_path: str, dst_path: str) -> int:
             dst.truncate(size)  # also drops what lies beyond a shorter source
         data = _ranges(src.fileno(), size)
         for start, end in data:
-            pos = start
-            while pos < end:
-                n = os.copy_file_range(src.fileno(), dst.fileno(), min(CHUNK, end - pos),
-                                       pos, pos)
-                if n == 0:
-                    break
-                pos += n
-            copied += pos - start
+            copied += _copy_range(src.fileno(), dst.fileno(), start, end)
         dst_size = _size(dst.fileno())
         dst_data = _ranges(dst.fileno(), dst_size)
         for hole_start, hole_end in _holes(data, size):
@@ -155,6 +149,40 @@ def _copy(src_path: str, dst_path: str) -> int:
                     _zero(dst.fileno(), lo, hi)
         os.fsync(dst.fileno())
     return copied
+
+
+def _copy_range(src: int, dst: int, start: int, end: int) -> int:
+    """Copy bytes ``[start, end)`` at the same offsets: ``copy_file_range`` (in-kernel,
+    reflinks where the file system can), or read/write where it does not apply (block
+    devices, copies across file systems on older kernels)."""
+    pos = start
+    try:
+        while pos < end:
+            n = os.copy_file_range(src, dst, min(CHUNK, end - pos), pos, pos)
+            if n == 0:
+                return pos - start
+            pos += n
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    while pos < end:
+        chunk = os.pread(src, min(CHUNK, end - pos), pos)
+        if not chunk:
+            break
+        os.pwrite(dst, chunk, pos)
+        pos += len(chunk)
+    return pos - start
+
+
+def _flush_device(path: str) -> None:
+    """Drop dom0's buffer cache of a block device after writing around it (BLKFLSBUF),
+    so nothing in dom0 reads the disk as it was before a revert."""
+    try:
+        if stat.S_ISBLK(os.stat(path).st_mode):
+            with open(path, "rb") as dev:
+                fcntl.ioctl(dev.fileno(), BLKFLSBUF)
+    except OSError as exc:
+        log.warning("could not flush dom0's cache of %s: %s", path, exc)
 
 
 def _size(fd: int) -> int:
@@ -173,9 +201,10 @@ def snapshot(target: str, dest: Path) -> SnapshotResult:
                 os.fsync(dst.fileno())
             copied = 0
         elif kind == "lvm-thin":
-            name = dest.name
+            name = f"xenpbr-{dest.parent.name}-{dest.stem}"  # unique per image and disk
             subprocess.run(["lvcreate", "-s", "-kn", "-n", name, target], check=True,
                            capture_output=True, text=True, timeout=120)
+            dest = Path(target).parent / name
             copied = 0
         else:
             copied = _copy(target, str(dest))
@@ -199,10 +228,19 @@ def revert(snap: SnapshotResult, target: str) -> float:
                 dst.truncate(os.fstat(src.fileno()).st_size)
                 os.fsync(dst.fileno())
         else:  # copy, and lvm-thin (the snapshot LV's device is copied back)
-            source = snap.path if snap.mechanism == "copy" else \
-                str(Path(target).parent / Path(snap.path).name)
-            _copy(source, target)
+            _copy(snap.path, target)
     except OSError as exc:
         raise SnapshotError(f"revert of disk {target} from {snap.path} failed: "
                             f"{exc}") from exc
+    _flush_device(target)
     return time.monotonic() - start
+
+
+def remove_lv(path: str, origin: str) -> None:
+    """Remove an lvm-thin snapshot volume (with its image); failures are logged."""
+    try:
+        subprocess.run(["lvremove", "-f", path], check=True, capture_output=True,
+                       text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.error("could not remove snapshot volume %s of %s: %s; remove it with "
+                  "`lvremove %s`", path, origin, exc, path)

@@ -240,7 +240,7 @@ def _disk_spec(spec: str) -> tuple[str, str, str]:
     parts = [p.strip() for p in spec.split(",")]
     keyed = dict(p.split("=", 1) for p in parts if "=" in p)
     positional = [p for p in parts if "=" not in p]
-    if not keyed and len(positional) == 3:
+    if len(positional) == 3:  # target,vdev,access: the format was left out
         positional.insert(1, "")
     target = keyed.get("target", positional[0] if positional else "")
     vdev = keyed.get("vdev", positional[2] if len(positional) > 2 else "")
@@ -267,6 +267,30 @@ def disk_policies(config: DomainConfig) -> dict[str, str]:
         explicit[vdev] = policy
     return {vdev: explicit.get(vdev, "readonly" if access in ("r", "ro") else "snapshot")
             for vdev, (target, access) in specs.items()}
+
+
+#: Legacy prefixes of a disk target (``phy:/dev/vg/lv``, ``file:/img``, ``tap:aio:/img``).
+_TARGET_PREFIXES = ("tap:aio:", "tap2:aio:", "phy:", "file:", "aio:", "qcow2:", "raw:")
+
+
+def disk_targets(config: DomainConfig) -> dict[str, str]:
+    """Each disk's target path in dom0 (the file or block device behind ``vdev``), with
+    xl's legacy prefixes removed: what a snapshot copies and a revert writes."""
+    targets = {}
+    for vdev, target, _ in map(_disk_spec, map(str, config.settings.get("disk", []))):  # type: ignore[union-attr]
+        for prefix in _TARGET_PREFIXES:
+            if target.startswith(prefix):
+                target = target[len(prefix):]
+                break
+        targets[vdev] = target
+    return targets
+
+
+def snapshot_disks(config: DomainConfig) -> dict[str, str]:
+    """``{vdev: target}`` of the disks whose policy is ``snapshot`` (reverted with their
+    image), in vdev order."""
+    policies, targets = disk_policies(config), disk_targets(config)
+    return {vdev: targets[vdev] for vdev in sorted(policies) if policies[vdev] == "snapshot"}
 
 
 def _disk_entries(config: DomainConfig) -> tuple[tuple[str, str, str], ...]:

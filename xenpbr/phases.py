@@ -67,6 +67,8 @@ class ImageInfo:
     seq: int = 0  # the boundary seq the image's agent waits on (the ack after restore)
     capture_s: float | None = None  # boundary request accepted -> image committed
     paused_s: float | None = None  # how long the guest stood still for it (estimate)
+    disks_s: float | None = None  # snapshotting its ``snapshot`` disks (guest frozen)
+    disk_mechanisms: str = ""  # "xvda=reflink,xvdc=copy"
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from xenpbr.fsutil import atomic_write, fsync_dir
-from xenpbr.images import codecs, manifest
+from xenpbr.images import codecs, disks, manifest
 from xenpbr.images.errors import CorruptObject, GcRefused
 from xenpbr.images.pagestore import (
     PACK_HEADER,
@@ -59,6 +59,7 @@ class GcReport:
     packs_compacted: list[str] = field(default_factory=list)
     packs_written: list[str] = field(default_factory=list)
     invalid_images_deleted: list[str] = field(default_factory=list)
+    orphan_snapshots_removed: list[str] = field(default_factory=list)
 
     @property
     def reclaimed(self) -> int:
@@ -72,6 +73,7 @@ def collect(store: ImageStore, *, min_dead_fraction: float = 0.1,
     report = GcReport(bytes_before=store.disk_bytes())
     _remove_temp_files(store, report)
     _remove_orphans(store, report)
+    _remove_orphan_snapshots(store, report)
     _rebuild_bad_indexes(store, report)
     live = _mark(store, report, drop_invalid)
     report.live_pages = len(live)
@@ -108,6 +110,15 @@ def _remove_orphans(store: ImageStore, report: GcReport) -> None:
             idx.unlink()
             report.lost_packs.append(idx.stem)
     fsync_dir(packs_dir)
+
+
+def _remove_orphan_snapshots(store: ImageStore, report: GcReport) -> None:
+    """Disk snapshots whose image is gone (deleted while xenpbrd was down, or a daemon
+    killed between a manifest and its snapshots)."""
+    for domain, image_id in disks.orphans(store):
+        _LOG.info("gc: removing disk snapshots of vanished image %s/%s", domain, image_id)
+        disks.remove(store, domain, image_id)
+        report.orphan_snapshots_removed.append(f"{domain}/{image_id}")
 
 
 def _rebuild_bad_indexes(store: ImageStore, report: GcReport) -> None:

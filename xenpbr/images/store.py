@@ -7,6 +7,7 @@ Layout (formats in ``docs/images.md``)::
     <root>/quotas.json                     per-domain quotas (atomic rewrite)
     <root>/packs/<id>.pack, <id>.idx       the page store (:mod:`.pagestore`)
     <root>/images/<domain>/<image>.manifest  one per image (:mod:`.manifest`)
+    <root>/disks/<domain>/<image>/           its disk snapshots (:mod:`.disks`)
 
 Everything is created mode 0600/0700: images hold guest memory (keys, passwords).
 
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from xenpbr.fsutil import atomic_write, atomic_write_json, fsync_dir
-from xenpbr.images import codecs, garbage, manifest, skeleton
+from xenpbr.images import codecs, disks, garbage, manifest, skeleton
 from xenpbr.images.errors import CorruptObject, ImageError, ImageInvalid, ImageNotFound
 from xenpbr.images.image import Image, ImageMeta, check_image_id, check_name
 from xenpbr.images.locking import StoreLock
@@ -73,10 +74,15 @@ class DomainUsage:
     page_bytes: int
     manifest_bytes: int
     quota: int | None
+    disk_bytes: int = 0  # snapshots of its ``snapshot`` disks (:mod:`.disks`)
 
     @property
     def total(self) -> int:
-        return self.page_bytes + self.manifest_bytes
+        return self.page_bytes + self.manifest_bytes + self.disk_bytes
+
+    @property
+    def over_quota(self) -> bool:
+        return self.quota is not None and self.total > self.quota
 
 
 class ImageStore:
@@ -176,7 +182,8 @@ class ImageStore:
     def usage(self, domain: str) -> DomainUsage:
         """What the domain is charged against its quota."""
         _, page_bytes, manifest_bytes, count = self._charged(domain)
-        return DomainUsage(domain, count, page_bytes, manifest_bytes, self.quota(domain))
+        return DomainUsage(domain, count, page_bytes, manifest_bytes, self.quota(domain),
+                           disks.allocated_bytes(self, domain))
 
     def _charged(self, domain: str) -> tuple[set[bytes], int, int, int]:
         hashes: set[bytes] = set()
@@ -219,7 +226,8 @@ class ImageStore:
             charged, page_bytes, manifest_bytes, _ = self._charged(domain)
             return CaptureWriter(self, lock, domain, phase, seq=seq, fingerprint=fingerprint,
                                  uuid=uuid, extra=dict(extra or {}), quota=self.quota(domain),
-                                 charged=charged, charged_bytes=page_bytes + manifest_bytes)
+                                 charged=charged, charged_bytes=page_bytes + manifest_bytes
+                                 + disks.allocated_bytes(self, domain))
         except BaseException:
             lock.release()
             raise
@@ -296,13 +304,15 @@ class ImageStore:
     # ------------------------------------------------------------------ removal
 
     def delete(self, domain: str, image_id: str) -> None:
-        """Remove an image (its pages are reclaimed by the next :meth:`gc`)."""
+        """Remove an image and its disk snapshots (its pages are reclaimed by the next
+        :meth:`gc`)."""
         path = self.manifest_path(domain, image_id)
         try:
             path.unlink()
         except FileNotFoundError:
             raise ImageNotFound(f"domain {domain} has no image {image_id}") from None
         fsync_dir(path.parent)
+        disks.remove(self, domain, image_id)
         _LOG.info("image %s/%s deleted", domain, image_id)
 
     def gc(self, *, min_dead_fraction: float = 0.1, drop_invalid: bool = False,
@@ -320,6 +330,8 @@ class ImageStore:
     def disk_bytes(self) -> int:
         """Bytes of every pack, index and manifest file (what the store occupies)."""
         total = self.pages.disk_bytes()
+        for domain in self.domains():
+            total += disks.allocated_bytes(self, domain)
         for path in self.images_dir.rglob("*"):
             if path.is_file():
                 total += path.stat().st_size

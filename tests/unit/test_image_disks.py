@@ -1,0 +1,151 @@
+"""Disk snapshots that belong to images: taken at capture, put back at restore, charged to
+the quota, deleted with their image, collected when orphaned (docs/consistency.md)."""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+
+from xenpbr import protocol
+from xenpbr.daemon import Daemon
+from xenpbr.disksnap import SnapshotError
+from xenpbr.hypervisor.fake import FakeHypervisor
+from xenpbr.images import disks
+from xenpbr.images.store import ImageStore
+from xenpbr.images.writer import new_image_id
+from xenpbr.state import StateDir
+from xenpbr.xenstore import FakeXenstoreServer
+
+MIB = 1 << 20
+
+
+def disk(path: Path, fill: bytes) -> Path:
+    """A sparse 4 MiB disk with ``fill`` at 1 MiB."""
+    with open(path, "wb") as f:
+        f.truncate(4 * MIB)
+        f.seek(MIB)
+        f.write(fill)
+    return path
+
+
+def image(domain: str, image_id: str, vdevs: list[str]) -> types.SimpleNamespace:
+    meta = types.SimpleNamespace(domain=domain, image_id=image_id, phase="app",
+                                 extra={disks.EXTRA_KEY: vdevs})
+    return types.SimpleNamespace(meta=meta)
+
+
+def test_take_then_revert_puts_the_disk_back(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "store")
+    root = disk(tmp_path / "root.img", b"at the boundary" * 1000)
+    image_id = new_image_id(1.0)
+    taken = disks.take(store, "web", image_id, {"xvda": str(root)})
+    assert [t.vdev for t in taken] == ["xvda"] and taken[0].mechanism in ("reflink", "copy")
+    with open(root, "r+b") as f:  # the guest runs on and writes more
+        f.seek(3 * MIB)
+        f.write(b"after the boundary")
+        f.seek(MIB)
+        f.write(b"OVERWRITTEN")
+    took = disks.revert(store, image("web", image_id, ["xvda"]))
+    assert set(took) == {"xvda"}
+    data = root.read_bytes()
+    assert data[MIB:MIB + 15] == b"at the boundary"
+    assert data[3 * MIB:3 * MIB + 18] == bytes(18)  # a hole in the snapshot reads as zeros
+
+
+def test_an_image_without_its_snapshot_is_invalid(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "store")
+    image_id = new_image_id(2.0)
+    with pytest.raises(disks.DiskSnapshotMissing, match="lacks its snapshot of disk.*xvda"):
+        disks.revert(store, image("web", image_id, ["xvda"]))
+    assert disks.revert(store, image("web", image_id, [])) == {}  # no snapshot disks
+
+
+def test_a_failed_snapshot_leaves_nothing_behind(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "store")
+    image_id = new_image_id(3.0)
+    good = disk(tmp_path / "a.img", b"x")
+    with pytest.raises(SnapshotError, match="missing.img"):
+        disks.take(store, "web", image_id, {"xvda": str(good),
+                                            "xvdb": str(tmp_path / "missing.img")})
+    assert not disks.image_dir(store, "web", image_id).exists()
+
+
+def test_snapshots_are_charged_deleted_and_collected(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "store")
+    root = disk(tmp_path / "root.img", b"y" * MIB)
+    image_id = new_image_id(4.0)
+    disks.take(store, "web", image_id, {"xvda": str(root)})
+    assert store.usage("web").disk_bytes >= MIB  # allocated bytes, not the 4 MiB size
+    assert store.usage("web").disk_bytes < 4 * MIB
+    assert disks.orphans(store) == [("web", image_id)]  # no manifest: an orphan
+    report = store.gc()
+    assert report.orphan_snapshots_removed == [f"web/{image_id}"]
+    assert not disks.image_dir(store, "web", image_id).exists()
+
+
+# -- the daemon: snapshot in the freeze window, refuse when it cannot ----------------------
+
+CONFIG = 'name = "web"\ntype = "pv"\nmemory = 128\non_crash = "phasereboot"\n'
+
+
+class Capturer:
+    def __init__(self) -> None:
+        self.extra: list[dict | None] = []
+
+    def __call__(self, name, store, phase, seq, fingerprint, extra=None):
+        self.extra.append(extra)
+        meta = types.SimpleNamespace(image_id=new_image_id(100.0 + seq))
+        return types.SimpleNamespace(meta=meta, total_s=0.1, paused_s=0.05)
+
+
+def run_boundary(tmp_path: Path, target: str, frozen: bool = True):
+    server = FakeXenstoreServer()
+    hv = FakeHypervisor(server)
+    state = StateDir(tmp_path / "state")
+    state.register("web", {"name": "web", "on_crash": "phasereboot",
+                           "disk": [f"{target},raw,xvda,w"]}, CONFIG, "web.cfg")
+    capturer = Capturer()
+    daemon = Daemon(state, ImageStore(state.images_root), hv, server.connect(0),
+                    server.connect(0), capture_fn=capturer)
+    daemon.watcher.start()
+    domid = hv.create_domain(name="web")
+    daemon.turn()
+    req = {"v": 1, "seq": 1, "phase": "kernel", "phases": ["kernel"], "identity": "v1",
+           "wait": 60, "disks": [{"dev": "xvda", "mount": "/", "rw": True,
+                                  **({"frozen": True} if frozen else {})}],
+           "services": [], "hazards": []}
+    server.connect(domid).write("data/xenpbr/request", json.dumps(req).encode())
+    for _ in range(3):
+        daemon.turn()
+    guest = server.connect(domid)
+    ack = guest.read(protocol.ack_path(domid)).decode()
+    detail = guest.read(f"/local/domain/{domid}/{protocol.DETAIL_KEY}").decode()
+    return ack, detail, state, daemon, capturer
+
+
+def test_daemon_snapshots_snapshot_disks_with_each_image(tmp_path: Path) -> None:
+    root = disk(tmp_path / "root.img", b"kernel boundary")
+    ack, detail, state, daemon, capturer = run_boundary(tmp_path, f"phy:{root}")
+    assert ack == "1 captured" and detail == ""
+    assert capturer.extra == [{disks.EXTRA_KEY: ["xvda"]}]  # the manifest names its disks
+    (info,) = state.phases("web").images.values()
+    assert info.disk_mechanisms in ("xvda=copy", "xvda=reflink") and info.disks_s is not None
+    snap = disks.load(daemon.store, "web", info.image_id)[0]
+    assert Path(snap.path).read_bytes() == root.read_bytes() and snap.target == str(root)
+
+
+def test_daemon_refuses_a_capture_whose_disk_cannot_be_snapshotted(tmp_path: Path) -> None:
+    ack, detail, state, daemon, _ = run_boundary(tmp_path, str(tmp_path / "gone.img"))
+    assert ack == "1 refused:snapshot-failed"
+    assert detail.startswith("disk snapshot failed in dom0: disk ") and "gone.img" in detail
+    assert state.phases("web").images == {}
+
+
+def test_daemon_refuses_an_unfrozen_snapshot_disk(tmp_path: Path) -> None:
+    root = disk(tmp_path / "root.img", b"z")
+    ack, detail, _, _, capturer = run_boundary(tmp_path, str(root), frozen=False)
+    assert ack == "1 refused:snapshot-not-frozen" and "xvda" in detail
+    assert capturer.extra == []  # nothing captured
