@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: help deps venv lab test test-fast test-lab demo bench clean
+.PHONY: help deps venv lab test test-fast test-lab demo bench consistency clean
 
 help:
 	@echo "make demo       build the lab, boot real Xen in QEMU, crash a guest, show its recovery"
@@ -14,6 +14,8 @@ help:
 	@echo "make lab        build (or reuse) the lab's boot artefacts"
 	@echo "make bench      normal vs phase-based vs xl-restore recovery, into docs/benchmarks/"
 	@echo "                (BENCH_ARGS='--workloads bare --memory 128 --repeats 3' for a quick run)"
+	@echo "make consistency  20 crash/phase-reboot cycles of a guest with a snapshot root disk"
+	@echo "                and a persistent data disk: build/consistency-report.json"
 
 deps:
 	tools/install-host-deps.sh
@@ -43,6 +45,9 @@ demo: deps venv
 
 bench: deps venv
 	$(BIN)/xenpbr-lab bench $(BENCH_ARGS)
+
+consistency: deps venv
+	$(BIN)/xenpbr-lab consistency $(CONSISTENCY_ARGS)
 
 clean:
 	rm -rf $(VENV) build lab-artifacts *.egg-info

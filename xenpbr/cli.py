@@ -85,11 +85,14 @@ def cmd_images(args: argparse.Namespace, state: StateDir) -> int:
                      "seq": img.seq if img else None,
                      "capture_s": img.capture_s if img else None,
                      "paused_s": img.paused_s if img else None,
+                     "disks_s": img.disks_s if img else None,
+                     "disk_mechanisms": img.disk_mechanisms if img else "",
                      "raw_bytes": getattr(meta, "stream_bytes", None),
                      "stored_bytes": getattr(meta, "stored_bytes", None)})
     emit(rows, args.json, lambda: table(rows, [
         ("phase", "phase"), ("image", "image"), ("valid", "valid"), ("age", "age"),
         ("seq", "seq"), ("capture_s", "capture s"), ("paused_s", "paused s"),
+        ("disks_s", "disks s"), ("disk_mechanisms", "disk snapshots"),
         ("raw_bytes", "raw bytes"), ("stored_bytes", "stored bytes")]))
     return 0
 

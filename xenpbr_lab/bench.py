@@ -8,7 +8,13 @@ For each workload (``bare`` kernel, kernel + ``services``, an ``app`` with a rea
   the deepest phase image;
 * ``xl-restore``: the obvious hand-made alternative: one ``xl save -c`` after the boot,
   and on a crash a script that waits for xl to show the domain crashed, destroys it and
-  ``xl restore``s the checkpoint.
+  ``xl restore``s the checkpoint;
+* ``phasereboot-fifo`` (on request, ``--methods``): phase-based reboot with the hot stream
+  off (``xenpbr_hot_stream = 0``): the stream is regenerated from the page store into
+  xl, every page verified. Run beside ``phasereboot`` it measures what the hot stream
+  buys. ``phasereboot`` waits until xenpbrd reports the newest image's stream ready
+  before the first crash (it is built in the background after the capture; a crash
+  before then is restored the ``phasereboot-fifo`` way).
 
 Downtime is from the crash (``xl sysrq DOMAIN c``) to the service answering again (the
 first heartbeat line after the panic), timed in dom0 by :mod:`xenpbr_lab.console_watch`.
@@ -35,10 +41,12 @@ from .xl import LabDomain
 log = logging.getLogger(__name__)
 
 WORKLOADS = ("bare", "services", "app")
-METHODS = ("normal", "phasereboot", "xl-restore")
+METHODS = ("normal", "phasereboot", "xl-restore", "phasereboot-fifo")
+DEFAULT_METHODS = ("normal", "phasereboot", "xl-restore")
 #: Run order within a configuration: xl-restore's checkpoint is deleted before xenpbrd's
 #: store fills up, since dom0's root file system (RAM) cannot hold both at 512 MiB.
-RUN_ORDER = ("normal", "xl-restore", "phasereboot")
+RUN_ORDER = ("normal", "xl-restore", "phasereboot-fifo", "phasereboot")
+HOT_READY = r"hot stream of {name}/\S+ ready"
 MEMORY_MIB = (128, 256, 512)
 PANIC = r"Kernel panic - not syncing"
 ALIVE = r"XENPBR-APP: alive"
@@ -100,12 +108,15 @@ class ConfigFacts:
 
 def _guest(host: XenHost, workload: str, memory_mib: int, method: str) -> LabDomain:
     on_crash = {"normal": "restart", "phasereboot": "phasereboot",
-                "xl-restore": "preserve"}[method]
+                "phasereboot-fifo": "phasereboot", "xl-restore": "preserve"}[method]
     name = f"b-{workload}-{memory_mib}-{method}".replace("phasereboot", "pbr")
     # The bench crashes a guest again seconds after its recovery, on purpose: the
     # crash-loop guard would (rightly) answer that with earlier phases and normal
     # reboots, so for the bench it only looks one second back.
-    guard = {"xenpbr_crash_loop_window": 1} if method == "phasereboot" else {}
+    guard: dict[str, object] = ({"xenpbr_crash_loop_window": 1}
+                                if method.startswith("phasereboot") else {})
+    if method == "phasereboot-fifo":
+        guard["xenpbr_hot_stream"] = 0
     return LabDomain(host, name, memory_mib=memory_mib, mode="bench", on_crash=on_crash,
                      extra=f"lab.workload={workload} lab.docs={documents(memory_mib)}", **guard)
 
@@ -115,13 +126,15 @@ def _start(host: XenHost, guest: LabDomain, method: str, workload: str) -> float
     boundary (so every phase image exists) and answers. The app answers before its
     boundary: crashing it on its first heartbeat hit the capture of the app phase."""
     start = time.monotonic()
-    if method == "phasereboot":
+    if method.startswith("phasereboot"):
         guest.write_config()
         xenpbrd.cli(host, "create", guest.config_path)
     else:
         guest.create()
     guest.watch_console([LAST_BOUNDARY[workload], ALIVE], timeout=600)
     took = time.monotonic() - start
+    if method == "phasereboot":
+        xenpbrd.wait_for_log(host, HOT_READY.format(name=guest.name), timeout=600)
     if method == "xl-restore":
         host.run(["mkdir", "-p", CHECKPOINT_DIR])
         guest.save_checkpoint(f"{CHECKPOINT_DIR}/{guest.name}.chk", timeout=600)
@@ -147,8 +160,9 @@ def _dom0_copy_rate(host: XenHost, memory_mib: int) -> float:
 
 
 def run_config(host: XenHost, workload: str, memory_mib: int, repeats: int,
-               progress: Callable[[str], None],
-               evidence: Path | None = None) -> tuple[list[Sample], ConfigFacts]:
+               progress: Callable[[str], None], evidence: Path | None = None,
+               methods: tuple[str, ...] = DEFAULT_METHODS
+               ) -> tuple[list[Sample], ConfigFacts]:
     """All methods for one configuration, ``repeats`` crashes each; xenpbrd's log and
     the guests' consoles go to ``evidence`` if given."""
     samples: list[Sample] = []
@@ -156,14 +170,14 @@ def run_config(host: XenHost, workload: str, memory_mib: int, repeats: int,
     xenpbrd.start(host)  # fresh state: each configuration starts with an empty store
     guests: list[LabDomain] = []
     try:
-        for method in RUN_ORDER:
+        for method in (m for m in RUN_ORDER if m in methods):
             guest = _guest(host, workload, memory_mib, method)
             guests.append(guest)
             facts.first_boot_s[method] = _start(host, guest, method, workload)
             for run in range(1, repeats + 1):
                 downtime = _crash_and_time(host, guest, method)
                 breakdown: dict[str, float] = {}
-                if method == "phasereboot":
+                if method.startswith("phasereboot"):
                     breakdown = _settled_breakdown(host, guest.name, run)
                 samples.append(Sample(workload, memory_mib, method, run, downtime, breakdown))
                 progress(f"{workload:8} {memory_mib:4} MiB  {method:11} run {run}/{repeats}: "
@@ -219,8 +233,10 @@ def summarize(samples: list[Sample]) -> list[dict[str, Any]]:
     return rows
 
 
-def biggest_piece(samples: list[Sample]) -> dict[str, Any]:
-    """Median duration of each step of xenpbrd's recoveries, and the largest one."""
+def biggest_piece(samples: list[Sample], method: str = "phasereboot") -> dict[str, Any]:
+    """Median duration of each step of xenpbrd's recoveries by ``method``, and the
+    largest one."""
+    samples = [s for s in samples if s.method == method]
     order = ("image_chosen", "destroyed", "restore_started", "restore_finished",
              "guest_ack", "service_ready")
     steps: dict[str, list[float]] = {}
@@ -251,4 +267,5 @@ def machine() -> dict[str, Any]:
 def as_json(rows: list[dict[str, Any]], samples: list[Sample], facts: list[ConfigFacts],
             meta: dict[str, Any]) -> dict[str, Any]:
     return {"meta": meta, "rows": rows, "samples": [asdict(s) for s in samples],
-            "configs": [asdict(f) for f in facts], "breakdown": biggest_piece(samples)}
+            "configs": [asdict(f) for f in facts], "breakdown": biggest_piece(samples),
+            "breakdown_fifo": biggest_piece(samples, "phasereboot-fifo")}

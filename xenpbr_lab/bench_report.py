@@ -15,7 +15,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-METHOD_ORDER = ("normal", "phasereboot", "xl-restore")
+METHOD_ORDER = ("normal", "phasereboot", "xl-restore", "phasereboot-fifo")
 
 
 def _sorted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -29,7 +29,7 @@ def markdown(detail: dict[str, Any]) -> str:
     """The results as a markdown page."""
     meta, rows = detail["meta"], _sorted(detail["rows"])
     lines = [
-        "# Benchmark: recovery downtime, three methods side by side",
+        "# Benchmark: recovery downtime, methods side by side",
         "",
         f"Command: `{meta['command']}`, {meta['date']}, {meta['repeats']} crashes per "
         f"method and configuration, all in one lab session (Xen {meta.get('xen', '?')}).",
@@ -63,6 +63,10 @@ def markdown(detail: dict[str, Any]) -> str:
     lines += [f"- `{step}`: {secs:.3f} s" for step, secs in breakdown["steps_median_s"].items()]
     if breakdown.get("biggest"):
         lines += ["", f"Biggest piece: **{breakdown['biggest']}**."]
+    fifo = detail.get("breakdown_fifo") or {}
+    if fifo.get("steps_median_s"):
+        lines += ["", "With the hot stream off (`phasereboot-fifo`):", ""]
+        lines += [f"- `{step}`: {secs:.3f} s" for step, secs in fifo["steps_median_s"].items()]
     lines += ["", "Restore yardstick: a plain memory copy of the guest's size in dom0 ran at " +
               ", ".join(f"{c['dom0_copy_mib_s']:.0f} MiB/s ({c['memory_mib']} MiB)"
                         for c in detail["configs"] if c["workload"] == detail["configs"][0]["workload"]),
@@ -91,10 +95,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     rows = _sorted(rows)
     configs = list(dict.fromkeys((r["workload"], r["memory_mib"]) for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(configs)), 4.5))
-    width = 0.8 / len(METHOD_ORDER)
-    for i, method in enumerate(METHOD_ORDER):
+    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
+    width = 0.8 / max(len(methods), 1)
+    for i, method in enumerate(methods):
         found = {(r["workload"], r["memory_mib"]): r for r in rows if r["method"] == method}
-        xs = [k + (i - 1) * width for k, c in enumerate(configs) if c in found]
+        xs = [k + (i - (len(methods) - 1) / 2) * width for k, c in enumerate(configs)
+              if c in found]
         meds = [found[c]["median_s"] for c in configs if c in found]
         errs = [[found[c]["median_s"] - found[c]["min_s"] for c in configs if c in found],
                 [found[c]["max_s"] - found[c]["median_s"] for c in configs if c in found]]

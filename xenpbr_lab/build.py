@@ -36,7 +36,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 XEN_LIB = "usr/lib/xen-4.17"
 DOM0_MODULES = ["xen_evtchn", "xen_gntdev", "xen_gntalloc", "xen_privcmd", "xenfs",
                 "xen_blkback", "virtio_pci", "virtio_console", "loop", "ext4"]
-GUEST_MODULES = ["xen_blkfront", "ext4"]
+GUEST_MODULES = ["xen_blkfront", "crc32c_generic", "ext4"]  # ext4 needs the crc32c algorithm
 PYTHON_PRUNE = ("test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
                 "pydoc_data", "config-3.11-x86_64-linux-gnu", "unittest/test", "sqlite3/test")
 #: Guests boot under TCG with every byte of their initramfs: drop what an agent never uses.
@@ -65,10 +65,13 @@ class LabImages:
 
 
 def _copy(src: Path, dest: Path) -> None:
+    """Copy ``src`` into the stage as ``dest``, replacing what is there. A busybox applet
+    link at ``dest`` points to ``/bin/busybox``: copying *through* it would overwrite the
+    host's busybox (it did, with mke2fs), so whatever is at ``dest`` is unlinked first."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.is_symlink() or dest.exists():
+        dest.unlink()
     if src.is_symlink():
-        if dest.is_symlink() or dest.exists():
-            dest.unlink()
         os.symlink(os.readlink(src), dest)
     else:
         shutil.copy2(src, dest)
@@ -250,11 +253,14 @@ def _build_site(out: Path) -> None:
 
 
 def _build_lab_files(guest_initrd: Path, out: Path) -> None:
-    """The files dom0 hands to guests (``/lab/guest.cpio.gz``)."""
+    """The files dom0 hands to guests (``/lab/guest.cpio.gz``) and the disk hotplug
+    script (``/lab/block-lab``)."""
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         stage = Path(tmp)
         (stage / "lab").mkdir()
         shutil.copy2(guest_initrd, stage / "lab/guest.cpio.gz")
+        shutil.copy2(SCRIPTS / "block-lab", stage / "lab/block-lab")
+        (stage / "lab/block-lab").chmod(0o755)
         write_initramfs(stage, out, with_device_nodes=False, level=0)
 
 

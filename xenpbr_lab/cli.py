@@ -112,7 +112,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     try:
                         more, fact = bench.run_config(
                             host, workload, memory, args.repeats,
-                            lambda line: print(line, file=sys.stderr, flush=True), workdir)
+                            lambda line: print(line, file=sys.stderr, flush=True), workdir,
+                            tuple(args.methods))
                     except LabError as exc:  # keep what the other configurations measured
                         why = f"{workload} at {memory} MiB failed: {str(exc)[:300]}"
                         print(f"not run: {why}", file=sys.stderr, flush=True)
@@ -125,7 +126,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             host.collect_artifacts(workdir / "failure")
             raise
     command = ("xenpbr-lab bench --workloads " + ",".join(args.workloads) + " --memory " +
-               ",".join(map(str, args.memory)) + f" --repeats {args.repeats}")
+               ",".join(map(str, args.memory)) + f" --repeats {args.repeats}" +
+               " --methods " + ",".join(args.methods))
     detail = bench.as_json(bench.summarize(samples), samples, facts,
                            {"command": command, "date": started, "repeats": args.repeats,
                             "xen": xen, "machine": bench.machine(), "not_run": not_run})
@@ -136,6 +138,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(bench_report.markdown(detail))
         print("\nwritten: " + ", ".join(map(str, written)))
     return 0
+
+
+def cmd_consistency(args: argparse.Namespace) -> int:
+    """Crash a guest with a snapshot root disk and a persistent data disk N times."""
+    from . import consistency
+    workdir = artifacts_root() / time.strftime("consistency-%Y%m%d-%H%M%S")
+    with XenHost(build(), workdir) as host:
+        try:
+            report = consistency.run_proof(
+                host, args.cycles, lambda line: print(line, file=sys.stderr, flush=True),
+                workdir)
+        except Exception:
+            host.collect_artifacts(workdir / "failure")
+            raise
+    report["command"] = f"xenpbr-lab consistency --cycles {args.cycles}"
+    path = consistency.write_report(report, Path(args.report))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for key in ("cycles", "recovered_by_phase_app", "acked_records", "lost_records",
+                    "duplicate_records", "fsck_root_clean", "fsck_data_clean",
+                    "hazard_refused", "logger_after_restore_works", "disk_timings"):
+            print(f"{key:28} {report[key]}")
+        print(f"written: {path}")
+    ok = (report["lost_records"] == 0 and report["fsck_root_clean"]
+          and report["fsck_data_clean"] and report["hazard_refused"] is not None)
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,9 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory", type=_csv(int, (128, 256, 512)), default=[128, 256, 512],
                    help="guest memory sizes in MiB (default 128,256,512)")
     p.add_argument("--repeats", type=int, default=5, help="crashes per method (default 5)")
+    p.add_argument("--methods", type=_csv(str, ("normal", "phasereboot", "xl-restore",
+                                                "phasereboot-fifo")),
+                   default=["normal", "phasereboot", "xl-restore"],
+                   help="recovery methods (default normal,phasereboot,xl-restore; add "
+                        "phasereboot-fifo to measure the hot stream)")
     p.add_argument("--out", default="docs/benchmarks", help="where the results go")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("consistency", help="disk consistency over N crash/phase-reboot cycles")
+    p.add_argument("--cycles", type=int, default=20)
+    p.add_argument("--report", default="build/consistency-report.json")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_consistency)
     p = sub.add_parser("measure", help="time the lab: boot, control channel, guest events")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_measure)

@@ -113,3 +113,54 @@ def write_initramfs(stage: Path, out: Path, level: int = 1,
         if sink is not raw:
             sink.close()
     os.replace(tmp, out)
+
+
+def extract(archive: BinaryIO, dest: Path) -> int:
+    """Unpack every ``newc`` archive in ``archive`` (concatenated, as in a Linux
+    initramfs: zero padding between them is skipped) into ``dest``; device nodes are
+    left out (a mounted devtmpfs provides them). Returns the number of entries made.
+
+    Used in dom0 to turn the guest initramfs into the contents of a guest root disk.
+    """
+    made = 0
+    while True:
+        magic = archive.read(6)
+        while magic and magic.strip(b"\0") == b"":  # padding between archives
+            magic = (magic.lstrip(b"\0") + archive.read(6))[:6]
+            if len(magic) < 6:
+                break
+        if len(magic) < 6:
+            return made
+        if magic != b"070701":
+            raise ValueError(f"not a newc cpio archive (magic {magic!r})")
+        fields = [int(archive.read(8), 16) for _ in range(13)]
+        mode, size, namesize = fields[1], fields[6], fields[11]
+        name = archive.read(namesize)[:-1].decode()
+        archive.read(-(110 + namesize) % 4)
+        data = archive.read(size)
+        archive.read(-size % 4)
+        if name != _TRAILER and _unpack_entry(dest, name, mode, data):
+            made += 1
+
+
+def _unpack_entry(dest: Path, name: str, mode: int, data: bytes) -> bool:
+    path = dest / name.strip("/")
+    if ".." in Path(name).parts:
+        raise ValueError(f"cpio entry {name!r} leaves the destination")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kind = stat.S_IFMT(mode)
+    if kind == stat.S_IFDIR:
+        path.mkdir(exist_ok=True)
+        path.chmod(stat.S_IMODE(mode))
+    elif kind == stat.S_IFLNK:
+        if path.is_symlink() or path.exists():
+            path.unlink()
+        os.symlink(data.decode(), path)
+    elif kind == stat.S_IFREG:
+        if path.is_symlink():
+            path.unlink()
+        path.write_bytes(data)
+        path.chmod(stat.S_IMODE(mode))
+    else:
+        return False
+    return True

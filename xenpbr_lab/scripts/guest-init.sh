@@ -9,9 +9,31 @@
 # waits.
 export PATH=/usr/bin:/usr/sbin:/bin:/sbin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
+# nothing may write byte-code to a root disk the agent freezes at each boundary
+export PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/usr/lib/python3/dist-packages
+mount -t proc proc /proc 2>/dev/null
+mount -t sysfs sysfs /sys 2>/dev/null
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+
+# lab.root=DEV (xenpbr-lab consistency): the root file system is an ext4 disk. From the
+# initramfs: load the block and ext4 modules, mount DEV, move /proc /sys /dev onto it and
+# switch to it; this script then runs again as PID 1 from the disk (/.lab-disk-root).
+root=$(sed -n 's/.*lab\.root=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$root" ] && [ ! -e /.lab-disk-root ]; then
+    while read -r ko; do insmod "$ko" 2>/dev/null; done < /etc/xenpbr-lab/modules
+    i=0
+    while [ ! -b "$root" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
+    mkdir -p /newroot
+    if mount -t ext4 -o noatime "$root" /newroot; then
+        for m in /dev /sys /proc; do mount --move "$m" "/newroot$m"; done
+        exec switch_root /newroot /init
+    fi
+    echo "XENPBR-GUEST: cannot mount the root disk $root; staying in the initramfs"
+fi
+if [ -e /.lab-disk-root ]; then
+    mount -t tmpfs tmpfs /tmp
+    echo "XENPBR-GUEST: root disk $(grep ' / ' /proc/mounts | cut -d' ' -f1,3,4)"
+fi
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /run
 [ -d /proc/xen ] && mount -t xenfs xenfs /proc/xen 2>/dev/null
@@ -26,6 +48,7 @@ for arg in $(cat /proc/cmdline); do
         lab.phases=*) phases=$(echo "${arg#lab.phases=}" | tr , ' ') ;;
         lab.docs=*) docs=${arg#lab.docs=} ;;
         lab.workload=*) workload=${arg#lab.workload=} ;;
+        lab.hazard=*) hazard=${arg#lab.hazard=} ;;
     esac
 done
 echo "XENPBR-GUEST: up uptime=$(cut -d' ' -f1 /proc/uptime) mode=$mode marker=${marker:-none}"
@@ -80,6 +103,31 @@ bench_phases() {
     done
     ( n=0; while :; do n=$((n + 1)); echo "XENPBR-APP: alive n=$n"; sleep 0.2; done ) &
 }
+# consist (xenpbr-lab consistency, on lab.root=/dev/xvda): phases kernel, services, app.
+# The persistent data disk /dev/xvdb is mounted by the agent after the last phase, where
+# the record writer starts, and with lab.hazard=after the non-O_APPEND logger too;
+# lab.hazard=candidate starts the logger inside the app phase, with the data disk
+# mounted: dom0 must refuse that boundary, naming the logger.
+consist_phases() {
+    mkdir -p /etc/xenpbr
+    w="python3 -m xenpbr_lab.disk_workload"
+    { printf '[phase:kernel]\n[phase:services]\nstart = syslogd -O /run/messages\n[phase:app]\n'
+      if [ "$hazard" = candidate ]; then
+          printf 'start = mount -t ext4 -o noatime /dev/xvdb /data\n'
+          printf '  sh -c "exec %s logger /data/logger.log >/dev/hvc0 2>&1 &"\n' "$w"
+          printf '  sh -c "while [ ! -s /data/logger.log ]; do sleep 0.1; done"\n'
+      fi
+      printf '[after-last-phase]\nmount = /dev/xvdb /data ext4 noatime\n'
+      printf 'start = sh -c "exec %s writer /data/records >/dev/hvc0 2>&1 &"\n' "$w"
+      if [ "$hazard" = after ]; then
+          printf '  sh -c "exec %s logger /data/logger.log >/dev/hvc0 2>&1 &"\n' "$w"
+      fi
+    } > /etc/xenpbr/agent.conf
+    for p in kernel services app; do
+        out=$(python3 -m xenpbr_agent phase "$p")
+        echo "XENPBR-AGENT: $out rc=$?"
+    done
+}
 hostile_writes() {
     n=0
     while v=$(xenstore-read control/xenpbr-lab/case/$n 2>/dev/null); do
@@ -133,6 +181,8 @@ case "$mode" in
         agent_phases ;;
     bench)
         bench_phases ;;
+    consist)
+        consist_phases ;;
     count)
         i=0
         while true; do
