@@ -25,6 +25,7 @@ import fcntl
 import logging
 import selectors
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any, Iterator
 
 from xenpbr import consistency, domconfig, protocol, publish
 from xenpbr.errors import XenpbrError
-from xenpbr.images import disks
+from xenpbr.images import disks, hotcache
 from xenpbr.images.capture import capture
 from xenpbr.images.store import ImageStore
 from xenpbr.phases import ImageInfo
@@ -95,6 +96,8 @@ class Daemon:
         self.restored_domids: set[int] = set()  # prepared by recovery, not a fresh boot
         self.watching: dict[int, list[tuple[str, str]]] = {}  # domid -> its watches
         self._published_at: dict[str, float] = {}  # name -> monotonic time
+        self._warming: dict[str, threading.Event] = {}  # name -> cancel its warm-up
+        self.hot_cache = hotcache.enabled()
         self._running = True
 
     def restored(self, domid: int, seq: int, generation: int) -> None:
@@ -135,6 +138,7 @@ class Daemon:
         self.resume_interrupted()
         for name in self.state.domains():
             self._publish(name, "stopped")  # until the watcher reports the domain
+            self._guard(self._warm_newest, name)
         sel = selectors.DefaultSelector()
         sel.register(self.watcher.fileno(), selectors.EVENT_READ, "domains")
         sel.register(self.xs.fileno(), selectors.EVENT_READ, "requests")
@@ -225,6 +229,7 @@ class Daemon:
         if settings.get(key) != domconfig.XENPBR_ACTION:
             return
         trigger = "watchdog" if key == "on_watchdog" else "crash"
+        self._cancel_warm_up(name)  # the recovery needs dom0's CPU now
         with domain_lock(self.state, name):
             self.names.pop(event.domid, None)
             self._publish(name, "recovering")
@@ -237,6 +242,7 @@ class Daemon:
         self._publish(name, "watching")  # the new domid follows when it is adopted
         log.info("%s recovered via %s, downtime %.2f s", name, timeline.method,
                  timeline.downtime() or -1)
+        self._warm_newest(name)  # a warm-up the crash cancelled is done now
 
     # -- phase boundaries ----------------------------------------------------------------
 
@@ -254,15 +260,56 @@ class Daemon:
             return
         request = admission.request
         self._publish(name, "capturing", domid)
+        self._cancel_warm_up(name)  # the store is about to change
         with domain_lock(self.state, name):
             verdict, detail = self._judge_and_capture(name, request)
         self.protocol.answer(domid, request.seq, verdict, detail)
         self._publish(name, "watching", domid)
+        if verdict == Verdict.captured():
+            self._warm_up(name, self.state.phases(name).images[request.phase].image_id)
         # xl save -c suspends and resumes the guest: resync the domain snapshot, and act on
         # what changed meanwhile (a guest that crashed during the capture must be
         # recovered: dropping these events once left it crashed for good, in the bench)
         for event in self.watcher.rescan():
             self._guard(self.on_domain_event, event)
+
+    def _warm_up(self, name: str, image_id: str) -> None:
+        """Regenerate the new image's stream in the background (:mod:`hotcache`), so a
+        crash restores from a plain file; the guest got its ack already."""
+        if not self.hot_cache or not self._hot_stream_wanted(name):
+            return
+        cancel = self._warming[name] = threading.Event()
+
+        def work() -> None:
+            try:
+                hotcache.warm(self.store, name, image_id, cancel)
+            except hotcache.Cancelled:
+                log.info("%s: warm-up of image %s cancelled", name, image_id)
+            except Exception as exc:  # a cache: the restore falls back to the FIFO
+                log.warning("%s: hot stream of image %s not built: %s", name, image_id, exc)
+
+        threading.Thread(target=work, name=f"warm-{name}", daemon=True).start()
+
+    def _warm_newest(self, name: str) -> None:
+        """Warm the domain's newest image up if its stream is not ready (after a restart
+        of xenpbrd, or a recovery that cancelled the warm-up)."""
+        newest = self.store.images(name)
+        if newest and not hotcache.path_of(self.store, name, newest[-1].image_id).exists():
+            self._warm_up(name, newest[-1].image_id)
+
+    def _hot_stream_wanted(self, name: str) -> bool:
+        config = domconfig.DomainConfig(self.state.xl_config_path(name),
+                                        self.state.load_record(name)["settings"])
+        try:
+            return domconfig.hot_stream(config)
+        except domconfig.ConfigError as exc:
+            log.error("%s: %s; no hot stream", name, exc)
+            return False
+
+    def _cancel_warm_up(self, name: str) -> None:
+        cancel = self._warming.pop(name, None)
+        if cancel is not None:
+            cancel.set()
 
     def on_status(self, domid: int) -> None:
         """A restored guest's agent reported ``acked``/``ready``: mark the timeline."""

@@ -170,6 +170,7 @@ def parse(text: str, path: Path = Path("<config>")) -> DomainConfig:
             raise ConfigError(f"{path}: {key} = {action!r} is not an action; use one of "
                               f"{', '.join(sorted(allowed))}")
     crash_loop_policy(DomainConfig(path, settings))  # ConfigError now, not at the crash
+    hot_stream(DomainConfig(path, settings))
     if settings.get("type", "pv") != "pv":
         if any(settings.get(k) == XENPBR_ACTION for k in ACTION_KEYS):
             raise ConfigError(f"{path}: phasereboot supports PV guests only "
@@ -229,6 +230,17 @@ def crash_loop_policy(config: DomainConfig) -> tuple[float, int]:
         raise ConfigError(f"{config.path}: xenpbr_crash_loop_limit = {limit!r}: expected a "
                           "whole number of crashes between 1 and 100")
     return float(window), limit
+
+
+def hot_stream(config: DomainConfig) -> bool:
+    """``xenpbr_hot_stream`` (1, default, or 0): keep the newest image's stream ready as a
+    file for ``xl restore`` (:mod:`xenpbr.images.hotcache`): one raw image of space for a
+    faster recovery; 0 restores from the page store, verifying every page."""
+    value = config.settings.get("xenpbr_hot_stream", 1)
+    if value not in (0, 1) or isinstance(value, float):
+        raise ConfigError(f"{config.path}: xenpbr_hot_stream = {value!r}: expected 1 (keep "
+                          "the newest image's stream ready) or 0 (restore from verified pages)")
+    return bool(value)
 
 
 DISK_POLICIES = ("snapshot", "persistent", "readonly")

@@ -108,3 +108,10 @@ def test_crash_loop_policy_defaults_and_overrides() -> None:
     cfg = domconfig.parse('name = "g"\nxenpbr_crash_loop_window = 20\n'
                           'xenpbr_crash_loop_limit = 5\n')
     assert domconfig.crash_loop_policy(cfg) == (20.0, 5)
+
+
+def test_hot_stream_setting_defaults_on_and_refuses_other_values() -> None:
+    assert domconfig.hot_stream(domconfig.parse('name = "a"\n'))
+    assert not domconfig.hot_stream(domconfig.parse('name = "a"\nxenpbr_hot_stream = 0\n'))
+    with pytest.raises(domconfig.ConfigError, match="xenpbr_hot_stream = 2: expected 1"):
+        domconfig.hot_stream(domconfig.parse('name = "a"\nxenpbr_hot_stream = 2\n'))

@@ -274,3 +274,50 @@ def test_domain_state_reads_xls_state_letters(tmp_path) -> None:
     assert domain_state((str(script),), "web") == "--p---"
     assert domain_state((str(script),), "other") is None
     assert domain_state((str(tmp_path / "missing-xl"),), "web") is None
+
+
+# -- the hot stream: the newest image's stream, ready for `xl restore FILE` ------------------
+
+def test_a_warmed_image_is_restored_from_its_file_not_the_fifo(store, fake, data) -> None:
+    from xenpbr.images import hotcache
+    image = captured(store, fake)
+    path = hotcache.warm(store, "vm1", image.meta.image_id)
+    assert path is not None and path.read_bytes() == data  # regenerated from verified pages
+    (fake.state / "domains" / "vm1").unlink()
+    result = restore(store, image, xl=fake.argv)
+    assert result.hot and (fake.state / "restored.xl").read_bytes() == data
+    restore_call = next(c for c in fake.calls() if c[0] == "restore")
+    assert restore_call[-1] == str(path)  # xl read the file itself
+
+
+def test_a_hot_stream_of_the_wrong_size_is_not_used(store, fake, data) -> None:
+    from xenpbr.images import hotcache
+    image = captured(store, fake)
+    path = hotcache.warm(store, "vm1", image.meta.image_id)
+    with open(path, "ab") as f:
+        f.write(b"junk")
+    result = restore(store, image, xl=fake.argv)
+    assert not result.hot and not path.exists()
+    assert (fake.state / "restored.xl").read_bytes() == data
+
+
+def test_only_the_newest_image_keeps_a_hot_stream(store, fake) -> None:
+    import threading
+
+    from xenpbr.images import hotcache
+    old = captured(store, fake)
+    hotcache.warm(store, "vm1", old.meta.image_id)
+    new = captured(store, fake)
+    assert hotcache.warm(store, "vm1", new.meta.image_id) is not None
+    assert hotcache.lookup(store, old) is None and hotcache.lookup(store, new) is not None
+    assert hotcache.warm(store, "vm1", old.meta.image_id) is None  # stale: not written
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(hotcache.Cancelled):
+        hotcache.warm(store, "vm1", new.meta.image_id, cancel)
+    assert hotcache.lookup(store, new) is not None  # the finished one stays
+    store.delete("vm1", new.meta.image_id)
+    assert hotcache.lookup(store, new) is None  # deleted with its image
+    hotcache.warm(store, "vm1", old.meta.image_id)
+    store.pages.dir.parent.joinpath("images", "vm1", f"{old.meta.image_id}.manifest").unlink()
+    assert store.gc().hot_streams_removed == 1

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from xenpbr.fsutil import atomic_write, fsync_dir
-from xenpbr.images import codecs, disks, manifest
+from xenpbr.images import codecs, disks, hotcache, manifest
 from xenpbr.images.errors import CorruptObject, GcRefused
 from xenpbr.images.pagestore import (
     PACK_HEADER,
@@ -60,6 +60,7 @@ class GcReport:
     packs_written: list[str] = field(default_factory=list)
     invalid_images_deleted: list[str] = field(default_factory=list)
     orphan_snapshots_removed: list[str] = field(default_factory=list)
+    hot_streams_removed: int = 0
 
     @property
     def reclaimed(self) -> int:
@@ -74,6 +75,7 @@ def collect(store: ImageStore, *, min_dead_fraction: float = 0.1,
     _remove_temp_files(store, report)
     _remove_orphans(store, report)
     _remove_orphan_snapshots(store, report)
+    _remove_orphan_hot_streams(store, report)
     _rebuild_bad_indexes(store, report)
     live = _mark(store, report, drop_invalid)
     report.live_pages = len(live)
@@ -119,6 +121,13 @@ def _remove_orphan_snapshots(store: ImageStore, report: GcReport) -> None:
         _LOG.info("gc: removing disk snapshots of vanished image %s/%s", domain, image_id)
         disks.remove(store, domain, image_id)
         report.orphan_snapshots_removed.append(f"{domain}/{image_id}")
+
+
+def _remove_orphan_hot_streams(store: ImageStore, report: GcReport) -> None:
+    """Ready-made streams whose image is gone, and leftovers of interrupted writes."""
+    for path in hotcache.orphans(store):
+        path.unlink(missing_ok=True)
+        report.hot_streams_removed += 1
 
 
 def _rebuild_bad_indexes(store: ImageStore, report: GcReport) -> None:

@@ -8,6 +8,7 @@ Layout (formats in ``docs/images.md``)::
     <root>/packs/<id>.pack, <id>.idx       the page store (:mod:`.pagestore`)
     <root>/images/<domain>/<image>.manifest  one per image (:mod:`.manifest`)
     <root>/disks/<domain>/<image>/           its disk snapshots (:mod:`.disks`)
+    <root>/hot/<domain>/<image>.stream       the newest image's stream (:mod:`.hotcache`)
 
 Everything is created mode 0600/0700: images hold guest memory (keys, passwords).
 
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from xenpbr.fsutil import atomic_write, atomic_write_json, fsync_dir
-from xenpbr.images import codecs, disks, garbage, manifest, skeleton
+from xenpbr.images import codecs, disks, garbage, hotcache, manifest, skeleton
 from xenpbr.images.errors import CorruptObject, ImageError, ImageInvalid, ImageNotFound
 from xenpbr.images.image import Image, ImageMeta, check_image_id, check_name
 from xenpbr.images.locking import StoreLock
@@ -313,6 +314,7 @@ class ImageStore:
             raise ImageNotFound(f"domain {domain} has no image {image_id}") from None
         fsync_dir(path.parent)
         disks.remove(self, domain, image_id)
+        hotcache.drop(self, domain, image_id)
         _LOG.info("image %s/%s deleted", domain, image_id)
 
     def gc(self, *, min_dead_fraction: float = 0.1, drop_invalid: bool = False,
