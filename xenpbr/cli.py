@@ -178,6 +178,19 @@ def cmd_reboot(args: argparse.Namespace, state: StateDir) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace, state: StateDir) -> int:
+    """Reclaim the pages, disk snapshots and hot streams no image uses any more."""
+    report = _store(state).gc(wait=args.wait)
+    row = {"before_bytes": report.bytes_before, "after_bytes": report.bytes_after,
+           "reclaimed_bytes": report.reclaimed, "live_pages": report.live_pages,
+           "packs_deleted": len(report.packs_deleted),
+           "packs_compacted": len(report.packs_compacted),
+           "snapshots_removed": len(report.orphan_snapshots_removed),
+           "hot_streams_removed": report.hot_streams_removed}
+    emit([row], args.json, lambda: table([row], [(k, k.replace("_", " ")) for k in row]))
+    return 0
+
+
 def cmd_daemon(args: argparse.Namespace, state: StateDir) -> int:
     from xenpbr.daemon import main as daemon_main
     return daemon_main(state.root)
@@ -212,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase")
     p = command("inject", cmd_inject, "crash a domain's kernel on purpose (sysrq c)")
     p.add_argument("domain")
+    p = command("gc", cmd_gc, "reclaim store space no image uses (after forget)")
+    p.add_argument("--wait", type=float, default=60.0,
+                   help="seconds to wait for captures and restores under way (default 60)")
     command("daemon", cmd_daemon, "run xenpbrd in the foreground")
     return parser
 

@@ -285,6 +285,8 @@ class Daemon:
                 hotcache.warm(self.store, name, image_id, cancel)
             except hotcache.Cancelled:
                 log.info("%s: warm-up of image %s cancelled", name, image_id)
+            except hotcache.NoRoom as exc:
+                log.warning("%s: no hot stream for image %s: %s", name, image_id, exc)
             except Exception as exc:  # a cache: the restore falls back to the FIFO
                 log.warning("%s: hot stream of image %s not built: %s", name, image_id, exc)
 

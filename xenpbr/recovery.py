@@ -23,7 +23,7 @@ import logging
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from xenpbr.errors import XenpbrError
 from xenpbr.phases import Candidate, DomainPhases
@@ -131,7 +131,8 @@ class Recovery:
                            crashed=trigger != "operator")
         timeline.skipped = list(plan.skipped)
         timeline.mark("image_chosen", self._describe(plan.first), now=self.clock())
-        self.state.begin_recovery(name, {"trigger": trigger})
+        self._record(name, "its recovery intent", self.state.begin_recovery, name,
+                     {"trigger": trigger})
         try:
             self._destroy_crashed(name, timeline)
             for candidate in plan.candidates:
@@ -142,10 +143,10 @@ class Recovery:
             raise RecoveryFailed(f"{name} could not be recovered: tried "
                                  f"{', '.join(timeline.attempts)}; see `xenpbr history {name}`")
         finally:
-            self.state.save_phases(phases)
-            self.state.add_history(timeline)
+            self._record(name, "its phases", self.state.save_phases, phases)
+            self._record(name, "this recovery's timeline", self.state.add_history, timeline)
             if timeline.outcome != "in-progress":  # interrupted: resume on next start
-                self.state.end_recovery(name)
+                self._record(name, "the end of its recovery", self.state.end_recovery, name)
             log.info("%s: recovery ended: %s via %s, downtime so far %s s", name,
                      timeline.outcome, timeline.method or "-", timeline.downtime())
 
@@ -172,6 +173,16 @@ class Recovery:
         log.warning("%s: resuming a recovery interrupted by xenpbrd's restart (domain %s)",
                     name, "absent" if state is None else f"left {state}")
         return self.recover(name, "resume")
+
+    @staticmethod
+    def _record(name: str, what: str, write: Callable[..., None], *args: Any) -> None:
+        """Write recovery bookkeeping; a failure (a full or broken state file system) is
+        logged, never raised: bringing the guest back matters more than the record (a
+        full dom0 once left a crashed guest down because the intent could not be saved)."""
+        try:
+            write(*args)
+        except (OSError, XenpbrError) as exc:
+            log.critical("%s: could not record %s (%s); recovering anyway", name, what, exc)
 
     def _crash_loop_policy(self, name: str) -> tuple[float, int] | None:
         from xenpbr import domconfig
@@ -227,7 +238,8 @@ class Recovery:
         assert image is not None
         domid = self.restorer.restore(name, image.image_id)
         generation = phases.generation + 1
-        self.state.begin_recovery(name, {"stage": "acknowledging", "generation": generation})
+        self._record(name, "its recovery stage", self.state.begin_recovery, name,
+                     {"stage": "acknowledging", "generation": generation})
         timeline.generation = generation
         try:
             self.ack.restored(domid, image.seq, generation)

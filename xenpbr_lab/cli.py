@@ -15,6 +15,7 @@ from .demo import render, run_demo, write_report
 from .errors import LabError
 from .host import XenHost
 from .paths import artifacts_root, cache_root
+from .xl import LabDomain
 
 
 def _size(path: Path) -> str:
@@ -167,6 +168,24 @@ def cmd_consistency(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Fetch one real ``xl save`` stream of a lab guest (for ``store-bench``)."""
+    from . import bench
+    out = Path(args.out) if args.out else cache_root() / "samples" / \
+        f"{args.workload}-{args.memory}.xl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with XenHost(build(), artifacts_root() / time.strftime("sample-%Y%m%d-%H%M%S")) as host:
+        guest = LabDomain(host, "sample", memory_mib=args.memory, mode="bench",
+                          extra=f"lab.workload={args.workload} "
+                                f"lab.docs={bench.documents(args.memory)}")
+        guest.create()
+        guest.watch_console([bench.LAST_BOUNDARY[args.workload], bench.ALIVE], timeout=600)
+        guest.save_checkpoint("/tmp/sample.xl", timeout=600)
+        out.write_bytes(host.get("/tmp/sample.xl"))
+    print(f"{out}: {out.stat().st_size} bytes")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xenpbr-lab", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -201,6 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", default="build/consistency-report.json")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_consistency)
+    p = sub.add_parser("sample", help="save one real xl stream of a lab guest (store-bench input)")
+    p.add_argument("--workload", choices=("bare", "services", "app"), default="app")
+    p.add_argument("--memory", type=int, default=256)
+    p.add_argument("--out", help="default: the lab cache's samples/ folder")
+    p.set_defaults(func=cmd_sample)
+    p = sub.add_parser("store-bench", help="image store costs on the host: tmpfs vs disk, "
+                                           "codecs, hot stream (input: xenpbr-lab sample)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: __import__("xenpbr_lab.store_bench",
+                                             fromlist=["main"]).main(a.rest))
     p = sub.add_parser("measure", help="time the lab: boot, control channel, guest events")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_measure)

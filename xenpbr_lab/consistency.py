@@ -77,6 +77,9 @@ def hazard_refusal(host: XenHost) -> str | None:
         console = guest.console()
     finally:
         guest.destroy()
+        xenpbrd.cli(host, "forget", guest.name)  # dom0's RAM holds the store: make room
+        xenpbrd.cli(host, "gc")
+        host.run(f"rm -f {disks.DISK_DIR}/{guest.name}-*", check=False)
     match = REFUSAL.search(console)
     if match is None:
         return None

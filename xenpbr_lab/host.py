@@ -44,8 +44,8 @@ def kvm_usable() -> bool:
 class XenHost:
     """Xen 4.17 + a PV dom0 running under QEMU, driven over the control channel."""
 
-    def __init__(self, images: LabImages, workdir: Path, memory_mib: int = 3072,
-                 dom0_memory_mib: int = 1536, cpus: int = 2) -> None:
+    def __init__(self, images: LabImages, workdir: Path, memory_mib: int = 4096,
+                 dom0_memory_mib: int = 2048, cpus: int = 2) -> None:
         self.images = images
         self.workdir = workdir
         self.memory_mib = memory_mib

@@ -116,3 +116,15 @@ def test_inject_crashes_the_kernel_with_sysrq(registered, xl_log, capsys) -> Non
     code, out, _ = run(registered, "inject", "web", capsys=capsys)
     assert code == 0 and "crash injected" in out
     assert xl_log.read_text() == "sysrq web c\n"
+
+
+def test_gc_reclaims_what_forget_dropped(tmp_path, capsys) -> None:
+    from xenpbr.cli import main
+    from xenpbr.images.store import ImageStore
+    from xenpbr.state import StateDir
+    state = StateDir(tmp_path)
+    store = ImageStore(state.images_root)
+    (store.pages.dir / "orphan.pack").write_bytes(b"x" * 100)  # an interrupted capture
+    assert main(["--state-dir", str(tmp_path), "gc", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["reclaimed_bytes"] == 100 and not (store.pages.dir / "orphan.pack").exists()

@@ -321,3 +321,16 @@ def test_only_the_newest_image_keeps_a_hot_stream(store, fake) -> None:
     hotcache.warm(store, "vm1", old.meta.image_id)
     store.pages.dir.parent.joinpath("images", "vm1", f"{old.meta.image_id}.manifest").unlink()
     assert store.gc().hot_streams_removed == 1
+
+
+def test_no_hot_stream_when_it_would_crowd_the_store(store, fake, monkeypatch) -> None:
+    import collections
+
+    from xenpbr.images import hotcache
+    image = captured(store, fake)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(hotcache.shutil, "disk_usage",
+                        lambda _: usage(1 << 30, (1 << 30) - (200 << 20), 200 << 20))
+    with pytest.raises(hotcache.NoRoom, match="less than the 256 MiB kept"):
+        hotcache.warm(store, "vm1", image.meta.image_id)
+    assert hotcache.lookup(store, image) is None

@@ -67,3 +67,26 @@ def test_the_apps_data_set_grows_with_the_guest() -> None:
 def test_configurations_that_cannot_fit_are_named_not_silently_dropped() -> None:
     assert bench.fits("bare", 128) is None and bench.fits("app", 256) is None
     assert "app needs at least 192 MiB" in bench.fits("app", 128)
+
+
+def test_store_bench_measures_every_variant_on_one_stream(tmp_path, monkeypatch) -> None:
+    from tests.unit.streams import synth
+    from xenpbr_lab import store_bench
+    monkeypatch.setattr(store_bench, "LOCATIONS", {"a": str(tmp_path), "b": str(tmp_path)})
+    data = b"".join(synth.iter_pv_stream(synth.PvStreamSpec(nr_pfns=600)))
+    rows = store_bench.store_variants(data, repeats=1)
+    assert [(r["store"], r["codec"]) for r in rows] == [("a", "none"), ("a", "zlib"),
+                                                        ("b", "none"), ("b", "zlib")]
+    assert all(r["regenerate_mib_s"] > 0 and r["hot_read_mib_s"] > 0 for r in rows)
+    assert rows[1]["stored_mib"] < rows[0]["stored_mib"]  # synthetic pages compress
+    codecs = {r["codec"]: r for r in store_bench.codec_candidates(data)}
+    assert codecs["none"]["ratio"] == 1.0 and codecs["zlib-1"]["ratio"] > 1.0
+    assert list(tmp_path.iterdir()) == []  # every scratch store removed
+
+
+def test_a_run_with_the_fifo_method_reports_its_own_breakdown() -> None:
+    samples = [bench.Sample("bare", 128, m, 1, d, {"crash_seen": 0.0, "restore_finished": d})
+               for m, d in (("phasereboot", 2.0), ("phasereboot-fifo", 6.0))]
+    assert bench.biggest_piece(samples)["steps_median_s"] == {"crash_seen->restore_finished": 2.0}
+    fifo = bench.biggest_piece(samples, "phasereboot-fifo")
+    assert fifo["steps_median_s"] == {"crash_seen->restore_finished": 6.0}

@@ -214,3 +214,15 @@ def test_damaged_intent_still_means_unfinished(setup) -> None:
 def test_nothing_to_resume_without_an_intent(setup) -> None:
     state, xen, recovery = setup
     assert recovery.resume_interrupted("g") is None and xen.calls == []
+
+
+def test_a_full_state_file_system_does_not_stop_a_recovery(setup, monkeypatch) -> None:
+    """ENOSPC on the intent record once left a crashed guest down in the lab."""
+    state, xen, recovery = setup
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(state, "begin_recovery", full)
+    monkeypatch.setattr(state, "add_history", full)
+    timeline = recovery.recover("g", "crash")
+    assert timeline.outcome == "recovered" and ("unpause", 10) in xen.calls

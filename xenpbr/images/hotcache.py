@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -96,6 +97,7 @@ def warm(store: ImageStore, domain: str, image_id: str,
     image = store.load(domain, image_id)
     dest = path_of(store, domain, image_id)
     dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_room(dest.parent, image.meta.stream_bytes)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     start = time.monotonic()
     try:
@@ -116,6 +118,26 @@ def warm(store: ImageStore, domain: str, image_id: str,
     _LOG.info("hot stream of %s/%s ready: %d bytes in %.2f s", domain, image_id, written,
               time.monotonic() - start)
     return dest
+
+
+class NoRoom(Exception):
+    """Writing the stream would leave too little space for the store and xenpbrd's state."""
+
+
+#: What a hot stream must leave free: the state directory, the next capture's pages and
+#: the daemon's log live on the same file system (a recovery that could not write its
+#: intent record once failed outright in the lab).
+RESERVE_FRACTION = 0.25
+RESERVE_MIN = 128 << 20
+
+
+def _check_room(folder: Path, size: int) -> None:
+    usage = shutil.disk_usage(folder)
+    reserve = max(RESERVE_MIN, int(usage.total * RESERVE_FRACTION))
+    if usage.free - size < reserve:
+        raise NoRoom(f"a hot stream of {size >> 20} MiB would leave {max(usage.free - size, 0) >> 20} "
+                     f"MiB free in {folder}, less than the {reserve >> 20} MiB kept for the "
+                     "store and xenpbrd's state; restores use the page store")
 
 
 def drop(store: ImageStore, domain: str, image_id: str | None = None,

@@ -8,6 +8,10 @@ export PYTHONDONTWRITEBYTECODE=1 HOME=/root
 mark() { echo "XENPBR-LAB: $*"; }
 
 mount -t proc proc /proc
+# The root file system is the initramfs, a tmpfs capped at half of dom0's RAM: image
+# stores, hot streams, checkpoints and guest disks all live there (a session once hit
+# ENOSPC at 686 MB), so let it use 80 %.
+mount -o remount,size=80% / || mark "growing the root tmpfs failed"
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm
