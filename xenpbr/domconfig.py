@@ -289,7 +289,7 @@ def disk_targets(config: DomainConfig) -> dict[str, str]:
     """Each disk's target path in dom0 (the file or block device behind ``vdev``), with
     xl's legacy prefixes removed: what a snapshot copies and a revert writes."""
     targets = {}
-    for vdev, target, _ in map(_disk_spec, map(str, config.settings.get("disk", []))):  # type: ignore[union-attr]
+    for vdev, target, _ in map(_disk_spec, map(str, config.settings.get("disk", []))):  # type: ignore[arg-type]
         for prefix in _TARGET_PREFIXES:
             if target.startswith(prefix):
                 target = target[len(prefix):]

@@ -175,7 +175,7 @@ class Recovery:
         return self.recover(name, "resume")
 
     @staticmethod
-    def _record(name: str, what: str, write: Callable[..., None], *args: Any) -> None:
+    def _record(name: str, what: str, write: Callable[..., object], *args: Any) -> None:
         """Write recovery bookkeeping; a failure (a full or broken state file system) is
         logged, never raised: bringing the guest back matters more than the record (a
         full dom0 once left a crashed guest down because the intent could not be saved)."""

@@ -330,7 +330,7 @@ def test_no_hot_stream_when_it_would_crowd_the_store(store, fake, monkeypatch) -
     image = captured(store, fake)
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(hotcache.shutil, "disk_usage",
-                        lambda _: usage(1 << 30, (1 << 30) - (200 << 20), 200 << 20))
-    with pytest.raises(hotcache.NoRoom, match="less than the 256 MiB kept"):
+                        lambda _: usage(1 << 30, (1 << 30) - (130 << 20), 130 << 20))
+    with pytest.raises(hotcache.NoRoom, match="less than the 128 MiB kept"):
         hotcache.warm(store, "vm1", image.meta.image_id)
     assert hotcache.lookup(store, image) is None

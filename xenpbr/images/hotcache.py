@@ -127,7 +127,7 @@ class NoRoom(Exception):
 #: What a hot stream must leave free: the state directory, the next capture's pages and
 #: the daemon's log live on the same file system (a recovery that could not write its
 #: intent record once failed outright in the lab).
-RESERVE_FRACTION = 0.25
+RESERVE_FRACTION = 0.10
 RESERVE_MIN = 128 << 20
 
 
