@@ -126,10 +126,7 @@ def restore(store: ImageStore, image: Image, paused: bool = True, *,
         if rc != 0 or proc.timed_out:
             raise RestoreFailed(_xl_failed(image, name, proc, "after the whole image was sent",
                                            _cleanup(xl, proc, name)))
-    new_domid = domid(xl, name)
-    if new_domid is None:
-        raise RestoreFailed(f"xl restore of {image.describe()} exited successfully but no "
-                            f"domain named {name} exists; xl said: {proc.message()}")
+    new_domid = _new_domid(xl, image, name, proc)
     done = time.monotonic()
     _LOG.info("restored %s as domain %s (domid %d%s) in %.2f s: before xl %.2f s (disk "
               "reverts %.2f s), stream %.2f s (%.0f MiB/s), xl after the stream %.2f s, xl "
@@ -154,10 +151,7 @@ def _restore_file(image: Image, name: str, argv: list[str], path: Path, start: f
     if rc != 0 or proc.timed_out:
         raise RestoreFailed(_xl_failed(image, name, proc, f"reading {path}",
                                        _cleanup(xl, proc, name)))
-    new_domid = domid(xl, name)
-    if new_domid is None:
-        raise RestoreFailed(f"xl restore of {image.describe()} exited successfully but no "
-                            f"domain named {name} exists; xl said: {proc.message()}")
+    new_domid = _new_domid(xl, image, name, proc)
     done = time.monotonic()
     xl_s = (proc.ended or done) - proc.started
     _LOG.info("restored %s as domain %s (domid %d) from its hot stream in %.2f s: before xl "
@@ -166,6 +160,15 @@ def _restore_file(image: Image, name: str, argv: list[str], path: Path, start: f
               image.meta.stream_bytes / 2**20 / max(xl_s, 1e-6))
     return RestoreResult(new_domid, name, image.meta, done - start, 0.0, xl_s, xl_s,
                          image.meta.stream_bytes, proc.output(), disks_s, hot=True)
+
+
+def _new_domid(xl: Sequence[str], image: Image, name: str, proc: XlProcess) -> int:
+    """The domid of the domain xl just restored (it exited 0, so there must be one)."""
+    new_domid = domid(xl, name)
+    if new_domid is None:
+        raise RestoreFailed(f"xl restore of {image.describe()} exited successfully but no "
+                            f"domain named {name} exists; xl said: {proc.message()}")
+    return new_domid
 
 
 def _verify(store: ImageStore, image: Image) -> float:
