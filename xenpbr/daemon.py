@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from xenpbr import consistency, domconfig, protocol, publish
+from xenpbr import consistency, domconfig, invalidation, protocol, publish
 from xenpbr.errors import XenpbrError
 from xenpbr.images import disks, hotcache
 from xenpbr.images.capture import capture
@@ -97,6 +97,7 @@ class Daemon:
         self.watching: dict[int, list[tuple[str, str]]] = {}  # domid -> its watches
         self._published_at: dict[str, float] = {}  # name -> monotonic time
         self._warming: dict[str, threading.Event] = {}  # name -> cancel its warm-up
+        self._invalidated_at: dict[int, float] = {}  # domid -> monotonic time
         self.hot_cache = hotcache.enabled()
         self._running = True
 
@@ -111,7 +112,8 @@ class Daemon:
     def _watch_guest(self, domid: int) -> None:
         if domid in self.watching:
             return
-        watches = [protocol.request_watch(domid), protocol.status_watch(domid)]
+        watches = [protocol.request_watch(domid), protocol.status_watch(domid),
+                   invalidation.watch(domid)]
         for path, token in watches:
             self.xs.watch(path, token)
         self.watching[domid] = watches
@@ -165,6 +167,8 @@ class Daemon:
                     self._guard(self.on_request, domid)
                 elif (domid := protocol.domid_from_status_token(watch.token)) is not None:
                     self._guard(self.on_status, domid)
+                elif (domid := invalidation.domid_from_token(watch.token)) is not None:
+                    self._guard(self.on_invalidate, domid)
 
     def resume_interrupted(self) -> None:
         """Finish the recoveries a killed xenpbrd left half-done (before serving)."""
@@ -313,6 +317,43 @@ class Daemon:
         if cancel is not None:
             cancel.set()
 
+    def on_invalidate(self, domid: int) -> None:
+        """The guest asks to drop its images from a phase on (:mod:`invalidation`)."""
+        name = self._name_of(domid)
+        if name is None:
+            return
+        raw = self.xs.read_or(invalidation.request_path(domid), None)
+        request = invalidation.parse_request(raw)
+        if request is None:
+            if raw is not None:
+                log.warning("%s (domid %d): malformed invalidation request %s ignored", name,
+                            domid, ascii(bytes(raw[:64])))
+            return
+        if request.seq <= invalidation.last_answered(self.xs, domid):
+            return  # a replay, or the watch firing for the key's creation
+        now = time.monotonic()
+        if now - self._invalidated_at.get(domid, -1e9) < 1.0:
+            answer = invalidation.Answer(request.seq, refused="rate-limited")
+        else:
+            self._invalidated_at[domid] = now
+            answer = self._invalidate(name, request)
+        invalidation.write_answer(self.xs, domid, answer)
+        log.info("%s (domid %d): invalidation from phase %s: %s", name, domid, request.phase,
+                 answer.encode())
+        self._publish(name, "watching", domid)
+
+    def _invalidate(self, name: str, request: invalidation.Invalidation) -> invalidation.Answer:
+        self._cancel_warm_up(name)
+        with domain_lock(self.state, name):
+            phases = self.state.phases(name)
+            if request.phase not in phases.phases:
+                return invalidation.Answer(request.seq, refused="unknown-phase")
+            dropped = phases.forget(request.phase)
+            for img in dropped:
+                self._drop_image(name, img.image_id)
+            self.state.save_phases(phases)
+        return invalidation.Answer(request.seq, dropped=len(dropped))
+
     def on_status(self, domid: int) -> None:
         """A restored guest's agent reported ``acked``/``ready``: mark the timeline."""
         name = self._name_of(domid)
@@ -397,11 +438,12 @@ class Daemon:
         return taken, None
 
     def _drop_image(self, name: str, image_id: str) -> None:
-        try:
-            self.store.delete(name, image_id)
-        except XenpbrError as exc:
-            log.error("%s: could not delete image %s: %s", name, image_id, exc)
-        disks.remove(self.store, name, image_id)
+        """Delete an image with its disk snapshots; failures are logged (GC finishes)."""
+        for step in (self.store.delete, lambda n, i: disks.remove(self.store, n, i)):
+            try:
+                step(name, image_id)
+            except XenpbrError as exc:
+                log.error("%s: could not delete image %s: %s", name, image_id, exc)
 
 
 def main(state_root: Path | None = None) -> int:

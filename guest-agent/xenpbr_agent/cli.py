@@ -4,6 +4,7 @@
 
     xenpbr-agent phase NAME [--config PATH] [--timeout S]   mark boundary NAME
     xenpbr-agent status [--config PATH] [--json]            what the agent last did
+    xenpbr-agent invalidate PHASE [--config PATH]           drop images from PHASE on
 
 ``phase`` prints one line, ``<phase> <verdict>`` (``captured``, ``skipped``,
 ``refused:<reason>``, ``restored:<generation>``, ``timeout``, or ``not-marked`` when a
@@ -81,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
                                         "/etc/xenpbr/agent.conf)")
     phase.add_argument("--timeout", type=float, help="seconds to wait for dom0's ack "
                                                      "(default [agent] ack_timeout)")
+    inv = sub.add_parser("invalidate", help="ask dom0 to drop this guest's images of PHASE "
+                                            "and every later phase")
+    inv.add_argument("name", metavar="PHASE")
+    inv.add_argument("--config")
+    inv.add_argument("--timeout", type=float, help="seconds to wait for dom0's answer")
     status = sub.add_parser("status", help="print the agent's last seq, verdict, generation")
     status.add_argument("--config")
     status.add_argument("--json", action="store_true", help="one JSON object")
@@ -150,6 +156,22 @@ def cmd_phase(args: argparse.Namespace, xs_factory: XenstoreFactory, mounts_path
     return _exit_code(result, steps_ok)
 
 
+def cmd_invalidate(args: argparse.Namespace, xs_factory: XenstoreFactory) -> int:
+    """Print ``<phase> dropped:<n>`` or ``<phase> refused:<why>`` or ``<phase> timeout``."""
+    from xenpbr_agent.invalidate import request_invalidation
+    config = load_config(args.config)
+    timeout = _timeout(args, config)
+    with xs_factory() as xs:
+        answer = request_invalidation(xs, config, args.name, timeout)
+    if answer is None:
+        print(f"{args.name} timeout", flush=True)
+        log.warning("no answer from dom0 within %g s (is xenpbrd running?)", timeout)
+        return EXIT_TIMEOUT
+    verdict = answer.encode().split(" ", 1)[1]
+    print(f"{args.name} {verdict}", flush=True)
+    return EXIT_OK if answer.refused is None else EXIT_REFUSED
+
+
 def _status(args: argparse.Namespace, xs_factory: XenstoreFactory) -> dict[str, Any]:
     try:
         state_dir = load_config(args.config).state_dir
@@ -196,6 +218,8 @@ def main(argv: list[str] | None = None, *, xs_factory: XenstoreFactory | None = 
     try:
         if args.command == "phase":
             return cmd_phase(args, factory, mounts_path, proc_path)
+        if args.command == "invalidate":
+            return cmd_invalidate(args, factory)
         return cmd_status(args, factory)
     except (AgentError, XenstoreError) as exc:
         print(f"xenpbr-agent: error: {exc}", file=sys.stderr, flush=True)
