@@ -273,3 +273,20 @@ def test_crash_during_a_capture_is_recovered(xen_host, lab_domain, xenpbrd) -> N
     assert [(p, v) for p, v, _ in after] == [("services", "restored:1"), ("app", "captured")]
     last = xenpbrd_lab.cli(xen_host, "history", guest.name)[-1]
     assert last["method"] == "phase:services" and last["outcome"] == "recovered"
+
+
+@pytest.mark.timeout(600)  # several boots and recoveries under TCG
+def test_guest_invalidates_its_images_from_a_phase_on(xen_host, lab_domain, xenpbrd) -> None:
+    guest = protected_guest(xen_host, lab_domain, "inv", extra="lab.invalidate=services")
+    line = guest.wait_for_console(r"XENPBR-INVALIDATE: (\S+) (\S+) rc=(\d+)", timeout=120)
+    assert line.groups() == ("services", "dropped:2", "0")
+    images = {row["phase"]: row["image"] for row in xenpbrd_lab.cli(xen_host, "images",
+                                                                     guest.name)}
+    assert images["kernel"] is not None and images["services"] is None and images["app"] is None
+    offset = guest.console_size()
+    xen_host.run(["xl", "sysrq", guest.name, "c"])
+    after = agent_verdicts(guest, 3, after=offset)
+    # the deepest image left is kernel's; the phases after it are captured afresh
+    assert [(p, v) for p, v, _ in after] == [("kernel", "restored:1"),
+                                             ("services", "captured"), ("app", "captured")]
+    assert "XENPBR-INVALIDATE" not in guest.console()[offset:]  # only on the first boot

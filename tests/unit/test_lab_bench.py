@@ -90,3 +90,15 @@ def test_a_run_with_the_fifo_method_reports_its_own_breakdown() -> None:
     assert bench.biggest_piece(samples)["steps_median_s"] == {"crash_seen->restore_finished": 2.0}
     fifo = bench.biggest_piece(samples, "phasereboot-fifo")
     assert fifo["steps_median_s"] == {"crash_seen->restore_finished": 6.0}
+
+
+def test_restore_throughput_is_the_raw_stream_over_the_restore_step() -> None:
+    detail = {"configs": [{"workload": "bare", "memory_mib": 128, "dom0_copy_mib_s": 70.0,
+                           "capture": [{"phase": "kernel", "raw_bytes": 128 << 20}]}],
+              "samples": [{"method": m, "workload": "bare", "memory_mib": 128,
+                           "breakdown": {"restore_started": 0.5, "restore_finished": 0.5 + d}}
+                          for m, d in (("phasereboot", 1.0), ("phasereboot", 3.0),
+                                       ("phasereboot-fifo", 4.0))]}
+    (row,) = bench_report.restore_throughput(detail)
+    assert row["phasereboot"] == 64.0 and row["phasereboot-fifo"] == 32.0
+    assert row["raw_mib"] == 128 and row["dom0_copy_mib_s"] == 70.0

@@ -49,6 +49,7 @@ for arg in $(cat /proc/cmdline); do
         lab.docs=*) docs=${arg#lab.docs=} ;;
         lab.workload=*) workload=${arg#lab.workload=} ;;
         lab.hazard=*) hazard=${arg#lab.hazard=} ;;
+        lab.invalidate=*) invalidate=${arg#lab.invalidate=} ;;
     esac
 done
 echo "XENPBR-GUEST: up uptime=$(cut -d' ' -f1 /proc/uptime) mode=$mode marker=${marker:-none}"
@@ -69,6 +70,12 @@ agent_phases() {
         out=$(PYTHONPATH=/usr/lib/python3/dist-packages python3 -m xenpbr_agent phase "$p")
         echo "XENPBR-AGENT: $out rc=$?"
     done
+    # lab.invalidate=P: on the first boot only (generation 0; a restored guest comes
+    # back through this loop too), ask dom0 to drop the images from P on
+    if [ -n "$invalidate" ] && python3 -m xenpbr_agent status --json | grep -q '"generation": 0'; then
+        out=$(python3 -m xenpbr_agent invalidate "$invalidate")
+        echo "XENPBR-INVALIDATE: $out rc=$?"
+    fi
 }
 # demo (make demo): three phases; services starts syslogd, app runs a real warm-up
 # (xenpbr_lab.demo_app builds an index) and then answers with heartbeat lines.
