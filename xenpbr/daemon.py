@@ -33,6 +33,7 @@ from typing import Any, Iterator
 
 from xenpbr import consistency, domconfig, invalidation, protocol, publish
 from xenpbr.errors import XenpbrError
+from xenpbr.hypervisor.base import ShutdownReason
 from xenpbr.images import disks, hotcache
 from xenpbr.images.capture import capture
 from xenpbr.images.store import ImageStore
@@ -266,7 +267,7 @@ class Daemon:
         self._publish(name, "capturing", domid)
         self._cancel_warm_up(name)  # the store is about to change
         with domain_lock(self.state, name):
-            verdict, detail = self._judge_and_capture(name, request)
+            verdict, detail = self._judge_and_capture(name, request, domid)
         self.protocol.answer(domid, request.seq, verdict, detail)
         self._publish(name, "watching", domid)
         if verdict == Verdict.captured():
@@ -369,8 +370,8 @@ class Daemon:
             log.info("%s (domid %d): guest reports %s", name, domid, status.encode())
             self._publish(name, "watching", domid)
 
-    def _judge_and_capture(self, name: str,
-                           request: protocol.BoundaryRequest) -> tuple[Verdict, str]:
+    def _judge_and_capture(self, name: str, request: protocol.BoundaryRequest,
+                           domid: int) -> tuple[Verdict, str]:
         """The verdict for an admitted boundary, and why if it is a refusal."""
         phases = self.state.phases(name)
         config = domconfig.DomainConfig(self.state.xl_config_path(name),
@@ -391,7 +392,8 @@ class Daemon:
         extra = {"extra": {disks.EXTRA_KEY: sorted(snap_disks)}} if snap_disks else {}
         try:
             result = self.capture(name, self.store, request.phase, seq=request.seq,
-                                  fingerprint=fingerprint, **extra)
+                                  fingerprint=fingerprint, crashed=self._crash_check(domid),
+                                  **extra)
         except XenpbrError as exc:
             log.error("%s: capture of phase %s failed: %s", name, request.phase, exc)
             return Verdict.refused("capture-failed"), f"capture failed in dom0: {exc}"
@@ -413,6 +415,13 @@ class Daemon:
                  "".join(f", disk {t.vdev} by {t.mechanism} in {t.seconds:.2f} s"
                          for t in taken))
         return Verdict.captured(), ""
+
+    def _crash_check(self, domid: int) -> Any:
+        """For the capture's guard: has ``domid`` crashed (or its watchdog fired)?"""
+        def crashed() -> bool:
+            state = self.hv.domain_state(domid)
+            return state.crashed or state.shutdown_reason == ShutdownReason.WATCHDOG
+        return crashed
 
     def _snapshot_disks(self, name: str, image_id: str, snap_disks: dict[str, str]
                         ) -> tuple[list[disks.DiskSnapshot], tuple[Verdict, str] | None]:

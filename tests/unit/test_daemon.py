@@ -24,7 +24,7 @@ class Recorder:
     def __init__(self, hv: FakeHypervisor) -> None:
         self.hv, self.calls, self.captures = hv, [], 0
 
-    def capture(self, name, store, phase, seq, fingerprint):
+    def capture(self, name, store, phase, seq, fingerprint, **_):
         self.captures += 1
         self.calls.append(("capture", name, phase, seq))
         meta = types.SimpleNamespace(image_id=f"img-{phase}-{seq}")
@@ -298,8 +298,10 @@ def test_a_crash_during_a_capture_is_recovered(world) -> None:
     server.connect(domid).write("data/xenpbr/request", request(1, "kernel"))
     settle(daemon)  # the kernel image exists now
 
-    def crashing(name, store, phase, seq, fingerprint):
+    def crashing(name, store, phase, seq, fingerprint, crashed):
+        assert not crashed()  # the guard's check: running is not crashed
         hv.crash(domid)  # the guest dies while xl save waits for it to suspend
+        assert crashed()  # what makes the capture's guard kill xl at once
         from xenpbr.images.errors import CaptureFailed
         raise CaptureFailed("guest didn't acknowledge suspend")
     daemon.capture = crashing

@@ -95,7 +95,7 @@ class Capturer:
     def __init__(self) -> None:
         self.extra: list[dict | None] = []
 
-    def __call__(self, name, store, phase, seq, fingerprint, extra=None):
+    def __call__(self, name, store, phase, seq, fingerprint, extra=None, **_):
         self.extra.append(extra)
         meta = types.SimpleNamespace(image_id=new_image_id(100.0 + seq))
         return types.SimpleNamespace(meta=meta, total_s=0.1, paused_s=0.05)

@@ -334,3 +334,22 @@ def test_no_hot_stream_when_it_would_crowd_the_store(store, fake, monkeypatch) -
     with pytest.raises(hotcache.NoRoom, match="less than the 128 MiB kept"):
         hotcache.warm(store, "vm1", image.meta.image_id)
     assert hotcache.lookup(store, image) is None
+
+
+def test_a_crash_during_the_save_stops_xl_at_once(store, fake) -> None:
+    import time
+    fake.knob("hang")  # xl save waits for a suspend that never comes
+    start = time.monotonic()
+    crash_at = start + 0.5
+    with pytest.raises(CaptureFailed, match="crashed during the capture of phase boot"):
+        capture("vm1", store, "boot", xl=fake.argv, timeout=30,
+                crashed=lambda: time.monotonic() > crash_at)
+    assert time.monotonic() - start < 10  # not xl's 60 s suspend timeout, nor ours
+    assert store.images("vm1") == []
+
+
+def test_the_crash_guard_never_kills_on_an_error(store, fake, data) -> None:
+    def broken() -> bool:
+        raise OSError("hypercall failed")
+    result = capture("vm1", store, "boot", xl=fake.argv, crashed=broken)
+    assert result.raw_bytes == len(data)

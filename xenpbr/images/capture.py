@@ -24,6 +24,7 @@ import io
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -133,11 +134,47 @@ class _RecordClock:
                                           time.monotonic() - self.start))
 
 
+class _CrashGuard(threading.Thread):
+    """Kills ``xl save`` when the domain crashes under it: xl would otherwise wait for a
+    suspend that never comes (60 s, seen in the lab) before failing, and the crashed
+    guest's recovery would wait with it. ``crashed`` must say True only for a crash or
+    an expired watchdog (a suspended domain is the save working); errors count as no."""
+
+    def __init__(self, proc: XlProcess, crashed: Callable[[], bool],
+                 interval: float = 0.25) -> None:
+        super().__init__(name="capture-crash-guard", daemon=True)
+        self.proc, self.crashed, self.interval = proc, crashed, interval
+        self.fired = False
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(self.interval) and self.proc.alive():
+            try:
+                if not self.crashed():
+                    continue
+            except Exception as exc:  # cannot tell: never kill a save on a guess
+                _LOG.debug("crash guard: %s", exc)
+                continue
+            _LOG.warning("the domain crashed during its capture: killing %s",
+                         " ".join(self.proc.argv))
+            self.fired = True
+            self.proc.proc.kill()
+            return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def capture(domain: str, store: ImageStore, phase: str, *, seq: int = 0,
             fingerprint: str = "", extra: dict[str, Any] | None = None,
             timeout: float = 600.0, xl: Sequence[str] = ("xl",),
-            progress: Callable[[CaptureProgress], None] | None = None) -> CaptureResult:
+            progress: Callable[[CaptureProgress], None] | None = None,
+            crashed: Callable[[], bool] | None = None) -> CaptureResult:
     """Save ``domain`` (left running) as a new image of ``phase`` in ``store``.
+
+    ``crashed``, polled while xl runs, says whether the domain has crashed (or its
+    watchdog fired): then xl is killed at once instead of waiting for a suspend that
+    will never come.
 
     :raises CaptureFailed: xl failed or timed out (its message included), or the
         stream it produced was rejected.
@@ -156,7 +193,19 @@ def capture(domain: str, store: ImageStore, phase: str, *, seq: int = 0,
         except XlError as err:
             os.close(fd)
             raise CaptureFailed(f"capture of {domain}: {err}") from err
-        return _run(domain, writer, proc, fd, start, progress)
+        guard = _CrashGuard(proc, crashed) if crashed is not None else None
+        if guard is not None:
+            guard.start()
+        try:
+            return _run(domain, writer, proc, fd, start, progress)
+        except CaptureFailed as err:
+            if guard is not None and guard.fired:
+                raise CaptureFailed(f"{domain} crashed during the capture of phase {phase}; "
+                                    f"xl save was stopped ({err})") from err
+            raise
+        finally:
+            if guard is not None:
+                guard.stop()
 
 
 def _run(domain: str, writer: CaptureWriter, proc: XlProcess, fd: int, start: float,
