@@ -46,7 +46,7 @@ DEFAULT_METHODS = ("normal", "phasereboot", "xl-restore")
 #: Run order within a configuration: xl-restore's checkpoint is deleted before xenpbrd's
 #: store fills up, since dom0's root file system (RAM) cannot hold both at 512 MiB.
 RUN_ORDER = ("normal", "xl-restore", "phasereboot-fifo", "phasereboot")
-HOT_READY = r"hot stream of {name}/\S+ ready"
+HOT_READY = r"hot stream of {name}/{image} ready"
 MEMORY_MIB = (128, 256, 512)
 PANIC = r"Kernel panic - not syncing"
 ALIVE = r"XENPBR-APP: alive"
@@ -133,8 +133,11 @@ def _start(host: XenHost, guest: LabDomain, method: str, workload: str) -> float
         guest.create()
     guest.watch_console([LAST_BOUNDARY[workload], ALIVE], timeout=600)
     took = time.monotonic() - start
-    if method == "phasereboot":
-        xenpbrd.wait_for_log(host, HOT_READY.format(name=guest.name), timeout=600)
+    if method == "phasereboot":  # the newest image's stream, not an earlier phase's
+        newest = max((r["image"] for r in xenpbrd.cli(host, "images", guest.name)
+                      if r.get("image")), default="")
+        xenpbrd.wait_for_log(host, HOT_READY.format(name=guest.name, image=newest),
+                             timeout=600)
     if method == "xl-restore":
         host.run(["mkdir", "-p", CHECKPOINT_DIR])
         guest.save_checkpoint(f"{CHECKPOINT_DIR}/{guest.name}.chk", timeout=600)

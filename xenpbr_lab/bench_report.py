@@ -32,8 +32,15 @@ def markdown(detail: dict[str, Any]) -> str:
     lines = [
         "# Benchmark: recovery downtime, methods side by side",
         "",
-        f"Command: `{meta['command']}`, {meta['date']}, {meta['repeats']} crashes per "
-        f"method and configuration, all in one lab session (Xen {meta.get('xen', '?')}).",
+        *([f"Command: `{meta['command']}`, {meta['date']}, {meta['repeats']} crashes per "
+           f"method and configuration, all in one lab session (Xen {meta.get('xen', '?')})."]
+          if not meta.get("runs") else
+          ["Runs (each configuration's methods come from one run, side by side; Xen "
+           f"{meta.get('xen', '?')}, {meta['repeats']} crashes per method and "
+           "configuration):", ""] +
+          [f"- `{r['command']}`, {r['date']}"
+           + (f": {', '.join(r['configs'])}" if r.get("configs") else ": the rest")
+           for r in meta["runs"]] + [""]),
         f"Machine: {meta['machine']['cpu']} ({meta['machine']['cpus']} CPUs), guests under "
         f"{meta['machine']['accelerator']}: absolute times are roughly ten times native, so "
         "**compare the ratios**, which were measured back to back in the same dom0.",
@@ -143,6 +150,26 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def merge(previous: dict[str, Any], detail: dict[str, Any]) -> dict[str, Any]:
+    """``detail`` with the configurations of ``previous`` it did not measure again: a
+    configuration's methods always come from one run (their ratios stay side by side);
+    ``meta.runs`` lists every run that contributed."""
+    fresh = {(c["workload"], c["memory_mib"]) for c in detail["configs"]}
+
+    def kept(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [i for i in items if (i["workload"], i["memory_mib"]) not in fresh]
+    merged = dict(detail)
+    merged["rows"] = kept(previous["rows"]) + detail["rows"]
+    merged["samples"] = kept(previous["samples"]) + detail["samples"]
+    merged["configs"] = kept(previous["configs"]) + detail["configs"]
+    runs = previous["meta"].get("runs") or [
+        {k: previous["meta"].get(k) for k in ("command", "date")}]
+    merged["meta"] = {**detail["meta"], "runs": runs + [
+        {"command": detail["meta"]["command"], "date": detail["meta"]["date"],
+         "configs": sorted(f"{w}-{m}" for w, m in fresh)}]}
+    return merged
 
 
 def write(detail: dict[str, Any], outdir: Path) -> list[Path]:

@@ -132,6 +132,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     detail = bench.as_json(bench.summarize(samples), samples, facts,
                            {"command": command, "date": started, "repeats": args.repeats,
                             "xen": xen, "machine": bench.machine(), "not_run": not_run})
+    previous = Path(args.out) / "results-detail.json"
+    if args.merge and previous.exists():
+        detail = bench_report.merge(json.loads(previous.read_text()), detail)
     written = bench_report.write(detail, Path(args.out))
     if args.json:
         print(json.dumps(detail["rows"], indent=2))
@@ -213,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="recovery methods (default normal,phasereboot,xl-restore; add "
                         "phasereboot-fifo to measure the hot stream)")
     p.add_argument("--out", default="docs/benchmarks", help="where the results go")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the configurations of the results already in --out that "
+                        "this run does not measure (re-run some configurations)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("consistency", help="disk consistency over N crash/phase-reboot cycles")

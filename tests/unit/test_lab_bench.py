@@ -102,3 +102,17 @@ def test_restore_throughput_is_the_raw_stream_over_the_restore_step() -> None:
     (row,) = bench_report.restore_throughput(detail)
     assert row["phasereboot"] == 64.0 and row["phasereboot-fifo"] == 32.0
     assert row["raw_mib"] == 128 and row["dom0_copy_mib_s"] == 70.0
+
+
+def test_merge_replaces_only_the_configurations_measured_again() -> None:
+    def run(workloads, median, command):
+        rows = [{"workload": w, "memory_mib": 256, "method": "normal", "median_s": median}
+                for w in workloads]
+        return {"meta": {"command": command, "date": "d"}, "rows": rows,
+                "samples": [dict(r, run=1) for r in rows],
+                "configs": [{"workload": w, "memory_mib": 256} for w in workloads]}
+    merged = bench_report.merge(run(["bare", "app"], 1.0, "first"), run(["app"], 2.0, "second"))
+    assert sorted((r["workload"], r["median_s"]) for r in merged["rows"]) == [("app", 2.0),
+                                                                             ("bare", 1.0)]
+    assert [r["command"] for r in merged["meta"]["runs"]] == ["first", "second"]
+    assert merged["meta"]["runs"][1]["configs"] == ["app-256"]
