@@ -70,9 +70,9 @@ agent_phases() {
         out=$(PYTHONPATH=/usr/lib/python3/dist-packages python3 -m xenpbr_agent phase "$p")
         echo "XENPBR-AGENT: $out rc=$?"
     done
-    # lab.invalidate=P: on the first boot only (generation 0; a restored guest comes
-    # back through this loop too), ask dom0 to drop the images from P on
-    if [ -n "$invalidate" ] && python3 -m xenpbr_agent status --json | grep -q '"generation": 0'; then
+    # lab.invalidate=P: on the first boot only (never restored: no generation; a restored
+    # guest comes back through this loop too), ask dom0 to drop the images from P on
+    if [ -n "$invalidate" ] && python3 -m xenpbr_agent status --json | grep -q '"generation": null'; then
         out=$(python3 -m xenpbr_agent invalidate "$invalidate")
         echo "XENPBR-INVALIDATE: $out rc=$?"
     fi
