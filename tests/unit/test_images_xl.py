@@ -353,3 +353,21 @@ def test_the_crash_guard_never_kills_on_an_error(store, fake, data) -> None:
         raise OSError("hypercall failed")
     result = capture("vm1", store, "boot", xl=fake.argv, crashed=broken)
     assert result.raw_bytes == len(data)
+
+
+def test_a_new_image_frees_the_old_stream_before_it_needs_the_room(store, fake, monkeypatch):
+    import collections
+
+    from xenpbr.images import hotcache
+    old = captured(store, fake)
+    hotcache.warm(store, "vm1", old.meta.image_id)
+    new = captured(store, fake)
+    usage = collections.namedtuple("usage", "total used free")
+    seen = []
+
+    def disk_usage(_):
+        seen.append(hotcache.lookup(store, old))  # the old stream is gone by now
+        return usage(1 << 40, 0, 1 << 39)
+    monkeypatch.setattr(hotcache.shutil, "disk_usage", disk_usage)
+    assert hotcache.warm(store, "vm1", new.meta.image_id) is not None
+    assert seen == [None]

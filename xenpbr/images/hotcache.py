@@ -91,12 +91,18 @@ class _CancellableFile:
 
 def warm(store: ImageStore, domain: str, image_id: str,
          cancel: threading.Event | None = None) -> Path | None:
-    """Regenerate ``image_id``'s stream into the cache, then drop the domain's other
-    streams. Returns None (and writes nothing) if a newer image appeared meanwhile:
-    only the newest image is worth the space. :raises Cancelled: ``cancel`` was set."""
+    """Regenerate ``image_id``'s stream into the cache, dropping the domain's other
+    streams first. Returns None (and writes nothing) if it is not, or stops being, the
+    domain's newest image: only that one is worth the space.
+    :raises Cancelled: ``cancel`` was set. :raises NoRoom: not enough space."""
     image = store.load(domain, image_id)
+    if not _is_newest(store, domain, image_id):
+        return None
     dest = path_of(store, domain, image_id)
     dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # an older image's stream is worth less than this one's: free its room first (at
+    # 512 MiB in the lab, keeping it until the new one was written left no room for it)
+    drop(store, domain, keep=image_id)
     _check_room(dest.parent, image.meta.stream_bytes)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     start = time.monotonic()
@@ -105,8 +111,7 @@ def warm(store: ImageStore, domain: str, image_id: str,
             written = store.regenerate(image, _CancellableFile(out, cancel))  # type: ignore[arg-type]
             out.flush()
             os.fsync(out.fileno())
-        newest = store.images(domain)
-        if not newest or newest[-1].image_id != image_id:
+        if not _is_newest(store, domain, image_id):
             tmp.unlink()
             return None
         os.replace(tmp, dest)
@@ -118,6 +123,11 @@ def warm(store: ImageStore, domain: str, image_id: str,
     _LOG.info("hot stream of %s/%s ready: %d bytes in %.2f s", domain, image_id, written,
               time.monotonic() - start)
     return dest
+
+
+def _is_newest(store: ImageStore, domain: str, image_id: str) -> bool:
+    newest = store.images(domain)
+    return bool(newest) and newest[-1].image_id == image_id
 
 
 class NoRoom(Exception):
