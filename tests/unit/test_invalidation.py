@@ -32,15 +32,20 @@ def images(state) -> list[str]:
     return sorted(state.phases("web").images)
 
 
-def test_dom0_drops_the_phase_and_later_ones_and_ignores_replays(world) -> None:  # noqa: F811
-    server, hv, state, rec, daemon = world
+def booted_with_two_images(server, hv, daemon):
+    """A guest whose kernel and app boundaries were captured: (domid, its connection)."""
     domid = hv.create_domain(name="web")
     settle(daemon)
     guest = server.connect(domid)
-    guest.write("data/xenpbr/request", request(1, "kernel"))
-    settle(daemon)
-    guest.write("data/xenpbr/request", request(2, "app"))
-    settle(daemon)
+    for seq, phase in ((1, "kernel"), (2, "app")):
+        guest.write("data/xenpbr/request", request(seq, phase))
+        settle(daemon)
+    return domid, guest
+
+
+def test_dom0_drops_the_phase_and_later_ones_and_ignores_replays(world) -> None:  # noqa: F811
+    server, hv, state, rec, daemon = world
+    domid, guest = booted_with_two_images(server, hv, daemon)
     assert images(state) == ["app", "kernel"]
     dom0 = server.connect(0)
     guest.write(invalidation.REQUEST_KEY, b"1 app")
@@ -65,12 +70,7 @@ def test_dom0_drops_the_phase_and_later_ones_and_ignores_replays(world) -> None:
 
 def test_the_agent_asks_and_reads_dom0s_answer(world) -> None:  # noqa: F811
     server, hv, state, rec, daemon = world
-    domid = hv.create_domain(name="web")
-    settle(daemon)
-    guest = server.connect(domid)
-    for seq, phase in ((1, "kernel"), (2, "app")):
-        guest.write("data/xenpbr/request", request(seq, phase))
-        settle(daemon)
+    domid, _ = booted_with_two_images(server, hv, daemon)
     stop = threading.Event()
 
     def dom0_loop() -> None:
