@@ -247,7 +247,7 @@ class Daemon:
         self._publish(name, "watching")  # the new domid follows when it is adopted
         log.info("%s recovered via %s, downtime %.2f s", name, timeline.method,
                  timeline.downtime() or -1)
-        self._warm_newest(name)  # a warm-up the crash cancelled is done now
+        self._guard(self._warm_newest, name)  # a warm-up the crash cancelled is done now
 
     # -- phase boundaries ----------------------------------------------------------------
 
@@ -299,10 +299,12 @@ class Daemon:
 
     def _warm_newest(self, name: str) -> None:
         """Warm the domain's newest image up if its stream is not ready (after a restart
-        of xenpbrd, or a recovery that cancelled the warm-up)."""
-        newest = self.store.images(name)
-        if newest and not hotcache.path_of(self.store, name, newest[-1].image_id).exists():
-            self._warm_up(name, newest[-1].image_id)
+        of xenpbrd, or a recovery that cancelled the warm-up). The ids come from the
+        phase state, not a scan of the store: this runs on the daemon's loop."""
+        ids = [img.image_id for img in self.state.phases(name).images.values()]
+        newest = max(ids, default=None)  # ids start with their UTC creation time
+        if newest and not hotcache.path_of(self.store, name, newest).exists():
+            self._warm_up(name, newest)
 
     def _hot_stream_wanted(self, name: str) -> bool:
         config = domconfig.DomainConfig(self.state.xl_config_path(name),

@@ -23,8 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from xenpbr.protocol import CONTROL_DIR, PHASE_NAME, SEQ_LIMIT, _write_dom0_key
-from xenpbr.xenstore.client import domain_home, validate_domid
+from xenpbr.protocol import CONTROL_DIR, PHASE_NAME, SEQ_LIMIT, _home, _write_dom0_key
 
 REQUEST_KEY = "data/xenpbr/invalidate"
 ANSWER_KEY = f"{CONTROL_DIR}/invalidated"
@@ -79,10 +78,6 @@ def parse_answer(raw: bytes | None) -> Answer | None:
         return None
     dropped = int(match.group(2)) if match.group(2) is not None else None
     return Answer(int(match.group(1)), dropped, match.group(3))
-
-
-def _home(domid: int) -> str:
-    return domain_home(validate_domid(domid))
 
 
 def request_path(domid: int) -> str:

@@ -119,7 +119,6 @@ def warm(store: ImageStore, domain: str, image_id: str,
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    drop(store, domain, keep=image_id)
     _LOG.info("hot stream of %s/%s ready: %d bytes in %.2f s", domain, image_id, written,
               time.monotonic() - start)
     return dest
