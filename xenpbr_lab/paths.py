@@ -7,10 +7,14 @@ inputs, so a stale entry is never reused and a warm rebuild costs only hashing.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .errors import DiskSpaceError
 
@@ -25,6 +29,36 @@ def cache_root() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "xenpbr-lab"
+
+
+_held = threading.local()
+
+
+@contextmanager
+def cache_lock(cache: Path) -> Iterator[None]:
+    """Hold the cache's build lock (``<cache>/.lock``, an exclusive flock).
+
+    Two builds at once (a lab session and a unit-test run, or two lab sessions) would
+    unpack into the same temporary folder or prune an entry the other is writing. The
+    lock is re-entrant within a thread, so ``build`` may call ``unpacked_sysroot``.
+    """
+    depth = getattr(_held, "depth", 0)
+    if depth:
+        _held.depth = depth + 1
+        try:
+            yield
+        finally:
+            _held.depth -= 1
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        _held.depth = 1
+        try:
+            yield
+        finally:
+            _held.depth = 0
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def artifacts_root() -> Path:
