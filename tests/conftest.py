@@ -25,20 +25,32 @@ def pytest_configure(config: pytest.Config) -> None:
     """Point the tests that load Xen's real libraries at the lab's unpacked Debian
     packages (``XENPBR_TEST_LIBDIR``, ``XENPBR_TEST_XEN_ROOT``), unless already set.
 
-    The sysroot is the lab's cache entry (about a second when warm); when it cannot be
-    made (no apt), those tests skip and say why.
+    A run that includes the lab tier resolves the sysroot (the lab's cache entry: apt
+    and a download the first time, about a second when warm). The fast tier
+    (``-m "not lab"``) never touches the network: it uses a sysroot already in the
+    cache if there is one, and otherwise those tests skip and say how to get it.
     """
     if os.environ.get("XENPBR_TEST_LIBDIR") and os.environ.get("XENPBR_TEST_XEN_ROOT"):
         return
-    from xenpbr_lab.build import unpacked_sysroot
+    from xenpbr_lab.build import cached_sysroot, unpacked_sysroot
     from xenpbr_lab.errors import LabError
-    try:
-        root = unpacked_sysroot()[0]
-    except LabError as exc:
-        log.warning("real Xen libraries unavailable for unit tests: %s", exc)
+    root = cached_sysroot()
+    if root is None and not _fast_tier_only(config):
+        try:
+            root = unpacked_sysroot()[0]
+        except LabError as exc:
+            log.warning("real Xen libraries unavailable for unit tests: %s", exc)
+    if root is None:
         return
     os.environ.setdefault("XENPBR_TEST_LIBDIR", str(root / "usr/lib/x86_64-linux-gnu"))
     os.environ.setdefault("XENPBR_TEST_XEN_ROOT", str(root / "usr/lib/xen-4.17"))
+
+
+def _fast_tier_only(config: pytest.Config) -> bool:
+    """True if the run deselects the lab tier (``-m "not lab"``, as ``make test-fast``
+    and ``tox -e fast`` do)."""
+    markexpr = config.getoption("markexpr", "") or ""
+    return "not lab" in " ".join(markexpr.split())
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

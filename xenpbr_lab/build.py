@@ -27,7 +27,7 @@ from pathlib import Path
 from . import debian, elfdeps, kmod
 from .cpio import write_initramfs
 from .errors import LabError, PackageError
-from .paths import cache_root, digest, ensure_free_space, tree_digest
+from .paths import cache_lock, cache_root, digest, ensure_free_space, tree_digest
 
 log = logging.getLogger(__name__)
 
@@ -301,10 +301,23 @@ def _prune(folder: Path, keep: set[Path], newest: int = 3) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def cached_sysroot(cache: Path | None = None) -> Path | None:
+    """The newest complete sysroot already in the cache, without asking apt or the
+    network (None if there is none): for the fast tests that load Xen's libraries."""
+    folder = (cache or cache_root()) / "sysroots"
+    complete = [p.parent for p in folder.glob("*/.complete")] if folder.is_dir() else []
+    return max(complete, key=lambda p: p.stat().st_mtime, default=None)
+
+
 def unpacked_sysroot(cache: Path | None = None) -> tuple[Path, str, list[debian.DebPackage]]:
     """The unpacked Debian packages (Xen, userland, kernel): sysroot path, kernel version
     and the resolved packages. Also used by unit tests that load the real Xen libraries."""
     cache = cache or cache_root()
+    with cache_lock(cache):
+        return _unpacked_sysroot(cache)
+
+
+def _unpacked_sysroot(cache: Path) -> tuple[Path, str, list[debian.DebPackage]]:
     ensure_free_space(cache)
     kernel_pkg = debian.newest_kernel_package()
     packages = debian.resolve([*debian.XEN_PACKAGES, *debian.USERLAND_PACKAGES, kernel_pkg])
@@ -314,8 +327,14 @@ def unpacked_sysroot(cache: Path | None = None) -> tuple[Path, str, list[debian.
 
 
 def build(cache: Path | None = None) -> LabImages:
-    """Build (or reuse from the cache) every artefact the lab boots."""
+    """Build (or reuse from the cache) every artefact the lab boots (one build at a
+    time per cache: concurrent lab sessions wait for each other here)."""
     cache = cache or cache_root()
+    with cache_lock(cache):
+        return _build(cache)
+
+
+def _build(cache: Path) -> LabImages:
     timings: dict[str, float] = {}
     start = time.monotonic()
     sysroot, kernel_version, packages = unpacked_sysroot(cache)

@@ -55,6 +55,18 @@ def test_reports_are_written_with_the_required_keys(tmp_path: Path) -> None:
     md = (tmp_path / "results.md").read_text()
     assert "| app | 128 MiB | phasereboot | 3 | 6.00 | 5.00 | 7.00 | 72.7 % less |" in md
     assert "Biggest piece: **restore_started->restore_finished**" in md
+    assert {tmp_path / "results.json", tmp_path / "results.md"} <= set(written)
+
+
+def test_the_plot_is_a_png(tmp_path: Path) -> None:
+    """The plot needs matplotlib, which only the ``bench`` extra installs (``make
+    test`` has it; ``pip install -e '.[test]'`` alone does not)."""
+    pytest.importorskip("matplotlib", reason="the bench extra is not installed")
+    s = samples()
+    detail = bench.as_json(bench.summarize(s), s, [],
+                           {"command": "xenpbr-lab bench", "date": "today", "repeats": 3,
+                            "xen": "4.17.7", "machine": bench.machine()})
+    written = bench_report.write(detail, tmp_path)
     png = tmp_path / "results.png"
     assert png in written and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
