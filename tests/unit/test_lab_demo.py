@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-from xenpbr_lab.demo import DemoReport, render, write_report
+from xenpbr_lab.demo import DemoReport, render, restore_path, write_report
 from xenpbr_lab.demo_app import answer, build_index, corpus, fill_cache
 
 
@@ -29,3 +30,17 @@ def test_report_json_has_the_keys_automation_reads(tmp_path: Path) -> None:
         assert key in data
     text = render(report)
     assert "75.0 %" in text and "restore_finished 6.00" in text
+
+
+def test_the_report_names_the_restore_path_from_xenpbrds_log() -> None:
+    log = ("INFO xenpbr.images.restore: restored demo-pbr/20261204T1 (app, 201326592 bytes) "
+           "as domain demo-pbr (domid 3) in 9.10 s: before xl 0.10 s\n"
+           "INFO xenpbr.images.restore: restored demo-pbr/20261204T2 (app, 201326592 bytes) "
+           "as domain demo-pbr (domid 5) from its hot stream in 2.10 s: before xl 0.1 s\n"
+           "INFO xenpbr.images.restore: restored other/x (kernel) as domain other (domid 6) "
+           "in 5.00 s\n")
+    assert restore_path(log, "demo-pbr") == "hot stream"
+    assert restore_path(log, "other") == "regenerated"
+    assert restore_path(log, "absent") == ""
+    assert re.search(r"restore path \(xenpbrd's log\) +hot stream",
+                     render(DemoReport(restore_path="hot stream")))
