@@ -8,6 +8,7 @@ PYTEST := $(BIN)/python -m pytest
 
 help:
 	@echo "make demo       build the lab, boot real Xen in QEMU, crash a guest, show its recovery"
+	@echo "                (DEMO_ARGS='--cpu-hog 6' runs it beside 6 busy processes: a loaded machine)"
 	@echo "make test       fast suite + real-Xen lab suite"
 	@echo "make test-fast  unit tests only (no QEMU)"
 	@echo "make test-lab   real-Xen lab tests only"
@@ -41,7 +42,7 @@ test-lab: deps venv
 	$(PYTEST) -m lab
 
 demo: deps venv
-	$(BIN)/xenpbr-lab demo
+	$(BIN)/xenpbr-lab demo $(DEMO_ARGS)
 
 bench: deps venv
 	$(BIN)/xenpbr-lab bench $(BENCH_ARGS)

@@ -66,6 +66,7 @@ class DemoReport:
     #: "hot stream" (xl read the ready-made file) or "regenerated" (from the page store)
     restore_path: str = ""
     hot_stream_wait_s: float = 0.0  # after the app boundary, until its stream was ready
+    cpu_hog_processes: int = 0  # busy processes run beside QEMU (:mod:`.cpuhog`)
     guest_memory_mib: int = MEMORY_MIB
     notes: list[str] = field(default_factory=list)
 
@@ -156,9 +157,12 @@ def render(report: DemoReport) -> str:
     """The demo's result as a readable table."""
     rows = [
         ("Xen version", report.xen_version),
+        ("CPU hog beside QEMU", f"{report.cpu_hog_processes} busy processes"
+         if report.cpu_hog_processes else "none"),
         ("QEMU start -> dom0 ready", f"{report.qemu_to_dom0_ready_s:.1f} s"),
         ("first boot: create -> app phase captured", f"{report.first_boot_to_app_ready_s:.1f} s"),
         ("  of which the app's warm-up", f"{report.app_warm_up_s:.1f} s"),
+        ("app image's hot stream ready after", f"{report.hot_stream_wait_s:.1f} s more"),
         ("downtime, normal reboot (crash -> app answers)", f"{report.normal_reboot_s:.2f} s"),
         ("downtime, phase-based reboot (crash -> app answers)", f"{report.phase_reboot_s:.2f} s"),
         ("reduction", f"{report.reduction_pct:.1f} %"),

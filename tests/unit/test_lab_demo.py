@@ -44,3 +44,22 @@ def test_the_report_names_the_restore_path_from_xenpbrds_log() -> None:
     assert restore_path(log, "absent") == ""
     assert re.search(r"restore path \(xenpbrd's log\) +hot stream",
                      render(DemoReport(restore_path="hot stream")))
+
+
+def test_the_cpu_hog_spins_while_held_and_is_gone_after() -> None:
+    import os
+    import time
+
+    from xenpbr_lab.cpuhog import cpu_hog
+    with cpu_hog(2) as pids:
+        assert len(pids) == 2
+        time.sleep(0.3)
+        ticks = [int(open(f"/proc/{pid}/stat").read().split()[13]) for pid in pids]
+        assert all(t > 0 for t in ticks)  # user time: they spin
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        state = open(f"/proc/{pid}/stat").read().split()[2]
+        assert state == "Z", f"hog {pid} still running"
