@@ -3,28 +3,54 @@
 Every command prints a readable table and takes ``--json`` for automation. Commands
 read xenpbr's state directory directly; those that act on a domain (``reboot``,
 ``forget``) take the same per-domain lock as the daemon, so they never race a capture
-or a recovery.
+or a recovery. The ``--json`` shapes are a contract: ``docs/cli-json.md``.
+
+Exit codes: 0 success; 1 runtime failure (an error of xenpbr, a missing ``xl``, an
+unusable state directory: one line on stderr saying what to do); 2 usage error (bad
+arguments); 141 when the reader of the output went away (``xenpbr history D | head``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
-from xenpbr import domconfig
+from xenpbr import __version__, domconfig
 from xenpbr.errors import XenpbrError
-from xenpbr.render import emit, table, wall_age
+from xenpbr.render import age_of, emit, local_time, table, utc
 from xenpbr.state import StateDir
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PIPE = 0, 1, 2, 141
+EXIT_CODES = """exit codes:
+  0    success
+  1    runtime failure (xenpbr error, no xl, unusable state directory)
+  2    usage error (bad arguments)
+  141  the reader of the output went away (| head)"""
+
+
+class UnknownPhase(XenpbrError):
+    """An operator named a phase the domain does not declare (a typo, usually)."""
+
+
+def plain(text: str | None) -> str:
+    """Docstring text without reST markup (``x``, :meth:`y`), for ``--help``."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text or "")
+    text = text.replace("``", "").replace("`", "")
+    return textwrap.fill(" ".join(text.split()), 79)
 
 
 def _store(state: StateDir):
     from xenpbr.images.store import ImageStore
-    return ImageStore(state.images_root)
+    from xenpbr.settings import current
+    return ImageStore(state.images_root, default_quota=current().image_quota)
 
 
 def cmd_create(args: argparse.Namespace, state: StateDir) -> int:
@@ -47,32 +73,72 @@ def cmd_create(args: argparse.Namespace, state: StateDir) -> int:
     return 0
 
 
+def disk_policies(state: StateDir, name: str, settings: dict[str, Any]) -> dict[str, str]:
+    """Each disk's policy as the registered settings give it. Settings registered by an
+    older xenpbr may no longer pass validation: then show what is stored (``unset`` for
+    a disk without an entry) rather than hide the domain from ``status``."""
+    config = domconfig.DomainConfig(state.xl_config_path(name), settings)
+    try:
+        return domconfig.disk_policies(config)
+    except domconfig.ConfigError:
+        stored = dict(str(item).partition("=")[::2]
+                      for item in settings.get("xenpbr_disks", []) or [])
+        vdevs = [m.group(1) for spec in settings.get("disk", []) or []
+                 if (m := re.search(r"(?:vdev=)?\b(xvd[a-z]+\d*|hd[a-z]|sd[a-z])\b", str(spec)))]
+        return {vdev: stored.get(vdev, "unset") for vdev in [*vdevs, *stored]}
+
+
+def _last_recovery(history: list[Any]) -> dict[str, Any] | None:
+    if not history:
+        return None
+    last = history[-1]
+    return {"method": last.method or None, "outcome": last.outcome,
+            "downtime_s": last.downtime(),
+            "started_at": utc(last.marks[0].wall) if last.marks else None}
+
+
 def _status_row(state: StateDir, name: str) -> dict[str, Any]:
     phases = state.phases(name)
-    record = state.load_record(name)
+    settings = state.load_record(name).get("settings", {})
     history = list(state.history(name))
-    last = history[-1] if history else None
     newest = max((img.created_at for img in phases.images.values()), default=None)
-    return {"name": name, "on_crash": record.get("settings", {}).get("on_crash"),
-            "phases": ",".join(phases.phases) or "-",
-            "images": f"{sum(i.verified for i in phases.images.values())}/{len(phases.phases)}",
-            "newest_image_age": wall_age(newest), "generation": phases.generation,
-            "recoveries": len(history),
-            "last_recovery": f"{last.method or last.outcome} ({last.downtime()} s)" if last
-            else None}
+    valid = sum(i.verified and i.fingerprint == phases.fingerprint
+                for i in phases.images.values())
+    return {"name": name, "on_crash": settings.get("on_crash"),
+            "phases": list(phases.phases),
+            "images": {"valid": valid, "phases": len(phases.phases)},
+            "newest_image_at": utc(newest), "generation": phases.generation,
+            "recoveries": len(history), "last_recovery": _last_recovery(history),
+            "disk_policies": disk_policies(state, name, settings)}
+
+
+def _recovery_cell(last: dict[str, Any] | None) -> str:
+    if last is None:
+        return "-"
+    seconds = "?" if last["downtime_s"] is None else last["downtime_s"]
+    return f"{last['method'] or last['outcome']} ({seconds} s)"
 
 
 def cmd_status(args: argparse.Namespace, state: StateDir) -> int:
+    """Registered domains: phases, valid images, generation, last recovery, disks."""
     rows = [_status_row(state, n) for n in state.domains()]
     emit(rows, args.json, lambda: table(rows, [
         ("name", "domain"), ("on_crash", "on_crash"), ("phases", "phases"),
-        ("images", "images"), ("newest_image_age", "newest"), ("generation", "gen"),
-        ("recoveries", "recoveries"), ("last_recovery", "last recovery")],
+        ("images", "images", lambda v: f"{v['valid']}/{v['phases']}"),
+        ("newest_image_at", "newest", age_of), ("generation", "gen"),
+        ("recoveries", "recoveries"), ("last_recovery", "last recovery", _recovery_cell),
+        ("disk_policies", "disks")],
         empty="no domains registered (xenpbr create CONFIG)"))
     return 0
 
 
+def _mechanisms(text: str) -> dict[str, str]:
+    """``xvda=reflink,xvdc=copy`` (as ImageInfo keeps it) as a map for JSON."""
+    return dict(item.partition("=")[::2] for item in text.split(",") if item)
+
+
 def cmd_images(args: argparse.Namespace, state: StateDir) -> int:
+    """One row per phase: its image, whether it is valid, its capture figures."""
     phases = state.phases(args.domain)
     stored = {m.image_id: m for m in _store(state).images(args.domain)}
     rows = []
@@ -81,44 +147,67 @@ def cmd_images(args: argparse.Namespace, state: StateDir) -> int:
         meta = stored.get(img.image_id) if img else None
         rows.append({"phase": phase, "image": img.image_id if img else None,
                      "valid": bool(img and img.verified and img.fingerprint == phases.fingerprint),
-                     "age": wall_age(img.created_at) if img else None,
+                     "created_at": utc(img.created_at) if img else None,
                      "seq": img.seq if img else None,
                      "capture_s": img.capture_s if img else None,
                      "paused_s": img.paused_s if img else None,
                      "disks_s": img.disks_s if img else None,
-                     "disk_mechanisms": img.disk_mechanisms if img else "",
+                     "disk_mechanisms": _mechanisms(img.disk_mechanisms) if img else {},
                      "raw_bytes": getattr(meta, "stream_bytes", None),
                      "stored_bytes": getattr(meta, "stored_bytes", None)})
     emit(rows, args.json, lambda: table(rows, [
-        ("phase", "phase"), ("image", "image"), ("valid", "valid"), ("age", "age"),
+        ("phase", "phase"), ("image", "image"), ("valid", "valid"), ("created_at", "age", age_of),
         ("seq", "seq"), ("capture_s", "capture s"), ("paused_s", "paused s"),
         ("disks_s", "disks s"), ("disk_mechanisms", "disk snapshots"),
         ("raw_bytes", "raw bytes"), ("stored_bytes", "stored bytes")]))
     return 0
 
 
+def history_row(timeline: Any) -> dict[str, Any]:
+    """A recovery as ``history --json`` and ``reboot --json`` give it: the stored
+    timeline plus its start as an ISO time."""
+    row = timeline.to_json()
+    row["started_at"] = utc(timeline.marks[0].wall) if timeline.marks else None
+    return row
+
+
+def _recovery_details(row: dict[str, Any]) -> list[str]:
+    """The lines under a recovery in the table: why it went the way it did."""
+    lines = [f"attempt {i}: {text}" for i, text in enumerate(row["attempts"], 1)]
+    lines += [f"skipped {text}" for text in row["skipped"]]
+    marks = " ".join(f"{k}={v}" for k, v in row["since_crash"].items() if k != "crash_seen")
+    lines += [f"s after crash seen: {marks}"] if marks else []
+    return [wrapped for line in lines
+            for wrapped in textwrap.wrap(line, 96, subsequent_indent="    ")]
+
+
 def cmd_history(args: argparse.Namespace, state: StateDir) -> int:
+    """A domain's recoveries, each with its attempts, skipped images and breakdown."""
     state.load_record(args.domain)  # UnknownDomain rather than an empty history
-    timelines = list(state.history(args.domain))
-    if args.json:
-        emit([t.to_json() for t in timelines], True, None)
-        return 0
-    rows = [{"when": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t.marks[0].wall))
-             if t.marks else None, "trigger": t.trigger, "method": t.method,
-             "outcome": t.outcome, "downtime_s": t.downtime(),
-             "breakdown": " ".join(f"{k}={v}" for k, v in t.since_crash().items()
-                                   if k != "crash_seen")} for t in timelines]
-    table(rows, [("when", "when"), ("trigger", "trigger"), ("method", "method"),
-                 ("outcome", "outcome"), ("downtime_s", "downtime s"),
-                 ("breakdown", "breakdown (s after crash seen)")], empty="no recoveries yet")
+    rows = [history_row(t) for t in state.history(args.domain)]
+    emit(rows, args.json, lambda: table(rows, [
+        ("started_at", "when", local_time), ("trigger", "trigger"), ("method", "method"),
+        ("outcome", "outcome"), ("downtime_s", "downtime s")], empty="no recoveries yet",
+        details=_recovery_details))
     return 0
 
 
+def _check_phase(name: str, phases: Any, phase: str | None) -> None:
+    """Refuse a phase the domain does not have: a typo must not read as 'nothing to
+    forget' (the operator would believe the images gone)."""
+    known = list(phases.phases) or sorted(phases.images)
+    if phase is not None and phase not in known:
+        raise UnknownPhase(f"{name} has no phase {phase!r}; its phases are "
+                           f"{', '.join(known) or 'not known yet (no image captured)'}")
+
+
 def cmd_forget(args: argparse.Namespace, state: StateDir) -> int:
+    """Drop the images of a phase and every later one (all without --phase)."""
     from xenpbr.daemon import domain_lock
     from xenpbr.images.errors import ImageNotFound
     with domain_lock(state, args.domain):
         phases = state.phases(args.domain)
+        _check_phase(args.domain, phases, args.phase)
         dropped = phases.forget(args.phase)
         store = _store(state)
         for img in dropped:
@@ -156,7 +245,7 @@ def cmd_inject(args: argparse.Namespace, state: StateDir) -> int:
     if proc.returncode != 0:
         raise XenpbrError(f"xl sysrq {args.domain} c failed: "
                           f"{(proc.stderr or proc.stdout).strip()[-400:]}")
-    emit({"domain": args.domain, "fault": "crash", "injected_at": time.time()}, args.json,
+    emit({"domain": args.domain, "fault": "crash", "injected_at": utc(time.time())}, args.json,
          lambda: print(f"{args.domain}: kernel crash injected (sysrq c); follow it with "
                        f"`xenpbr history {args.domain}`"))
     return 0
@@ -172,7 +261,7 @@ def cmd_reboot(args: argparse.Namespace, state: StateDir) -> int:
         recovery = Recovery(state, XlToolstack(), StoreRestorer(_store(state)),
                             PhaseProtocol(xs))
         timeline = recovery.recover(args.domain, "operator", max_phase=args.phase)
-    emit(timeline.to_json(), args.json,
+    emit(history_row(timeline), args.json,
          lambda: print(f"{args.domain}: {timeline.outcome} via {timeline.method} in "
                        f"{timeline.downtime()} s"))
     return 0
@@ -193,19 +282,28 @@ def cmd_gc(args: argparse.Namespace, state: StateDir) -> int:
 
 def cmd_daemon(args: argparse.Namespace, state: StateDir) -> int:
     from xenpbr.daemon import main as daemon_main
-    return daemon_main(state.root)
+    return daemon_main(["--state-dir", str(state.root)])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xenpbr", description=__doc__.splitlines()[0])
-    parser.add_argument("--state-dir", type=Path, help="default: $XENPBR_STATE_DIR or "
-                        "/var/lib/xenpbr")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="xenpbr", description=plain(__doc__.split("\n\n")[0]),
+        epilog=f"{EXIT_CODES}\n\nJSON shapes of --json: docs/cli-json.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--state-dir", type=Path, help="xenpbr's state directory (default: "
+                        "$XENPBR_STATE_DIR or /var/lib/xenpbr)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log what xenpbr does (debug messages on stderr)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of these (xenpbr COMMAND --help for its options)")
 
     def command(name: str, func: Any, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("--json", action="store_true", help="machine-readable output")
+        doc = plain(func.__doc__)
+        p = sub.add_parser(name, help=help_, epilog=EXIT_CODES, description=doc or help_,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--json", action="store_true",
+                       help="machine-readable output (docs/cli-json.md)")
         p.set_defaults(func=func)
         return p
 
@@ -213,18 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("-p", "--paused", action="store_true")
     command("status", cmd_status, "registered domains, their images and recoveries")
+    domain_help = "a domain registered with xenpbr create (see xenpbr status)"
     p = command("images", cmd_images, "a domain's restartable images")
-    p.add_argument("domain")
+    p.add_argument("domain", help=domain_help)
     p = command("history", cmd_history, "a domain's recovery timelines")
-    p.add_argument("domain")
+    p.add_argument("domain", help=domain_help)
     p = command("forget", cmd_forget, "drop images (a phase and all later ones, or all)")
-    p.add_argument("domain")
-    p.add_argument("--phase")
+    p.add_argument("domain", help=domain_help)
+    p.add_argument("--phase", help="forget this phase's image and every later phase's "
+                   "(default: all images)")
     p = command("reboot", cmd_reboot, "phase-based reboot now (from --phase or deepest)")
-    p.add_argument("domain")
-    p.add_argument("--phase")
+    p.add_argument("domain", help=domain_help)
+    p.add_argument("--phase", help="restore no deeper than this phase (default: the "
+                   "deepest valid image)")
     p = command("inject", cmd_inject, "crash a domain's kernel on purpose (sysrq c)")
-    p.add_argument("domain")
+    p.add_argument("domain", help=domain_help)
     p = command("gc", cmd_gc, "reclaim store space no image uses (after forget)")
     p.add_argument("--wait", type=float, default=60.0,
                    help="seconds to wait for captures and restores under way (default 60)")
@@ -232,15 +333,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_stdout() -> None:
+    """The reader of our output left (``| head``): point stdout at /dev/null so the
+    interpreter's final flush does not print a BrokenPipe traceback (Python docs, "Note
+    on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (captured): nothing to silence
+        pass
+
+
+def os_error_message(exc: OSError, state: StateDir) -> str:
+    """One line saying what to do about an OSError a command ran into."""
+    name = str(exc.filename or "")
+    if isinstance(exc, FileNotFoundError) and Path(name).name == "xl":
+        return ("`xl` was not found on PATH: run xenpbr in dom0 with Xen's toolstack "
+                "installed (Debian: apt install xen-utils)")
+    if name and Path(name).is_relative_to(state.root):
+        return (f"state directory {state.root} is unusable ({exc.strerror}: {name}): run "
+                "as root, or choose another with --state-dir or XENPBR_STATE_DIR")
+    return f"{exc.strerror or exc}{f': {name}' if name else ''}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit code says how it went (module docstring)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    state = StateDir(args.state_dir)
     try:
-        return args.func(args, StateDir(args.state_dir))
+        code = args.func(args, state)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_PIPE
     except XenpbrError as exc:
         print(f"xenpbr: error: {exc}", file=sys.stderr)
-        return 2
+    except OSError as exc:
+        print(f"xenpbr: error: {os_error_message(exc, state)}", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ class Recovery:
                                  f"{', '.join(phases.phases) or 'not known yet'}")
         plan = phases.plan(self.clock(), max_phase, self._crash_loop_policy(name),
                            crashed=trigger != "operator")
-        timeline.skipped = list(plan.skipped)
+        timeline.skipped = [*plan.skipped, *self._undeclared(phases)]
         timeline.mark("image_chosen", self._describe(plan.first), now=self.clock())
         self._record(name, "its recovery intent", self.state.begin_recovery, name,
                      {"trigger": trigger})
@@ -193,6 +193,16 @@ class Recovery:
         except domconfig.ConfigError as exc:
             log.error("%s: %s; using the default crash-loop guard", name, exc)
             return None
+
+    @staticmethod
+    def _undeclared(phases: DomainPhases) -> list[str]:
+        """Images of phases the guest no longer declares: the plan never considers them,
+        so say so in the history (an operator would otherwise wonder why a fresh image
+        of a renamed phase was not used)."""
+        declared = ", ".join(phases.phases) or "none yet"
+        return [f"{img.image_id} ({img.phase}): phase not declared by the guest "
+                f"(declared: {declared})"
+                for img in phases.images.values() if img.phase not in phases.phases]
 
     @staticmethod
     def _describe(candidate: Candidate) -> str:

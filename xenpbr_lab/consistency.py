@@ -114,8 +114,10 @@ def _timings(log_text: str, images: list[dict[str, Any]]) -> dict[str, Any]:
     """Snapshot and revert seconds per mechanism, from xenpbrd's images and log."""
     out: dict[str, dict[str, list[float]]] = {}
     for img in images:
-        for item in filter(None, (img.get("disk_mechanisms") or "").split(",")):
-            mech = item.partition("=")[2]
+        mechanisms = img.get("disk_mechanisms") or {}
+        if isinstance(mechanisms, str):  # an older xenpbr: "xvda=reflink,xvdc=copy"
+            mechanisms = dict(i.partition("=")[::2] for i in mechanisms.split(",") if i)
+        for mech in mechanisms.values():
             if img.get("disks_s") is not None:
                 out.setdefault(mech, {"snapshot_s": [], "revert_s": []})["snapshot_s"].append(
                     img["disks_s"])

@@ -226,3 +226,20 @@ def test_a_full_state_file_system_does_not_stop_a_recovery(setup, monkeypatch) -
     monkeypatch.setattr(state, "add_history", full)
     timeline = recovery.recover("g", "crash")
     assert timeline.outcome == "recovered" and ("unpause", 10) in xen.calls
+
+
+def test_history_records_why_each_image_was_skipped(setup) -> None:
+    """Issue 12, point 7: every skipped image is in the timeline with its reason, an
+    image of a phase the guest no longer declares included."""
+    state, xen, recovery = setup
+    p = state.phases("g")
+    p.record_image(ImageInfo("img-old", "warmup", "F", 9.0, seq=9))  # renamed phase
+    p.images["services"] = ImageInfo("img-services", "services", "OLD", 1.0, seq=2)
+    state.save_phases(p)
+    xen.bad_images = {"img-app"}
+    t = recovery.recover("g", "crash")
+    assert t.attempts == ["phase:app failed: image img-app is corrupt", "phase:kernel"]
+    assert "img-services (services): stale fingerprint" in t.skipped
+    assert any(s.startswith("img-old (warmup): phase not declared") for s in t.skipped)
+    (stored,) = state.history("g")
+    assert stored.skipped == t.skipped and stored.attempts == t.attempts
