@@ -54,23 +54,68 @@ def _store(state: StateDir):
 
 
 def cmd_create(args: argparse.Namespace, state: StateDir) -> int:
-    """Register the domain, hand xl the translated config, create it."""
-    config = domconfig.load(Path(args.config))
-    domconfig.disk_policies(config)  # validate before anything is written
-    name = config.name
-    state.register(name, config.settings, domconfig.render(config.for_xl()),
-                   str(Path(args.config).resolve()))
-    xl_cfg = state.xl_config_path(name)
-    proc = subprocess.run(["xl", "create", *(["-p"] if args.paused else []), str(xl_cfg)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise XenpbrError(f"xl create {xl_cfg} failed: {proc.stderr.strip()[-800:]}")
-    emit({"name": name, "xl_config": str(xl_cfg),
-          "on_crash": config.settings.get("on_crash"),
-          "on_watchdog": config.settings.get("on_watchdog")}, args.json,
-         lambda: print(f"created {name} (xl config {xl_cfg}); on_crash = "
-                       f"{config.settings.get('on_crash', 'destroy')}"))
+    """Register the domain and create it with xl (phasereboot translated to preserve).
+
+    The registration is kept only if xl succeeds; otherwise xl's message is the error and
+    nothing is registered. A name xenpbr manages already is refused unless --update is
+    given: the new settings replace the old, and the images whose fingerprint still
+    matches the new config stay valid (the others are recaptured at the next boundary).
+    A read-write disk of a phasereboot domain needs a policy in xenpbr_disks."""
+    from xenpbr import lifecycle
+    row = lifecycle.create(Path(args.config), state, paused=args.paused, update=args.update)
+    emit(row, args.json, lambda: print(
+        f"{'updated' if row['updated'] else 'created'} {row['name']} (uuid {row['uuid']}, "
+        f"xl config {row['xl_config']}); on_crash = {row['on_crash']}, on_watchdog = "
+        f"{row['on_watchdog']}; disks: {_policies_text(row['disk_policies'])}"))
     return 0
+
+
+def _policies_text(policies: dict[str, str]) -> str:
+    return ", ".join(f"{vdev}={policy}" for vdev, policy in policies.items()) or "none"
+
+
+def cmd_check(args: argparse.Namespace, state: StateDir) -> int:
+    """Validate an xl config without acting: its grammar, the xenpbr_* keys, the disk
+    policies, then xl's own dry run (xl -N create) of the translated config. Exit 0 if
+    valid, 1 if not (the errors say what to change)."""
+    from xenpbr import lifecycle
+    report = lifecycle.check(Path(args.config))
+    emit(report, args.json, lambda: print(_check_text(report)))
+    return 0 if report["valid"] else 1
+
+
+def _check_text(report: dict[str, Any]) -> str:
+    if not report.get("name") or report["errors"] and not report.get("translated_config"):
+        return "\n".join(f"{report['config']}: invalid: {e}" for e in report["errors"])
+    lines = [f"{report['config']}: {'valid' if report['valid'] else 'INVALID'}",
+             f"  name            {report['name']}",
+             *(f"  {key:<15} {value}" for key, value in report["actions"].items()),
+             f"  disk policies   {_policies_text(report['disk_policies'])}",
+             f"  uuid            {report['uuid'] or 'none (xenpbr create makes one)'}",
+             f"  translated      {report['translated_config']} (xl -N create: "
+             f"{'ok' if report['xl_dry_run_ok'] else 'refused'})"]
+    return "\n".join([*lines, *(f"  error: {e}" for e in report["errors"])])
+
+
+def cmd_unregister(args: argparse.Namespace, state: StateDir) -> int:
+    """Stop managing a domain: drop its images, disk snapshots, hot streams, state and
+    published xenstore keys. A running domain is not destroyed: it runs on as a plain xl
+    domain whose on_crash is preserve (what xenpbr gave xl)."""
+    from xenpbr import lifecycle
+    row = lifecycle.unregister(state, args.domain)
+    emit(row, args.json, lambda: print(_unregister_text(row)))
+    return 0
+
+
+def _unregister_text(row: dict[str, Any]) -> str:
+    text = (f"{row['name']}: no longer managed by xenpbr ({row['images_dropped']} image(s), "
+            f"state{' and published keys' if row['unpublished'] else ''} removed).")
+    if row["domid"] is None:
+        return text
+    return (f"{text}\nThe domain still runs (domid {row['domid']}) as a plain xl domain: it "
+            f"was not destroyed. xl has on_crash = preserve for it, so a crash now leaves it "
+            f"crashed until `xl destroy {row['name']}`; recreate it with your own "
+            "on_crash when convenient.")
 
 
 def disk_policies(state: StateDir, name: str, settings: dict[str, Any]) -> dict[str, str]:
@@ -167,6 +212,9 @@ def history_row(timeline: Any) -> dict[str, Any]:
     """A recovery as ``history --json`` and ``reboot --json`` give it: the stored
     timeline plus its start as an ISO time."""
     row = timeline.to_json()
+    row["method"] = timeline.method or None  # none succeeded (yet)
+    for mark in row["marks"]:
+        mark["at"] = utc(mark["wall"])
     row["started_at"] = utc(timeline.marks[0].wall) if timeline.marks else None
     return row
 
@@ -308,8 +356,19 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("create", cmd_create, "create a domain from an xl config (phasereboot ok)")
-    p.add_argument("config")
-    p.add_argument("-p", "--paused", action="store_true")
+    p.add_argument("config", help="the xl domain config (xl.cfg(5) plus xenpbr's keys)")
+    p.add_argument("-p", "--paused", action="store_true",
+                   help="leave the domain paused after creating it (xl create -p)")
+    p.add_argument("--update", action="store_true",
+                   help="replace the settings of a domain xenpbr manages already "
+                        "(keeps the images whose fingerprint still matches)")
+    p = command("check", cmd_check, "validate an xl config without acting (xl -N create)")
+    p.add_argument("config", help="the xl domain config to validate")
+    p = command("unregister", cmd_unregister, "stop managing a domain (drops its images "
+                "and state; a running domain keeps running)")
+    p.add_argument("domain", help="a domain registered with xenpbr create")
+    p = command("remove", cmd_unregister, "the same as unregister")
+    p.add_argument("domain", help="a domain registered with xenpbr create")
     command("status", cmd_status, "registered domains, their images and recoveries")
     domain_help = "a domain registered with xenpbr create (see xenpbr status)"
     p = command("images", cmd_images, "a domain's restartable images")

@@ -1,0 +1,135 @@
+"""``xenpbr ... --json`` against its contract, docs/cli-json.md.
+
+The schema is not written twice: this test parses the doc's tables (key, type, null
+when) and checks each command's real output on a populated state directory against
+them, key by key, so the doc and the code cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xenpbr import cli
+from xenpbr.phases import ImageInfo
+from xenpbr.state import StateDir
+from xenpbr.timeline import Timeline
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "cli-json.md"
+Spec = dict[str, tuple[str, bool]]  # key path -> (type, nullable)
+
+#: Keys the test data cannot give a value (documented as null in that case).
+ALWAYS_NULL_HERE = {"images": {"raw_bytes", "stored_bytes"}}  # no store manifests
+
+
+def contract() -> dict[str, tuple[bool, Spec]]:
+    """command -> (is a list, {key path: (type, nullable)}) from the doc's sections."""
+    sections = re.split(r"^## ", DOC.read_text(), flags=re.M)[1:]
+    found: dict[str, tuple[bool, Spec]] = {}
+    for section in sections:
+        head = re.match(r"`xenpbr (\w+)", section)
+        rows = re.findall(r"^\| `([^`]+)` \| ([^|]+?) \| ([^|]+?) \|$", section, flags=re.M)
+        if head and rows:
+            is_list = "\nA list of" in section
+            found[head.group(1)] = (is_list, {k: (t, not n.startswith("never"))
+                                              for k, t, n in rows})
+    return found
+
+
+def is_type(value: Any, typ: str) -> bool:
+    """Does ``value`` (not None) have the doc's type ``typ``?"""
+    if typ.startswith("list of "):
+        return isinstance(value, list) and all(is_type(v, typ[8:]) for v in value)
+    if typ.startswith("map of "):
+        return isinstance(value, dict) and all(is_type(v, typ[7:]) for v in value.values())
+    if typ == "time":
+        return isinstance(value, str) and datetime.fromisoformat(value).utcoffset() is not None
+    simple = {"string": str, "integer": int, "number": (int, float), "boolean": bool,
+              "object": dict}[typ]
+    return isinstance(value, simple) and (typ == "boolean" or not isinstance(value, bool))
+
+
+def check(obj: dict[str, Any], spec: Spec, prefix: str, seen: set[str]) -> None:
+    """Every key of ``obj`` documented under ``prefix``, none missing, each typed."""
+    documented = {k[len(prefix):] for k in spec
+                  if k.startswith(prefix) and "." not in k[len(prefix):]}
+    assert set(obj) == documented, f"{prefix or 'top level'}: keys differ from the doc"
+    for key, value in obj.items():
+        path = prefix + key
+        typ, nullable = spec[path]
+        if value is None:
+            assert nullable, f"{path} is null but the doc says never"
+            continue
+        seen.add(path)
+        assert is_type(value, typ), f"{path} = {value!r} is not {typ}"
+        if typ == "object":
+            check(value, spec, path + ".", seen)
+        elif typ == "list of object":
+            for item in value:
+                check(item, spec, path + "[].", seen)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A registered domain with images, a missing one, two recoveries; a fake xl."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "xl").write_text("#!/bin/sh\nexit 0\n")
+    (bindir / "xl").chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    state = StateDir(tmp_path / "s")
+    state.register("web", {"name": "web", "on_crash": "phasereboot",
+                           "disk": ["vdev=xvda, target=/img/root", "/img/d,raw,xvdb,rw"],
+                           "xenpbr_disks": ["xvda=snapshot", "xvdb=persistent"]}, "", "c")
+    phases = state.phases("web")
+    phases.phases, phases.fingerprint = ("kernel", "app", "late"), "F"
+    phases.record_image(ImageInfo("20261123T201535.123456Z-3fa9c2", "kernel", "F", 1000.0, seq=1, capture_s=1.5,
+                                  paused_s=0.2, disks_s=0.1, disk_mechanisms="xvda=copy"))
+    phases.record_image(ImageInfo("20261123T201599.123456Z-3fa9c3", "app", "OLD", 2000.0, seq=2))
+    state.save_phases(phases)
+    ok = Timeline("web", "crash", attempts=["phase:app failed: corrupt", "phase:kernel"],
+                  skipped=["img-x (app): stale fingerprint"], generation=1)
+    for i, mark in enumerate(("crash_seen", "image_chosen", "restore_finished")):
+        ok.mark(mark, "detail" if i == 1 else "", now=10.0 + i)
+    ok.method, ok.outcome = "phase:kernel", "recovered"
+    failed = Timeline("web", "operator", outcome="failed", attempts=["normal-reboot failed"])
+    state.add_history(failed)
+    state.add_history(ok)  # the last one: status shows it
+    return state.root
+
+
+def run_json(root: Path, *argv: str, capsys: pytest.CaptureFixture[str]) -> Any:
+    assert cli.main(["--state-dir", str(root), *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+COMMANDS = {"status": ["status"], "images": ["images", "web"], "history": ["history", "web"],
+            "inject": ["inject", "web"], "gc": ["gc"],
+            "forget": ["forget", "web", "--phase", "app"]}  # last: it drops images
+NOT_RUN = {"reboot"}  # needs Xen and xenstore; its object is a history entry
+
+
+def test_the_doc_covers_every_command_the_test_runs() -> None:
+    assert set(contract()) == set(COMMANDS), "a section of docs/cli-json.md is not tested"
+    assert all(f"`xenpbr {c} " in DOC.read_text() for c in NOT_RUN)
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_json_output_matches_the_documented_contract(command: str, state_dir: Path,
+                                                     capsys) -> None:
+    is_list, spec = contract()[command]
+    out = run_json(state_dir, *COMMANDS[command], capsys=capsys)
+    items = out if is_list else [out]
+    assert isinstance(out, list) == is_list and items, f"{command}: shape or no rows"
+    seen: set[str] = set()
+    for item in items:
+        check(item, spec, "", seen)
+    unseen = set(spec) - seen - ALWAYS_NULL_HERE.get(command, set())
+    assert not unseen, f"{command}: test data never gave these a value: {sorted(unseen)}"
