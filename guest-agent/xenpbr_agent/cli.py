@@ -3,13 +3,30 @@
 ::
 
     xenpbr-agent phase NAME [--config PATH] [--timeout S]   mark boundary NAME
+    xenpbr-agent check [--config PATH] [--json]             validate the config only
     xenpbr-agent status [--config PATH] [--json]            what the agent last did
     xenpbr-agent invalidate PHASE [--config PATH]           drop images from PHASE on
 
 ``phase`` prints one line, ``<phase> <verdict>`` (``captured``, ``skipped``,
 ``refused:<reason>``, ``restored:<generation>``, ``timeout``, or ``not-marked`` when a
-``start`` command failed), and exits 0 (captured, skipped, restored), 2 (usage, config,
-no xenstore), 3 (refused), 4 (timeout) or 5 (a configured command failed).
+``start`` command failed or the config is broken). With a config that reads but does
+not validate it marks nothing, yet still runs what validates on its own
+(``[phase:NAME] start``, and ``[after-last-phase]`` for the last phase) so the guest
+comes up: :mod:`xenpbr_agent.salvage`.
+
+``check`` reads and validates the config and prints what it declares (or every error);
+it touches neither xenstore nor any command.
+
+Exit codes (all subcommands; systemd's unit treats 3, 4 and 5 as success):
+
+== ==========================================================================
+0  captured, skipped, or restored with its steps done; ``check``: valid config
+2  usage error, config error (missing, unreadable or invalid: even when the
+   salvage brought the guest up), no xenstore, or an error marking the boundary
+3  ``refused:<reason>`` (from dom0, or ``disabled`` decided locally)
+4  no ack for our seq within the timeout (``invalidate``: no answer)
+5  a configured command failed (a ``start``, ``run`` or ``mount`` step)
+== ==========================================================================
 """
 
 from __future__ import annotations
@@ -18,6 +35,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +52,7 @@ from xenpbr_agent import (
     ConfigError,
     __version__,
     poststeps,
+    salvage,
 )
 from xenpbr_agent.boundary import (
     MOUNTS,
@@ -43,7 +62,14 @@ from xenpbr_agent.boundary import (
     read_ack,
     report_status,
 )
-from xenpbr_agent.config import AgentConfig, load_config
+from xenpbr_agent.check import cmd_check
+from xenpbr_agent.config import (
+    AgentConfig,
+    default_path,
+    load_config,
+    parse_config,
+    read_config_text,
+)
 from xenpbr_agent.state import StateStore
 
 log = logging.getLogger("xenpbr_agent")
@@ -71,32 +97,80 @@ HINTS = {
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xenpbr-agent",
                                      description="Mark boot-phase boundaries for xenpbr's "
-                                                 "phase-based reboot.")
+                                                 "phase-based reboot.", epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    sub = parser.add_subparsers(dest="command", required=True)
-    phase = sub.add_parser("phase", help="mark the boundary at the end of phase NAME")
-    phase.add_argument("name", metavar="NAME")
-    phase.add_argument("--config", help="config file (default $XENPBR_AGENT_CONFIG or "
-                                        "/etc/xenpbr/agent.conf)")
-    phase.add_argument("--timeout", type=float, help="seconds to wait for dom0's ack "
-                                                     "(default [agent] ack_timeout)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to do ('xenpbr-agent COMMAND --help' for more)")
+    phase = sub.add_parser("phase", help="mark the boundary at the end of phase NAME",
+                           description="Run [phase:NAME] start, mark the boundary (dom0 "
+                                       "may save an image), then the steps due after it.",
+                           epilog=EPILOG)
+    phase.add_argument("name", metavar="NAME", help="a phase declared as [phase:NAME]")
+    _config_option(phase)
+    phase.add_argument("--timeout", type=float, metavar="S",
+                       help="seconds to wait for dom0's ack (default [agent] ack_timeout)")
+    check = sub.add_parser("check", help="validate the config without acting",
+                           description="Validate the agent config and print what it "
+                                       "declares, or every error; no xenstore, no command.",
+                           epilog=EPILOG)
+    _config_option(check)
+    check.add_argument("--json", action="store_true",
+                       help="one JSON object: valid, errors, and the parsed config")
     inv = sub.add_parser("invalidate", help="ask dom0 to drop this guest's images of PHASE "
-                                            "and every later phase")
-    inv.add_argument("name", metavar="PHASE")
-    inv.add_argument("--config")
-    inv.add_argument("--timeout", type=float, help="seconds to wait for dom0's answer")
-    status = sub.add_parser("status", help="print the agent's last seq, verdict, generation")
-    status.add_argument("--config")
+                                            "and every later phase", epilog=EPILOG)
+    inv.add_argument("name", metavar="PHASE", help="the first phase whose images to drop")
+    _config_option(inv)
+    inv.add_argument("--timeout", type=float, metavar="S",
+                     help="seconds to wait for dom0's answer (default [agent] ack_timeout)")
+    status = sub.add_parser("status", help="print the agent's last seq, verdict, generation",
+                            epilog=EPILOG)
+    _config_option(status)
     status.add_argument("--json", action="store_true", help="one JSON object")
     return parser
 
 
+EPILOG = ("exit codes: 0 ok (check: valid), 2 usage or config error, 3 refused, "
+          "4 no answer in time, 5 a configured command failed")
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="PATH",
+                        help="config file (default $XENPBR_AGENT_CONFIG or "
+                             "/etc/xenpbr/agent.conf)")
+
+
+#: syslog priorities of the log levels (sd-daemon(3) line prefixes).
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+             logging.CRITICAL: 2}
+
+
+class _JournalFormatter(logging.Formatter):
+    """Prefixes each line with ``<priority>``: journald then files a config error at
+    priority error instead of info (it strips the prefix)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def _stderr_is_journal() -> bool:
+    """True when systemd connected our stderr to the journal ($JOURNAL_STREAM names it)."""
+    try:
+        device, inode = (int(x) for x in os.environ["JOURNAL_STREAM"].split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (KeyError, ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(stream=sys.stderr, level=level,
-                        format="xenpbr-agent[%(process)d]: %(levelname)s: %(message)s")
+    fmt = "xenpbr-agent[%(process)d]: %(levelname)s: %(message)s"
+    logging.basicConfig(stream=sys.stderr, level=level, format=fmt)
+    if _stderr_is_journal():
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(_JournalFormatter(fmt))
     logging.getLogger("xenpbr_agent").setLevel(level)
 
 
@@ -117,9 +191,38 @@ def _timeout(args: argparse.Namespace, config: AgentConfig) -> float:
     return timeout
 
 
+def _salvage(name: str, text: str | None, path: str, error: ConfigError,
+             mounts_path: str) -> int:
+    """The config is broken: mark nothing, say so loudly, and still bring the guest up
+    with whatever validates on its own (:mod:`xenpbr_agent.salvage`)."""
+    for problem in error.problems:
+        log.error("config error: %s", problem)
+    log.error("boundary %s is not marked: no image is taken of a guest whose config is "
+              "broken; fix %s (xenpbr-agent check --config %s lists every error)",
+              name, path, path)
+    if text is None:
+        log.error("phase %s: nothing to salvage (the config cannot be read): no [phase:%s] "
+                  "start, no [after-last-phase] mounts or services were run", name, name)
+        print(f"{name} not-marked", flush=True)
+        return EXIT_USAGE
+    rescue = salvage.plan(text, path, name)
+    for note in rescue.notes:
+        log.error("phase %s: %s", name, note)
+    log.warning("%s", salvage.describe(rescue))
+    print(f"{name} not-marked", flush=True)  # before the steps: one may run for long
+    salvage.run(rescue, mounts_path=mounts_path)
+    return EXIT_USAGE
+
+
 def cmd_phase(args: argparse.Namespace, xs_factory: XenstoreFactory, mounts_path: str,
               proc_path: str = PROC) -> int:
-    config = load_config(args.config)
+    path = args.config or default_path()
+    text: str | None = None
+    try:
+        text = read_config_text(path)
+        config = parse_config(text, path)
+    except ConfigError as exc:
+        return _salvage(args.name, text, path, exc, mounts_path)
     config.phase(args.name)
     timeout = _timeout(args, config)
     if not poststeps.before_boundary(config, args.name):
@@ -220,6 +323,8 @@ def main(argv: list[str] | None = None, *, xs_factory: XenstoreFactory | None = 
             return cmd_phase(args, factory, mounts_path, proc_path)
         if args.command == "invalidate":
             return cmd_invalidate(args, factory)
+        if args.command == "check":
+            return cmd_check(args)
         return cmd_status(args, factory)
     except (AgentError, XenstoreError) as exc:
         print(f"xenpbr-agent: error: {exc}", file=sys.stderr, flush=True)

@@ -11,7 +11,8 @@ without a shell (write ``sh -c '...'`` when you need one)::
     # bump the identity to invalidate this guest's images (e.g. after an upgrade)
     identity = 2026-11-23.1
     ack_timeout = 120
-    step_timeout = 60
+    # no step_timeout by default: a step still working is never killed; set one only
+    # to bound a step that may hang (it is then killed, with a message naming this key)
     state_dir = /run/xenpbr-agent
 
     # the phases, in boot order (1 to 8); "start" runs before the boundary is marked
@@ -35,13 +36,14 @@ without a shell (write ``sh -c '...'`` when you need one)::
 from __future__ import annotations
 
 import configparser
+import difflib
 import math
 import os
 import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from xenpbr.protocol import IDENTITY, MAX_PHASES, MAX_WAIT_SECONDS, PHASE_NAME
 from xenpbr_agent import ConfigError
@@ -54,6 +56,8 @@ Command = tuple[str, ...]
 
 _AGENT_KEYS = {"identity", "ack_timeout", "step_timeout", "state_dir"}
 _SECTION_KEYS = {"after-restore": {"run"}, "after-last-phase": {"start", "mount"}}
+_FIXED_SECTIONS = ("agent", *_SECTION_KEYS)
+_T = TypeVar("_T")
 #: A mount's FSTYPE: a name, never an option (``-o``) in disguise.
 _FSTYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,31}")
 
@@ -90,7 +94,9 @@ class AgentConfig:
     phases: tuple[PhaseConfig, ...] = ()
     identity: str = "0"
     ack_timeout: float = 120.0
-    step_timeout: float = 60.0
+    #: None (the default): steps run as long as they need; a number is the operator's
+    #: opt-in limit (a slow machine must not turn a long warm-up into an outage)
+    step_timeout: float | None = None
     state_dir: str = DEFAULT_STATE_DIR
     after_restore: tuple[Command, ...] = ()
     after_last_phase: tuple[Command, ...] = ()
@@ -173,28 +179,72 @@ def _seconds(value: str, where: str) -> float:
     return seconds
 
 
+def _suggest(name: str, choices: list[str], show: Callable[[str], str]) -> str:
+    """``(did you mean X?)`` for a close match, else the list of what is allowed: a typo
+    is the usual cause, and the fix should be in the message."""
+    close = difflib.get_close_matches(name, choices, n=1)
+    if close:
+        return f"(did you mean {show(close[0])}?)"
+    return f"(allowed: {', '.join(show(c) for c in sorted(choices))})"
+
+
 def _check_keys(section: configparser.SectionProxy, allowed: set[str], where: str) -> None:
-    unknown = set(section) - allowed
+    """Refuse keys the agent does not know, one message per key (all of them at once)."""
+    unknown = sorted(set(section) - allowed)
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (allowed: {sorted(allowed)})")
+        raise ConfigError.of([f"{where}: unknown key {key!r} in [{section.name}] "
+                              f"{_suggest(key, sorted(allowed), repr)}" for key in unknown])
 
 
-def _agent_section(parser: configparser.ConfigParser, where: str) -> dict[str, Any]:
+def _unknown_section(name: str, where: str) -> str:
+    """The message for an unknown section: ``[phses:app]`` suggests ``[phase:app]``."""
+    choices = [*_FIXED_SECTIONS, f"phase:{name.partition(':')[2] or 'NAME'}"]
+    return f"{where}: unknown section [{name}] {_suggest(name, choices, '[{}]'.format)}"
+
+
+class _Problems:
+    """Collects every error of one config instead of stopping at the first."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def attempt(self, parse: Callable[..., _T], *args: Any) -> _T | None:
+        """``parse(*args)``, or None with its errors recorded."""
+        try:
+            return parse(*args)
+        except ConfigError as exc:
+            self.errors.extend(exc.problems)
+            return None
+
+    def raise_any(self) -> None:
+        if self.errors:
+            raise ConfigError.of(self.errors)
+
+
+def _identity(value: str, where: str) -> str:
+    if not IDENTITY.fullmatch(value):
+        raise ConfigError(f"{where} [agent] identity must match {IDENTITY.pattern!r}, "
+                          f"got {value!r}")
+    return value
+
+
+def _agent_section(parser: configparser.ConfigParser, where: str,
+                   problems: _Problems) -> dict[str, Any]:
+    """``[agent]`` as AgentConfig fields; every bad value is recorded in ``problems``."""
     if not parser.has_section("agent"):
         return {}
     section = parser["agent"]
-    _check_keys(section, _AGENT_KEYS, f"{where} [agent]")
+    problems.attempt(_check_keys, section, _AGENT_KEYS, where)
+    parsers: dict[str, Callable[[str, str], Any]] = {
+        "identity": _identity, "ack_timeout": _seconds, "step_timeout": _seconds,
+        "state_dir": lambda value, _where: value}
     out: dict[str, Any] = {}
-    if "identity" in section:
-        if not IDENTITY.fullmatch(section["identity"]):
-            raise ConfigError(f"{where} [agent] identity must match {IDENTITY.pattern!r}, "
-                              f"got {section['identity']!r}")
-        out["identity"] = section["identity"]
-    for key in ("ack_timeout", "step_timeout"):
+    for key, parse in parsers.items():
         if key in section:
-            out[key] = _seconds(section[key], f"{where} [agent] {key}")
-    if "state_dir" in section:
-        out["state_dir"] = section["state_dir"]
+            what = where if key == "identity" else f"{where} [agent] {key}"
+            value = problems.attempt(parse, section[key], what)
+            if value is not None:
+                out[key] = value
     return out
 
 
@@ -203,7 +253,7 @@ def _phase_section(parser: configparser.ConfigParser, name: str, where: str) -> 
     if not PHASE_NAME.fullmatch(phase):
         raise ConfigError(f"{where} [{name}]: phase names must match {PHASE_NAME.pattern!r}")
     section = parser[name]
-    _check_keys(section, {"start"}, f"{where} [{name}]")
+    _check_keys(section, {"start"}, where)
     return PhaseConfig(phase, _commands(section.get("start", ""), f"{where} [{name}] start"))
 
 
@@ -211,7 +261,7 @@ def _steps_section(parser: configparser.ConfigParser, name: str,
                    where: str) -> dict[str, Any]:
     """``[after-restore]`` or ``[after-last-phase]`` as AgentConfig fields."""
     section = parser[name]
-    _check_keys(section, _SECTION_KEYS[name], f"{where} [{name}]")
+    _check_keys(section, _SECTION_KEYS[name], where)
     field = name.replace("-", "_")
     out: dict[str, Any] = {}
     for key in sorted(_SECTION_KEYS[name]):
@@ -232,31 +282,39 @@ def parse_config(text: str, path: str | None = None) -> AgentConfig:
         parser.read_string(text, source=where)
     except configparser.Error as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    problems = _Problems()
     phases: list[PhaseConfig] = []
     extra: dict[str, Any] = {}
     for name in parser.sections():
         if name.startswith("phase:"):
-            phases.append(_phase_section(parser, name, where))
+            phase = problems.attempt(_phase_section, parser, name, where)
+            phases += [phase] if phase is not None else []
         elif name in _SECTION_KEYS:
-            extra.update(_steps_section(parser, name, where))
+            extra.update(problems.attempt(_steps_section, parser, name, where) or {})
         elif name != "agent":
-            raise ConfigError(f"{where}: unknown section [{name}] (allowed: [agent], "
-                              "[phase:NAME], [after-restore], [after-last-phase])")
-    if len(phases) > MAX_PHASES:
-        raise ConfigError(f"{where}: {len(phases)} phases declared, at most {MAX_PHASES}")
-    return AgentConfig(phases=tuple(phases), path=path, **_agent_section(parser, where),
-                       **extra)
+            problems.errors.append(_unknown_section(name, where))
+    declared = sum(name.startswith("phase:") for name in parser.sections())
+    if declared > MAX_PHASES:
+        problems.errors.append(f"{where}: {declared} phases declared, at most {MAX_PHASES}")
+    agent = _agent_section(parser, where, problems)
+    problems.raise_any()
+    return AgentConfig(phases=tuple(phases), path=path, **agent, **extra)
 
 
 def load_config(path: str | None = None) -> AgentConfig:
     """Read the config at ``path`` (default: ``$XENPBR_AGENT_CONFIG`` or
     ``/etc/xenpbr/agent.conf``)."""
     path = path or default_path()
+    return parse_config(read_config_text(path), path)
+
+
+def read_config_text(path: str) -> str:
+    """The file's text; :class:`ConfigError` if it is missing or unreadable (kept apart
+    from parsing so that a file that reads but does not validate can be salvaged)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"no agent config at {path}: create it (see guest-agent/README.md) "
                           "or pass --config PATH") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read agent config {path}: {exc}") from None
-    return parse_config(text, path)

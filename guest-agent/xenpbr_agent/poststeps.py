@@ -20,6 +20,11 @@ Commands run without a shell, stdin from /dev/null, output to a temporary *file*
 daemon started by an init script inherits it and may keep it open; a pipe would make us
 wait for that daemon forever), each in its own session so a timeout kills the whole
 process group. Output is logged.
+
+No step has a time limit unless the operator sets ``[agent] step_timeout``: on a loaded
+machine an application's warm-up can take many times its usual time, and killing it
+leaves the guest without its application, which is worse than a slow boot. When an
+operator's limit fires, the log names the step, how long it ran, the setting and the file.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import shlex
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
@@ -50,6 +56,8 @@ class StepResult:
     returncode: int | None  # None: did not start, or killed on timeout
     output: str
     error: str | None = None
+    elapsed: float = 0.0
+    timed_out: bool = False  # killed because [agent] step_timeout passed
 
     @property
     def ok(self) -> bool:
@@ -77,9 +85,11 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def run_command(command: Command, timeout: float) -> StepResult:
-    """Run one command; never raises for a command that fails, hangs or does not exist."""
+def run_command(command: Command, timeout: float | None) -> StepResult:
+    """Run one command (``timeout`` None: for as long as it takes); never raises for a
+    command that fails, hangs or does not exist."""
     with tempfile.TemporaryFile() as out:
+        start = time.monotonic()
         try:
             proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True,
@@ -88,28 +98,53 @@ def run_command(command: Command, timeout: float) -> StepResult:
             return StepResult(command, None, "", f"cannot start: {exc.strerror or exc}")
         try:
             code: int | None = proc.wait(timeout=timeout)
-            error = None
+            error, timed_out = None, False
         except subprocess.TimeoutExpired:
             _kill_group(proc)
-            code, error = None, f"killed after {timeout:g} s (step_timeout)"
-        return StepResult(command, code, _read_output(out), error)
+            code, timed_out = None, True
+            error = f"killed after {time.monotonic() - start:.1f} s (step_timeout = {timeout:g})"
+        return StepResult(command, code, _read_output(out), error,
+                          time.monotonic() - start, timed_out)
 
 
-Runner = Callable[[Command, float], StepResult]
+Runner = Callable[[Command, float | None], StepResult]
 
 
-def run_steps(commands: tuple[Command, ...], timeout: float, what: str,
+@dataclass(frozen=True)
+class StepLimit:
+    """The operator's ``[agent] step_timeout`` (None: none) and the file that set it,
+    so the message of a killed step can say which setting to change, and where."""
+
+    seconds: float | None = None
+    source: str | None = None
+
+    @classmethod
+    def of(cls, config: AgentConfig) -> StepLimit:
+        return cls(config.step_timeout, config.path)
+
+
+def failure_message(result: StepResult, what: str, limit: StepLimit) -> str:
+    """Why a step failed, in words an operator can act on."""
+    if not result.timed_out:
+        return f"{what}: step failed: {result.describe()}"
+    return (f"{what}: step {shlex.join(result.command)!r} was killed after it ran "
+            f"{result.elapsed:.1f} s, because of [agent] step_timeout = {limit.seconds:g} in "
+            f"{limit.source or 'the agent config'}: raise step_timeout, or remove it so "
+            "that steps run as long as they need (the default)")
+
+
+def run_steps(commands: tuple[Command, ...], limit: StepLimit, what: str,
               stop_on_failure: bool = False, runner: Runner = run_command) -> bool:
     """Run ``commands`` in order, logging each; return True if all succeeded."""
     ok = True
     for command in commands:
         log.info("%s: running %s", what, shlex.join(command))
-        result = runner(command, timeout)
+        result = runner(command, limit.seconds)
         for line in result.output.splitlines():
             log.info("%s: | %s", what, line)
         if result.ok:
             continue
-        log.error("%s: step failed: %s", what, result.describe())
+        log.error("%s", failure_message(result, what, limit))
         ok = False
         if stop_on_failure:
             break
@@ -129,7 +164,7 @@ def mounted_points(mounts_path: str = MOUNTS) -> set[str]:
     return {unescape_mount(f[1]) for f in fields if len(f) > 1}
 
 
-def mount_disks(mounts: tuple[MountSpec, ...], timeout: float, what: str, *,
+def mount_disks(mounts: tuple[MountSpec, ...], limit: StepLimit, what: str, *,
                 runner: Runner = run_command, mounts_path: str = MOUNTS) -> bool:
     """Mount each of ``mounts`` not mounted yet (creating the mount point); return True
     if none failed. A failure is logged with mount's own message and the rest go on."""
@@ -147,20 +182,23 @@ def mount_disks(mounts: tuple[MountSpec, ...], timeout: float, what: str, *,
             ok = False
             continue
         log.info("%s: running %s", what, shlex.join(spec.command()))
-        result = runner(spec.command(), timeout)
+        result = runner(spec.command(), limit.seconds)
         if result.ok:
             mounted.add(spec.mount_point)
             continue
+        reason = (failure_message(result, what, limit) if result.timed_out
+                  else result.describe())
         log.error("%s: cannot mount %s on %s: %s: %s", what, spec.device, spec.mount_point,
-                  result.describe(), result.output or "(no output)")
+                  reason, result.output or "(no output)")
         ok = False
     return ok
 
 
-def before_boundary(config: AgentConfig, phase: str) -> bool:
+def before_boundary(config: AgentConfig, phase: str, *,
+                    runner: Runner = run_command) -> bool:
     """Step 1: the phase's own ``start`` commands; stops at the first failure."""
-    return run_steps(config.phase(phase).start, config.step_timeout, f"phase {phase}",
-                     stop_on_failure=True)
+    return run_steps(config.phase(phase).start, StepLimit.of(config), f"phase {phase}",
+                     stop_on_failure=True, runner=runner)
 
 
 def after_boundary(config: AgentConfig, phase: str, verdict: Verdict | None, *,
@@ -168,11 +206,18 @@ def after_boundary(config: AgentConfig, phase: str, verdict: Verdict | None, *,
     """Steps 3 and 4 (``verdict`` None: timed out). Every step runs even if an earlier
     one failed: bringing the guest up matters more than stopping at the first error."""
     ok = True
-    timeout = config.step_timeout
+    limit = StepLimit.of(config)
     if verdict is not None and verdict.kind is VerdictKind.RESTORED:
-        ok &= run_steps(config.after_restore, timeout, "after-restore", runner=runner)
+        ok &= run_steps(config.after_restore, limit, "after-restore", runner=runner)
     if config.is_last(phase):
-        ok &= mount_disks(config.after_last_phase_mounts, timeout, "after-last-phase",
-                          runner=runner, mounts_path=mounts_path)
-        ok &= run_steps(config.after_last_phase, timeout, "after-last-phase", runner=runner)
+        ok &= after_last_phase(config, limit, runner=runner, mounts_path=mounts_path)
     return ok
+
+
+def after_last_phase(config: AgentConfig, limit: StepLimit, *, runner: Runner = run_command,
+                     mounts_path: str = MOUNTS) -> bool:
+    """Step 4 alone: the ``[after-last-phase]`` mounts, then its ``start`` commands (also
+    the salvage of a broken config, :mod:`xenpbr_agent.salvage`)."""
+    ok = mount_disks(config.after_last_phase_mounts, limit, "after-last-phase",
+                     runner=runner, mounts_path=mounts_path)
+    return run_steps(config.after_last_phase, limit, "after-last-phase", runner=runner) and ok

@@ -363,14 +363,15 @@ def test_hostile_writes_from_the_guest_are_refused_and_dom0_keeps_serving(env, s
 # -- usage and config errors -------------------------------------------------------------------
 
 
-def test_usage_errors(env, tmp_path, capsys) -> None:
+def test_usage_errors(env, tmp_path, capsys, caplog) -> None:
     code, _, err = env(["phase", "nosuch"], capsys)
     assert code == EXIT_USAGE and "[phase:nosuch]" in err
     code, _, err = env(["phase", "kernel", "--timeout", "-1"], capsys)
     assert code == EXIT_USAGE and "--timeout" in err
     assert cli.main(["bogus"]) == EXIT_USAGE
     code = cli.main(["phase", "kernel", "--config", str(tmp_path / "missing.conf")])
-    assert code == EXIT_USAGE and "no agent config" in capsys.readouterr().err
+    assert (code, capsys.readouterr().out) == (EXIT_USAGE, "kernel not-marked\n")
+    assert "no agent config" in caplog.text and "nothing to salvage" in caplog.text
 
 
 def test_status_without_state(env, capsys) -> None:
@@ -394,13 +395,13 @@ def test_config_parsing() -> None:
     ("[phase:a/b]\n", "phase names"),
     ("[phases:kernel]\n", "unknown section"),
     ("[DEFAULT]\nx = 1\n", "unknown section"),
-    ("[agent]\nidentiy = x\n", "unknown keys"),
+    ("[agent]\nidentiy = x\n", r"unknown key 'identiy' in \[agent\] \(did you mean 'identity'\?\)"),
     ("[agent]\nidentity = a/b\n", "identity"),
     ("[agent]\nack_timeout = soon\n", "seconds"),
     ("[agent]\nack_timeout = 0\n", "between"),
     ("[agent]\nstep_timeout = nan\n", "between"),
-    ("[phase:a]\nstop = x\n", "unknown keys"),
-    ("[after-restore]\nstart = x\n", "unknown keys"),
+    ("[phase:a]\nstop = x\n", r"unknown key 'stop' in \[phase:a\] \(allowed: 'start'\)"),
+    ("[after-restore]\nstart = x\n", r"unknown key 'start' in \[after-restore\] \(allowed: 'run'\)"),
     ("[phase:a]\nstart = echo 'unterminated\n", "cannot split"),
     ("[phase:a]\n[phase:a]\n", "already exists"),
     ("".join(f"[phase:p{i}]\n" for i in range(9)), "at most 8"),
@@ -414,7 +415,7 @@ def test_config_parsing() -> None:
     ("[after-last-phase]\nmount = /dev/xvdb /data ext4 -oro\n", "mount options"),
     ("[after-last-phase]\nmount = /dev/xvdb '/data\n", "cannot split"),
     ("[after-last-phase]\nmount = /dev/xvda /a\n  /dev/xvdb b\n", "'b'"),
-    ("[after-restore]\nmount = /dev/xvdb /data\n", "unknown keys"),
+    ("[after-restore]\nmount = /dev/xvdb /data\n", "unknown key 'mount' in"),
 ])
 def test_config_errors(text: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
