@@ -221,7 +221,8 @@ def history_row(timeline: Any) -> dict[str, Any]:
 
 def _recovery_details(row: dict[str, Any]) -> list[str]:
     """The lines under a recovery in the table: why it went the way it did."""
-    lines = [f"attempt {i}: {text}" for i, text in enumerate(row["attempts"], 1)]
+    lines = [f"attempt {i}: {text}{' (brought it back)' if text == row['method'] else ''}"
+             for i, text in enumerate(row["attempts"], 1)]
     lines += [f"skipped {text}" for text in row["skipped"]]
     marks = " ".join(f"{k}={v}" for k, v in row["since_crash"].items() if k != "crash_seen")
     lines += [f"s after crash seen: {marks}"] if marks else []

@@ -258,6 +258,7 @@ def test_history_table_shows_every_attempt_and_skipped_image(registered, capsys)
     assert code == 0 and all(len(line) <= 100 for line in out.splitlines()), out
     text = " ".join(out.split())  # long lines are wrapped
     assert "attempt 1: phase:app failed: manifest of image" in text
-    assert "checksum mismatch" in text and "attempt 2: phase:kernel" in text
+    assert "checksum mismatch" in text
+    assert "attempt 2: phase:kernel (brought it back)" in text
     assert f"skipped {K_ID} (kernel): stale fingerprint" in text
     assert "skipped crash loop: 3 crashes" in text
