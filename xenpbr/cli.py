@@ -330,6 +330,7 @@ def cmd_gc(args: argparse.Namespace, state: StateDir) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace, state: StateDir) -> int:
+    """Run xenpbrd in the foreground, as its service does (logs on stderr)."""
     from xenpbr.daemon import main as daemon_main
     return daemon_main(["--state-dir", str(state.root)])
 
@@ -347,12 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="one of these (xenpbr COMMAND --help for its options)")
 
-    def command(name: str, func: Any, help_: str) -> argparse.ArgumentParser:
+    def command(name: str, func: Any, help_: str, json: bool = True) -> argparse.ArgumentParser:
         doc = plain(func.__doc__)
         p = sub.add_parser(name, help=help_, epilog=EXIT_CODES, description=doc or help_,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--json", action="store_true",
-                       help="machine-readable output (docs/cli-json.md)")
+        if json:  # a command without output must refuse --json, not ignore it
+            p.add_argument("--json", action="store_true",
+                           help="machine-readable output (docs/cli-json.md)")
         p.set_defaults(func=func)
         return p
 
@@ -389,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("gc", cmd_gc, "reclaim store space no image uses (after forget)")
     p.add_argument("--wait", type=float, default=60.0,
                    help="seconds to wait for captures and restores under way (default 60)")
-    command("daemon", cmd_daemon, "run xenpbrd in the foreground")
+    command("daemon", cmd_daemon, "run xenpbrd in the foreground", json=False)
     return parser
 
 
