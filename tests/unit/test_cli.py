@@ -262,3 +262,9 @@ def test_history_table_shows_every_attempt_and_skipped_image(registered, capsys)
     assert "attempt 2: phase:kernel (brought it back)" in text
     assert f"skipped {K_ID} (kernel): stale fingerprint" in text
     assert "skipped crash loop: 3 crashes" in text
+
+
+def test_daemon_refuses_json_it_would_ignore(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        cli.main(["daemon", "--json"])
+    assert done.value.code == 2 and "unrecognized arguments: --json" in capsys.readouterr().err
