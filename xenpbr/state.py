@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import asdict
@@ -45,8 +44,10 @@ class UnknownDomain(StateError):
 
 
 def state_root() -> Path:
-    """The state root: ``$XENPBR_STATE_DIR`` or /var/lib/xenpbr."""
-    return Path(os.environ.get("XENPBR_STATE_DIR", DEFAULT_ROOT))
+    """The state root: ``$XENPBR_STATE_DIR``, else ``[state] dir`` of the config file
+    (docs/settings.md), else /var/lib/xenpbr."""
+    from xenpbr import settings  # settings imports nothing of xenpbr but errors
+    return settings.current().state_dir
 
 
 def check_name(name: str) -> str:

@@ -17,8 +17,10 @@ Trust: the file is written from pages verified against their SHA-256 as they are
 fsync'd, and renamed into place only when complete, so it is either whole or absent.
 A restore from it checks its size against the manifest but does not re-hash every page
 (as ``xl restore`` of a save file does not). ``xenpbr_hot_stream = 0`` in a domain's
-config (or ``XENPBR_HOT_CACHE=0`` for the whole xenpbrd) restores that domain every time
-from verified pages instead.
+config (or ``[hot-stream] enabled = no`` in /etc/xenpbr/xenpbr.conf, ``XENPBR_HOT_CACHE=0``,
+for the whole xenpbrd) restores that domain every time from verified pages instead.
+``[hot-stream] dir`` (``XENPBR_HOT_STREAM_DIR``) puts the streams on another file system
+than the store (docs/settings.md).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from xenpbr import settings
 from xenpbr.fsutil import fsync_dir
 from xenpbr.images.image import Image, check_image_id, check_name
 
@@ -43,12 +46,18 @@ ENV = "XENPBR_HOT_CACHE"
 
 
 def enabled() -> bool:
-    """False if the operator turned the cache off (``XENPBR_HOT_CACHE=0``)."""
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "no", "false", "off")
+    """False if the operator turned the cache off (``[hot-stream] enabled = no`` or
+    ``XENPBR_HOT_CACHE=0``)."""
+    return settings.current().hot_stream
+
+
+def hot_root(store: ImageStore) -> Path:
+    """The folder of all hot streams: ``[hot-stream] dir``, else ``<store>/hot``."""
+    return settings.current().hot_root(store.root)
 
 
 def domain_dir(store: ImageStore, domain: str) -> Path:
-    return store.root / "hot" / check_name(domain, "domain")
+    return hot_root(store) / check_name(domain, "domain")
 
 
 def path_of(store: ImageStore, domain: str, image_id: str) -> Path:
@@ -146,7 +155,8 @@ def _check_room(folder: Path, size: int) -> None:
     if usage.free - size < reserve:
         raise NoRoom(f"a hot stream of {size >> 20} MiB would leave {max(usage.free - size, 0) >> 20} "
                      f"MiB free in {folder}, less than the {reserve >> 20} MiB kept for the "
-                     "store and xenpbrd's state; restores use the page store")
+                     "store and xenpbrd's state; restores use the page store (free space, "
+                     f"or move the streams with {settings.hint('hot_stream_dir')})")
 
 
 def drop(store: ImageStore, domain: str, image_id: str | None = None,
@@ -163,7 +173,7 @@ def drop(store: ImageStore, domain: str, image_id: str | None = None,
 
 def orphans(store: ImageStore) -> list[Path]:
     """Hot streams (and leftovers of interrupted writes) whose image is gone."""
-    root = store.root / "hot"
+    root = hot_root(store)
     if not root.is_dir():
         return []
     found = []

@@ -136,7 +136,8 @@ class CaptureWriter:
             f"domain {self.domain}: capturing phase {self.phase} would need more than its "
             f"quota of {self._quota} bytes ({what} reached {self._charged_bytes} bytes, "
             "counting every distinct page of the domain's images once); nothing was "
-            "stored: delete older images of this domain or raise its quota")
+            "stored: delete older images of this domain or raise [images] default_quota "
+            "in /etc/xenpbr/xenpbr.conf (or $XENPBR_IMAGE_QUOTA)")
 
     def _writable_pack(self) -> PackWriter:
         pack = self._pack
