@@ -412,7 +412,7 @@ def os_error_message(exc: OSError, state: StateDir) -> str:
     if isinstance(exc, FileNotFoundError) and Path(name).name == "xl":
         return ("`xl` was not found on PATH: run xenpbr in dom0 with Xen's toolstack "
                 "installed (Debian: apt install xen-utils)")
-    if name and Path(name).is_relative_to(state.root):
+    if name and Path(name).resolve().is_relative_to(state.root.resolve()):
         return (f"state directory {state.root} is unusable ({exc.strerror}: {name}): run "
                 "as root, or choose another with --state-dir or XENPBR_STATE_DIR")
     return f"{exc.strerror or exc}{f': {name}' if name else ''}"
