@@ -14,8 +14,10 @@ naming the file, line and what was expected.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
+import uuid as uuid_mod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -169,6 +171,7 @@ def parse(text: str, path: Path = Path("<config>")) -> DomainConfig:
         if action not in allowed:
             raise ConfigError(f"{path}: {key} = {action!r} is not an action; use one of "
                               f"{', '.join(sorted(allowed))}")
+    check_xenpbr_keys(DomainConfig(path, settings))
     crash_loop_policy(DomainConfig(path, settings))  # ConfigError now, not at the crash
     hot_stream(DomainConfig(path, settings))
     if settings.get("type", "pv") != "pv":
@@ -243,7 +246,50 @@ def hot_stream(config: DomainConfig) -> bool:
     return bool(value)
 
 
+#: The ``xenpbr_*`` keys xenpbr reads; any other ``xenpbr_*`` key is a typo that would
+#: otherwise be dropped without a word (``xenpbr_disk`` for ``xenpbr_disks``).
+XENPBR_KEYS = ("xenpbr_disks", "xenpbr_crash_loop_window", "xenpbr_crash_loop_limit",
+               "xenpbr_hot_stream")
+
+
+def check_xenpbr_keys(config: DomainConfig) -> None:
+    """Refuse ``xenpbr_*`` keys xenpbr does not know, naming the closest known one."""
+    for key in config.settings:
+        if key.startswith("xenpbr_") and key not in XENPBR_KEYS:
+            # compared without the shared prefix, which makes every key look alike
+            close = difflib.get_close_matches(key[7:], [k[7:] for k in XENPBR_KEYS], n=1,
+                                              cutoff=0.6)
+            hint = (f"did you mean xenpbr_{close[0]}?" if close
+                    else f"xenpbr knows {', '.join(XENPBR_KEYS)}")
+            raise ConfigError(f"{config.path}: unknown setting {key}: {hint}")
+
+
+def config_uuid(config: DomainConfig) -> str | None:
+    """The config's ``uuid`` in canonical form, None if it has none: xenpbrd adopts only
+    the domain with the UUID it created (not another one that reuses the name)."""
+    value = config.settings.get("uuid")
+    if value is None:
+        return None
+    try:
+        return str(uuid_mod.UUID(str(value)))
+    except ValueError as exc:
+        raise ConfigError(f"{config.path}: uuid = {value!r} is not a UUID (e.g. "
+                          f"\"{uuid_mod.uuid4()}\", or leave it out and xenpbr create "
+                          "makes one)") from exc
+
+
 DISK_POLICIES = ("snapshot", "persistent", "readonly")
+#: What each policy means, for the refusal of a config that leaves a disk without one.
+POLICY_MEANINGS = {
+    "snapshot": "reverted with the image at every phase-based reboot (data written "
+                "since the image is lost)",
+    "persistent": "never reverted; must not be mounted read-write inside an image "
+                  "(dom0 refuses a boundary while it is)",
+    "readonly": "attached read-only (access=ro in the disk spec)",
+}
+#: A read-write disk with no ``xenpbr_disks`` entry (registered by an older xenpbr:
+#: xenpbrd still reverts it like ``snapshot``).
+UNSET = "unset"
 
 
 def _disk_spec(spec: str) -> tuple[str, str, str]:
@@ -262,23 +308,81 @@ def _disk_spec(spec: str) -> tuple[str, str, str]:
     return vdev, target, access
 
 
-def disk_policies(config: DomainConfig) -> dict[str, str]:
-    """Each disk's consistency policy: ``xenpbr_disks = ["xvdb=persistent", ...]``;
-    read-only disks are ``readonly``, the others default to ``snapshot``."""
+def _disk_specs(config: DomainConfig) -> dict[str, tuple[str, str]]:
+    """``{vdev: (target, access)}`` of the config's ``disk`` list."""
     disks = config.settings.get("disk", [])
     if not isinstance(disks, list):
         raise ConfigError(f"{config.path}: disk must be a list of disk specifications")
-    specs = {vdev: (target, access) for vdev, target, access in map(_disk_spec, map(str, disks))}
+    return {vdev: (target, access) for vdev, target, access in map(_disk_spec, map(str, disks))}
+
+
+def declared_disk_policies(config: DomainConfig) -> dict[str, str]:
+    """Each disk's policy as the config states it: its ``xenpbr_disks`` entry,
+    ``readonly`` for a read-only disk, :data:`UNSET` for a read-write disk without one."""
+    specs = _disk_specs(config)
     explicit: dict[str, str] = {}
-    for item in config.settings.get("xenpbr_disks", []):  # type: ignore[union-attr]
+    entries = config.settings.get("xenpbr_disks", [])
+    for item in entries if isinstance(entries, list) else [entries]:
         vdev, _, policy = str(item).partition("=")
         if vdev not in specs or policy not in DISK_POLICIES:
             raise ConfigError(f"{config.path}: xenpbr_disks entry {item!r}: expected "
                               f"VDEV=POLICY with VDEV one of {sorted(specs)} and POLICY one "
                               f"of {', '.join(DISK_POLICIES)}")
         explicit[vdev] = policy
-    return {vdev: explicit.get(vdev, "readonly" if access in ("r", "ro") else "snapshot")
+    return {vdev: explicit.get(vdev, "readonly" if access in ("r", "ro") else UNSET)
             for vdev, (target, access) in specs.items()}
+
+
+def disk_policies(config: DomainConfig) -> dict[str, str]:
+    """Each disk's effective consistency policy. A read-write disk without an entry
+    exists only in registrations made before policies were required
+    (:func:`require_disk_policies`); it is reverted like ``snapshot``, as it was then,
+    so an image never runs against a disk newer than its memory."""
+    return {vdev: "snapshot" if policy == UNSET else policy
+            for vdev, policy in declared_disk_policies(config).items()}
+
+
+def stored_disk_policies(settings: dict[str, Value]) -> dict[str, str]:
+    """``{vdev: policy}`` from a registration's stored settings, for ``xenpbr status``;
+    never raises (settings an older xenpbr accepted may no longer validate): a disk
+    whose policy cannot be told is :data:`UNSET`."""
+    config = DomainConfig(Path("<registered>"), settings)
+    try:
+        return declared_disk_policies(config)
+    except ConfigError:
+        disks = settings.get("disk", [])
+        vdevs = []
+        for spec in disks if isinstance(disks, list) else []:
+            try:
+                vdevs.append(_disk_spec(str(spec))[0])
+            except ConfigError:
+                continue
+        return {vdev: UNSET for vdev in vdevs}
+
+
+def require_disk_policies(config: DomainConfig) -> dict[str, str]:
+    """The disks' policies, refusing a phasereboot domain with a read-write disk that
+    has no ``xenpbr_disks`` entry: defaulting it to ``snapshot`` would silently roll
+    its data (logs, upgrades) back at every phase-based reboot."""
+    declared = declared_disk_policies(config)
+    if not any(config.wants_phasereboot(key) for key in ACTION_KEYS):
+        return disk_policies(config)
+    unset = [vdev for vdev, policy in declared.items() if policy == UNSET]
+    if unset:
+        raise ConfigError(_unset_message(config, unset))
+    return declared
+
+
+def _unset_message(config: DomainConfig, unset: list[str]) -> str:
+    specs = _disk_specs(config)
+    disks = "; ".join(f"{vdev} (target {specs[vdev][0] or '?'})" for vdev in unset)
+    meanings = "; ".join(f"{p}: {m}" for p, m in POLICY_MEANINGS.items())
+    stated = config.settings.get("xenpbr_disks", [])
+    entries = [str(e) for e in (stated if isinstance(stated, list) else [stated])]
+    line = ", ".join(f'"{e}"' for e in [*entries, *(f"{v}=snapshot" for v in unset)])
+    return (f"{config.path}: phasereboot needs a policy for each read-write disk, and "
+            f"these have none: {disks}. Policies: {meanings}. Add to the config (choosing "
+            f"each policy): xenpbr_disks = [{line}]")
 
 
 #: Legacy prefixes of a disk target (``phy:/dev/vg/lv``, ``file:/img``, ``tap:aio:/img``).

@@ -56,7 +56,7 @@ def _guest(host: XenHost, name: str, hazard: str) -> LabDomain:
     made = disks.make_disks(host, name)
     return LabDomain(host, name, memory_mib=MEMORY_MIB, mode="consist",
                      on_crash="phasereboot", extra=f"lab.root=/dev/xvda lab.hazard={hazard}",
-                     disk=made.specs, xenpbr_disks=["xvdb=persistent"],
+                     disk=made.specs, xenpbr_disks=["xvda=snapshot", "xvdb=persistent"],
                      # crashed again seconds after each recovery, on purpose: the guard
                      # would rightly answer with earlier phases, so it looks 1 s back
                      xenpbr_crash_loop_window=1)

@@ -115,3 +115,56 @@ def test_hot_stream_setting_defaults_on_and_refuses_other_values() -> None:
     assert not domconfig.hot_stream(domconfig.parse('name = "a"\nxenpbr_hot_stream = 0\n'))
     with pytest.raises(domconfig.ConfigError, match="xenpbr_hot_stream = 2: expected 1"):
         domconfig.hot_stream(domconfig.parse('name = "a"\nxenpbr_hot_stream = 2\n'))
+
+
+# -- issue 12 points 2 and 3: explicit disk policies, unknown xenpbr_* keys -------------
+
+PBR_DISKS = ('name = "g"\non_crash = "phasereboot"\n'
+             'disk = ["format=raw, vdev=xvda, access=rw, target=/srv/root.img", '
+             '"/srv/data.img,raw,xvdb,w", "/srv/cd.iso,raw,xvdc,r"]\n')
+
+
+def test_misspelled_xenpbr_key_is_an_error_naming_the_close_match() -> None:
+    with pytest.raises(ConfigError, match=r"xenpbr_disk: did you mean xenpbr_disks\?"):
+        cfg('name = "g"\nxenpbr_disk = ["xvda=persistent"]\n')
+    with pytest.raises(ConfigError, match="xenpbr_hot_streams: did you mean xenpbr_hot_stream"):
+        cfg('name = "g"\nxenpbr_hot_streams = 0\n')
+    with pytest.raises(ConfigError, match="unknown setting xenpbr_zzz: xenpbr knows"):
+        cfg('name = "g"\nxenpbr_zzz = 1\n')
+
+
+def test_phasereboot_refuses_a_read_write_disk_without_a_policy() -> None:
+    with pytest.raises(ConfigError) as refused:
+        domconfig.require_disk_policies(cfg(PBR_DISKS + 'xenpbr_disks = ["xvdb=persistent"]\n'))
+    message = str(refused.value)
+    assert "xvda (target /srv/root.img)" in message and "xvdb" not in message.split(".")[0]
+    for policy in ("snapshot: reverted with the image", "persistent: never reverted",
+                   "readonly: attached read-only"):
+        assert policy in message
+    assert 'xenpbr_disks = ["xvdb=persistent", "xvda=snapshot"]' in message
+    with pytest.raises(ConfigError, match="xvda .*xvdb"):
+        domconfig.require_disk_policies(cfg(PBR_DISKS))
+
+
+def test_explicit_policies_pass_and_readonly_disks_need_none() -> None:
+    ok = cfg(PBR_DISKS + 'xenpbr_disks = ["xvda=snapshot", "xvdb=persistent"]\n')
+    assert domconfig.require_disk_policies(ok) == {"xvda": "snapshot", "xvdb": "persistent",
+                                                   "xvdc": "readonly"}
+    plain = cfg(PBR_DISKS.replace('"phasereboot"', '"restart"'))  # not ours to revert
+    assert domconfig.require_disk_policies(plain)["xvda"] == "snapshot"
+
+
+def test_stored_disk_policies_for_status_never_raise() -> None:
+    settings = cfg(PBR_DISKS + 'xenpbr_disks = ["xvdb=persistent"]\n').settings
+    assert domconfig.stored_disk_policies(settings) == {
+        "xvda": "unset", "xvdb": "persistent", "xvdc": "readonly"}
+    broken = {**settings, "xenpbr_disks": ["xvdq=sometimes"]}
+    assert domconfig.stored_disk_policies(broken) == {"xvda": "unset", "xvdb": "unset",
+                                                      "xvdc": "unset"}
+
+
+def test_config_uuid_is_canonical_or_an_error() -> None:
+    assert domconfig.config_uuid(cfg()) == "5a4c5e6b-1111-2222-3333-444455556666"
+    assert domconfig.config_uuid(cfg('name = "g"\n')) is None
+    with pytest.raises(ConfigError, match="not a UUID"):
+        domconfig.config_uuid(cfg('name = "g"\nuuid = "nope"\n'))
