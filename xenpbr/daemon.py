@@ -99,6 +99,7 @@ class Daemon:
         self._published_at: dict[str, float] = {}  # name -> monotonic time
         self._warming: dict[str, threading.Event] = {}  # name -> cancel its warm-up
         self._invalidated_at: dict[int, float] = {}  # domid -> monotonic time
+        self._strangers: set[int] = set()  # domids reusing a registered name, UUID differs
         self.hot_cache = hotcache.enabled()
         self._running = True
 
@@ -192,17 +193,47 @@ class Daemon:
     # -- domain events -------------------------------------------------------------------
 
     def _name_of(self, domid: int) -> str | None:
-        if domid not in self.names:
-            raw = self.xs.read_or(f"/local/domain/{int(domid)}/name", None)
-            name = raw.decode(errors="replace") if raw else None
-            if name is None or name not in self.state.domains():
-                return None
-            self.names[domid] = name
-        return self.names[domid]
+        """The registered name ``domid`` runs as, None for a domain xenpbr does not
+        manage: unregistered, or registered under another UUID (a domain that merely
+        reuses the name, e.g. a plain ``xl create``, is never adopted or recovered)."""
+        name = self.names.get(domid)
+        if name is not None:
+            if self.state.is_registered(name):
+                return name
+            self.names.pop(domid)  # unregistered meanwhile (xenpbr unregister)
+            return None
+        raw = self.xs.read_or(f"/local/domain/{int(domid)}/name", None)
+        name = raw.decode(errors="replace") if raw else None
+        if name is None or name not in self.state.domains() or not self._uuid_matches(domid, name):
+            return None
+        self.names[domid] = name
+        return name
+
+    def _uuid_matches(self, domid: int, name: str) -> bool:
+        """True if ``domid`` has the UUID ``xenpbr create`` gave ``name`` (or the
+        registration predates recorded UUIDs). A mismatch is logged once per domid."""
+        wanted = self.state.registered_uuid(name)
+        if wanted is None or domid in self.restored_domids:
+            return True  # legacy registration, or the domain our own recovery restored
+        try:
+            actual = str(self.hv.domain_state(domid).uuid)
+        except XenpbrError as exc:  # gone already: nothing to adopt
+            log.debug("%s (domid %d): no domain state: %s", name, domid, exc)
+            return False
+        if actual == wanted:
+            return True
+        if domid not in self._strangers:
+            self._strangers.add(domid)
+            log.warning("%s (domid %d): not adopted: its UUID %s is not the registered %s "
+                        "(another domain reusing the name; it is left alone)", name, domid,
+                        actual, wanted)
+        return False
 
     def on_domain_event(self, event: DomainEvent) -> None:
         name = self._name_of(event.domid)
         if name is None:
+            if isinstance(event, DomainDestroyed):
+                self._strangers.discard(event.domid)
             return
         if isinstance(event, DomainAppeared):
             self._adopt(event.domid, name)

@@ -87,14 +87,45 @@ class StateDir:
         return self.root / "domains" / check_name(name)
 
     def register(self, name: str, settings: dict[str, Any], xl_config_text: str,
-                 source: str) -> None:
+                 source: str, uuid: str | None = None) -> None:
         """Record a domain xenpbr manages (``xenpbr create``); keeps existing phase
-        state if the domain was registered before (its images stay usable if valid)."""
+        state if the domain was registered before (its images stay usable if valid).
+        ``uuid`` is the one xl was told to give the domain: xenpbrd adopts only it."""
         record = self.load_record(name) if self.is_registered(name) else {}
         record.update({"name": name, "settings": settings, "source": source,
                        "phases": record.get("phases") or phases_to_json(DomainPhases(name))})
+        if uuid is not None:
+            record["uuid"] = uuid
         atomic_write(self._domain_dir(name) / "xl.cfg", xl_config_text.encode())
         atomic_write_json(self._domain_dir(name) / "domain.json", record)
+
+    def registration_files(self, name: str) -> dict[str, bytes] | None:
+        """The registration's files as they are now (None if not registered), so a
+        ``xenpbr create`` whose ``xl create`` failed can put them back."""
+        if not self.is_registered(name):
+            return None
+        d = self._domain_dir(name)
+        return {f: (d / f).read_bytes() for f in ("domain.json", "xl.cfg") if (d / f).exists()}
+
+    def restore_registration(self, name: str, files: dict[str, bytes] | None) -> None:
+        """Undo a registration: back to ``files`` (from :meth:`registration_files`), or
+        not registered at all when there were none."""
+        if files is None:
+            if self._domain_dir(name).exists():
+                self.unregister(name)
+            return
+        for file, data in files.items():
+            atomic_write(self._domain_dir(name) / file, data)
+
+    def registered_uuid(self, name: str) -> str | None:
+        """The UUID ``xenpbr create`` gave the domain (None: registered before xenpbr
+        recorded one, or the domain is not registered)."""
+        try:
+            record = self.load_record(name)
+        except UnknownDomain:
+            return None
+        value = record.get("uuid") or record.get("settings", {}).get("uuid")
+        return str(value).lower() if value else None
 
     def is_registered(self, name: str) -> bool:
         return (self._domain_dir(name) / "domain.json").exists()
@@ -130,6 +161,8 @@ class StateDir:
     def unregister(self, name: str) -> None:
         """Forget a domain's registration and history (its images are GC'd separately)."""
         d = self._domain_dir(name)
+        if not d.exists():
+            raise UnknownDomain(f"domain {name!r} is not registered with xenpbr")
         for path in sorted(d.rglob("*"), reverse=True):
             path.rmdir() if path.is_dir() else path.unlink()
         d.rmdir()

@@ -268,3 +268,128 @@ def test_daemon_refuses_json_it_would_ignore(capsys) -> None:
     with pytest.raises(SystemExit) as done:
         cli.main(["daemon", "--json"])
     assert done.value.code == 2 and "unrecognized arguments: --json" in capsys.readouterr().err
+
+
+# -- issue 12 points 2, 3 and 6: create, check, unregister ------------------------------
+
+DISKS = 'disk = ["/srv/root.img,raw,xvda,rw", "/srv/data.img,raw,xvdb,rw"]\n'
+
+
+def test_create_refuses_a_rw_disk_without_a_policy_and_registers_nothing(
+        tmp_path, xl_log, capsys) -> None:
+    cfg = tmp_path / "web.cfg"
+    cfg.write_text(CONFIG + DISKS + 'xenpbr_disks = ["xvdb=persistent"]\n')
+    code, _, err = run(tmp_path / "s", "create", str(cfg), capsys=capsys)
+    assert code == 1 and "xvda (target /srv/root.img)" in err
+    assert 'xenpbr_disks = ["xvdb=persistent", "xvda=snapshot"]' in err
+    assert not xl_log.exists() and StateDir(tmp_path / "s").domains() == []
+
+
+def test_create_gives_the_domain_a_uuid_and_records_it(tmp_path, xl_log, capsys) -> None:
+    cfg = tmp_path / "web.cfg"
+    cfg.write_text(CONFIG + DISKS + 'xenpbr_disks = ["xvda=snapshot", "xvdb=persistent"]\n')
+    code, out, _ = run(tmp_path / "s", "create", str(cfg), "--json", capsys=capsys)
+    row = json.loads(out)
+    state = StateDir(tmp_path / "s")
+    assert code == 0 and row["disk_policies"] == {"xvda": "snapshot", "xvdb": "persistent"}
+    assert state.registered_uuid("web") == row["uuid"]
+    assert f'uuid = "{row["uuid"]}"' in state.xl_config_path("web").read_text()
+
+
+def test_create_with_an_xl_failure_registers_nothing(tmp_path, xl_log, capsys,
+                                                     monkeypatch) -> None:
+    cfg = tmp_path / "web.cfg"
+    cfg.write_text(CONFIG)
+    monkeypatch.setenv("FAKE_XL_FAIL", "kernel image /nonexistent/vmlinuz not found")
+    code, _, err = run(tmp_path / "s", "create", str(cfg), capsys=capsys)
+    assert code == 1 and "xl exit status 1" in err and "nothing was registered" in err
+    assert "kernel image /nonexistent/vmlinuz not found" in err
+    assert StateDir(tmp_path / "s").domains() == []
+    assert not (tmp_path / "s" / "domains" / "web").exists()
+
+
+def test_create_twice_is_refused_unless_update(tmp_path, xl_log, capsys, monkeypatch) -> None:
+    cfg = tmp_path / "web.cfg"
+    cfg.write_text(CONFIG)
+    assert run(tmp_path / "s", "create", str(cfg), capsys=capsys)[0] == 0
+    first = StateDir(tmp_path / "s").registered_uuid("web")
+    code, _, err = run(tmp_path / "s", "create", str(cfg), capsys=capsys)
+    assert code == 1 and "already registered" in err and "--update" in err
+    cfg.write_text(CONFIG.replace("memory = 128", "memory = 256"))
+    monkeypatch.setenv("FAKE_XL_FAIL", "domain with name web already exists")
+    code, _, err = run(tmp_path / "s", "create", "--update", str(cfg), capsys=capsys)
+    state = StateDir(tmp_path / "s")
+    assert code == 1 and "previous registration is kept" in err
+    assert state.load_record("web")["settings"]["memory"] == 128  # put back as it was
+    monkeypatch.delenv("FAKE_XL_FAIL")
+    code, out, _ = run(tmp_path / "s", "create", "--update", str(cfg), "--json", capsys=capsys)
+    assert code == 0 and json.loads(out)["updated"] is True
+    assert state.load_record("web")["settings"]["memory"] == 256
+    assert state.registered_uuid("web") == first  # the same domain, the same UUID
+
+
+def test_check_names_a_misspelled_key_and_exits_1(tmp_path, xl_log, capsys) -> None:
+    cfg = tmp_path / "web.cfg"
+    cfg.write_text(CONFIG + 'xenpbr_disk = ["xvda=persistent"]\n')
+    code, out, _ = run(tmp_path / "s", "check", str(cfg), capsys=capsys)
+    assert code == 1 and "did you mean xenpbr_disks?" in out
+    assert not xl_log.exists()
+
+
+def test_check_runs_xl_dry_run_on_the_translated_config(tmp_path, xl_log, capsys,
+                                                        monkeypatch) -> None:
+    cfg = tmp_path / "web.cfg"
+    cfg.write_text(CONFIG + DISKS + 'xenpbr_disks = ["xvda=snapshot", "xvdb=persistent"]\n')
+    code, out, _ = run(tmp_path / "s", "check", str(cfg), "--json", capsys=capsys)
+    report = json.loads(out)
+    assert code == 0 and report["valid"] and report["xl_dry_run_ok"]
+    assert report["actions"] == {"on_crash": "phasereboot", "on_watchdog": "phasereboot"}
+    translated = Path(report["translated_config"])
+    assert xl_log.read_text() == f"-N create {translated}\n"
+    assert 'on_crash = "preserve"' in translated.read_text()
+    assert not (tmp_path / "s").exists()  # nothing registered, no state written
+    code, out, _ = run(tmp_path / "s", "check", str(cfg), capsys=capsys)
+    assert "xl -N create: ok" in out and "xvda=snapshot, xvdb=persistent" in out
+    monkeypatch.setenv("FAKE_XL_FAIL", "Unknown on_poweroff action")
+    code, out, _ = run(tmp_path / "s", "check", str(cfg), capsys=capsys)
+    assert code == 1 and "INVALID" in out and "Unknown on_poweroff action" in out
+
+
+def test_check_without_xl_says_so(tmp_path, capsys, monkeypatch) -> None:
+    cfg = tmp_path / "web.cfg"
+    cfg.write_text(CONFIG)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    code, _, err = run(tmp_path / "s", "check", str(cfg), capsys=capsys)
+    assert code == 1 and "`xl` was not found on PATH" in err
+
+
+def test_unregister_drops_images_and_state(registered, xl_log, capsys) -> None:
+    from xenpbr.images import hotcache
+    from xenpbr.images.store import ImageStore
+    store = ImageStore(StateDir(registered).images_root)
+    hot = hotcache.path_of(store, "web", A_ID)
+    hot.parent.mkdir(parents=True)
+    hot.write_bytes(b"stream")
+    code, out, _ = run(registered, "unregister", "web", capsys=capsys)
+    assert code == 0 and "no longer managed by xenpbr" in out
+    assert StateDir(registered).domains() == [] and not hot.parent.exists()
+    code, _, err = run(registered, "remove", "web", capsys=capsys)
+    assert code == 1 and "not registered" in err
+
+
+def test_unregister_of_a_running_domain_says_it_keeps_running(registered, tmp_path,
+                                                               capsys, monkeypatch) -> None:
+    bindir = tmp_path / "bin2"
+    bindir.mkdir()
+    (bindir / "xl").write_text('#!/bin/sh\n[ "$1" = domid ] && echo 7\nexit 0\n')
+    (bindir / "xl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    code, out, _ = run(registered, "unregister", "web", "--json", capsys=capsys)
+    assert code == 0 and json.loads(out)["domid"] == 7
+    run(StateDir(registered).root, "status", capsys=capsys)
+    from xenpbr import lifecycle
+    text = cli._unregister_text({"name": "web", "images_dropped": 2, "unpublished": False,
+                                 "domid": 7})
+    assert "not destroyed" in text and "on_crash = preserve" in text
+    assert lifecycle.running_domid("web") == 7
+

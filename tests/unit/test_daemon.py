@@ -310,3 +310,65 @@ def test_a_crash_during_a_capture_is_recovered(world) -> None:
     assert ("restore", "img-kernel-1") in rec.calls
     (timeline,) = state.history("web")
     assert timeline.method == "phase:kernel" and timeline.outcome == "recovered"
+
+
+# -- issue 12 point 6: adoption matches the UUID xenpbr create gave the domain ----------
+
+WEB_UUID = "3f1d2c4b-5a69-4788-9abc-def012345678"
+
+
+@pytest.fixture
+def uuid_world(world):
+    """``world`` with web registered under WEB_UUID; the recorder's restores and
+    normal reboots create the domain with that UUID, as xl does from the saved config."""
+    import uuid as uuid_mod
+    server, hv, state, rec, daemon = world
+    state.register("web", {"name": "web", "on_crash": "phasereboot", "uuid": WEB_UUID},
+                   CONFIG, "web.cfg", uuid=WEB_UUID)
+    own = uuid_mod.UUID(WEB_UUID)
+    rec.restore = lambda domain, image_id: (rec.calls.append(("restore", image_id)),
+                                            hv.create_domain(name="web", paused=True,
+                                                             uuid=own))[1]
+    return server, hv, state, rec, daemon, own
+
+
+def test_a_domain_reusing_the_name_under_another_uuid_is_not_adopted(uuid_world,
+                                                                     caplog) -> None:
+    import uuid as uuid_mod
+    server, hv, state, rec, daemon, _ = uuid_world
+    other = uuid_mod.UUID("00000000-1111-4222-8333-444455556666")
+    domid = hv.create_domain(name="web", uuid=other)
+    with caplog.at_level("WARNING", logger="xenpbr.daemon"):
+        settle(daemon)
+    assert domid not in daemon.watching and domid not in daemon.names
+    (warning,) = [r.getMessage() for r in caplog.records if "not adopted" in r.getMessage()]
+    assert str(other) in warning and WEB_UUID in warning
+    server.connect(domid).write("data/xenpbr/request", request(1, "app"))
+    hv.crash(domid)
+    settle(daemon)
+    assert rec.calls == [] and list(state.history("web")) == []  # left alone
+
+
+def test_the_domain_with_the_registered_uuid_is_adopted_and_recovered(uuid_world) -> None:
+    server, hv, state, rec, daemon, own = uuid_world
+    domid = hv.create_domain(name="web", uuid=own)
+    settle(daemon)
+    assert domid in daemon.watching
+    server.connect(domid).write("data/xenpbr/request", request(1, "app"))
+    settle(daemon)
+    hv.crash(domid)
+    settle(daemon)
+    (new,) = [c[1] for c in rec.calls if c[0] == "unpause"]
+    assert new in daemon.watching  # the restored domain (same UUID) is adopted again
+    (timeline,) = state.history("web")
+    assert timeline.outcome == "recovered"
+
+
+def test_an_unregistered_domain_is_no_longer_recovered(uuid_world) -> None:
+    server, hv, state, rec, daemon, own = uuid_world
+    domid = hv.create_domain(name="web", uuid=own)
+    settle(daemon)
+    state.unregister("web")
+    hv.crash(domid)
+    settle(daemon)
+    assert rec.calls == []
