@@ -50,6 +50,7 @@ for arg in $(cat /proc/cmdline); do
         lab.workload=*) workload=${arg#lab.workload=} ;;
         lab.hazard=*) hazard=${arg#lab.hazard=} ;;
         lab.invalidate=*) invalidate=${arg#lab.invalidate=} ;;
+        lab.agentconf=*) agentconf=${arg#lab.agentconf=} ;;
     esac
 done
 echo "XENPBR-GUEST: up uptime=$(cut -d' ' -f1 /proc/uptime) mode=$mode marker=${marker:-none}"
@@ -60,12 +61,21 @@ echo "XENPBR-GUEST: text $(grep -E ' (_stext|_etext)$' /proc/kallsyms | cut -d' 
 # then `xenpbr-agent phase P` for each. hostile first writes, one at a time, the requests
 # dom0 left (escaped, as xenstore-read prints them) in control/xenpbr-lab/case/<n>,
 # waiting until dom0 bumps control/xenpbr-lab/handled, then tries to forge an ack.
+# lab.agentconf=typo (tests/lab/test_agent_config_real.py): the config misspells an
+# [agent] key; `xenpbr-agent check` runs first and its output goes to the console.
 agent_phases() {
     mkdir -p /etc/xenpbr
-    { for p in $phases; do echo "[phase:$p]"; done
+    { [ "$agentconf" = typo ] && printf '[agent]\nstep_timout = 30\n'
+      for p in $phases; do echo "[phase:$p]"; done
       printf '[after-restore]\nrun = echo XENPBR-STEP: after-restore\n'
       printf '[after-last-phase]\nstart = echo XENPBR-STEP: after-last-phase\n'
     } > /etc/xenpbr/agent.conf
+    if [ -n "$agentconf" ]; then
+        python3 -m xenpbr_agent check > /run/agent-check.out 2>&1
+        rc=$?
+        sed 's/^/XENPBR-CHECK: /' /run/agent-check.out
+        echo "XENPBR-CHECK: rc=$rc"
+    fi
     for p in $phases; do
         out=$(PYTHONPATH=/usr/lib/python3/dist-packages python3 -m xenpbr_agent phase "$p")
         echo "XENPBR-AGENT: $out rc=$?"
