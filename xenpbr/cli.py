@@ -119,18 +119,10 @@ def _unregister_text(row: dict[str, Any]) -> str:
 
 
 def disk_policies(state: StateDir, name: str, settings: dict[str, Any]) -> dict[str, str]:
-    """Each disk's policy as the registered settings give it. Settings registered by an
-    older xenpbr may no longer pass validation: then show what is stored (``unset`` for
-    a disk without an entry) rather than hide the domain from ``status``."""
-    config = domconfig.DomainConfig(state.xl_config_path(name), settings)
-    try:
-        return domconfig.disk_policies(config)
-    except domconfig.ConfigError:
-        stored = dict(str(item).partition("=")[::2]
-                      for item in settings.get("xenpbr_disks", []) or [])
-        vdevs = [m.group(1) for spec in settings.get("disk", []) or []
-                 if (m := re.search(r"(?:vdev=)?\b(xvd[a-z]+\d*|hd[a-z]|sd[a-z])\b", str(spec)))]
-        return {vdev: stored.get(vdev, "unset") for vdev in [*vdevs, *stored]}
+    """Each disk's policy as the registered settings give it (``unset`` for a
+    read-write disk registered by an older xenpbr without one: xenpbrd reverts such a
+    disk like ``snapshot``, and status must not hide that nobody chose it)."""
+    return domconfig.stored_disk_policies(settings)
 
 
 def _last_recovery(history: list[Any]) -> dict[str, Any] | None:

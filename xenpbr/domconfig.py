@@ -344,20 +344,26 @@ def disk_policies(config: DomainConfig) -> dict[str, str]:
 
 def stored_disk_policies(settings: dict[str, Value]) -> dict[str, str]:
     """``{vdev: policy}`` from a registration's stored settings, for ``xenpbr status``;
-    never raises (settings an older xenpbr accepted may no longer validate): a disk
-    whose policy cannot be told is :data:`UNSET`."""
+    never raises (settings an older xenpbr accepted may no longer validate): then each
+    disk shows what is stored for it, even a value no longer valid, ``readonly`` if it
+    is attached read-only, or :data:`UNSET`."""
     config = DomainConfig(Path("<registered>"), settings)
     try:
         return declared_disk_policies(config)
     except ConfigError:
-        disks = settings.get("disk", [])
-        vdevs = []
-        for spec in disks if isinstance(disks, list) else []:
-            try:
-                vdevs.append(_disk_spec(str(spec))[0])
-            except ConfigError:
-                continue
-        return {vdev: UNSET for vdev in vdevs}
+        pass
+    listed = settings.get("xenpbr_disks", [])
+    stored = dict(str(item).partition("=")[::2] for item in
+                  (listed if isinstance(listed, list) else []))
+    disks = settings.get("disk", [])
+    policies = {}
+    for spec in disks if isinstance(disks, list) else []:
+        try:
+            vdev, _, access = _disk_spec(str(spec))
+        except ConfigError:
+            continue
+        policies[vdev] = stored.get(vdev, "readonly" if access in ("r", "ro") else UNSET)
+    return policies
 
 
 def require_disk_policies(config: DomainConfig) -> dict[str, str]:

@@ -242,7 +242,7 @@ def test_status_shows_each_disks_policy(tmp_path, capsys) -> None:
     code, out, _ = run(root, "status", "--json", capsys=capsys)
     rows = {r["name"]: r["disk_policies"] for r in json.loads(out)}
     assert rows["web"] == {"xvda": "snapshot", "xvdb": "persistent", "xvdc": "readonly"}
-    assert rows["old"] == {"xvda": "unset", "xvdb": "bogus", "xvdc": "unset"}
+    assert rows["old"] == {"xvda": "unset", "xvdb": "bogus", "xvdc": "readonly"}
 
 
 def test_history_table_shows_every_attempt_and_skipped_image(registered, capsys) -> None:

@@ -160,7 +160,9 @@ def test_stored_disk_policies_for_status_never_raise() -> None:
         "xvda": "unset", "xvdb": "persistent", "xvdc": "readonly"}
     broken = {**settings, "xenpbr_disks": ["xvdq=sometimes"]}
     assert domconfig.stored_disk_policies(broken) == {"xvda": "unset", "xvdb": "unset",
-                                                      "xvdc": "unset"}
+                                                      "xvdc": "readonly"}
+    bogus = {**settings, "xenpbr_disks": ["xvdb=sometimes"]}  # shown as stored
+    assert domconfig.stored_disk_policies(bogus)["xvdb"] == "sometimes"
 
 
 def test_config_uuid_is_canonical_or_an_error() -> None:
