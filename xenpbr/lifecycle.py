@@ -87,8 +87,10 @@ def check(path: Path) -> dict[str, Any]:
     raises :class:`XlMissing` (the check could not be made)."""
     try:
         config, policies = validate(path)
-    except ConfigError as exc:
-        return {"config": str(path), "valid": False, "errors": [str(exc)]}
+    except ConfigError as exc:  # the same keys as a valid report: scripts read one shape
+        return {"config": str(path), "name": None, "actions": None, "disk_policies": None,
+                "uuid": None, "translated_config": None, "xl_dry_run_ok": None,
+                "valid": False, "errors": [str(exc)]}
     translated = _write_translated(config)
     proc = run_xl(["-N", "create", str(translated)])
     report: dict[str, Any] = {

@@ -102,6 +102,9 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     failed = Timeline("web", "operator", outcome="failed", attempts=["normal-reboot failed"])
     state.add_history(failed)
     state.add_history(ok)  # the last one: status shows it
+    (tmp_path / "api.cfg").write_text(
+        'name = "api"\non_crash = "phasereboot"\nuuid = "5a4c5e6b-1111-2222-3333-444455556666"\n'
+        'disk = ["vdev=xvda, target=/img/api"]\nxenpbr_disks = ["xvda=snapshot"]\n')
     return state.root
 
 
@@ -112,7 +115,11 @@ def run_json(root: Path, *argv: str, capsys: pytest.CaptureFixture[str]) -> Any:
 
 COMMANDS = {"status": ["status"], "images": ["images", "web"], "history": ["history", "web"],
             "inject": ["inject", "web"], "gc": ["gc"],
-            "forget": ["forget", "web", "--phase", "app"]}  # last: it drops images
+            "forget": ["forget", "web", "--phase", "app"],  # these last: they change state
+            "create": ["create", "{tmp}/api.cfg"], "check": ["check", "{tmp}/api.cfg"],
+            "unregister": ["unregister", "web"]}
+#: Keys the test's fake xl cannot give a value (no domain runs).
+ALWAYS_NULL_HERE["unregister"] = {"domid"}
 NOT_RUN = {"reboot"}  # needs Xen and xenstore; its object is a history entry
 
 
@@ -125,7 +132,8 @@ def test_the_doc_covers_every_command_the_test_runs() -> None:
 def test_json_output_matches_the_documented_contract(command: str, state_dir: Path,
                                                      capsys) -> None:
     is_list, spec = contract()[command]
-    out = run_json(state_dir, *COMMANDS[command], capsys=capsys)
+    argv = [a.replace("{tmp}", str(state_dir.parent)) for a in COMMANDS[command]]
+    out = run_json(state_dir, *argv, capsys=capsys)
     items = out if is_list else [out]
     assert isinstance(out, list) == is_list and items, f"{command}: shape or no rows"
     seen: set[str] = set()
@@ -133,3 +141,13 @@ def test_json_output_matches_the_documented_contract(command: str, state_dir: Pa
         check(item, spec, "", seen)
     unseen = set(spec) - seen - ALWAYS_NULL_HERE.get(command, set())
     assert not unseen, f"{command}: test data never gave these a value: {sorted(unseen)}"
+
+
+def test_an_invalid_config_has_the_same_check_keys(state_dir: Path, capsys) -> None:
+    _, spec = contract()["check"]
+    bad = state_dir.parent / "bad.cfg"
+    bad.write_text('name = "api"\non_crash = "phasereboot"\nxenpbr_disk = ["xvda=snapshot"]\n')
+    assert cli.main(["--state-dir", str(state_dir), "check", str(bad), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    check(report, spec, "", set())
+    assert report["valid"] is False and "xenpbr_disks" in report["errors"][0]
