@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from xenpbr import __version__, domconfig
+from xenpbr import __version__, domconfig, settings
 from xenpbr.errors import XenpbrError
 from xenpbr.render import age_of, emit, local_time, table, utc
 from xenpbr.state import StateDir
@@ -333,8 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"{EXIT_CODES}\n\nJSON shapes of --json: docs/cli-json.md",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--config", type=Path, metavar="PATH", dest="settings_file",
+                        help="dom0 settings file (default: $XENPBR_CONFIG, else "
+                        "/etc/xenpbr/xenpbr.conf if it exists; docs/settings.md)")
     parser.add_argument("--state-dir", type=Path, help="xenpbr's state directory (default: "
-                        "$XENPBR_STATE_DIR or /var/lib/xenpbr)")
+                        "[state] dir of the settings, $XENPBR_STATE_DIR or /var/lib/xenpbr)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log what xenpbr does (debug messages on stderr)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
@@ -415,8 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    state = StateDir(args.state_dir)
+    state = StateDir(args.state_dir or Path("/var/lib/xenpbr"))  # for messages until loaded
     try:
+        settings.use(settings.load(args.settings_file))
+        state = StateDir(args.state_dir)
         code = args.func(args, state)
         sys.stdout.flush()
         return code
@@ -427,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xenpbr: error: {exc}", file=sys.stderr)
     except OSError as exc:
         print(f"xenpbr: error: {os_error_message(exc, state)}", file=sys.stderr)
+    finally:
+        settings.use(None)  # a caller in the same process (tests) loads its own again
     return EXIT_FAILURE
 
 

@@ -393,3 +393,18 @@ def test_unregister_of_a_running_domain_says_it_keeps_running(registered, tmp_pa
     assert "not destroyed" in text and "on_crash = preserve" in text
     assert lifecycle.running_domid("web") == 7
 
+
+
+def test_config_file_sets_the_state_dir_and_a_typo_in_it_is_an_error(
+        tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.delenv("XENPBR_STATE_DIR", raising=False)
+    state = StateDir(tmp_path / "from-file")
+    state.register("web", {"name": "web"}, "", "c")
+    conf = tmp_path / "xenpbr.conf"
+    conf.write_text(f"[state]\ndir = {state.root}\n")
+    assert cli.main(["--config", str(conf), "status", "--json"]) == 0
+    assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ["web"]
+    conf.write_text(f"[state]\ndri = {state.root}\n")
+    assert cli.main(["--config", str(conf), "status"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown key 'dri'" in err and "did you mean 'dir'" in err
