@@ -420,7 +420,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     state = StateDir(args.state_dir or Path("/var/lib/xenpbr"))  # for messages until loaded
     try:
-        settings.use(settings.load(args.settings_file))
+        conf = settings.load(args.settings_file)
+        settings.use(conf)
+        if conf.xen_libdir and not os.environ.get("XENPBR_LIBDIR"):  # for every binding
+            os.environ["XENPBR_LIBDIR"] = str(conf.xen_libdir)
         state = StateDir(args.state_dir)
         code = args.func(args, state)
         sys.stdout.flush()

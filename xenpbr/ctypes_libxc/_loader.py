@@ -123,8 +123,8 @@ def _not_found(spec: LibrarySpec, libdir: str | None, exc: OSError) -> XenLibrar
     where = f" in {libdir} ({LIBDIR_ENV})" if libdir else ""
     return XenLibraryNotFound(
         f"{spec.soname} not found{where}: install {spec.package} "
-        f"(apt-get install {spec.package}) for Xen 4.17, or set {LIBDIR_ENV} to the "
-        f"directory holding it [{exc}]"
+        f"(apt-get install {spec.package}) for Xen 4.17, or name the directory holding "
+        f"it in [xen] libdir of /etc/xenpbr/xenpbr.conf (or ${LIBDIR_ENV}) [{exc}]"
     )
 
 
