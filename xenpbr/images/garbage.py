@@ -126,7 +126,7 @@ def _remove_orphan_snapshots(store: ImageStore, report: GcReport) -> None:
 def _remove_orphan_hot_streams(store: ImageStore, report: GcReport) -> None:
     """Ready-made streams whose image is gone, and leftovers of interrupted writes."""
     for path in hotcache.orphans(store):
-        path.unlink(missing_ok=True)
+        hotcache.remove(path)
         report.hot_streams_removed += 1
 
 

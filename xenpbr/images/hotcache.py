@@ -15,8 +15,14 @@ and by GC), and a background pass after each capture.
 
 Trust: the file is written from pages verified against their SHA-256 as they are read,
 fsync'd, and renamed into place only when complete, so it is either whole or absent.
-A restore from it checks its size against the manifest but does not re-hash every page
-(as ``xl restore`` of a save file does not). ``xenpbr_hot_stream = 0`` in a domain's
+Beside it, ``<image_id>.sums`` (itself checksummed) holds the SHA-256 of every 1 MiB
+chunk and the stamps (:func:`~.pagestore.file_stamp`) of the packs the image's pages
+were read from. A restore streams the file into xl through a FIFO and checks every
+chunk before writing it (:func:`stream_verified`): a flipped byte stops xl before the
+guest ever runs. A pack whose stamp changed since (someone wrote to it) makes
+:func:`lookup` refuse the stream, so the restore regenerates from the page store and
+verifies every page, and a damaged page rejects the image as it would without the
+cache. ``xenpbr_hot_stream = 0`` in a domain's
 config (or ``[hot-stream] enabled = no`` in /etc/xenpbr/xenpbr.conf, ``XENPBR_HOT_CACHE=0``,
 for the whole xenpbrd) restores that domain every time from verified pages instead.
 ``[hot-stream] dir`` (``XENPBR_HOT_STREAM_DIR``) puts the streams on another file system
@@ -25,23 +31,31 @@ than the store (docs/settings.md).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from xenpbr import settings
-from xenpbr.fsutil import fsync_dir
+from xenpbr.fsutil import atomic_write, fsync_dir
+from xenpbr.images.errors import CorruptObject
 from xenpbr.images.image import Image, check_image_id, check_name
+from xenpbr.images.pagestore import Stamp, file_stamp, split_loc
+from xenpbr.images.reader import resolve
 
 if TYPE_CHECKING:
     from xenpbr.images.store import ImageStore
 
 _LOG = logging.getLogger(__name__)
 SUFFIX = ".stream"
+SUMS_SUFFIX = ".sums"
+CHUNK = 1 << 20
 ENV = "XENPBR_HOT_CACHE"
 
 
@@ -64,19 +78,112 @@ def path_of(store: ImageStore, domain: str, image_id: str) -> Path:
     return domain_dir(store, domain) / f"{check_image_id(image_id)}{SUFFIX}"
 
 
-def lookup(store: ImageStore, image: Image) -> Path | None:
-    """The ready stream of ``image``, or None (never built, replaced, or incomplete)."""
+def sums_of(path: Path) -> Path:
+    """The chunk checksums beside a hot stream."""
+    return path.with_name(path.name[:-len(SUFFIX)] + SUMS_SUFFIX)
+
+
+@dataclass(frozen=True)
+class HotStream:
+    """A hot stream and what it must hash to, chunk by chunk."""
+
+    path: Path
+    size: int
+    chunk: int
+    sums: list[bytes]
+    packs: dict[str, Stamp]
+
+
+def lookup(store: ImageStore, image: Image) -> HotStream | None:
+    """The ready stream of ``image``, or None (never built, replaced, incomplete, its
+    checksums unreadable, or a pack it was built from changed since: then the restore
+    regenerates from verified pages, which rejects the image if a page is damaged)."""
     path = path_of(store, image.meta.domain, image.meta.image_id)
+    if not path.exists():
+        return None
     try:
-        size = path.stat().st_size
-    except FileNotFoundError:
+        hot = read_sums(path, image.meta.image_id, image.meta.stream_bytes)
+    except CorruptObject as err:
+        _LOG.warning("%s: not used, removed", err)
+        _unlink(path)
         return None
-    if size != image.meta.stream_bytes:
-        _LOG.warning("hot stream %s has %d bytes, the image %d: not used, removed", path,
-                     size, image.meta.stream_bytes)
-        path.unlink(missing_ok=True)
+    changed = [name for name, stamp in hot.packs.items()
+               if file_stamp(store.pages.dir / f"{name}.pack") != stamp]
+    if changed:
+        _LOG.warning("hot stream %s not used, removed: pack %s changed since it was built; "
+                     "restoring from the page store, every page verified", path,
+                     ", ".join(changed))
+        _unlink(path)
         return None
-    return path
+    return hot
+
+
+def read_sums(path: Path, image_id: str, stream_bytes: int) -> HotStream:
+    """Load and check ``path``'s checksum file against the image it should hold.
+
+    :raises CorruptObject: missing, damaged, or for another image or size.
+    """
+    where = sums_of(path)
+    try:
+        doc = json.loads(where.read_bytes())
+        body = {k: v for k, v in doc.items() if k != "checksum"}
+        ok = doc["checksum"] == _checksum(body)
+        sums = [bytes.fromhex(h) for h in body["sha256"]]
+        size, chunk = int(body["stream_bytes"]), int(body["chunk"])
+        packs = {str(k): (int(v[0]), int(v[1]), int(v[2])) for k, v in body["packs"].items()}
+        actual = path.stat().st_size
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
+        raise CorruptObject(f"hot stream {path}: checksums {where.name} unusable ({err})") from None
+    if not ok or body.get("image_id") != image_id or chunk <= 0:
+        raise CorruptObject(f"hot stream {path}: checksum mismatch of {where.name} itself")
+    if size != stream_bytes or actual != size or len(sums) != -(-size // chunk):
+        raise CorruptObject(f"hot stream {path} has {actual} bytes, its checksums cover "
+                            f"{size}, the image {stream_bytes}")
+    return HotStream(path, size, chunk, sums, packs)
+
+
+def _checksum(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    sums_of(path).unlink(missing_ok=True)
+
+
+def stream_verified(hot: HotStream, sink: BinaryIO, what: str) -> int:
+    """Copy the hot stream to ``sink`` chunk by chunk, each checked before it is written.
+
+    Why here and not before ``xl restore FILE``: the file is read once, and hashing
+    overlaps with xl building the domain (docs/images.md has both measured).
+    :raises CorruptObject: names the file, the chunk and its offset.
+    """
+    written = 0
+    with open(hot.path, "rb", buffering=0) as f:
+        for number, expected in enumerate(hot.sums):
+            data = f.read(hot.chunk)
+            if hashlib.sha256(data).digest() != expected or not data:
+                err = CorruptObject(f"{what}: hot stream {hot.path} chunk #{number} (offset "
+                                    f"{number * hot.chunk}, {len(data)} bytes): checksum "
+                                    "mismatch; the stream is not used")
+                err.hot_stream = hot.path  # type: ignore[attr-defined]
+                err.offset = number * hot.chunk  # type: ignore[attr-defined]
+                raise err
+            sink.write(data)
+            written += len(data)
+    return written
+
+
+def verify_file(hot: HotStream, what: str) -> float:
+    """Hash the whole hot stream before xl reads it (the slower variant, kept for the
+    measurement in docs/images.md and for ``scrub``); returns the seconds it took."""
+    start = time.monotonic()
+
+    class _Null:
+        def write(self, data: bytes) -> int:
+            return len(data)
+    stream_verified(hot, _Null(), what)  # type: ignore[arg-type]
+    return time.monotonic() - start
 
 
 class Cancelled(Exception):
@@ -84,15 +191,39 @@ class Cancelled(Exception):
 
 
 class _CancellableFile:
-    """A file whose writes raise :class:`Cancelled` once ``cancel`` is set."""
+    """A file whose writes raise :class:`Cancelled` once ``cancel`` is set, and that
+    hashes what it writes in :data:`CHUNK`-sized chunks (:attr:`sums`)."""
 
     def __init__(self, f: BinaryIO, cancel: threading.Event | None) -> None:
         self.f, self.cancel = f, cancel
+        self.sums: list[bytes] = []
+        self._hash = hashlib.sha256()
+        self._fill = 0
 
     def write(self, data: Any) -> int:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("warm-up cancelled")
+        view = memoryview(data).cast("B")
+        pos = 0
+        while pos < len(view):
+            take = min(CHUNK - self._fill, len(view) - pos)
+            self._hash.update(view[pos:pos + take])
+            self._fill += take
+            pos += take
+            if self._fill == CHUNK:
+                self._close_chunk()
         return self.f.write(data)
+
+    def _close_chunk(self) -> None:
+        self.sums.append(self._hash.digest())
+        self._hash = hashlib.sha256()
+        self._fill = 0
+
+    def finish(self) -> list[bytes]:
+        """The sums, the last (short) chunk included."""
+        if self._fill:
+            self._close_chunk()
+        return self.sums
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.f, name)
@@ -115,14 +246,20 @@ def warm(store: ImageStore, domain: str, image_id: str,
     _check_room(dest.parent, image.meta.stream_bytes)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     start = time.monotonic()
+    packs = _pack_stamps(store, image)  # before reading: a later write shows as a change
     try:
         with open(tmp, "wb") as out:
-            written = store.regenerate(image, _CancellableFile(out, cancel))  # type: ignore[arg-type]
+            summer = _CancellableFile(out, cancel)
+            written = store.regenerate(image, summer)  # type: ignore[arg-type]
             out.flush()
             os.fsync(out.fileno())
         if not _is_newest(store, domain, image_id):
             tmp.unlink()
             return None
+        body = {"version": 1, "image_id": image_id, "stream_bytes": written, "chunk": CHUNK,
+                "sha256": [h.hex() for h in summer.finish()], "packs": packs}
+        atomic_write(sums_of(dest), json.dumps({**body, "checksum": _checksum(body)}).encode(),
+                     mode=0o600)
         os.replace(tmp, dest)
         fsync_dir(dest.parent)
     except BaseException:
@@ -131,6 +268,16 @@ def warm(store: ImageStore, domain: str, image_id: str,
     _LOG.info("hot stream of %s/%s ready: %d bytes in %.2f s", domain, image_id, written,
               time.monotonic() - start)
     return dest
+
+
+def _pack_stamps(store: ImageStore, image: Image) -> dict[str, Stamp]:
+    """The stamps of the packs holding the image's pages, as :func:`lookup` compares."""
+    with store._mutex:  # noqa: SLF001 - the index is the store's, read under its mutex
+        store.pages.refresh()
+        numbers = {split_loc(loc)[0] for loc in resolve(store.pages, image)}
+        infos = [store.pages.packs[n] for n in numbers]
+    stamps = {info.name: file_stamp(info.path) for info in infos}
+    return {name: stamp for name, stamp in stamps.items() if stamp is not None}
 
 
 def _is_newest(store: ImageStore, domain: str, image_id: str) -> bool:
@@ -168,6 +315,10 @@ def drop(store: ImageStore, domain: str, image_id: str | None = None,
     for path in folder.glob(f"*{SUFFIX}"):
         name = path.name[:-len(SUFFIX)]
         if (image_id is None or name == image_id) and name != keep:
+            _unlink(path)
+    for path in folder.glob(f"*{SUMS_SUFFIX}"):  # checksums whose stream is gone
+        if not path.with_name(path.name[:-len(SUMS_SUFFIX)] + SUFFIX).exists() \
+                and path.name[:-len(SUMS_SUFFIX)] != keep:
             path.unlink(missing_ok=True)
 
 
@@ -179,7 +330,17 @@ def orphans(store: ImageStore) -> list[Path]:
     found = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         for path in sorted(folder.iterdir()):
-            name = path.name[:-len(SUFFIX)] if path.name.endswith(SUFFIX) else ""
+            suffix = next((s for s in (SUFFIX, SUMS_SUFFIX) if path.name.endswith(s)), None)
+            name = path.name[:-len(suffix)] if suffix else ""
+            if suffix == SUMS_SUFFIX and (folder / f"{name}{SUFFIX}").exists():
+                continue  # goes with its stream (:func:`remove`)
             if not name or not store.manifest_path(folder.name, name).exists():
                 found.append(path)
     return found
+
+
+def remove(path: Path) -> None:
+    """Delete a hot stream (or leftover) and the checksums that go with it."""
+    path.unlink(missing_ok=True)
+    if path.name.endswith(SUFFIX):
+        sums_of(path).unlink(missing_ok=True)

@@ -28,6 +28,7 @@ import mmap
 import os
 import secrets
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +77,25 @@ def make_loc(pack_no: int, offset: int, reclen: int) -> int:
 def split_loc(loc: int) -> tuple[int, int, int]:
     """``(pack_no, offset, record_length)`` of a location made by :func:`make_loc`."""
     return loc >> (_OFF_BITS + _LEN_BITS), (loc >> _LEN_BITS) & _OFF_MASK, loc & _LEN_MASK
+
+
+Stamp = tuple[int, int, int]
+
+
+def file_stamp(path: Path) -> Stamp | None:
+    """``(inode, size, ctime_ns)`` of a file, None if it is gone.
+
+    Why ctime: sealed packs are never written again, and every write, truncation or
+    ``utime`` (which could hide an mtime change) moves ctime, which no caller can set.
+    A stamp that still matches therefore means nobody changed the file through the file
+    system since it was verified; damage below it (bit rot) leaves the stamp alone and
+    is found by ``xenpbr scrub`` and by the page-by-page checks of a FIFO restore.
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_ctime_ns
 
 
 @dataclass(slots=True)
@@ -287,6 +307,13 @@ class PageStore:
         self.by_name: dict[str, PackInfo] = {}
         self.problems: dict[str, IndexProblem] = {}
         self._next_no = 0
+        # digests whose record (the one the index points at) was read back and hashed, or
+        # written by this process; valid while the pack's stamp is the one recorded here
+        self.verified: set[bytes] = set()
+        self._pack_stamps: dict[str, Stamp | None] = {}
+        self._idx_stamps: dict[str, tuple[int, int] | None] = {}
+        self.verify_s = 0.0  # time spent re-checking stored pages before reuse
+        self.verified_pages = 0
 
     # -- index maintenance
 
@@ -297,10 +324,9 @@ class PageStore:
         compacted its pack) the whole index is rebuilt, so no stale location survives.
         """
         on_disk = {p.stem for p in self.dir.glob("*.idx")}
-        if set(self.by_name) - on_disk:
-            self.index.clear()
-            self.packs.clear()
-            self.by_name.clear()
+        if set(self.by_name) - on_disk or self._rewritten_indexes():
+            self._forget()
+        self._drop_changed_packs()
         self.problems = {n: p for n, p in self.problems.items()
                          if n in on_disk and p.stamp == self._stamp(n)}
         for name in sorted(on_disk - set(self.by_name) - set(self.problems)):
@@ -308,11 +334,34 @@ class PageStore:
 
     def reload(self) -> None:
         """Forget everything and re-read every index (after GC)."""
+        self._forget()
+        self.problems.clear()
+        self.refresh()
+
+    def _forget(self) -> None:
         self.index.clear()
         self.packs.clear()
         self.by_name.clear()
-        self.problems.clear()
-        self.refresh()
+        self.verified.clear()
+        self._pack_stamps.clear()
+        self._idx_stamps.clear()
+
+    def _rewritten_indexes(self) -> bool:
+        """True if an index we loaded was rewritten since (a bad record dropped from it,
+        maybe by another process): its entries must be re-read, not trusted."""
+        return any(self._stamp(name) != stamp for name, stamp in self._idx_stamps.items())
+
+    def _drop_changed_packs(self) -> None:
+        """Forget that a pack's pages were verified once its file changed (one stat per
+        pack: the cheap invariant behind :attr:`verified`)."""
+        for name, stamp in self._pack_stamps.items():
+            info = self.by_name.get(name)
+            if info is None or file_stamp(info.path) == stamp:
+                continue
+            _LOG.warning("page store %s: pack %s changed on disk since its pages were "
+                         "verified; they are checked again before any reuse", self.dir, name)
+            self.verified.difference_update(d for d, _, _ in info.entries)
+            self._pack_stamps[name] = file_stamp(info.path)
 
     def _load_index(self, name: str) -> None:
         path = self.dir / f"{name}.idx"
@@ -328,6 +377,8 @@ class PageStore:
         if actual < pack_size:
             self._problem(name, f"pack is {actual} bytes, index covers {pack_size} (truncated)")
             return
+        self._idx_stamps[name] = self._stamp(name)
+        self._pack_stamps[name] = file_stamp(self.dir / f"{name}.pack")
         self._register(PackInfo(-1, name, self.dir / f"{name}.pack", pack_size, entries))
 
     def _stamp(self, name: str) -> tuple[int, int] | None:
@@ -352,8 +403,67 @@ class PageStore:
                 index[digest] = make_loc(info.no, off, reclen)
 
     def add_sealed(self, info: PackInfo) -> None:
-        """Make a pack sealed by this process visible to lookups."""
+        """Make a pack sealed by this process visible to lookups. Its pages count as
+        verified: this process hashed each one before writing it."""
+        self._idx_stamps[info.name] = self._stamp(info.name)
+        self._pack_stamps[info.name] = file_stamp(info.path)
         self._register(info)
+        self.verified.update(d for d, _, _ in info.entries
+                             if split_loc(self.index[d])[0] == info.no)
+
+    # -- verification before reuse, and dropping bad records
+
+    def check_stored(self, digest: bytes) -> int | None:
+        """The location of a *verified* stored copy of ``digest``, or None.
+
+        Why: a capture that references a stored page instead of writing its own copy
+        would carry a corrupted record into every later image. A digest not verified
+        since its pack last changed is read back and hashed (once per process); a bad
+        record is dropped from its index (:meth:`drop_record`), so the caller writes a
+        fresh copy and the store is repaired.
+        """
+        loc = self.index.get(digest)
+        if loc is None or digest in self.verified:
+            return loc
+        start = time.monotonic()
+        reader = PackReader(self)
+        try:
+            reader.read(loc, digest)
+        except CorruptObject as err:
+            self.drop_record(digest, loc, str(err))
+            return None
+        finally:
+            reader.close()
+            self.verify_s += time.monotonic() - start
+        self.verified_pages += 1
+        self.verified.add(digest)
+        return loc
+
+    def drop_record(self, digest: bytes, loc: int, reason: str) -> bool:
+        """Take a bad record out of the index (memory and its ``.idx``, rewritten
+        atomically): no image can use it, the next capture of that page stores a fresh
+        copy, and GC reclaims the bytes. Returns False if the index had moved on."""
+        if self.index.get(digest) != loc:
+            return False
+        pack_no, off, _ = split_loc(loc)
+        info = self.packs[pack_no]
+        info.entries = [e for e in info.entries if not (e[0] == digest and e[1] == off)]
+        atomic_write(self.dir / f"{info.name}.idx",
+                     encode_index(info.name, info.size, info.entries), mode=0o600)
+        self._idx_stamps[info.name] = self._stamp(info.name)
+        del self.index[digest]
+        self.verified.discard(digest)
+        for other in self.packs.values():  # another copy of the page, if any, takes over
+            for d, o, n in other.entries if other is not info else ():
+                if d == digest:
+                    self.index[digest] = make_loc(other.no, o, n)
+                    break
+            if digest in self.index:
+                break
+        _LOG.error("page store %s: record %s of pack %s offset %d dropped from its index "
+                   "(%s); a later capture stores the page afresh", self.dir,
+                   digest.hex()[:16], info.name, off, reason)
+        return True
 
     # -- lookups and sizes
 
@@ -380,6 +490,7 @@ class PackReader:
 
     def __init__(self, store: PageStore) -> None:
         self._packs = dict(store.packs)  # a snapshot: numbering is stable while we read
+        self._store = store  # packs sealed after the snapshot (another capture) are found here
         self._maps: dict[int, mmap.mmap] = {}
 
     def read(self, loc: int, digest: bytes) -> bytes:
@@ -399,7 +510,8 @@ class PackReader:
         if codec_id:
             page = self._decode(pack_no, off, codec_id, page)
         if hashlib.sha256(page).digest() != digest:
-            raise self._corrupt(pack_no, off, "contents do not match their SHA-256")
+            raise self._corrupt(pack_no, off, "checksum mismatch (contents do not match "
+                                "their SHA-256)")
         return page
 
     def _decode(self, pack_no: int, off: int, codec_id: int, payload: bytes) -> bytes:
@@ -412,7 +524,8 @@ class PackReader:
             raise self._corrupt(pack_no, off, f"{codec.name} decoding failed: {err}") from err
 
     def _map(self, pack_no: int) -> mmap.mmap:
-        info = self._packs[pack_no]
+        info = self._packs.get(pack_no) or self._store.packs[pack_no]
+        self._packs[pack_no] = info
         with info.path.open("rb") as f:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         if len(mm) < info.size:

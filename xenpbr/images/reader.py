@@ -51,9 +51,12 @@ class ImageReader:
         try:
             return self._packs.read(self._locs[ref], self._hashes[ref])
         except CorruptObject as err:
-            raise CorruptObject(f"{self.image.describe()}: page #{i} (pfn {pfn:#x}, sha256 "
+            bad = CorruptObject(f"{self.image.describe()}: page #{i} (pfn {pfn:#x}, sha256 "
                                 f"{self._hashes[ref].hex()[:16]}...) is corrupt: {err}; the "
-                                "image must not be used (delete it and run gc)") from err
+                                "image must not be used (xenpbr scrub repairs the store)")
+            bad.__dict__.update(err.__dict__)  # pack, offset: what to drop
+            bad.digest = self._hashes[ref]  # type: ignore[attr-defined]
+            raise bad from err
 
     def write_to(self, fileobj: BinaryIO) -> int:
         """Regenerate the whole stream into ``fileobj``; return bytes written."""

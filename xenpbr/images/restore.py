@@ -21,7 +21,9 @@ file systems exactly as they were at the boundary.
 
 **Hot stream.** If the image's stream was regenerated ahead of time (:mod:`.hotcache`:
 xenpbrd does it for each domain's newest image), xl reads that file instead of the FIFO;
-``use_hot=False`` or ``verify_first=True`` always regenerate from verified pages.
+``use_hot=False`` or ``verify_first=True`` always regenerate from verified pages. That
+file is streamed through the FIFO too, each 1 MiB chunk checked against the checksums
+written beside it, so xl never reads an unchecked byte from it either.
 
 **Monitoring.** ``-e`` is passed unless ``monitor=True``: xenpbrd watches domains
 itself, so no ``xl`` process is left behind to act on the guest's shutdown. With
@@ -35,7 +37,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -69,8 +71,14 @@ class RestoreResult:
 def restore(store: ImageStore, image: Image, paused: bool = True, *,
             config_file: Path | str | None = None, name: str | None = None,
             monitor: bool = False, verify_first: bool = False, timeout: float = 600.0,
-            xl: Sequence[str] = ("xl",), use_hot: bool = True) -> RestoreResult:
+            xl: Sequence[str] = ("xl",), use_hot: bool = True,
+            hot_mode: str = "stream") -> RestoreResult:
     """Create a domain from ``image``; it stays paused unless ``paused=False``.
+
+    Every byte xl reads is verified first: pages against the manifest's SHA-256, a hot
+    stream chunk by chunk (``hot_mode="stream"``, through the FIFO, or ``"file"``: the
+    whole file hashed, then ``xl restore FILE``). A failure marks the image invalid in
+    the store (or drops a bad hot stream) before it is raised.
 
     :raises CorruptObject, MissingObject: the image is damaged (nothing left behind).
     :raises RestoreFailed: xl failed or timed out (its message included).
@@ -82,16 +90,55 @@ def restore(store: ImageStore, image: Image, paused: bool = True, *,
     if existing is not None:
         raise RestoreFailed(f"cannot restore {image.describe()}: a domain named {name} "
                             f"already exists (domid {existing}); destroy it first")
-    verify_s = _verify(store, image) if verify_first else 0.0
+    try:
+        verify_s = _verify(store, image) if verify_first else 0.0
+    except ImageInvalid as err:
+        _reject(store, image, err)
+        raise
     # no domain of that name runs on the disks now: put the image's snapshots back
     # before xl attaches them (DiskSnapshotMissing: this image is not used)
     disks_s = disks.revert(store, image)
     argv = [*xl, "restore", *(["-p"] if paused else []), *([] if monitor else ["-e"]),
             *([str(config_file)] if config_file is not None else [])]
     hot = hotcache.lookup(store, image) if use_hot and not verify_first else None
-    if hot is not None:
-        return _restore_file(image, name, argv, hot, start, disks_s, timeout, xl)
-    with store.reader(image) as pages, tempfile.TemporaryDirectory(prefix="xenpbr-restore-") as tmp:
+    try:
+        if hot is not None and hot_mode == "file":
+            verify_s = hotcache.verify_file(hot, image.describe())
+            return _restore_file(image, name, argv, hot.path, start, disks_s, timeout, xl,
+                                 verify_s)
+        if hot is not None:
+            return _restore_fifo(image, name, argv, start, disks_s, timeout, xl, verify_s,
+                                 lambda sink: hotcache.stream_verified(hot, sink, image.describe()),
+                                 hot=True, paused=paused)
+        with store.reader(image) as pages:
+            return _restore_fifo(image, name, argv, start, disks_s, timeout, xl, verify_s,
+                                 pages.write_to, hot=False, paused=paused)
+    except ImageInvalid as err:
+        _reject(store, image, err)
+        raise
+
+
+def _reject(store: ImageStore, image: Image, err: ImageInvalid) -> None:
+    """A restore found damage: make sure nothing uses it again. A bad hot stream is
+    dropped (the store's copy is untouched); a bad stored page marks the image invalid
+    in the store and drops the record, so the next capture of that page rewrites it."""
+    hot_path = getattr(err, "hot_stream", None)
+    if hot_path is not None:
+        hotcache.drop(store, image.meta.domain, image.meta.image_id)
+        return
+    store.mark_invalid(image.meta.domain, image.meta.image_id, str(err))
+    pack, offset, digest = (getattr(err, k, None) for k in ("pack", "offset", "digest"))
+    if pack is not None and offset is not None and digest is not None:
+        store.drop_bad_record(digest, pack, offset, str(err))
+
+
+def _restore_fifo(image: Image, name: str, argv: list[str], start: float,
+                  disks_s: dict[str, float], timeout: float, xl: Sequence[str],
+                  verify_s: float, source: Callable[[BinaryIO], int], *, hot: bool,
+                  paused: bool) -> RestoreResult:
+    """``xl restore`` reading a FIFO that ``source`` fills with verified bytes; any
+    verification failure kills xl and destroys the partial domain before it can run."""
+    with tempfile.TemporaryDirectory(prefix="xenpbr-restore-") as tmp:
         fifo = Path(tmp) / "stream"
         os.mkfifo(fifo, 0o600)
         try:
@@ -106,12 +153,14 @@ def restore(store: ImageStore, image: Image, paused: bool = True, *,
                                            _cleanup(xl, proc, name))) from None
         stream_start = time.monotonic()
         try:
-            written = pages.write_to(sink)
+            written = source(sink)
             sink.close()
         except ImageInvalid as err:
             cleanup = _cleanup(xl, proc, name)  # kill xl before closing: no flush into it
             _close_quietly(sink)
-            raise type(err)(f"{err}; restore aborted: {cleanup}") from err
+            failed = type(err)(f"{err}; restore aborted: {cleanup}")
+            failed.__dict__.update(err.__dict__)  # pack, offset, digest, hot_stream
+            raise failed from err
         except OSError as err:  # EPIPE: xl stopped reading
             _close_quietly(sink)
             proc.wait()
@@ -128,21 +177,23 @@ def restore(store: ImageStore, image: Image, paused: bool = True, *,
                                            _cleanup(xl, proc, name)))
     new_domid = _new_domid(xl, image, name, proc)
     done = time.monotonic()
-    _LOG.info("restored %s as domain %s (domid %d%s) in %.2f s: before xl %.2f s (disk "
-              "reverts %.2f s), stream %.2f s (%.0f MiB/s), xl after the stream %.2f s, xl "
-              "total %.2f s", image.describe(), name, new_domid, ", paused" if paused else "",
-              done - start, proc.started - start, sum(disks_s.values()), stream_end - stream_start,
-              written / 2**20 / max(stream_end - stream_start, 1e-6),
+    _LOG.info("restored %s as domain %s (domid %d%s) from %s in %.2f s: before xl %.2f s "
+              "(disk reverts %.2f s), stream %.2f s (%.0f MiB/s, verified), xl after the "
+              "stream %.2f s, xl total %.2f s", image.describe(), name, new_domid,
+              ", paused" if paused else "", "its hot stream" if hot else "the page store",
+              done - start, proc.started - start, sum(disks_s.values()),
+              stream_end - stream_start, written / 2**20 / max(stream_end - stream_start, 1e-6),
               (proc.ended or done) - stream_end, (proc.ended or done) - proc.started)
     return RestoreResult(new_domid, name, image.meta, done - start, verify_s,
                          stream_end - stream_start, (proc.ended or done) - proc.started,
-                         written, proc.output(), disks_s)
+                         written, proc.output(), disks_s, hot=hot)
 
 
 def _restore_file(image: Image, name: str, argv: list[str], path: Path, start: float,
                   disks_s: dict[str, float], timeout: float,
-                  xl: Sequence[str]) -> RestoreResult:
-    """``xl restore`` of the image's ready-made stream (:mod:`.hotcache`)."""
+                  xl: Sequence[str], verify_s: float) -> RestoreResult:
+    """``xl restore FILE`` of the image's hot stream, verified whole beforehand
+    (``hot_mode="file"``: the alternative measured against streaming, docs/images.md)."""
     try:
         proc = XlProcess([*argv, str(path)], timeout)
     except XlError as err:
@@ -158,7 +209,7 @@ def _restore_file(image: Image, name: str, argv: list[str], path: Path, start: f
               "%.2f s (disk reverts %.2f s), xl %.2f s (%.0f MiB/s)", image.describe(), name,
               new_domid, done - start, proc.started - start, sum(disks_s.values()), xl_s,
               image.meta.stream_bytes / 2**20 / max(xl_s, 1e-6))
-    return RestoreResult(new_domid, name, image.meta, done - start, 0.0, xl_s, xl_s,
+    return RestoreResult(new_domid, name, image.meta, done - start, verify_s, xl_s, xl_s,
                          image.meta.stream_bytes, proc.output(), disks_s, hot=True)
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,15 +42,17 @@ from typing import Any, BinaryIO
 
 from xenpbr.fsutil import atomic_write, atomic_write_json, fsync_dir
 from xenpbr.images import codecs, disks, garbage, hotcache, manifest, skeleton
+from xenpbr.images import scrub as scrubbing
 from xenpbr.images.errors import CorruptObject, ImageError, ImageInvalid, ImageNotFound
 from xenpbr.images.image import Image, ImageMeta, check_image_id, check_name
 from xenpbr.images.locking import StoreLock
-from xenpbr.images.pagestore import DEFAULT_MAX_PACK, PackInfo, PageStore
+from xenpbr.images.pagestore import DEFAULT_MAX_PACK, PackInfo, PageStore, split_loc
 from xenpbr.images.reader import ImageReader, resolve
 from xenpbr.images.writer import CaptureWriter
 
 _LOG = logging.getLogger(__name__)
 FORMAT = b"xenpbr-image-store 1\n"
+INVALID_SUFFIX = ".invalid"
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,22 @@ class ImageStore:
         with self._mutex:
             self.pages.refresh()
 
+    def checked_loc(self, digest: bytes) -> int | None:
+        """A verified stored copy of ``digest`` for a capture to reference, or None
+        (absent, or found corrupt and dropped: store the page again)."""
+        with self._mutex:
+            return self.pages.check_stored(digest)
+
+    def drop_bad_record(self, digest: bytes, pack: str, offset: int, reason: str) -> bool:
+        """Drop a record a reader found corrupt from its index (see
+        :meth:`.pagestore.PageStore.drop_record`); False if the index moved on."""
+        with self._mutex:
+            info = self.pages.by_name.get(pack)
+            loc = self.pages.index.get(digest)
+            if info is None or loc is None or split_loc(loc)[:2] != (info.no, offset):
+                return False
+            return self.pages.drop_record(digest, loc, reason)
+
     def register_packs(self, sealed: list[PackInfo]) -> None:
         """A writer committed: make its packs visible to this process's lookups."""
         with self._mutex:
@@ -138,6 +157,32 @@ class ImageStore:
 
     def manifest_path(self, domain: str, image_id: str) -> Path:
         return self.domain_dir(domain) / f"{check_image_id(image_id)}{manifest.SUFFIX}"
+
+    def invalid_path(self, domain: str, image_id: str) -> Path:
+        """The marker that says an image failed verification (JSON: reason, time)."""
+        return self.domain_dir(domain) / f"{check_image_id(image_id)}{INVALID_SUFFIX}"
+
+    def mark_invalid(self, domain: str, image_id: str, reason: str) -> None:
+        """Record that an image must not be used, and why: a restore or a scrub found
+        one of its objects bad. Listings then show it invalid with the reason, and
+        :meth:`load` refuses it, in every process (the manifest itself is intact)."""
+        path = self.invalid_path(domain, image_id)
+        if not self.manifest_path(domain, image_id).exists():
+            return
+        atomic_write_json(path, {"version": 1, "reason": reason, "at": time.time()})
+        hotcache.drop(self, domain, image_id)
+        _LOG.error("image %s/%s marked invalid: %s", domain, image_id, reason)
+
+    def invalid_reason(self, domain: str, image_id: str) -> str | None:
+        """Why the image was marked invalid, or None."""
+        try:
+            data = json.loads(self.invalid_path(domain, image_id).read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return "marked invalid (the marker file is unreadable)"
+        return str(data.get("reason", "marked invalid")) if isinstance(data, dict) else \
+            "marked invalid"
 
     def manifest_paths(self) -> Iterator[Path]:
         """Every published manifest of every domain."""
@@ -242,6 +287,7 @@ class ImageStore:
         for path in self._domain_manifests(domain):
             try:
                 meta = manifest.read_meta(path.read_bytes(), f"{domain}/{path.stem}")
+                self._check_not_marked(domain, path.stem)
                 entries.append(ImageEntry(domain, path.stem, meta, None))
             except FileNotFoundError:
                 continue
@@ -249,6 +295,11 @@ class ImageStore:
                 _LOG.warning("image %s/%s is invalid: %s", domain, path.stem, err)
                 entries.append(ImageEntry(domain, path.stem, None, err))
         return sorted(entries, key=lambda e: e.image_id)
+
+    def _check_not_marked(self, domain: str, image_id: str) -> None:
+        reason = self.invalid_reason(domain, image_id)
+        if reason is not None:
+            raise CorruptObject(f"image {domain}/{image_id} was marked invalid: {reason}")
 
     def images(self, domain: str) -> list[ImageMeta]:
         """Metadata of the domain's valid images, oldest first."""
@@ -270,6 +321,7 @@ class ImageStore:
         except FileNotFoundError:
             raise ImageNotFound(f"domain {domain} has no image {image_id} in {self.root}") from None
         image = manifest.decode(data, where)
+        self._check_not_marked(domain, image_id)
         if (image.meta.domain, image.meta.image_id) != (domain, image_id):
             raise CorruptObject(f"manifest {path} describes image {image.meta.domain}/"
                                 f"{image.meta.image_id}: it was moved or copied; not used")
@@ -312,6 +364,7 @@ class ImageStore:
             path.unlink()
         except FileNotFoundError:
             raise ImageNotFound(f"domain {domain} has no image {image_id}") from None
+        self.invalid_path(domain, image_id).unlink(missing_ok=True)
         fsync_dir(path.parent)
         disks.remove(self, domain, image_id)
         hotcache.drop(self, domain, image_id)
@@ -328,6 +381,14 @@ class ImageStore:
         with self._lock(exclusive=True, timeout=wait), self._mutex:
             return garbage.collect(self, min_dead_fraction=min_dead_fraction,
                                    drop_invalid=drop_invalid)
+
+    def scrub(self, repair: bool = True) -> scrubbing.ScrubReport:
+        """Verify every object of the store; mark images that need a bad one invalid and
+        (``repair``) drop bad records and hot streams so later captures rewrite them.
+        Holds the lock shared: captures and restores go on meanwhile (:mod:`.scrub`)."""
+        with self._lock():
+            self._refresh()
+            return scrubbing.scrub(self, repair=repair)
 
     def disk_bytes(self) -> int:
         """Bytes of every pack, index and manifest file (what the store occupies)."""

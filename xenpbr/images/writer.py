@@ -2,7 +2,11 @@
 
 A :class:`CaptureWriter` is the ``on_page`` visitor of :func:`xenpbr.stream.read_stream`.
 Per page it does the minimum: one copy, one compare against the zero page, one
-SHA-256, one dict lookup, and for a page new to the store one buffered append. New
+SHA-256, one dict lookup, and for a page new to the store one buffered append. A page
+already stored is referenced only once its stored record has been read back and hashed
+(:meth:`~.pagestore.PageStore.check_stored`, once per process while its pack file is
+unchanged): a corrupt record is dropped and the page written afresh, so one damaged
+object is never carried into later images. New
 pages go to the writer's own pack files, invisible to everyone until :meth:`commit`
 seals them (fsync, then index) and publishes the manifest (temp + fsync + rename),
 which is the commit point. A writer that dies before that leaves no image; its packs
@@ -71,6 +75,7 @@ class CaptureWriter:
         self._charged = charged  # digests the domain's images already reference
         self._charged_bytes = charged_bytes
         self._index = store.pages.index
+        self._verified = store.pages.verified
         self._hashes: list[bytes] = []
         self._local: dict[bytes, int] = {}
         self._refs = array("I")
@@ -106,6 +111,8 @@ class CaptureWriter:
         if self._lock is None:
             raise ImageError(f"capture {self.domain}/{self.image_id} is closed")
         loc = self._index.get(digest)
+        if loc is not None and digest not in self._verified:
+            loc = self.store.checked_loc(digest)  # never reference an unverified record
         if loc is None:
             pack = self._writable_pack()
             codec_id, payload = pack.encode(page)

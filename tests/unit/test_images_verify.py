@@ -1,0 +1,139 @@
+"""Every byte a restore hands to xl is verified, captures never reuse a bad stored page,
+and ``scrub`` finds and repairs damage (issue 13, point 5). Against the fake ``xl`` of
+test_images_xl; real Xen: tests/lab/test_store_corruption_real.py.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_images_xl import FakeXl, captured, data, fake, store  # noqa: F401
+from xenpbr.images import CorruptObject, ImageStore, capture, hotcache, restore
+from xenpbr.images.pagestore import PACK_HEADER, RECORD
+
+PAGE_600 = PACK_HEADER.size + 600 * (RECORD.size + 4096) + RECORD.size + 7
+
+
+def flip(path: Path, offset: int) -> None:
+    """Flip one byte in place, as damage would (a few ms after the file was written:
+    a pack's stamp has the kernel's clock-tick resolution)."""
+    time.sleep(0.02)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x80]))
+
+
+def the_pack(store: ImageStore) -> Path:
+    (pack,) = store.pages.dir.glob("*.pack")
+    return pack
+
+
+def crashed(fake: FakeXl) -> None:
+    (fake.state / "domains" / "vm1").unlink(missing_ok=True)
+
+
+def test_a_flipped_byte_in_the_hot_stream_stops_xl_before_the_guest_runs(store, fake) -> None:
+    image = captured(store, fake)
+    path = hotcache.warm(store, "vm1", image.meta.image_id)
+    flip(path, path.stat().st_size - 10)
+    crashed(fake)
+    with pytest.raises(CorruptObject, match=rf"image vm1/{image.meta.image_id}.*hot stream .*"
+                                            r"chunk #\d+ \(offset \d+.*checksum mismatch.*"
+                                            r"partial domain pbr-guest \(domid 7\) destroyed"):
+        restore(store, image, xl=fake.argv)
+    assert "pbr-guest" not in fake.domains()
+    assert not path.exists() and not hotcache.sums_of(path).exists()  # dropped
+    assert store.scan("vm1")[0].valid  # the store's copy is intact
+
+
+def test_hot_mode_file_verifies_the_whole_file_before_xl(store, fake, data) -> None:
+    image = captured(store, fake)
+    path = hotcache.warm(store, "vm1", image.meta.image_id)
+    crashed(fake)
+    result = restore(store, image, xl=fake.argv, hot_mode="file")
+    assert result.hot and result.verify_s > 0 and (fake.state / "restored.xl").read_bytes() == data
+    fake.state.joinpath("domains", "pbr-guest").unlink()
+    path = hotcache.warm(store, "vm1", image.meta.image_id)
+    flip(path, 100)
+    calls = len(fake.calls())
+    with pytest.raises(CorruptObject, match="checksum mismatch"):
+        restore(store, image, xl=fake.argv, hot_mode="file")
+    assert not any(c[0] == "restore" for c in fake.calls()[calls:])
+
+
+def test_a_flipped_stored_page_rejects_the_image_even_with_a_hot_stream(store, fake) -> None:
+    image = captured(store, fake)
+    assert hotcache.warm(store, "vm1", image.meta.image_id) is not None
+    flip(the_pack(store), PAGE_600)
+    crashed(fake)
+    with pytest.raises(CorruptObject, match=rf"image vm1/{image.meta.image_id}.*page #\d+ .*"
+                                            r"pack \w+ offset \d+: checksum mismatch"):
+        restore(store, image, xl=fake.argv)  # the pack changed: not the hot stream
+    assert "pbr-guest" not in fake.domains()
+    (entry,) = store.scan("vm1")
+    assert not entry.valid and "checksum mismatch" in str(entry.error)  # listed invalid
+    with pytest.raises(CorruptObject, match="marked invalid"):
+        store.load("vm1", image.meta.image_id)
+
+
+def test_a_new_capture_rewrites_a_bad_page_instead_of_reusing_it(store, fake) -> None:
+    first = captured(store, fake)
+    flip(the_pack(store), PAGE_600)
+    other = ImageStore(store.root)  # another process: nothing verified yet
+    result = capture("vm1", other, "boot", xl=fake.argv)
+    assert result.stats.new_pages == 1 and other.pages.verified_pages > 0
+    other.verify("vm1", result.meta.image_id)  # every page good
+    # the bad record left its index: the first image now reads the fresh copy too, and
+    # GC reclaims the bad bytes once enough of the pack is dead
+    assert store.scrub().clean
+    store.verify("vm1", first.meta.image_id)
+    store.gc()  # one dead record: below the compaction threshold, kept until then
+    assert store.scrub().clean
+
+
+def test_the_same_process_rechecks_a_pack_that_changed_since_it_wrote_it(store, fake) -> None:
+    captured(store, fake)
+    assert store.pages.verified  # its own pages: hashed before they were written
+    capture("vm1", store, "boot", xl=fake.argv)
+    assert store.pages.verified_pages == 0  # nothing re-read: the pack is unchanged
+    flip(the_pack(store), PAGE_600)
+    result = capture("vm1", store, "boot", xl=fake.argv)
+    assert result.stats.new_pages == 1  # found bad, dropped, stored afresh
+    store.verify("vm1", result.meta.image_id)
+
+
+def test_scrub_reports_marks_and_repairs(store, fake) -> None:
+    image = captured(store, fake)
+    hot = hotcache.warm(store, "vm1", image.meta.image_id)
+    assert store.scrub().clean
+    flip(the_pack(store), PAGE_600)
+    report = store.scrub()
+    assert not report.clean and report.objects > 1000 and report.packs == 1
+    (bad,) = report.bad_objects
+    assert bad["action"] == "dropped" and "checksum mismatch" in bad["reason"]
+    (invalid,) = report.invalid_images
+    assert invalid["image"] == image.meta.image_id and invalid["marked_now"]
+    assert bad["sha256"][:16] in invalid["reason"]
+    assert not hot.exists()  # the image's hot stream went with it
+    assert not store.scan("vm1")[0].valid
+    fake.add_domain("vm1")
+    result = capture("vm1", store, "boot", xl=fake.argv)
+    assert result.stats.new_pages == 1  # the dropped page is written afresh
+    store.delete("vm1", image.meta.image_id)
+    assert store.scrub().to_json()["clean"]
+
+
+def test_scrub_deletes_a_bad_hot_stream(store, fake) -> None:
+    image = captured(store, fake)
+    hot = hotcache.warm(store, "vm1", image.meta.image_id)
+    flip(hot, 5000)
+    report = store.scrub()
+    (bad,) = report.bad_hot_streams
+    assert bad["action"] == "deleted" and "checksum mismatch" in bad["reason"]
+    assert not hot.exists() and store.scan("vm1")[0].valid
+    assert store.scrub().clean
