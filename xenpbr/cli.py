@@ -321,6 +321,34 @@ def cmd_gc(args: argparse.Namespace, state: StateDir) -> int:
     return 0
 
 
+def cmd_scrub(args: argparse.Namespace, state: StateDir) -> int:
+    """Verify every page, manifest and hot stream of the image store; mark the images
+    that need a bad object invalid (with the reason), and drop bad page records and hot
+    streams so the next capture writes them afresh. Exit 0 even when damage was found:
+    ``clean`` (JSON) or the first line says whether the store is sound."""
+    report = _store(state).scrub()
+    row = report.to_json()
+    emit(row, args.json, lambda: print(_scrub_text(row)))
+    return 0
+
+
+def _scrub_text(row: dict[str, Any]) -> str:
+    """The scrub report for people: a verdict, what was read, then one line per finding."""
+    lines = [f"{'clean' if row['clean'] else 'DAMAGE FOUND'}: {row['objects']} page records in "
+             f"{row['packs']} packs ({row['bytes']} bytes), {row['images']} images, "
+             f"{row['hot_streams']} hot streams checked in {row['seconds']} s"]
+    lines += [f"bad page {b['sha256'][:16]}... pack {b['pack']} offset {b['offset']}: "
+              f"{b['reason']} -> {b['action']}" for b in row["bad_objects"]]
+    lines += [f"unusable pack {p['pack']}: {p['reason']} (xenpbr gc rebuilds its index)"
+              for p in row["unusable_packs"]]
+    lines += [f"invalid image {i['domain']}/{i['image']}"
+              f"{' (marked now)' if i['marked_now'] else ''}: {i['reason']}"
+              for i in row["invalid_images"]]
+    lines += [f"bad hot stream {h['path']}: {h['reason']} -> {h['action']}"
+              for h in row["bad_hot_streams"]]
+    return "\n".join(lines)
+
+
 def cmd_daemon(args: argparse.Namespace, state: StateDir) -> int:
     """Run xenpbrd in the foreground, as its service does (logs on stderr)."""
     from xenpbr.daemon import main as daemon_main
@@ -386,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("gc", cmd_gc, "reclaim store space no image uses (after forget)")
     p.add_argument("--wait", type=float, default=60.0,
                    help="seconds to wait for captures and restores under way (default 60)")
+    command("scrub", cmd_scrub, "verify the whole image store; reject images that need a "
+            "bad object, drop bad objects so later captures rewrite them")
     command("daemon", cmd_daemon, "run xenpbrd in the foreground", json=False)
     return parser
 

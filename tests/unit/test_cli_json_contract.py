@@ -114,13 +114,15 @@ def run_json(root: Path, *argv: str, capsys: pytest.CaptureFixture[str]) -> Any:
 
 
 COMMANDS = {"status": ["status"], "images": ["images", "web"], "history": ["history", "web"],
-            "inject": ["inject", "web"], "gc": ["gc"],
+            "inject": ["inject", "web"], "gc": ["gc"], "scrub": ["scrub"],
             "forget": ["forget", "web", "--phase", "app"],  # these last: they change state
             "create": ["create", "{tmp}/api.cfg"], "check": ["check", "{tmp}/api.cfg"],
             "unregister": ["unregister", "web"]}
 #: Keys the test's fake xl cannot give a value (no domain runs).
 ALWAYS_NULL_HERE["unregister"] = {"domid"}
 NOT_RUN = {"reboot"}  # needs Xen and xenstore; its object is a history entry
+#: An empty store gives empty lists; test_scrub_json_on_a_damaged_store fills them.
+ALWAYS_NULL_HERE["scrub"] = {k for k in contract().get("scrub", (False, {}))[1] if "[]." in k}
 
 
 def test_the_doc_covers_every_command_the_test_runs() -> None:
@@ -141,6 +143,37 @@ def test_json_output_matches_the_documented_contract(command: str, state_dir: Pa
         check(item, spec, "", seen)
     unseen = set(spec) - seen - ALWAYS_NULL_HERE.get(command, set())
     assert not unseen, f"{command}: test data never gave these a value: {sorted(unseen)}"
+
+
+def test_scrub_json_on_a_damaged_store(state_dir: Path, capsys) -> None:
+    """A flipped page (its image marked invalid) and a flipped hot stream: every list of
+    the scrub report has rows (an unusable pack index is covered by its own type)."""
+    import io
+
+    from tests.unit.streams import synth
+    from xenpbr.images import hotcache
+    from xenpbr.images.pagestore import PACK_HEADER, RECORD
+    from xenpbr.images.store import ImageStore
+    from xenpbr.stream import read_stream
+    store = ImageStore(StateDir(state_dir).images_root)
+    web_pack = None
+    for domain, salt in (("web", b"a"), ("api", b"b")):
+        data = b"".join(synth.iter_pv_stream(synth.PvStreamSpec(
+            nr_pfns=64, content=lambda pfn, s=salt: s * 8 + pfn.to_bytes(8, "little") * 511)))
+        with store.begin_capture(domain, "boot") as writer:
+            meta = writer.commit(read_stream(io.BytesIO(data), on_page=writer.on_page))
+        hot = hotcache.warm(store, domain, meta.image_id)  # api's stays: flipped below
+        web_pack = web_pack if domain == "api" else next(store.pages.dir.glob("*.pack"))
+    for path, offset in ((web_pack, PACK_HEADER.size + RECORD.size + 9), (hot, 100)):
+        raw = bytearray(path.read_bytes())
+        raw[offset] ^= 1
+        path.write_bytes(bytes(raw))
+    _, spec = contract()["scrub"]
+    report = run_json(state_dir, "scrub", capsys=capsys)
+    seen: set[str] = set()
+    check(report, spec, "", seen)
+    assert report["clean"] is False
+    assert not set(spec) - seen - {k for k in spec if k.startswith("unusable_packs[].")}
 
 
 def test_an_invalid_config_has_the_same_check_keys(state_dir: Path, capsys) -> None:
