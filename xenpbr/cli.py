@@ -183,9 +183,11 @@ def cmd_images(args: argparse.Namespace, state: StateDir) -> int:
         img = phases.images.get(phase)
         meta = stored.get(img.image_id) if img else None
         rows.append({"phase": phase, "image": img.image_id if img else None,
-                     "valid": bool(img and img.verified and img.fingerprint == phases.fingerprint),
+                     "valid": bool(img and img.verified and img.fingerprint == phases.fingerprint
+                                   and not img.abandoned(_image_failures(state, args.domain))),
                      "created_at": utc(img.created_at) if img else None,
                      "seq": img.seq if img else None,
+                     "failures": img.failures if img else None,
                      "capture_s": img.capture_s if img else None,
                      "paused_s": img.paused_s if img else None,
                      "disks_s": img.disks_s if img else None,
@@ -194,10 +196,21 @@ def cmd_images(args: argparse.Namespace, state: StateDir) -> int:
                      "stored_bytes": getattr(meta, "stored_bytes", None)})
     emit(rows, args.json, lambda: table(rows, [
         ("phase", "phase"), ("image", "image"), ("valid", "valid"), ("created_at", "age", age_of),
-        ("seq", "seq"), ("capture_s", "capture s"), ("paused_s", "paused s"),
-        ("disks_s", "disks s"), ("disk_mechanisms", "disk snapshots"),
+        ("seq", "seq"), ("failures", "failures"), ("capture_s", "capture s"),
+        ("paused_s", "paused s"), ("disks_s", "disks s"), ("disk_mechanisms", "disk snapshots"),
         ("raw_bytes", "raw bytes"), ("stored_bytes", "stored bytes")]))
     return 0
+
+
+def _image_failures(state: StateDir, name: str) -> int:
+    """The domain's ``xenpbr_image_failures`` (the default if its config is unusable)."""
+    from xenpbr import domconfig
+    from xenpbr.phases import HEALTH_DEFAULTS
+    try:
+        return domconfig.health_policy(domconfig.DomainConfig(
+            state.xl_config_path(name), state.load_record(name).get("settings", {})))[1]
+    except domconfig.ConfigError:
+        return HEALTH_DEFAULTS[1]
 
 
 def history_row(timeline: Any) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from xenpbr import consistency, domconfig, invalidation, protocol, publish, sdnotify
+from xenpbr import phases as phases_mod
 from xenpbr.errors import XenpbrError
 from xenpbr.hypervisor.base import ShutdownReason
 from xenpbr.images import disks, hotcache
@@ -100,6 +101,8 @@ class Daemon:
         self._warming: dict[str, threading.Event] = {}  # name -> cancel its warm-up
         self._invalidated_at: dict[int, float] = {}  # domid -> monotonic time
         self._strangers: set[int] = set()  # domids reusing a registered name, UUID differs
+        self._passed: dict[int, set[str]] = {}  # domid -> phases its run went through
+        self._restored_runs: set[int] = set()  # domids a recovery restored from an image
         self.hot_cache = hotcache.enabled()
         self._running = True
 
@@ -241,6 +244,8 @@ class Daemon:
             self._recover(event, name)
         elif isinstance(event, DomainDestroyed):
             self.names.pop(event.domid, None)
+            self._passed.pop(event.domid, None)
+            self._restored_runs.discard(event.domid)
             self.protocol.forget(event.domid)
             self._unwatch_guest(event.domid)
             if name not in self.names.values():  # not replaced by a recovery
@@ -271,17 +276,33 @@ class Daemon:
         self._cancel_warm_up(name)  # the recovery needs dom0's CPU now
         with domain_lock(self.state, name):
             self.names.pop(event.domid, None)
-            self._publish(name, "recovering")
+            self._publish(name, "recovering", event.domid)  # still there, crashed
             try:
                 timeline = self.recovery.recover(name, trigger, crash_seen=event.seen_at)
             except RecoveryFailed as exc:
                 log.critical("%s is DOWN: %s", name, exc)
                 self._publish(name, "down")
                 return
-        self._publish(name, "watching")  # the new domid follows when it is adopted
+        self._recovered_as(name, timeline)
         log.info("%s recovered via %s, downtime %.2f s", name, timeline.method,
                  timeline.downtime() or -1)
         self._guard(self._warm_newest, name)  # a warm-up the crash cancelled is done now
+
+    def _recovered_as(self, name: str, timeline: Any) -> None:
+        """Publish the domid the recovery brought back (publishing none here once left
+        ``domid`` empty under a running guest) and know it as ``name`` at once, so the
+        old domid's destruction does not publish the domain as stopped. A run restored
+        from a phase has passed that phase and the earlier ones."""
+        domid = timeline.domid
+        if domid is not None:
+            self.names[domid] = name
+            if timeline.method.startswith("phase:"):
+                self._restored_runs.add(domid)
+                order = list(self.state.phases(name).phases)
+                phase = timeline.method[len("phase:"):]
+                self._passed[domid] = set(order[:order.index(phase) + 1]) if phase in order \
+                    else {phase}
+        self._publish(name, "watching", domid)
 
     # -- phase boundaries ----------------------------------------------------------------
 
@@ -401,10 +422,55 @@ class Daemon:
         if status is None:
             return
         now = time.monotonic()
+        if status.state == "ready":
+            self._guest_ready(name, status.generation, now)
         if self.state.amend_latest_history(
                 name, lambda t: t.note_guest(status.state, status.generation, now)):
             log.info("%s (domid %d): guest reports %s", name, domid, status.encode())
             self._publish(name, "watching", domid)
+
+    def _guest_ready(self, name: str, generation: int, now: float) -> None:
+        """Start the restored image's healthy clock (:class:`~xenpbr.phases.Trial`)."""
+        with domain_lock(self.state, name):
+            phases = self.state.phases(name)
+            if phases.guest_ready(generation, now):
+                self.state.save_phases(phases)
+
+    @staticmethod
+    def _health_policy(name: str, config: domconfig.DomainConfig) -> tuple[float, int]:
+        """The domain's health policy; the defaults if its config is unusable (a boundary
+        must still be answered)."""
+        try:
+            return domconfig.health_policy(config)
+        except domconfig.ConfigError as exc:
+            log.error("%s: %s; using the default image health policy", name, exc)
+            return phases_mod.HEALTH_DEFAULTS
+
+    def _replacement_refused(self, name: str, phases: Any, request: protocol.BoundaryRequest,
+                             domid: int) -> tuple[Verdict, str] | None:
+        """The refusal of a capture that would replace a usable image against the rules
+        of :meth:`~xenpbr.phases.DomainPhases.replacement`, or None."""
+        passed = self._passed.setdefault(domid, set())
+        reason = phases.replacement(request.phase, request.phase in passed, time.time())
+        passed.add(request.phase)
+        if reason is None:
+            return None
+        existing = phases.images[request.phase]
+        detail = (f"phase {request.phase} already has image {existing.image_id}; "
+                  + ("this run passed that phase already: an image is replaced only by "
+                     "a later run" if reason == "out-of-order" else
+                     f"it is replaced at most once per {phases_mod.REPLACE_MIN_AGE_S:.0f} s"))
+        log.warning("%s (domid %d): boundary %s (seq %d) refused (%s): %s", name, domid,
+                    request.phase, request.seq, reason, detail)
+        return Verdict.refused(reason), detail
+
+    @staticmethod
+    def _log_kept_abandoned(name: str, phases: Any, phase: str) -> None:
+        image = phases.images.get(phase)
+        if image is not None and image.abandoned(phases.health[1]):
+            log.warning("%s: phase %s skipped: its image %s is abandoned and this run was "
+                        "restored from an earlier one; the next fresh boot re-images it",
+                        name, phase, image.image_id)
 
     def _judge_and_capture(self, name: str, request: protocol.BoundaryRequest,
                            domid: int) -> tuple[Verdict, str]:
@@ -413,6 +479,16 @@ class Daemon:
         config = domconfig.DomainConfig(self.state.xl_config_path(name),
                                         self.state.load_record(name)["settings"])
         fingerprint = domconfig.fingerprint(config, request.phases, request.identity).digest()
+        phases.health = self._health_policy(name, config)
+        restored_run = domid in self._restored_runs
+        if phases.boundary_decision(request.phase, fingerprint, restored_run) == "capture":
+            refusal = self._replacement_refused(name, phases, request, domid)
+            if refusal is not None:
+                if refusal[0].reason != "out-of-order":  # a later run: its claim stands,
+                    phases.phases, phases.fingerprint = request.phases, fingerprint
+                    self.state.save_phases(phases)  # so its older images are stale now
+                return refusal
+        self._passed.setdefault(domid, set()).add(request.phase)
         phases.phases, phases.fingerprint = request.phases, fingerprint
         unsafe = consistency.judge(config, request)
         if unsafe is not None:
@@ -420,8 +496,9 @@ class Daemon:
             log.warning("%s: boundary %s refused (%s): %s", name, request.phase,
                         unsafe.reason, unsafe.detail)
             return Verdict.refused(unsafe.reason), unsafe.detail
-        if phases.boundary_decision(request.phase, fingerprint) == "skip":
+        if phases.boundary_decision(request.phase, fingerprint, restored_run) == "skip":
             self.state.save_phases(phases)
+            self._log_kept_abandoned(name, phases, request.phase)
             return Verdict.skipped(), ""
         log.info("%s: capturing phase %s (seq %d)", name, request.phase, request.seq)
         snap_disks = domconfig.snapshot_disks(config)
@@ -445,6 +522,11 @@ class Daemon:
             disks_s=round(sum(t.seconds for t in taken), 3) if taken else None,
             disk_mechanisms=",".join(f"{t.vdev}={t.mechanism}" for t in taken)))
         self.state.save_phases(phases)
+        replaced = phases.images[request.phase].replaced
+        if replaced:
+            log.warning("%s: image %s replaces %s as phase %s's image (its fingerprint "
+                        "was another, or it was abandoned or failed verification)", name,
+                        meta.image_id, replaced, request.phase)
         log.info("%s: captured phase %s (%s) in %.2f s, guest paused ~%s s%s", name,
                  request.phase, meta.image_id, result.total_s,
                  "?" if paused is None else f"{paused:.2f}",

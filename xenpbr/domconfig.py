@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Union
 
 from xenpbr.errors import XenpbrError
-from xenpbr.phases import Fingerprint
+from xenpbr.phases import HEALTH_DEFAULTS, Fingerprint
 
 Value = Union[str, int, float, list["Value"]]
 
@@ -173,6 +173,7 @@ def parse(text: str, path: Path = Path("<config>")) -> DomainConfig:
                               f"{', '.join(sorted(allowed))}")
     check_xenpbr_keys(DomainConfig(path, settings))
     crash_loop_policy(DomainConfig(path, settings))  # ConfigError now, not at the crash
+    health_policy(DomainConfig(path, settings))
     hot_stream(DomainConfig(path, settings))
     if settings.get("type", "pv") != "pv":
         if any(settings.get(k) == XENPBR_ACTION for k in ACTION_KEYS):
@@ -235,6 +236,32 @@ def crash_loop_policy(config: DomainConfig) -> tuple[float, int]:
     return float(window), limit
 
 
+def health_policy(config: DomainConfig) -> tuple[float, int]:
+    """``(xenpbr_healthy_after, xenpbr_image_failures)`` of this domain.
+
+    A guest restored from an image has proven healthy once it reported ``ready`` (its
+    post-restore steps ran) and then stayed up ``xenpbr_healthy_after`` seconds (default
+    120: twice the default crash-loop window, so the crashes the guard misses are the
+    ones this catches; a latent fault in an image usually fires within the first minutes
+    of the work it resumes, and a healthy guest is cleared two minutes after it is ready).
+    ``xenpbr_image_failures`` restores in a row that crashed before that abandon the image
+    (default 2: one crash after a restore may be bad luck, outside the image; a second
+    from the same saved state points at the image, and abandoning it costs only the work
+    of the phases after the earlier image).
+    """
+    after = config.settings.get("xenpbr_healthy_after", HEALTH_DEFAULTS[0])
+    failures = config.settings.get("xenpbr_image_failures", HEALTH_DEFAULTS[1])
+    if isinstance(after, bool) or not isinstance(after, (int, float)) \
+            or not 0 <= after <= 86400:
+        raise ConfigError(f"{config.path}: xenpbr_healthy_after = {after!r}: expected a "
+                          "number of seconds between 0 and 86400 (how long a restored "
+                          "guest must stay up after reporting ready)")
+    if isinstance(failures, bool) or not isinstance(failures, int) or not 1 <= failures <= 100:
+        raise ConfigError(f"{config.path}: xenpbr_image_failures = {failures!r}: expected a "
+                          "whole number of unhealthy restores between 1 and 100")
+    return float(after), failures
+
+
 def hot_stream(config: DomainConfig) -> bool:
     """``xenpbr_hot_stream`` (1, default, or 0): keep the newest image's stream ready as a
     file for ``xl restore`` (:mod:`xenpbr.images.hotcache`): one raw image of space for a
@@ -249,7 +276,7 @@ def hot_stream(config: DomainConfig) -> bool:
 #: The ``xenpbr_*`` keys xenpbr reads; any other ``xenpbr_*`` key is a typo that would
 #: otherwise be dropped without a word (``xenpbr_disk`` for ``xenpbr_disks``).
 XENPBR_KEYS = ("xenpbr_disks", "xenpbr_crash_loop_window", "xenpbr_crash_loop_limit",
-               "xenpbr_hot_stream")
+               "xenpbr_hot_stream", "xenpbr_healthy_after", "xenpbr_image_failures")
 
 
 def check_xenpbr_keys(config: DomainConfig) -> None:

@@ -106,15 +106,30 @@ def unpublish(xs: Any, name: str) -> None:
         log.warning("%s: could not remove its published state: %s", name, exc)
 
 
+def running_domid(xs: Any, name: str) -> int | None:
+    """The domid a domain named ``name`` runs as now (xenstore's ``/local/domain/*/name``;
+    the newest if several), None if none: what was published earlier may be a domid
+    that a recovery or a reboot has replaced since."""
+    found: list[int] = []
+    try:
+        for child in xs.ls("/local/domain"):
+            if child.isdigit() and child != "0" and \
+                    xs.read_or(f"/local/domain/{child}/name", b"") == name.encode():
+                found.append(int(child))
+    except (XenpbrError, OSError) as exc:
+        log.debug("%s: running domains not readable: %s", name, exc)
+    return max(found, default=None)
+
+
 def refresh(xs: Any, state: StateDir, name: str) -> bool:
-    """Republish ``name`` keeping its published status and domid (for the CLI, which
-    changes images but does not know what the daemon last saw)."""
+    """Republish ``name`` keeping its published status (for the CLI, which changes images
+    but does not know what the daemon last saw); the domid is the one running now, not
+    the published one, which could be stale or empty."""
     root = domain_root(name)
     try:
         status = (xs.read_or(f"{root}/status", b"stopped") or b"stopped").decode()
-        domid_text = (xs.read_or(f"{root}/domid", b"") or b"").decode()
     except (XenpbrError, OSError) as exc:
         log.debug("%s: published state not readable: %s", name, exc)
         return False
-    domid = int(domid_text) if domid_text.isdigit() else None
-    return publish(xs, state, name, status if status in STATUSES else "stopped", domid)
+    return publish(xs, state, name, status if status in STATUSES else "stopped",
+                   running_domid(xs, name))

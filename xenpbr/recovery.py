@@ -128,7 +128,7 @@ class Recovery:
             raise RecoveryFailed(f"{name} has no phase {max_phase!r}; its phases are "
                                  f"{', '.join(phases.phases) or 'not known yet'}")
         plan = phases.plan(self.clock(), max_phase, self._crash_loop_policy(name),
-                           crashed=trigger != "operator")
+                           crashed=trigger != "operator", health=self._health_policy(name))
         timeline.skipped = [*plan.skipped, *self._undeclared(phases)]
         timeline.mark("image_chosen", self._describe(plan.first), now=self.clock())
         self._record(name, "its recovery intent", self.state.begin_recovery, name,
@@ -194,6 +194,18 @@ class Recovery:
             log.error("%s: %s; using the default crash-loop guard", name, exc)
             return None
 
+    def _health_policy(self, name: str) -> tuple[float, int] | None:
+        """The domain's ``(healthy_after_s, image_failures)``; None (the defaults) if its
+        config is unusable: a recovery must not fail over a setting."""
+        from xenpbr import domconfig
+        settings = self.state.load_record(name).get("settings", {})
+        try:
+            return domconfig.health_policy(
+                domconfig.DomainConfig(self.state.xl_config_path(name), settings))
+        except domconfig.ConfigError as exc:
+            log.error("%s: %s; using the default image health policy", name, exc)
+            return None
+
     @staticmethod
     def _undeclared(phases: DomainPhases) -> list[str]:
         """Images of phases the guest no longer declares: the plan never considers them,
@@ -225,7 +237,7 @@ class Recovery:
         timeline.mark("restore_started", label, now=self.clock())
         try:
             if candidate.image is None:
-                self._normal_reboot(name)
+                self._normal_reboot(name, timeline)
                 phases.recovered(self.clock(), via_image=False)
             else:
                 self._phase_reboot(name, candidate, phases, timeline)
@@ -239,14 +251,14 @@ class Recovery:
         timeline.mark("restore_finished", now=self.clock())
         return True
 
-    def _normal_reboot(self, name: str) -> None:
-        self.toolstack.create(self.state.xl_config_path(name))
+    def _normal_reboot(self, name: str, timeline: Timeline) -> None:
+        timeline.domid = self.toolstack.create(self.state.xl_config_path(name))
 
     def _phase_reboot(self, name: str, candidate: Candidate, phases: DomainPhases,
                       timeline: Timeline) -> None:
         image = candidate.image
         assert image is not None
-        domid = self.restorer.restore(name, image.image_id)
+        domid = timeline.domid = self.restorer.restore(name, image.image_id)
         generation = phases.generation + 1
         self._record(name, "its recovery stage", self.state.begin_recovery, name,
                      {"stage": "acknowledging", "generation": generation})
@@ -255,6 +267,7 @@ class Recovery:
             self.ack.restored(domid, image.seq, generation)
             self.toolstack.unpause(domid)
         except XenpbrError:
+            timeline.domid = None
             self.toolstack.destroy(name)  # never leave a paused, half-recovered domain
             raise
-        phases.recovered(self.clock(), via_image=True)
+        phases.recovered(self.clock(), via_image=True, image=image)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 from xenpbr.errors import XenpbrError
 from xenpbr.fsutil import atomic_write, atomic_write_json
-from xenpbr.phases import CrashLoopGuard, DomainPhases, ImageInfo
+from xenpbr.phases import CrashLoopGuard, DomainPhases, ImageInfo, Trial
 from xenpbr.timeline import Timeline
 
 DEFAULT_ROOT = Path("/var/lib/xenpbr")
@@ -62,7 +62,10 @@ def phases_to_json(p: DomainPhases) -> dict[str, Any]:
     return {"name": p.name, "phases": list(p.phases), "fingerprint": p.fingerprint,
             "generation": p.generation,
             "images": {k: asdict(v) for k, v in p.images.items()},
-            "guard": asdict(p.guard)}
+            "guard": asdict(p.guard),
+            # the restore on trial survives xenpbrd's restart: a crash after it still
+            # counts against the image (each image's failure count is in "images")
+            "trial": None if p.trial is None else asdict(p.trial)}
 
 
 def phases_from_json(d: dict[str, Any]) -> DomainPhases:
@@ -70,7 +73,8 @@ def phases_from_json(d: dict[str, Any]) -> DomainPhases:
                         fingerprint=d.get("fingerprint", ""),
                         generation=int(d.get("generation", 0)),
                         images={k: ImageInfo(**v) for k, v in d.get("images", {}).items()},
-                        guard=CrashLoopGuard(**d.get("guard", {})))
+                        guard=CrashLoopGuard(**d.get("guard", {})),
+                        trial=Trial(**d["trial"]) if d.get("trial") else None)
 
 
 class StateDir:

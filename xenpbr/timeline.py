@@ -39,6 +39,7 @@ class Timeline:
     attempts: list[str] = field(default_factory=list)  # what was tried, in order
     skipped: list[str] = field(default_factory=list)  # images not used, and why
     generation: int | None = None  # the generation a phase-based reboot acknowledged
+    domid: int | None = None  # the domain it brought back (published as the domid)
 
     def mark(self, name: str, detail: str = "", now: float | None = None) -> Mark:
         """Record ``name`` now (or at monotonic time ``now``)."""
@@ -92,5 +93,5 @@ class Timeline:
     def from_json(cls, data: dict[str, Any]) -> "Timeline":
         marks = [Mark(**m) for m in data.get("marks", [])]
         fields = {k: data[k] for k in ("domain", "trigger", "method", "outcome", "attempts",
-                                       "skipped", "generation") if k in data}
+                                       "skipped", "generation", "domid") if k in data}
         return cls(marks=marks, **fields)

@@ -95,7 +95,7 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     phases.record_image(ImageInfo("20261123T201599.123456Z-3fa9c3", "app", "OLD", 2000.0, seq=2))
     state.save_phases(phases)
     ok = Timeline("web", "crash", attempts=["phase:app failed: corrupt", "phase:kernel"],
-                  skipped=["img-x (app): stale fingerprint"], generation=1)
+                  skipped=["img-x (app): stale fingerprint"], generation=1, domid=12)
     for i, mark in enumerate(("crash_seen", "image_chosen", "restore_finished")):
         ok.mark(mark, "detail" if i == 1 else "", now=10.0 + i)
     ok.method, ok.outcome = "phase:kernel", "recovered"

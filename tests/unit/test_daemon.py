@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import types
 from pathlib import Path
@@ -372,3 +373,105 @@ def test_an_unregistered_domain_is_no_longer_recovered(uuid_world) -> None:
     hv.crash(domid)
     settle(daemon)
     assert rec.calls == []
+
+
+# -- issue 13: published domid (point 4), image replacement and health (point 3) ------------
+
+
+def boundary(seq: int, phase: str, identity: str = "v1") -> bytes:
+    return json.dumps({"v": 1, "seq": seq, "phase": phase, "phases": ["kernel", "app"],
+                       "identity": identity, "wait": 60, "disks": [], "services": [],
+                       "hazards": []}).encode()
+
+
+def ack(server: FakeXenstoreServer, domid: int) -> bytes:
+    return server.connect(0).read(protocol.ack_path(domid))
+
+
+def test_published_domid_is_the_recovered_domain_as_soon_as_it_is_back(world) -> None:
+    server, hv, state, rec, daemon = world
+    old = hv.create_domain(name="web")
+    settle(daemon)
+    assert published(server)["domid"] == str(old)
+    server.connect(old).write("data/xenpbr/request", boundary(1, "app"))
+    settle(daemon)
+    hv.crash(old)
+    daemon.turn()  # the turn that recovers it: nothing else has run yet
+    new = [c for c in rec.calls if c[0] == "unpause"][0][1]
+    keys = published(server)
+    assert (keys["status"], keys.get("domid")) == ("watching", str(new))
+    settle(daemon)  # the old domain's destruction and the new one's adoption
+    keys = published(server)
+    assert (keys["status"], keys.get("domid")) == ("watching", str(new))
+
+
+def test_cli_refresh_publishes_the_running_domid_not_a_stale_one(world) -> None:
+    from xenpbr import publish
+    server, hv, state, rec, daemon = world
+    domid = hv.create_domain(name="web")
+    settle(daemon)
+    publish.publish(server.connect(0), state, "web", "watching", None)  # stale: ""
+    assert publish.refresh(server.connect(0), state, "web")
+    assert published(server)["domid"] == str(domid)
+
+
+def test_a_run_cannot_replace_a_phase_it_passed_with_another_identity(world) -> None:
+    server, hv, state, rec, daemon = world
+    domid = hv.create_domain(name="web")
+    settle(daemon)
+    guest = server.connect(domid)
+    guest.write("data/xenpbr/request", boundary(1, "app"))
+    settle(daemon)
+    guest.write("data/xenpbr/request", boundary(2, "app", identity="evil"))
+    settle(daemon)
+    assert ack(server, domid) == b"2 refused:out-of-order"
+    assert b"passed that phase already" in server.connect(0).read(
+        f"/local/domain/{domid}/control/xenpbr/detail")
+    phases = state.phases("web")
+    assert rec.captures == 1 and phases.images["app"].image_id == "img-app-1"
+    (image,) = phases.images.values()
+    assert phases.fingerprint == image.fingerprint  # the refused claim was not taken
+
+
+def test_a_restored_run_cannot_replace_the_image_it_was_restored_from(world) -> None:
+    server, hv, state, rec, daemon = world
+    new = crash_and_recover(server, hv, rec, daemon)
+    settle(daemon)
+    server.connect(new).write("data/xenpbr/request", boundary(2, "app", identity="evil"))
+    settle(daemon)
+    assert ack(server, new) == b"2 refused:out-of-order" and rec.captures == 1
+
+
+def test_a_later_run_replaces_an_image_once_it_is_old_enough(world) -> None:
+    server, hv, state, rec, daemon = world
+    first = hv.create_domain(name="web")
+    settle(daemon)
+    server.connect(first).write("data/xenpbr/request", boundary(1, "app"))
+    settle(daemon)
+    hv.destroy(first)
+    second = hv.create_domain(name="web")  # a fresh boot with new software
+    settle(daemon)
+    server.connect(second).write("data/xenpbr/request", boundary(1, "app", identity="v2"))
+    settle(daemon)
+    assert ack(server, second) == b"1 refused:rate-limited" and rec.captures == 1
+    phases = state.phases("web")
+    phases.images["app"] = dataclasses.replace(phases.images["app"], created_at=0.0)
+    state.save_phases(phases)
+    hv.destroy(second)
+    third = hv.create_domain(name="web")
+    settle(daemon)
+    server.connect(third).write("data/xenpbr/request", boundary(5, "app", identity="v2"))
+    settle(daemon)
+    assert ack(server, third) == b"5 captured"
+    image = state.phases("web").images["app"]
+    assert (image.image_id, image.replaced, image.failures) == ("img-app-5", "img-app-1", 0)
+
+
+def test_ready_note_starts_the_restored_images_healthy_clock(world) -> None:
+    server, hv, state, rec, daemon = world
+    new = crash_and_recover(server, hv, rec, daemon)
+    trial = state.phases("web").trial
+    assert trial is not None and trial.image_id == "img-app-1" and trial.ready_at is None
+    server.connect(new).write("data/xenpbr/status", b"ready 1")
+    settle(daemon)
+    assert state.phases("web").trial.ready_at is not None

@@ -170,3 +170,22 @@ def test_config_uuid_is_canonical_or_an_error() -> None:
     assert domconfig.config_uuid(cfg('name = "g"\n')) is None
     with pytest.raises(ConfigError, match="not a UUID"):
         domconfig.config_uuid(cfg('name = "g"\nuuid = "nope"\n'))
+
+
+def test_health_policy_defaults_overrides_and_refusals() -> None:
+    assert domconfig.health_policy(domconfig.parse('name = "g"\n')) == (120.0, 2)
+    cfg = domconfig.parse('name = "g"\nxenpbr_healthy_after = 30\nxenpbr_image_failures = 1\n')
+    assert domconfig.health_policy(cfg) == (30.0, 1)
+    for line, problem in (("xenpbr_healthy_after = -1", "xenpbr_healthy_after = -1"),
+                          ('xenpbr_healthy_after = "2m"', "number of seconds"),
+                          ("xenpbr_image_failures = 0", "xenpbr_image_failures = 0"),
+                          ("xenpbr_image_failures = 1.5", "whole number of unhealthy")):
+        with pytest.raises(ConfigError, match=problem):
+            domconfig.parse(f'name = "g"\n{line}\n')
+
+
+def test_misspelled_health_keys_name_the_close_match() -> None:
+    with pytest.raises(ConfigError, match="did you mean xenpbr_healthy_after"):
+        domconfig.parse('name = "g"\nxenpbr_healty_after = 30\n')
+    with pytest.raises(ConfigError, match="did you mean xenpbr_image_failures"):
+        domconfig.parse('name = "g"\nxenpbr_image_failure = 2\n')

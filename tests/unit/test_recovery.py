@@ -243,3 +243,52 @@ def test_history_records_why_each_image_was_skipped(setup) -> None:
     assert any(s.startswith("img-old (warmup): phase not declared") for s in t.skipped)
     (stored,) = state.history("g")
     assert stored.skipped == t.skipped and stored.attempts == t.attempts
+
+
+def health_setup(tmp_path: Path, **settings):
+    state = StateDir(tmp_path)
+    state.register("g", {"name": "g", **settings}, 'name = "g"\n', "g.cfg")
+    p = state.phases("g")
+    p.phases, p.fingerprint = PHASES, "F"
+    for i, name in enumerate(PHASES):
+        p.record_image(ImageInfo(f"img-{name}", name, "F", float(i), seq=i + 1))
+    state.save_phases(p)
+    return state, fresh_recovery(state)
+
+
+def fresh_recovery(state: StateDir, start: float = 0.0) -> Recovery:
+    xen = FakeXen()
+    clock = itertools.count(start, 500.0)  # crashes 500 s apart: no crash-loop guard
+    return Recovery(state, xen, xen, xen, clock=lambda: next(clock))
+
+
+def test_an_image_crashing_before_healthy_is_abandoned_and_the_history_says_why(
+        tmp_path: Path) -> None:
+    state, recovery = health_setup(tmp_path, xenpbr_image_failures=2)
+    methods = [recovery.recover("g", "crash").method for _ in range(4)]
+    assert methods == ["phase:app", "phase:app", "phase:services", "phase:services"]
+    third = list(state.history("g"))[2]
+    assert any(s == "img-app (app): abandoned: 2 restores crashed before healthy"
+               for s in third.skipped), third.skipped
+    assert any("img-app (app): restore 2 of 2 crashed before healthy (never reported "
+               "ready)" in s for s in third.skipped), third.skipped
+
+
+def test_failure_history_survives_a_xenpbrd_restart(tmp_path: Path) -> None:
+    state, recovery = health_setup(tmp_path, xenpbr_image_failures=2)
+    recovery.recover("g", "crash")
+    recovery.recover("g", "crash")  # the first restore crashed before healthy
+    reloaded = StateDir(tmp_path).phases("g")  # what a restarted xenpbrd reads
+    assert reloaded.images["app"].failures == 1
+    assert reloaded.trial is not None and reloaded.trial.image_id == "img-app"
+    assert reloaded.trial.generation == reloaded.generation == 2
+    restarted = fresh_recovery(StateDir(tmp_path), start=1e6)
+    assert restarted.recover("g", "crash").method == "phase:services"  # 2nd failure
+
+
+def test_the_recovery_records_the_domid_it_brought_back(setup) -> None:
+    state, xen, recovery = setup
+    assert recovery.recover("g", "crash").domid == 10
+    xen.bad_images = {"img-kernel", "img-services", "img-app"}
+    assert recovery.recover("g", "crash").domid == 11  # the normal reboot's domain
+    assert list(state.history("g"))[-1].domid == 11
