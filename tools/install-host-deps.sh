@@ -2,9 +2,21 @@
 # Install what the xenpbr lab needs on a Debian 12 host (as root). Idempotent and quick
 # when everything is present: apt-get update runs only if a package is missing or apt
 # does not know the Xen packages yet.
+#
+#   tools/install-host-deps.sh         the lab's packages (make lab, test, demo, bench)
+#   tools/install-host-deps.sh --deb   Debian's packaging tools instead (make deb)
 set -euo pipefail
 
 PACKAGES=(qemu-system-x86 e2fsprogs python3-venv python3-pip)
+# make deb: debhelper + dh-python (pybuild) build debian/, lintian checks the result.
+DEB_PACKAGES=(build-essential debhelper dh-python python3-all python3-setuptools
+              pybuild-plugin-pyproject python3-wheel fakeroot lintian)
+
+case "${1:-}" in
+    "") ;;
+    --deb) PACKAGES=("${DEB_PACKAGES[@]}") ;;
+    *) echo "usage: $0 [--deb]" >&2; exit 2 ;;
+esac
 
 if [[ $(id -u) -ne 0 ]]; then
     echo "install-host-deps: must run as root (it installs Debian packages)" >&2
