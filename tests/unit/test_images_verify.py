@@ -121,6 +121,9 @@ def test_scrub_reports_marks_and_repairs(store, fake) -> None:
     assert bad["sha256"][:16] in invalid["reason"]
     assert not hot.exists()  # the image's hot stream went with it
     assert not store.scan("vm1")[0].valid
+    again = store.scrub()  # nothing new: the rejected image is listed, the store is clean
+    assert again.clean and not again.bad_objects
+    assert [i["marked_now"] for i in again.invalid_images] == [False]
     fake.add_domain("vm1")
     result = capture("vm1", store, "boot", xl=fake.argv)
     assert result.stats.new_pages == 1  # the dropped page is written afresh

@@ -49,15 +49,19 @@ class ScrubReport:
 
     @property
     def clean(self) -> bool:
-        """Nothing bad left or found: every image listed valid can be restored."""
-        return not (self.bad_objects or self.unusable_packs or self.invalid_images
-                    or self.bad_hot_streams)
+        """This pass found no damage: every object verified, every image listed valid can
+        be restored. Images rejected before (by a restore or an earlier scrub) are still
+        listed, with ``marked_now`` false: they are out of use already, not new damage."""
+        return not (self.bad_objects or self.unusable_packs or self.bad_hot_streams
+                    or any(i["marked_now"] or not i["known"] for i in self.invalid_images))
 
     def to_json(self) -> dict[str, Any]:
         return {"clean": self.clean, "packs": self.packs, "objects": self.objects,
                 "bytes": self.bytes, "images": self.images, "hot_streams": self.hot_streams,
                 "seconds": round(self.seconds, 3), "bad_objects": self.bad_objects,
-                "unusable_packs": self.unusable_packs, "invalid_images": self.invalid_images,
+                "unusable_packs": self.unusable_packs,
+                "invalid_images": [{k: v for k, v in i.items() if k != "known"}
+                                   for i in self.invalid_images],
                 "bad_hot_streams": self.bad_hot_streams}
 
 
@@ -124,8 +128,10 @@ def _check_images(store: ImageStore, report: ScrubReport, bad: dict[bytes, str],
             marked = bool(entry.valid and repair)
             if marked:
                 store.mark_invalid(domain, entry.image_id, reason)
+            known = store.invalid_reason(domain, entry.image_id) is not None
             report.invalid_images.append({"domain": domain, "image": entry.image_id,
-                                          "reason": reason, "marked_now": marked})
+                                          "reason": reason, "marked_now": marked,
+                                          "known": known})
 
 
 def _image_problem(store: ImageStore, domain: str, image_id: str,
