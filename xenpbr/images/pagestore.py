@@ -314,6 +314,7 @@ class PageStore:
         self._idx_stamps: dict[str, tuple[int, int] | None] = {}
         self.verify_s = 0.0  # time spent re-checking stored pages before reuse
         self.verified_pages = 0
+        self._checker: PackReader | None = None  # kept mapped between checks
 
     # -- index maintenance
 
@@ -339,6 +340,7 @@ class PageStore:
         self.refresh()
 
     def _forget(self) -> None:
+        self._close_checker()
         self.index.clear()
         self.packs.clear()
         self.by_name.clear()
@@ -362,6 +364,7 @@ class PageStore:
                          "verified; they are checked again before any reuse", self.dir, name)
             self.verified.difference_update(d for d, _, _ in info.entries)
             self._pack_stamps[name] = file_stamp(info.path)
+            self._close_checker()  # never read through a mapping of a changed file
 
     def _load_index(self, name: str) -> None:
         path = self.dir / f"{name}.idx"
@@ -426,18 +429,23 @@ class PageStore:
         if loc is None or digest in self.verified:
             return loc
         start = time.monotonic()
-        reader = PackReader(self)
+        if self._checker is None:
+            self._checker = PackReader(self)
         try:
-            reader.read(loc, digest)
+            self._checker.read(loc, digest)
         except CorruptObject as err:
             self.drop_record(digest, loc, str(err))
             return None
         finally:
-            reader.close()
             self.verify_s += time.monotonic() - start
         self.verified_pages += 1
         self.verified.add(digest)
         return loc
+
+    def _close_checker(self) -> None:
+        if self._checker is not None:
+            self._checker.close()
+            self._checker = None
 
     def drop_record(self, digest: bytes, loc: int, reason: str) -> bool:
         """Take a bad record out of the index (memory and its ``.idx``, rewritten

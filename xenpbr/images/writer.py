@@ -76,6 +76,7 @@ class CaptureWriter:
         self._charged_bytes = charged_bytes
         self._index = store.pages.index
         self._verified = store.pages.verified
+        self._rechecked_from = (store.pages.verified_pages, store.pages.verify_s)
         self._hashes: list[bytes] = []
         self._local: dict[bytes, int] = {}
         self._refs = array("I")
@@ -180,10 +181,14 @@ class CaptureWriter:
             raise
         self.store.register_packs(sealed)
         self._release()
+        pages = self.store.pages
         _LOG.info("image %s/%s (phase %s) committed: %d data pages (%d zero, %d new, "
-                  "%d deduplicated), %d bytes appended, manifest %d bytes",
-                  self.domain, self.image_id, self.phase, len(self._refs), self.zero_pages,
-                  self.new_pages, self.dedup_pages, self.new_bytes, len(data))
+                  "%d deduplicated), %d bytes appended, manifest %d bytes; %d stored pages "
+                  "re-checked before reuse in %.2f s", self.domain, self.image_id,
+                  self.phase, len(self._refs), self.zero_pages, self.new_pages,
+                  self.dedup_pages, self.new_bytes, len(data),
+                  pages.verified_pages - self._rechecked_from[0],
+                  pages.verify_s - self._rechecked_from[1])
         self.committed = meta
         return meta
 
