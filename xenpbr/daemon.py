@@ -465,6 +465,18 @@ class Daemon:
         return Verdict.refused(reason), detail
 
     @staticmethod
+    def _replacing(phases: Any, phase: str, fingerprint: str) -> str:
+        """Why a capture of ``phase`` replaces its image, for the log."""
+        old = phases.images.get(phase)
+        if old is None:
+            return "none"
+        if old.abandoned(phases.health[1]):
+            return f"abandoned after {old.failures} restores crashed before healthy"
+        if not old.verified:
+            return "it failed verification"
+        return "another fingerprint" if old.fingerprint != fingerprint else "recaptured"
+
+    @staticmethod
     def _log_kept_abandoned(name: str, phases: Any, phase: str) -> None:
         image = phases.images.get(phase)
         if image is not None and image.abandoned(phases.health[1]):
@@ -515,6 +527,7 @@ class Daemon:
         if refusal is not None:
             return refusal
         paused = getattr(result, "paused_s", None)
+        why = self._replacing(phases, request.phase, fingerprint)
         phases.record_image(ImageInfo(
             meta.image_id, request.phase, fingerprint, time.time(), seq=request.seq,
             capture_s=round(result.total_s, 3),
@@ -524,9 +537,9 @@ class Daemon:
         self.state.save_phases(phases)
         replaced = phases.images[request.phase].replaced
         if replaced:
-            log.warning("%s: image %s replaces %s as phase %s's image (its fingerprint "
-                        "was another, or it was abandoned or failed verification)", name,
-                        meta.image_id, replaced, request.phase)
+            log.warning("%s: image %s replaces %s as phase %s's image (%s); the old one "
+                        "is deleted", name, meta.image_id, replaced, request.phase, why)
+            self._drop_image(name, replaced)  # never planned again: only its bytes remain
         log.info("%s: captured phase %s (%s) in %.2f s, guest paused ~%s s%s", name,
                  request.phase, meta.image_id, result.total_s,
                  "?" if paused is None else f"{paused:.2f}",

@@ -460,11 +460,14 @@ def test_a_later_run_replaces_an_image_once_it_is_old_enough(world) -> None:
     hv.destroy(second)
     third = hv.create_domain(name="web")
     settle(daemon)
+    dropped: list[str] = []
+    daemon._drop_image = lambda name, image_id: dropped.append(image_id)
     server.connect(third).write("data/xenpbr/request", boundary(5, "app", identity="v2"))
     settle(daemon)
     assert ack(server, third) == b"5 captured"
     image = state.phases("web").images["app"]
     assert (image.image_id, image.replaced, image.failures) == ("img-app-5", "img-app-1", 0)
+    assert dropped == ["img-app-1"]  # the replaced image can never be restored again
 
 
 def test_ready_note_starts_the_restored_images_healthy_clock(world) -> None:
