@@ -16,9 +16,11 @@ Rules that keep dom0 safe, whatever the guest writes:
   validate_domid`), never from guest text; guest text reaches logs only through
   :func:`ascii` and truncated;
 * a guest can make dom0 do at most one xenstore write (its ack) per request, none for a
-  request without a fresh seq, and at most ``RateLimit.requests`` requests per
-  ``RateLimit.per_seconds`` get past the gate (token bucket, injectable clock); parsing
-  itself is linear in at most 1900 bytes.
+  request without a fresh seq, and refusal acks at most at :data:`REFUSAL_ACK_RATE`
+  (the newest held one is written later, never dropped); at most ``RateLimit.requests``
+  well-formed requests per ``RateLimit.per_seconds`` get past the gate to the phase
+  controller (token bucket, injectable clock); parsing itself is linear in at most 1900
+  bytes.
 
 The guest agent (``guest-agent/xenpbr_agent``) imports this module too, for the key names,
 :func:`encode_request` and :meth:`Ack.parse`: one implementation of the wire format.
@@ -69,6 +71,7 @@ __all__ = [
     "PhaseProtocol",
     "ProtocolError",
     "RateLimit",
+    "REFUSAL_ACK_RATE",
     "RequestGate",
     "RequestRefused",
     "TokenBucket",
@@ -606,6 +609,12 @@ class RateLimit:
             raise ValueError(f"bad rate limit {self.requests}/{self.per_seconds}s")
 
 
+#: Refusal acks written per domain: burst 10, then 2 a second. Past it the newest refusal
+#: is held and written when a token comes (:meth:`PhaseProtocol.flush_held`), so a
+#: flooding guest costs dom0 at most two ack transactions a second.
+REFUSAL_ACK_RATE = RateLimit(10, 5.0)
+
+
 class TokenBucket:
     """A token bucket on an injectable monotonic clock (tests drive time by hand)."""
 
@@ -657,6 +666,16 @@ class _DomainState:
     refusals: collections.Counter = field(default_factory=collections.Counter)
 
 
+def _log_refusal(domid: int, refusal: RequestRefused, fresh: bool, count: int) -> None:
+    """Log a refusal: the first ten of a reason per domain, then every hundredth (a flood
+    must not turn each of its writes into a log line of dom0's)."""
+    if count > 10 and count % 100:
+        return
+    log.warning("domain %d: boundary request refused: %s (%s)%s%s", domid, refusal.reason,
+                refusal.detail, "" if fresh else ", not acked",
+                f" [{count} so far; logged every 100th]" if count > 10 else "")
+
+
 class RequestGate:
     """Per-domain admission of requests: duplicates, rate, validation, seq, one at a time.
 
@@ -665,9 +684,11 @@ class RequestGate:
 
     1. the same bytes as the last request handled for this domain -> ``DUPLICATE`` (a
        watch fires more than once per write: on registration, after a daemon restart);
-    2. no token left in the domain's bucket -> ``refused:rate-limited``;
-    3. :func:`parse_request` -> ``refused:bad-request:<field>`` / ``unknown-phase``;
-    4. ``seq`` not above every seq seen before -> ``refused:stale-seq``;
+    2. :func:`parse_request` -> ``refused:bad-request:<field>`` / ``unknown-phase`` (the
+       guest learns what was wrong, even right after a flood: no token is spent);
+    3. ``seq`` not above every seq seen before -> ``refused:stale-seq``;
+    4. no token left in the domain's bucket -> ``refused:rate-limited`` (the bucket
+       bounds what reaches the phase controller, whose work is the expensive part);
     5. an accepted request not yet answered -> ``refused:busy``;
     6. otherwise ``ACCEPTED``: the caller must answer it (:meth:`answered`).
 
@@ -683,6 +704,7 @@ class RequestGate:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._rate = rate or RateLimit()
         self._clock = clock
+        self.clock = clock  # shared with PhaseProtocol's ack budget (tests drive both)
         self._domains: dict[int, _DomainState] = {}
 
     def _state(self, domid: int) -> _DomainState:
@@ -708,13 +730,16 @@ class RequestGate:
         except RequestRefused as exc:
             refusal = exc
         seq = request.seq if request is not None else refusal.seq  # type: ignore[union-attr]
-        if not state.bucket.take():
-            refusal = RequestRefused("rate-limited", f"more than {self._rate.requests} "
-                                     f"requests in {self._rate.per_seconds:g} s", seq)
-        elif refusal is None and seq is not None and seq <= state.last_seq:
+        if refusal is not None:
+            pass  # its own reason: a bad request never reaches the controller, so it
+            # spends no token (its cost is bounded by the daemon's read and ack budgets)
+        elif seq is not None and seq <= state.last_seq:
             refusal = RequestRefused("stale-seq", f"seq {seq} is not above {state.last_seq}",
                                      seq)
-        elif refusal is None and state.pending is not None:
+        elif not state.bucket.take():
+            refusal = RequestRefused("rate-limited", f"more than {self._rate.requests} "
+                                     f"requests in {self._rate.per_seconds:g} s", seq)
+        elif state.pending is not None:
             refusal = RequestRefused("busy", f"request {state.pending} is still being "
                                      "answered", seq)
         fresh = seq is not None and seq > state.last_seq
@@ -722,8 +747,7 @@ class RequestGate:
             state.last_seq = seq  # type: ignore[assignment]
         if refusal is not None:
             state.refusals[refusal.reason] += 1
-            log.warning("domain %d: boundary request refused: %s (%s)%s", domid,
-                        refusal.reason, refusal.detail, "" if fresh else ", not acked")
+            _log_refusal(domid, refusal, fresh, state.refusals[refusal.reason])
             ack = Ack(seq, Verdict.refused(refusal.reason)) if fresh else None  # type: ignore
             return Admission(Outcome.REFUSED, refusal=refusal, ack=ack)
         assert request is not None
@@ -910,23 +934,60 @@ class PhaseProtocol:
             proto.answer(domid, adm.request.seq, controller.decide(adm.request))
     """
 
-    def __init__(self, xs: Any, gate: RequestGate | None = None) -> None:
+    def __init__(self, xs: Any, gate: RequestGate | None = None,
+                 ack_rate: RateLimit | None = None) -> None:
         self.xs = xs
         self.gate = gate or RequestGate()
+        self._ack_rate = ack_rate or REFUSAL_ACK_RATE
+        self._ack_buckets: dict[int, TokenBucket] = {}
+        self._held: dict[int, Ack] = {}  # domid -> newest refusal ack over its budget
 
     def register(self, domid: int, generation: int = 0) -> None:
         """A domain starts a fresh boot under xenpbr: prepare its control dir and forget any
         state a previous domain with this id left."""
-        self.gate.forget(domid)
+        self._drop(domid)
         prepare_domain(self.xs, domid, generation)
 
     def poll(self, domid: int) -> Admission:
         """Read and judge ``domid``'s request; a refusal with a fresh seq is acked before
-        returning."""
+        returning, or, past the domain's refusal-ack budget, held and written by
+        :meth:`flush_held` (a newer refusal replaces a held one: the ack holds one
+        answer, the newest; the seqs it skips were superseded by their own guest)."""
         admission = self.gate.admit(domid, read_request(self.xs, domid))
         if admission.ack is not None:
-            write_ack(self.xs, domid, admission.ack)
+            self._held[domid] = admission.ack
+            self._write_held(domid)
         return admission
+
+    def _write_held(self, domid: int) -> bool:
+        """Write ``domid``'s held refusal ack if its budget allows; True if none is left."""
+        bucket = self._ack_buckets.get(domid)
+        if bucket is None:
+            bucket = self._ack_buckets[domid] = TokenBucket(self._ack_rate, self.gate.clock)
+        if not bucket.take():
+            return False
+        write_ack(self.xs, domid, self._held.pop(domid))
+        return True
+
+    def flush_held(self) -> bool:
+        """Write the held refusal acks whose budget refilled; True if some are still held
+        (the caller comes back soon: a fresh seq is always answered eventually)."""
+        for domid in list(self._held):
+            try:
+                self._write_held(domid)
+            except XenpbrError as exc:  # the domain went away meanwhile
+                log.debug("domain %d: held ack not written: %s", domid, exc)
+                self._held.pop(domid, None)
+        return bool(self._held)
+
+    def has_held(self) -> bool:
+        """True while some refusal ack waits for its domain's budget."""
+        return bool(self._held)
+
+    def _drop(self, domid: int) -> None:
+        self.gate.forget(domid)
+        self._held.pop(domid, None)
+        self._ack_buckets.pop(domid, None)
 
     def answer(self, domid: int, seq: int, verdict: Verdict, detail: str = "") -> None:
         """Ack an accepted request with the controller's verdict; ``detail`` (why it was
@@ -939,9 +1000,14 @@ class PhaseProtocol:
             _write_dom0_key(t, domid, f"{_home(domid)}/{DETAIL_KEY}", text)
             _write_dom0_key(t, domid, ack_path(domid), ack.encode())
 
-        self.xs.run_transaction(work)
+        held = self._held.get(domid)
+        if held is not None and held.seq < seq:
+            self._held.pop(domid)  # superseded by this answer
+        try:
+            self.xs.run_transaction(work)
+        finally:  # answered or not, the domain's next request must not be refused as busy
+            self.gate.answered(domid, seq)
         log.info("domain %d: ack %s%s", domid, ack.encode(), f" ({detail})" if detail else "")
-        self.gate.answered(domid, seq)
 
     def restored(self, domid: int, seq: int, generation: int) -> None:
         """``domid`` was restored from an image whose agent waits for ``seq``: prepare the
@@ -954,6 +1020,7 @@ class PhaseProtocol:
             _write_dom0_key(t, domid, ack_path(domid), ack.encode())
 
         self.xs.run_transaction(work)
+        self._drop(domid)
         self.gate.restored(domid, seq)
         log.info("domain %d: ack %s (restored)", domid, ack.encode())
 
@@ -969,9 +1036,10 @@ class PhaseProtocol:
             ack = None
         if ack is None:
             return False
+        self._drop(domid)
         self.gate.restored(domid, ack.seq)
         return True
 
     def forget(self, domid: int) -> None:
-        self.gate.forget(domid)
+        self._drop(domid)
 

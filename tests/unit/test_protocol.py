@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import types
 
 import pytest
 from hypothesis import given, settings
@@ -472,10 +473,109 @@ def test_flood_is_rate_limited_and_counted() -> None:
     assert gate.admit(DOMID, raw(good(seq=1001))).outcome is Outcome.ACCEPTED
 
 
-def test_garbage_flood_is_rate_limited_too() -> None:
+def test_garbage_is_refused_with_its_own_reason_and_spends_no_token() -> None:
     gate = RequestGate(RateLimit(8, 60), Clock())
     reasons = [gate.admit(DOMID, b"junk %d" % n).refusal.reason for n in range(20)]
-    assert reasons == ["bad-request:json"] * 8 + ["rate-limited"] * 12
+    assert reasons == ["bad-request:json"] * 20  # dom0's cost: the daemon's read budget
+    assert gate.admit(DOMID, raw(good(seq=1))).outcome is Outcome.ACCEPTED
+
+
+#: The bad requests issue 13's hostile guest sent after its flood, with their reasons.
+BAD_AFTER_FLOOD = [
+    ({"phase": "../../etc"}, "bad-request:phase"),
+    ({"phase": "a/b"}, "bad-request:phase"),
+    ({"phase": "a\x00b"}, "bad-request:phase"),
+    ({"phase": "p" * 300}, "bad-request:phase"),
+    ({"phase": "ghost"}, "unknown-phase"),
+    ({"phases": ["kernel", "../x"]}, "bad-request:phases"),
+]
+
+
+def test_bad_requests_right_after_a_flood_are_acked_with_their_own_reason() -> None:
+    clock = Clock()
+    gate = RequestGate(RateLimit(8, 60), clock)
+    gate.admit(DOMID, raw(good(seq=1)))
+    gate.answered(DOMID, 1)
+    for seq in range(2, 500):  # the flood drains the bucket
+        gate.admit(DOMID, raw(good(seq=seq)))
+    assert gate.refusal_counts(DOMID)["rate-limited"] > 400
+    for n, (fields, reason) in enumerate(BAD_AFTER_FLOOD):
+        adm = gate.admit(DOMID, raw(good(seq=1000 + n, **fields)))  # NUL: "\u0000" in JSON
+        assert adm.ack == Ack(1000 + n, Verdict.refused(reason)), (fields, adm.refusal)
+    assert gate.refusal_counts(DOMID)["bad-request:phase"] == 4
+
+
+class CountingXs:
+    """A xenstore client that counts dom0's transactions (each ack is one)."""
+
+    def __init__(self, xs) -> None:
+        self.xs, self.transactions = xs, 0
+
+    def run_transaction(self, work):
+        self.transactions += 1
+        return self.xs.run_transaction(work)
+
+    def __getattr__(self, name):
+        return getattr(self.xs, name)
+
+
+def test_refusal_acks_are_budgeted_and_the_newest_is_written_later() -> None:
+    server = FakeXenstoreServer()
+    server.create_domain(DOMID)
+    clock = Clock()
+    dom0 = CountingXs(server.connect(0))
+    proto = PhaseProtocol(dom0, RequestGate(RateLimit(8, 60), clock), RateLimit(10, 5.0))
+    proto.register(DOMID)
+    guest = server.connect(DOMID)
+    before = dom0.transactions
+    for seq in range(1, 201):  # a flood of bad requests, each with a fresh seq
+        guest.write("data/xenpbr/request", raw(good(seq=seq, phase="a/b")))
+        assert proto.poll(DOMID).outcome is Outcome.REFUSED
+    assert dom0.transactions - before == 10  # the burst, not one per request
+    assert guest.read("control/xenpbr/ack") == b"10 refused:bad-request:phase"
+    assert proto.flush_held()  # no token yet: still held
+    clock.now += 0.5
+    assert not proto.flush_held()
+    assert guest.read("control/xenpbr/ack") == b"200 refused:bad-request:phase"
+    assert proto.gate.refusal_counts(DOMID) == {"bad-request:phase": 200}
+
+
+def test_an_answer_supersedes_an_older_held_refusal() -> None:
+    server = FakeXenstoreServer()
+    server.create_domain(DOMID)
+    clock = Clock()
+    proto = PhaseProtocol(server.connect(0), RequestGate(RateLimit(8, 60), clock),
+                          RateLimit(1, 60))
+    proto.register(DOMID)
+    guest = server.connect(DOMID)
+    guest.write("data/xenpbr/request", raw(good(seq=1, phase="a/b")))
+    proto.poll(DOMID)
+    guest.write("data/xenpbr/request", raw(good(seq=2, phase="a/b")))
+    proto.poll(DOMID)  # held: no token
+    guest.write("data/xenpbr/request", raw(good(seq=3)))
+    assert proto.poll(DOMID).outcome is Outcome.ACCEPTED
+    proto.answer(DOMID, 3, Verdict.captured())
+    clock.now += 120
+    assert not proto.flush_held()
+    assert guest.read("control/xenpbr/ack") == b"3 captured"  # never overwritten by 2
+
+
+def test_a_failed_answer_does_not_leave_the_domain_busy_forever() -> None:
+    server = FakeXenstoreServer()
+    server.create_domain(DOMID)
+    proto = PhaseProtocol(server.connect(0))
+    proto.register(DOMID)
+    guest = server.connect(DOMID)
+    guest.write("data/xenpbr/request", raw(good(seq=1)))
+    assert proto.poll(DOMID).outcome is Outcome.ACCEPTED
+
+    def broken(work):
+        raise XenpbrError("xenstored went away")
+
+    proto.xs = types.SimpleNamespace(run_transaction=broken, read_or=proto.xs.read_or)
+    with pytest.raises(XenpbrError):
+        proto.answer(DOMID, 1, Verdict.captured())
+    assert proto.gate.stats(DOMID)["pending"] is None
 
 
 def test_rate_limit_validation() -> None:
