@@ -134,7 +134,8 @@ def _last_recovery(history: list[Any]) -> dict[str, Any] | None:
             "started_at": utc(last.marks[0].wall) if last.marks else None}
 
 
-def _status_row(state: StateDir, name: str) -> dict[str, Any]:
+def _status_row(state: StateDir, name: str,
+                refusals: dict[str, int] | None = None) -> dict[str, Any]:
     phases = state.phases(name)
     settings = state.load_record(name).get("settings", {})
     history = list(state.history(name))
@@ -146,7 +147,30 @@ def _status_row(state: StateDir, name: str) -> dict[str, Any]:
             "images": {"valid": valid, "phases": len(phases.phases)},
             "newest_image_at": utc(newest), "generation": phases.generation,
             "recoveries": len(history), "last_recovery": _last_recovery(history),
-            "disk_policies": disk_policies(state, name, settings)}
+            "disk_policies": disk_policies(state, name, settings),
+            "refusals": refusals or {}}
+
+
+def _published_refusals(names: list[str]) -> dict[str, dict[str, int]]:
+    """Each domain's refusal counters as xenpbrd published them in xenstore (the daemon
+    keeps them in memory, per running domid); {} each outside dom0 or without xenstored."""
+    from xenpbr import publish
+    from xenpbr.xenstore import XenstoreClient
+    if not names:
+        return {}
+    try:
+        with XenstoreClient() as xs:
+            return {name: publish.read_refusals(xs, name) for name in names}
+    except (XenpbrError, OSError) as exc:
+        logging.getLogger(__name__).debug("no published refusals: %s", exc)
+        return {}
+
+
+def _refusals_cell(refusals: dict[str, int]) -> str:
+    """``12 (rate-limited 9, bad-request:phase 3)``, the most frequent first; ``0``."""
+    total = sum(refusals.values())
+    top = sorted(refusals.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    return f"{total} ({', '.join(f'{r} {n}' for r, n in top)})" if total else "0"
 
 
 def _recovery_cell(last: dict[str, Any] | None) -> str:
@@ -158,13 +182,15 @@ def _recovery_cell(last: dict[str, Any] | None) -> str:
 
 def cmd_status(args: argparse.Namespace, state: StateDir) -> int:
     """Registered domains: phases, valid images, generation, last recovery, disks."""
-    rows = [_status_row(state, n) for n in state.domains()]
+    names = list(state.domains())
+    refusals = _published_refusals(names)
+    rows = [_status_row(state, n, refusals.get(n)) for n in names]
     emit(rows, args.json, lambda: table(rows, [
         ("name", "domain"), ("on_crash", "on_crash"), ("phases", "phases"),
         ("images", "images", lambda v: f"{v['valid']}/{v['phases']}"),
         ("newest_image_at", "newest", age_of), ("generation", "gen"),
         ("recoveries", "recoveries"), ("last_recovery", "last recovery", _recovery_cell),
-        ("disk_policies", "disks")],
+        ("disk_policies", "disks"), ("refusals", "refusals", _refusals_cell)],
         empty="no domains registered (xenpbr create CONFIG)"))
     return 0
 

@@ -59,7 +59,7 @@ def snapshot(state: StateDir, name: str, status: str, domid: int | None,
                      f"images/{phase}/created": f"{image.created_at:.0f}",
                      f"images/{phase}/valid": "1" if image.verified else "0"})
     for reason, count in sorted((refusals or {}).items()):
-        keys[f"refusals/{reason.replace(':', '-')}"] = str(count)  # ':' is not a path char
+        keys[f"refusals/{refusal_key(reason)}"] = str(count)
     last = state.latest_history(name)
     if last is not None:
         finished = last.marks[-1].wall if last.marks else 0.0
@@ -121,10 +121,38 @@ def running_domid(xs: Any, name: str) -> int | None:
     return max(found, default=None)
 
 
+def refusal_key(reason: str) -> str:
+    """The published key of a refusal reason (``:`` is not a xenstore path character)."""
+    return reason.replace(":", "-")
+
+
+def reason_of_key(key: str) -> str:
+    """The reason a published refusal key stands for (:func:`refusal_key` reversed: only
+    ``bad-request:<field>`` reasons contain a ``:``)."""
+    prefix = "bad-request-"
+    return f"bad-request:{key[len(prefix):]}" if key.startswith(prefix) else key
+
+
+def read_refusals(xs: Any, name: str) -> dict[str, int]:
+    """The refusal counters xenpbrd published for ``name`` ({} if none or unreadable), by
+    reason: for ``xenpbr status`` and for :func:`refresh`, which must not drop them."""
+    root = f"{domain_root(name)}/refusals"
+    found: dict[str, int] = {}
+    try:
+        for key in xs.ls(root):
+            value = (xs.read_or(f"{root}/{key}", b"") or b"").decode("ascii", "replace")
+            if value.isdigit():
+                found[reason_of_key(key)] = int(value)
+    except (XenpbrError, OSError) as exc:
+        log.debug("%s: no published refusals: %s", name, exc)
+    return found
+
+
 def refresh(xs: Any, state: StateDir, name: str) -> bool:
     """Republish ``name`` keeping its published status (for the CLI, which changes images
     but does not know what the daemon last saw); the domid is the one running now, not
-    the published one, which could be stale or empty."""
+    the published one, which could be stale or empty. The refusal counters are kept
+    (refreshing once dropped them until the guest's next refusal)."""
     root = domain_root(name)
     try:
         status = (xs.read_or(f"{root}/status", b"stopped") or b"stopped").decode()
@@ -132,4 +160,4 @@ def refresh(xs: Any, state: StateDir, name: str) -> bool:
         log.debug("%s: published state not readable: %s", name, exc)
         return False
     return publish(xs, state, name, status if status in STATUSES else "stopped",
-                   running_domid(xs, name))
+                   running_domid(xs, name), read_refusals(xs, name))
