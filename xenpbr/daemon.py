@@ -81,6 +81,19 @@ class StoreRestorer:
                        monitor=True).domid
 
 
+#: Per-domain budgets of the loop (docs/phase-protocol.md, "Budgets and guarantees").
+READ_BUDGET = protocol.RateLimit(20, 1.0)  # request reads per domain: burst 20, 20/s
+PUBLISH_EVERY_S = 1.0  # refusal counters published at most this often per domain
+SWEEP_S = 10.0  # every watched domain's request is looked at again this often
+MAX_EVENTS_PER_TURN = 1000  # watch events drained per turn before serving domains
+POLL_S = 0.05  # the loop's timeout while a budget holds some work back
+
+#: Watch token -> (kind of work, domid): a guest's keys dom0 watches.
+_WATCH_KINDS = (("request", protocol.domid_from_token),
+                ("status", protocol.domid_from_status_token),
+                ("invalidate", invalidation.domid_from_token))
+
+
 class Daemon:
     """The xenpbrd event loop and its handlers."""
 
@@ -103,6 +116,10 @@ class Daemon:
         self._strangers: set[int] = set()  # domids reusing a registered name, UUID differs
         self._passed: dict[int, set[str]] = {}  # domid -> phases its run went through
         self._restored_runs: set[int] = set()  # domids a recovery restored from an image
+        self._dirty: dict[int, set[str]] = {}  # domid -> watch kinds to serve, oldest first
+        self._read_budget: dict[int, protocol.TokenBucket] = {}  # domid -> request reads
+        self._unpublished: dict[str, int] = {}  # name -> domid with refusals to publish
+        self._swept_at = time.monotonic()
         self.hot_cache = hotcache.enabled()
         self._running = True
 
@@ -134,6 +151,8 @@ class Daemon:
         refusals = self.protocol.gate.refusal_counts(domid) if domid is not None else None
         publish.publish(self.xs, self.state, name, status, domid, refusals)
         self._published_at[name] = time.monotonic()
+        if domid is not None:
+            self._unpublished.pop(name, None)  # its counters are out now
 
     # -- loop ----------------------------------------------------------------------------
 
@@ -153,7 +172,7 @@ class Daemon:
                  len(self.state.domains()), self.state.root)
         sdnotify.ready(f"serving {len(self.state.domains())} registered domain(s)")
         while self._running:
-            self.turn(sel.select(timeout=1.0))
+            self.turn(sel.select(timeout=POLL_S if self._work_left() else 1.0))
         self.watcher.close()
 
     def stop(self) -> None:
@@ -163,20 +182,75 @@ class Daemon:
         self.watcher.stop()
 
     def turn(self, ready: list[tuple[Any, int]] | None = None) -> None:
-        """Handle whatever is pending (``ready`` from a selector, or everything)."""
+        """Handle whatever is pending (``ready`` from a selector, or everything).
+
+        Fairness (docs/phase-protocol.md, "Budgets"): guest watch events only mark their
+        domain dirty (a flood of writes coalesces into one mark); then each dirty domain
+        is served once per turn, oldest mark first, a request read only within the
+        domain's read budget. Domain events (crashes) are served every turn, so no
+        guest's writes can keep dom0 from recovering another."""
         sources = {key.data for key, _ in ready} if ready is not None else {"domains",
                                                                              "requests"}
         if "domains" in sources:
             for event in self.watcher.poll_once(0):
                 self._guard(self.on_domain_event, event)
         if "requests" in sources:
-            while (watch := self.xs.read_watch(timeout=0)) is not None:
-                if (domid := protocol.domid_from_token(watch.token)) is not None:
-                    self._guard(self.on_request, domid)
-                elif (domid := protocol.domid_from_status_token(watch.token)) is not None:
-                    self._guard(self.on_status, domid)
-                elif (domid := invalidation.domid_from_token(watch.token)) is not None:
-                    self._guard(self.on_invalidate, domid)
+            self._collect_watches()
+        if time.monotonic() - self._swept_at >= SWEEP_S:
+            self._sweep()
+        self._serve_dirty()
+        self._flush()
+
+    def _collect_watches(self) -> None:
+        """Drain at most MAX_EVENTS_PER_TURN watch events into the dirty set."""
+        for _ in range(MAX_EVENTS_PER_TURN):
+            watch = self.xs.read_watch(timeout=0)
+            if watch is None:
+                return
+            for kind, of_token in _WATCH_KINDS:
+                if (domid := of_token(watch.token)) is not None:
+                    self._dirty.setdefault(domid, set()).add(kind)
+                    break
+
+    def _sweep(self) -> None:
+        """Look at every watched domain's request again: a request whose watch event was
+        lost (or that came while its domain was out of budget) is answered anyway."""
+        self._swept_at = time.monotonic()
+        for domid in self.watching:
+            self._dirty.setdefault(domid, set()).add("request")
+
+    def _serve_dirty(self) -> None:
+        """One turn of round-robin service: each dirty domain once, oldest first."""
+        handlers = {"request": self.on_request, "status": self.on_status,
+                    "invalidate": self.on_invalidate}
+        for domid in list(self._dirty):
+            kinds = self._dirty.pop(domid, set())
+            if "request" in kinds and not self._read_allowed(domid):
+                self._dirty[domid] = {"request"}  # keeps its mark; served when it refills
+                kinds.discard("request")
+            for kind in sorted(kinds):
+                self._guard(handlers[kind], domid)
+
+    def _read_allowed(self, domid: int) -> bool:
+        bucket = self._read_budget.get(domid)
+        if bucket is None:
+            bucket = self._read_budget[domid] = protocol.TokenBucket(
+                READ_BUDGET, self.protocol.gate.clock)
+        return bucket.take()
+
+    def _flush(self) -> None:
+        """Held refusal acks whose budget refilled, and refusal counters not yet
+        published (at most once a second per domain: coalesced, never dropped)."""
+        self._guard(lambda _: self.protocol.flush_held(), None)
+        now = time.monotonic()
+        for name, domid in list(self._unpublished.items()):
+            if now - self._published_at.get(name, 0.0) >= PUBLISH_EVERY_S:
+                self._guard(lambda n: self._publish(n, "watching", domid), name)
+                self._unpublished.pop(name, None)
+
+    def _work_left(self) -> bool:
+        """True while something waits for a budget to refill (poll soon, not in 1 s)."""
+        return bool(self._dirty or self._unpublished or self.protocol.has_held())
 
     def resume_interrupted(self) -> None:
         """Finish the recoveries a killed xenpbrd left half-done (before serving)."""
@@ -247,6 +321,8 @@ class Daemon:
             self._passed.pop(event.domid, None)
             self._restored_runs.discard(event.domid)
             self.protocol.forget(event.domid)
+            self._dirty.pop(event.domid, None)
+            self._read_budget.pop(event.domid, None)
             self._unwatch_guest(event.domid)
             if name not in self.names.values():  # not replaced by a recovery
                 self._publish(name, "stopped")
@@ -312,19 +388,19 @@ class Daemon:
             return
         admission = self.protocol.poll(domid)
         if admission.outcome is Outcome.REFUSED:
-            # refusal counters, at most once a second: a flooding guest must not turn
-            # each of its writes into a dom0 transaction
-            if time.monotonic() - self._published_at.get(name, 0.0) >= 1.0:
-                self._publish(name, "watching", domid)
+            # refusal counters are published by _flush, at most once a second: a
+            # flooding guest must not turn each of its writes into a dom0 transaction
+            self._unpublished[name] = domid
         if admission.outcome is not Outcome.ACCEPTED or admission.request is None:
             return
         request = admission.request
         self._publish(name, "capturing", domid)
         self._cancel_warm_up(name)  # the store is about to change
-        with domain_lock(self.state, name):
-            verdict, detail = self._judge_and_capture(name, request, domid)
-        self.protocol.answer(domid, request.seq, verdict, detail)
-        self._publish(name, "watching", domid)
+        verdict, detail = self._judged(name, request, domid)
+        try:
+            self.protocol.answer(domid, request.seq, verdict, detail)
+        finally:  # never left published as capturing
+            self._publish(name, "watching", domid)
         if verdict == Verdict.captured():
             self._warm_up(name, self.state.phases(name).images[request.phase].image_id)
         # xl save -c suspends and resumes the guest: resync the domain snapshot, and act on
@@ -332,6 +408,20 @@ class Daemon:
         # recovered: dropping these events once left it crashed for good, in the bench)
         for event in self.watcher.rescan():
             self._guard(self.on_domain_event, event)
+
+    def _judged(self, name: str, request: protocol.BoundaryRequest,
+                domid: int) -> tuple[Verdict, str]:
+        """:meth:`_judge_and_capture`, but a failure (a bug, an unusable config, a store
+        error) is a ``capture-failed`` answer: an accepted request is always answered
+        (it once stayed unanswered, published as ``capturing``)."""
+        try:
+            with domain_lock(self.state, name):
+                return self._judge_and_capture(name, request, domid)
+        except Exception as exc:  # noqa: BLE001 - the guest waits for an answer
+            log.exception("%s (domid %d): boundary %s (seq %d) failed in dom0", name, domid,
+                          request.phase, request.seq)
+            return (Verdict.refused("capture-failed"),
+                    f"dom0 failed on this boundary: {type(exc).__name__}: {exc}")
 
     def _warm_up(self, name: str, image_id: str) -> None:
         """Regenerate the new image's stream in the background (:mod:`hotcache`), so a

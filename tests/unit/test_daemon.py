@@ -478,3 +478,134 @@ def test_ready_note_starts_the_restored_images_healthy_clock(world) -> None:
     server.connect(new).write("data/xenpbr/status", b"ready 1")
     settle(daemon)
     assert state.phases("web").trial.ready_at is not None
+
+
+# -- issue 13: a flood costs only the flooder (point 1), refusals acked and shown (point 2) --
+
+
+def second_domain(state: StateDir, name: str = "calm") -> None:
+    state.register(name, {"name": name, "on_crash": "phasereboot"},
+                   CONFIG.replace('"web"', f'"{name}"'), f"{name}.cfg")
+
+
+def polls(daemon: Daemon) -> list[int]:
+    """The domids whose request the daemon reads, in order (recorded from now on)."""
+    seen: list[int] = []
+    poll = daemon.protocol.poll
+
+    def recording(domid: int):
+        seen.append(domid)
+        return poll(domid)
+    daemon.protocol.poll = recording
+    return seen
+
+
+def test_a_flood_is_read_once_per_turn_and_the_calm_guest_is_served(world) -> None:
+    server, hv, state, rec, daemon = world
+    second_domain(state)
+    web, calm = hv.create_domain(name="web"), hv.create_domain(name="calm")
+    settle(daemon)
+    seen = polls(daemon)
+    flooder = server.connect(web)
+    for seq in range(1, 501):  # each write is a watch event for dom0
+        flooder.write("data/xenpbr/request", request(seq, "kernel"))
+    server.connect(calm).write("data/xenpbr/request", request(1, "kernel"))
+    daemon.turn()
+    assert ack(server, calm) == b"1 captured"
+    assert seen.count(web) == 1 and seen.count(calm) == 1  # coalesced, round robin
+    settle(daemon)
+    assert ack(server, web) == b"500 captured"  # the newest request is the one answered
+
+
+def test_a_flooding_guest_costs_dom0_bounded_ack_writes(world) -> None:
+    server, hv, state, rec, daemon = world
+    web = hv.create_domain(name="web")
+    settle(daemon)
+    watcher = server.connect(0)
+    watcher.watch(protocol.ack_path(web), "acks")
+    while watcher.read_watch(timeout=0) is not None:
+        pass
+    flooder = server.connect(web)
+    for seq in range(1, 301):  # no turn in between: as fast as the guest can write
+        flooder.write("data/xenpbr/request", request(seq, "a/b"))
+        daemon.turn()
+    acks = 0
+    while watcher.read_watch(timeout=0) is not None:
+        acks += 1
+    # each ack fires the watch twice (its write, its perms): the burst of
+    # protocol.REFUSAL_ACK_RATE and what refilled meanwhile, not one per request
+    assert acks // 2 <= 12, acks
+    assert daemon.protocol.gate.refusal_counts(web)["bad-request:phase"] <= 300
+
+
+def test_a_lost_watch_event_is_answered_by_the_sweep(world, monkeypatch) -> None:
+    from xenpbr import daemon as daemon_mod
+    server, hv, state, rec, daemon = world
+    web = hv.create_domain(name="web")
+    settle(daemon)
+    server.connect(web).write("data/xenpbr/request", request(1, "kernel"))
+    while daemon.xs.read_watch(timeout=0) is not None:
+        pass  # the event is lost (xenstored dropped it, dom0 was busy...)
+    daemon.turn()
+    assert server.connect(0).read_or(protocol.ack_path(web), None) is None  # unanswered
+    monkeypatch.setattr(daemon_mod, "SWEEP_S", 0.0)
+    daemon.turn()
+    assert ack(server, web) == b"1 captured"
+
+
+def test_an_accepted_request_is_answered_even_if_dom0_fails_on_it(world) -> None:
+    server, hv, state, rec, daemon = world
+
+    def buggy(*args, **kwargs):
+        raise RuntimeError("a bug in the capture path")
+    daemon.capture = buggy
+    web = hv.create_domain(name="web")
+    settle(daemon)
+    server.connect(web).write("data/xenpbr/request", request(1, "kernel"))
+    settle(daemon)
+    assert ack(server, web) == b"1 refused:capture-failed"
+    assert published(server)["status"] == "watching"  # never left as capturing
+    daemon.capture = rec.capture
+    server.connect(web).write("data/xenpbr/request", request(2, "kernel"))
+    settle(daemon)
+    assert ack(server, web) == b"2 captured"  # not busy forever
+
+
+#: Issue 13's bad requests, each with a fresh seq, and the refusal each must get.
+BAD_NAMES = [("../../etc", ["kernel", "app"], "bad-request:phase"),
+             ("a/b", ["kernel", "app"], "bad-request:phase"),
+             ("a\x00b", ["kernel", "app"], "bad-request:phase"),
+             ("p" * 300, ["kernel", "app"], "bad-request:phase"),
+             ("ghost", ["kernel", "app"], "unknown-phase"),
+             ("kernel", ["kernel", "../x"], "bad-request:phases")]
+
+
+def test_bad_requests_after_a_flood_are_refused_counted_and_published(world,
+                                                                      monkeypatch) -> None:
+    from xenpbr import daemon as daemon_mod, publish
+    server, hv, state, rec, daemon = world
+    web = hv.create_domain(name="web")
+    settle(daemon)
+    guest = server.connect(web)
+    for seq in range(1, 101):
+        guest.write("data/xenpbr/request", request(seq, "kernel"))
+        daemon.turn()
+    settle(daemon)
+    monkeypatch.setattr(daemon.protocol.gate, "clock", lambda: 1e9)  # budgets refilled
+    daemon.protocol._ack_buckets.clear()
+    daemon._read_budget.clear()
+    for n, (phase, phases, reason) in enumerate(BAD_NAMES):
+        doc = json.loads(request(1000 + n, "kernel"))
+        guest.write("data/xenpbr/request", json.dumps({**doc, "phase": phase,
+                                                       "phases": phases}).encode())
+        daemon.turn()
+        assert ack(server, web) == f"{1000 + n} refused:{reason}".encode()
+    monkeypatch.setattr(daemon_mod, "PUBLISH_EVERY_S", 0.0)
+    daemon.turn()
+    keys = published(server)
+    assert keys["refusals/bad-request-phase"] == "4" and keys["refusals/unknown-phase"] == "1"
+    assert int(keys["refusals/rate-limited"]) >= 1  # the flood, read within its budget
+    shown = publish.read_refusals(server.connect(0), "web")
+    assert shown["bad-request:phase"] == 4 and shown["bad-request:phases"] == 1
+    publish.refresh(server.connect(0), state, "web")  # as the CLI does after its changes
+    assert publish.read_refusals(server.connect(0), "web") == shown
