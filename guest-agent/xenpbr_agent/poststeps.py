@@ -38,7 +38,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Optional
 
 from xenpbr.protocol import Verdict, VerdictKind
 from xenpbr_agent.boundary import MOUNTS, unescape_mount
@@ -107,7 +107,7 @@ def run_command(command: Command, timeout: float | None) -> StepResult:
                           time.monotonic() - start, timed_out)
 
 
-Runner = Callable[[Command, float | None], StepResult]
+Runner = Callable[[Command, Optional[float]], StepResult]  # evaluated: 3.9 has no X | None
 
 
 @dataclass(frozen=True)

@@ -265,9 +265,6 @@ def _runtime_pep604_unions(path: Path) -> list[int]:
             and id(node) not in in_annotation and typelike(node.left) and typelike(node.right)]
 
 
-@pytest.mark.xfail(strict=True, reason="guest-agent/xenpbr_agent/poststeps.py:110 "
-                   "`Runner = Callable[[Command, float | None], StepResult]` is evaluated at "
-                   "import: TypeError on Python 3.9 (issue 16: the agent must run on 3.9+)")
 def test_agent_files_run_on_python_3_9():
     """xenpbr-agent Depends: python3 (>= 3.9) (Debian 11); vermin checks the rest."""
     found = {}

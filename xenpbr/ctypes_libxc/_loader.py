@@ -124,7 +124,7 @@ def _not_found(spec: LibrarySpec, libdir: str | None, exc: OSError) -> XenLibrar
     return XenLibraryNotFound(
         f"{spec.soname} not found{where}: install {spec.package} "
         f"(apt-get install {spec.package}) for Xen 4.17, or name the directory holding "
-        f"it in [xen] libdir of /etc/xenpbr/xenpbr.conf (or ${LIBDIR_ENV}) [{exc}]"
+        f"it: ${LIBDIR_ENV}, or in dom0 [xen] libdir of /etc/xenpbr/xenpbr.conf [{exc}]"
     )
 
 
