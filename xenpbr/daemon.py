@@ -151,8 +151,9 @@ class Daemon:
         refusals = self.protocol.gate.refusal_counts(domid) if domid is not None else None
         publish.publish(self.xs, self.state, name, status, domid, refusals)
         self._published_at[name] = time.monotonic()
-        if domid is not None:
-            self._unpublished.pop(name, None)  # its counters are out now
+        # its counters are out now (or, without a domid, the domain is down or stopped:
+        # a later flush must not publish it as watching again)
+        self._unpublished.pop(name, None)
 
     # -- loop ----------------------------------------------------------------------------
 

@@ -609,3 +609,18 @@ def test_bad_requests_after_a_flood_are_refused_counted_and_published(world,
     assert shown["bad-request:phase"] == 4 and shown["bad-request:phases"] == 1
     publish.refresh(server.connect(0), state, "web")  # as the CLI does after its changes
     assert publish.read_refusals(server.connect(0), "web") == shown
+
+
+def test_a_pending_refusal_publication_does_not_revive_a_stopped_domain(world,
+                                                                        monkeypatch) -> None:
+    from xenpbr import daemon as daemon_mod
+    server, hv, state, rec, daemon = world
+    web = hv.create_domain(name="web")
+    settle(daemon)
+    server.connect(web).write("data/xenpbr/request", request(1, "a/b"))
+    daemon.turn()  # refused; its counters wait for the next publication slot
+    hv.destroy(web)
+    settle(daemon)
+    monkeypatch.setattr(daemon_mod, "PUBLISH_EVERY_S", 0.0)
+    daemon.turn()
+    assert published(server)["status"] == "stopped"
