@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
 import re
 import uuid as uuid_mod
 from dataclasses import dataclass
@@ -202,19 +203,32 @@ def render(settings: dict[str, Value]) -> str:
     return "".join(f"{key} = {value(v)}\n" for key, v in settings.items())
 
 
+#: (path, device, inode, size, mtime, ctime) -> SHA-256: every boundary, even a skip,
+#: fingerprints the kernel and ramdisk; hashing them each time (seconds under TCG) let a
+#: guest flooding well-formed requests block xenpbrd's loop (issue 13).
+_DIGESTS: dict[tuple[object, ...], str] = {}
+
+
 def file_digest(path: str | None) -> str:
     """SHA-256 of a file named in the config ('' if none): images depend on the bytes of
-    the kernel and ramdisk, not on their names."""
+    the kernel and ramdisk, not on their names. Remembered while the file's identity,
+    size and times are unchanged (as git's index does)."""
     if not path:
         return ""
-    h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+            st = os.fstat(f.fileno())
+            key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if key not in _DIGESTS:
+                h = hashlib.sha256()
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+                if len(_DIGESTS) > 256:
+                    _DIGESTS.clear()
+                _DIGESTS[key] = h.hexdigest()
     except OSError as exc:
         raise ConfigError(f"cannot read {path} to fingerprint it: {exc.strerror}") from exc
-    return h.hexdigest()
+    return _DIGESTS[key]
 
 
 #: ``xenpbr_crash_loop_window`` (seconds) and ``xenpbr_crash_loop_limit`` (crashes):

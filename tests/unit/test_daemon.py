@@ -624,3 +624,23 @@ def test_a_pending_refusal_publication_does_not_revive_a_stopped_domain(world,
     monkeypatch.setattr(daemon_mod, "PUBLISH_EVERY_S", 0.0)
     daemon.turn()
     assert published(server)["status"] == "stopped"
+
+
+def test_a_skipped_boundary_does_not_hash_the_kernel_again(tmp_path, monkeypatch) -> None:
+    """A flood of well-formed requests once made xenpbrd hash the kernel and ramdisk for
+    each accepted one (seconds under TCG), blocking its loop for everyone."""
+    from xenpbr import domconfig
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k" * 4096)
+    hashed: list[int] = []
+    real = domconfig.hashlib.sha256
+
+    def counting(*args):
+        hashed.append(1)
+        return real(*args)
+    monkeypatch.setattr(domconfig.hashlib, "sha256", counting)
+    first = domconfig.file_digest(str(kernel))
+    assert [domconfig.file_digest(str(kernel)) for _ in range(50)] == [first] * 50
+    assert len(hashed) == 1
+    kernel.write_bytes(b"K" * 4096)  # a new kernel: hashed again
+    assert domconfig.file_digest(str(kernel)) != first and len(hashed) == 2
