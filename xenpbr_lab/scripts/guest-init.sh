@@ -5,8 +5,9 @@
 # lab.mode=memmark keeps a marker string in memory, lab.mode=probe checks xenstore,
 # lab.mode=agent runs the guest agent for each phase of lab.phases=a,b, lab.mode=hostile
 # writes bad requests first, lab.mode=flood floods xenstored with bad and repeated
-# requests on its own, lab.mode=demo runs the demo application, lab.mode=shell just
-# waits.
+# requests on its own, lab.mode=deluge floods well-formed requests for a while then
+# sends bad ones, lab.mode=calm times its agent's boundaries, lab.mode=demo runs the
+# demo application, lab.mode=shell just waits.
 export PATH=/usr/bin:/usr/sbin:/bin:/sbin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
 # nothing may write byte-code to a root disk the agent freezes at each boundary
@@ -51,6 +52,7 @@ for arg in $(cat /proc/cmdline); do
         lab.hazard=*) hazard=${arg#lab.hazard=} ;;
         lab.invalidate=*) invalidate=${arg#lab.invalidate=} ;;
         lab.agentconf=*) agentconf=${arg#lab.agentconf=} ;;
+        lab.flood=*) flood=${arg#lab.flood=} ;;
     esac
 done
 echo "XENPBR-GUEST: up uptime=$(cut -d' ' -f1 /proc/uptime) mode=$mode marker=${marker:-none}"
@@ -185,6 +187,65 @@ flood_writes() {
     echo "XENPBR-FLOOD: wrote $((n + 60)) requests, forge-ack rc=$?"
 }
 
+# deluge (tests/lab/test_hostile_real.py): issue 13's hostile guest, without the agent.
+# Floods data/xenpbr/request with well-formed boundaries, each with a fresh seq, as fast
+# as the shell can, until dom0 writes control/xenpbr-lab/stop (checked every 50 writes)
+# or lab.flood=S seconds pass; then writes each bad request below with a fresh seq and
+# waits (up to 120 s) for dom0's ack of that seq, printing "XENPBR-BAD: <case> <ack>".
+deluge_writes() {
+    req() {  # seq phase phases-json
+        printf '{"v":1,"seq":%s,"phase":"%s","phases":%s,"identity":"x","wait":60,"disks":[],"services":[],"hazards":[]}' "$1" "$2" "${3:-[\"kernel\"]}"
+    }
+    up() { cut -d. -f1 /proc/uptime; }
+    seq=1; n=0; t0=$(up); limit=${flood:-240}
+    echo "XENPBR-DELUGE: flooding uptime=$t0"
+    while :; do
+        xenstore-write data/xenpbr/request "$(req $seq kernel)" 2>/dev/null
+        seq=$((seq + 1)); n=$((n + 1))
+        if [ $((n % 50)) -eq 0 ]; then
+            xenstore-read control/xenpbr-lab/stop >/dev/null 2>&1 && break
+            [ $(($(up) - t0)) -ge "$limit" ] && break
+        fi
+    done
+    echo "XENPBR-DELUGE: wrote $n requests in $(($(up) - t0)) s"
+    long=$(head -c 300 /dev/zero | tr '\0' p)
+    nul='a\\u0000b'  # xenstore-write unescapes "\\": the guest writes JSON's \u0000
+    for case in dotdot:../../etc slash:a/b "nul:$nul" "long:$long" undeclared:ghost \
+                badlist:kernel undeclist:kernel; do
+        label=${case%%:*}; phase=${case#*:}; seq=$((seq + 1)); list='["kernel"]'
+        [ "$label" = badlist ] && list='["kernel","../x"]'
+        [ "$label" = undeclist ] && list='["kernel","ghost"]'
+        xenstore-write data/xenpbr/request "$(req $seq "$phase" "$list")"
+        i=0; a=
+        while [ $i -lt 1200 ]; do
+            a=$(xenstore-read control/xenpbr/ack 2>/dev/null)
+            case "$a" in "$seq "*) break ;; esac
+            sleep 0.1; i=$((i + 1))
+        done
+        echo "XENPBR-BAD: $label seq=$seq ack=$a"
+        sleep 1  # dom0's poller in the test sees every answer
+    done
+    echo "XENPBR-DELUGE: done"
+}
+# calm (tests/lab/test_hostile_real.py): the agent marks lab.phases, each boundary timed
+# with the guest's uptime ("XENPBR-TIMED: <phase> <start> <end>"); then, once dom0 writes
+# control/xenpbr-lab/again (after a recovery, say), the last phase is marked once more.
+calm_phases() {
+    mkdir -p /etc/xenpbr
+    for p in $phases; do echo "[phase:$p]"; done > /etc/xenpbr/agent.conf
+    for p in $phases; do
+        t0=$(cut -d' ' -f1 /proc/uptime)
+        out=$(python3 -m xenpbr_agent phase "$p"); rc=$?
+        t1=$(cut -d' ' -f1 /proc/uptime)
+        echo "XENPBR-AGENT: $out rc=$rc"
+        echo "XENPBR-TIMED: $p $t0 $t1"
+        last=$p
+    done
+    until xenstore-read control/xenpbr-lab/again >/dev/null 2>&1; do sleep 0.5; done
+    out=$(python3 -m xenpbr_agent phase "$last")
+    echo "XENPBR-AGENT: $out rc=$? again"
+}
+
 case "$mode" in
     agent)
         agent_phases ;;
@@ -196,6 +257,10 @@ case "$mode" in
     flood)
         flood_writes
         agent_phases ;;
+    deluge)
+        deluge_writes ;;
+    calm)
+        calm_phases ;;
     bench)
         bench_phases ;;
     consist)
