@@ -112,8 +112,11 @@ def _guest(host: XenHost, workload: str, memory_mib: int, method: str) -> LabDom
     name = f"b-{workload}-{memory_mib}-{method}".replace("phasereboot", "pbr")
     # The bench crashes a guest again seconds after its recovery, on purpose: the
     # crash-loop guard would (rightly) answer that with earlier phases and normal
-    # reboots, so for the bench it only looks one second back.
-    guard: dict[str, object] = ({"xenpbr_crash_loop_window": 1}
+    # reboots, so for the bench it only looks one second back; and the per-image
+    # failure history would abandon the image these deliberate crashes hit, so a
+    # restore is healthy once it reported ready and the image is never abandoned.
+    guard: dict[str, object] = ({"xenpbr_crash_loop_window": 1, "xenpbr_healthy_after": 0,
+                                 "xenpbr_image_failures": 100}
                                 if method.startswith("phasereboot") else {})
     if method == "phasereboot-fifo":
         guard["xenpbr_hot_stream"] = 0

@@ -58,8 +58,11 @@ def _guest(host: XenHost, name: str, hazard: str) -> LabDomain:
                      on_crash="phasereboot", extra=f"lab.root=/dev/xvda lab.hazard={hazard}",
                      disk=made.specs, xenpbr_disks=["xvda=snapshot", "xvdb=persistent"],
                      # crashed again seconds after each recovery, on purpose: the guard
-                     # would rightly answer with earlier phases, so it looks 1 s back
-                     xenpbr_crash_loop_window=1)
+                     # would rightly answer with earlier phases, so it looks 1 s back,
+                     # and a restore that reported ready is healthy at once (these
+                     # crashes are the proof's, not the image's: never abandon it)
+                     xenpbr_crash_loop_window=1, xenpbr_healthy_after=0,
+                     xenpbr_image_failures=100)
 
 
 def _create(host: XenHost, guest: LabDomain) -> None:
