@@ -41,7 +41,7 @@ def test_a_flipped_byte_in_the_hot_stream_stops_a_streaming_xl(store, fake, data
     image = captured(store, fake)
     path = hotcache.warm(store, "vm1", image.meta.image_id)
     crashed(fake)
-    result = restore(store, image, xl=fake.argv)  # the default: streamed, checked
+    result = restore(store, image, xl=fake.argv, hot_mode="stream")
     assert result.hot and (fake.state / "restored.xl").read_bytes() == data
     restore_call = next(c for c in fake.calls() if c[0] == "restore")
     assert restore_call[-1] != str(path)  # xl read our FIFO, every chunk checked

@@ -279,14 +279,14 @@ def test_domain_state_reads_xls_state_letters(tmp_path) -> None:
 # -- the hot stream: the newest image's stream, ready for `xl restore FILE` ------------------
 
 def test_a_warmed_image_is_restored_from_its_file_verified_first(store, fake, data) -> None:
-    """``hot_mode="file"``: hashed whole, then xl reads the file itself."""
+    """The default, ``hot_mode="file"``: hashed whole, then xl reads the file itself."""
     from xenpbr.images import hotcache
     image = captured(store, fake)
     path = hotcache.warm(store, "vm1", image.meta.image_id)
     assert path is not None and path.read_bytes() == data  # regenerated from verified pages
     assert hotcache.sums_of(path).exists()  # its chunk checksums beside it
     (fake.state / "domains" / "vm1").unlink()
-    result = restore(store, image, xl=fake.argv, hot_mode="file")
+    result = restore(store, image, xl=fake.argv)
     assert result.hot and (fake.state / "restored.xl").read_bytes() == data
     assert result.verify_s > 0  # every chunk hashed before xl started
     restore_call = next(c for c in fake.calls() if c[0] == "restore")

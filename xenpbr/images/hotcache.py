@@ -17,9 +17,9 @@ Trust: the file is written from pages verified against their SHA-256 as they are
 fsync'd, and renamed into place only when complete, so it is either whole or absent.
 Beside it, ``<image_id>.sums`` (itself checksummed) holds the SHA-256 of every 1 MiB
 chunk and the stamps (:func:`~.pagestore.file_stamp`) of the packs the image's pages
-were read from. A restore checks every chunk as it copies it into xl's FIFO
-(:func:`stream_verified`; or all of them right before ``xl restore FILE`` with
-``hot_mode="file"``): a flipped byte is refused before the guest ever runs. A pack whose stamp changed since (someone wrote to it) makes
+were read from. A restore checks every chunk right before ``xl restore FILE``
+(:func:`verify_file`; or as it copies them into xl's FIFO with ``hot_mode="stream"``):
+a flipped byte is refused before the guest ever runs. A pack whose stamp changed since (someone wrote to it) makes
 :func:`lookup` refuse the stream, so the restore regenerates from the page store and
 verifies every page, and a damaged page rejects the image as it would without the
 cache. ``xenpbr_hot_stream = 0`` in a domain's
@@ -154,8 +154,8 @@ def _unlink(path: Path) -> None:
 def stream_verified(hot: HotStream, sink: BinaryIO, what: str) -> int:
     """Copy the hot stream to ``sink`` chunk by chunk, each checked before it is written.
 
-    The default restore: the file is read once and xl reads exactly the bytes checked;
-    in the lab it cost the same as hashing the file first, within noise (docs/images.md).
+    ``hot_mode="stream"`` of a restore: xl reads exactly the bytes checked; in the lab
+    it was slower than hashing the file first in two of three runs (docs/images.md).
     :raises CorruptObject: names the file, the chunk and its offset.
     """
     written = 0
@@ -175,7 +175,7 @@ def stream_verified(hot: HotStream, sink: BinaryIO, what: str) -> int:
 
 
 def verify_file(hot: HotStream, what: str) -> float:
-    """Hash the whole hot stream (``scrub``, and a restore with ``hot_mode="file"``);
+    """Hash the whole hot stream (``scrub``, and the default restore, ``hot_mode="file"``);
     returns the seconds it took."""
     start = time.monotonic()
 
