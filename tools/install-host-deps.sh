@@ -7,7 +7,8 @@
 #   tools/install-host-deps.sh --deb   Debian's packaging tools instead (make deb)
 set -euo pipefail
 
-PACKAGES=(qemu-system-x86 e2fsprogs python3-venv python3-pip)
+# systemd: systemd-analyze verifies the xenpbrd unit in the unit tests
+PACKAGES=(qemu-system-x86 e2fsprogs python3-venv python3-pip systemd)
 # make deb: debhelper + dh-python (pybuild) build debian/, lintian checks the result.
 DEB_PACKAGES=(build-essential debhelper dh-python python3-all python3-setuptools
               pybuild-plugin-pyproject python3-wheel fakeroot lintian)
