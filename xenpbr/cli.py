@@ -118,13 +118,6 @@ def _unregister_text(row: dict[str, Any]) -> str:
             "on_crash when convenient.")
 
 
-def disk_policies(state: StateDir, name: str, settings: dict[str, Any]) -> dict[str, str]:
-    """Each disk's policy as the registered settings give it (``unset`` for a
-    read-write disk registered by an older xenpbr without one: xenpbrd reverts such a
-    disk like ``snapshot``, and status must not hide that nobody chose it)."""
-    return domconfig.stored_disk_policies(settings)
-
-
 def _last_recovery(history: list[Any]) -> dict[str, Any] | None:
     if not history:
         return None
@@ -147,7 +140,7 @@ def _status_row(state: StateDir, name: str,
             "images": {"valid": valid, "phases": len(phases.phases)},
             "newest_image_at": utc(newest), "generation": phases.generation,
             "recoveries": len(history), "last_recovery": _last_recovery(history),
-            "disk_policies": disk_policies(state, name, settings),
+            "disk_policies": domconfig.stored_disk_policies(settings),
             "refusals": refusals or {}}
 
 
