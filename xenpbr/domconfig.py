@@ -79,7 +79,7 @@ def _tokens(text: str, path: Path) -> list[tuple[str, str, int]]:
         m = _TOKEN.match(text, pos)
         if m is None:
             raise ConfigError(f"{path}:{line}: unexpected character {text[pos]!r}")
-        kind = m.lastgroup
+        kind = m.lastgroup or ""
         if kind == "newline":
             out.append(("newline", m.group(), line))
             line += 1
@@ -466,9 +466,10 @@ def _disk_entries(config: DomainConfig) -> tuple[tuple[str, str, str], ...]:
 def fingerprint(config: DomainConfig, phases: tuple[str, ...], identity: str) -> Fingerprint:
     """The image fingerprint of ``config`` with the guest's declared phases/identity."""
     s = config.settings
+    kernel, ramdisk = s.get("kernel"), s.get("ramdisk")
     return Fingerprint(
-        kernel=file_digest(s.get("kernel") if isinstance(s.get("kernel"), str) else None),
-        ramdisk=file_digest(s.get("ramdisk") if isinstance(s.get("ramdisk"), str) else None),
+        kernel=file_digest(kernel if isinstance(kernel, str) else None),
+        ramdisk=file_digest(ramdisk if isinstance(ramdisk, str) else None),
         cmdline=" ".join(str(s.get(k, "")) for k in ("cmdline", "root", "extra")).strip(),
         memory_mib=int(s.get("memory", 0)),  # type: ignore[arg-type]
         vcpus=int(s.get("vcpus", 1)),  # type: ignore[arg-type]

@@ -60,7 +60,7 @@ def stderr_is_journal(stream: TextIO | None = None,
     return (st.st_dev, st.st_ino) == (dev, ino)
 
 
-class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+class _Handler(logging.StreamHandler):
     """Ours, so that a second :func:`setup` replaces it instead of doubling lines."""
 
 

@@ -69,7 +69,7 @@ def cell(value: Any) -> str:
 
 
 def _format(column: Column, row: dict[str, Any]) -> str:
-    fmt = column[2] if len(column) > 2 else cell  # type: ignore[misc]
+    fmt = column[2] if len(column) > 2 else cell
     return fmt(row.get(column[0]))
 
 
