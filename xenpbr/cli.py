@@ -327,7 +327,7 @@ def cmd_inject(args: argparse.Namespace, state: StateDir) -> int:
 def cmd_reboot(args: argparse.Namespace, state: StateDir) -> int:
     """Operator-initiated phase-based reboot (proactive rejuvenation)."""
     from xenpbr.daemon import StoreRestorer, domain_lock
-    from xenpbr.protocol import PhaseProtocol
+    from xenpbr.guestproto.control import PhaseProtocol
     from xenpbr.recovery import Recovery, XlToolstack
     from xenpbr.xenstore import XenstoreClient
     with domain_lock(state, args.domain), XenstoreClient() as xs:

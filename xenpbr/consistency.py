@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 
 from xenpbr.domconfig import DomainConfig, disk_policies
-from xenpbr.protocol import BoundaryRequest
+from xenpbr.guestproto.wire import BoundaryRequest
 
 _PARTITION = re.compile(r"p?[0-9]+")
 

@@ -1,110 +1,17 @@
-"""A guest asks dom0 to drop its images from phase N on (after a package upgrade, say).
+"""temporary: removed when the controller branch is merged.
 
-Bumping the agent's ``identity`` invalidates every image of the guest. Often less is
-stale: an upgrade of the application leaves the kernel and services images good. So the
-guest can name the first phase whose result changed, and dom0 forgets that phase's image
-and every later one (they were taken on top of it); the next boot captures them again.
-
-Wire (docs/phase-protocol.md, "Invalidation")::
-
-    guest: data/xenpbr/invalidate       = "<seq> <phase>"              (<= 48 bytes)
-    dom0:  control/xenpbr/invalidated   = "<seq> dropped:<n>"  or  "<seq> refused:<why>"
-
-``seq`` only grows (the agent picks one above dom0's last answer), so a replayed or
-stale request is ignored; ``why`` is ``unknown-phase`` (not one of the phases the guest
-declared at its boundaries) or ``rate-limited`` (more than one a second). A malformed
-request is logged and not answered: it has no seq to answer. Guest input is parsed by
-a full-match regex on bounded ASCII before anything looks at it.
+Re-exports, under their old names, only what ``xenpbr/daemon.py`` uses of the old
+``xenpbr.invalidation`` (the daemon is being rewritten on another branch). The wire
+format is now :mod:`xenpbr.guestproto.invalidation`, dom0's xenstore I/O for it
+:mod:`xenpbr.guestproto.control`.
 """
 
-from __future__ import annotations
+from xenpbr.guestproto.control import domid_from_invalidation_token as domid_from_token
+from xenpbr.guestproto.control import invalidation_path as request_path
+from xenpbr.guestproto.control import invalidation_watch as watch
+from xenpbr.guestproto.control import last_invalidation_answered as last_answered
+from xenpbr.guestproto.control import write_invalidation_answer as write_answer
+from xenpbr.guestproto.invalidation import Answer, Invalidation, parse_request
 
-import re
-from dataclasses import dataclass
-from typing import Any
-
-from xenpbr.protocol import CONTROL_DIR, PHASE_NAME, SEQ_LIMIT, _home, _write_dom0_key
-
-REQUEST_KEY = "data/xenpbr/invalidate"
-ANSWER_KEY = f"{CONTROL_DIR}/invalidated"
-MAX_BYTES = 48
-REASONS = ("unknown-phase", "rate-limited")
-_SEQ = r"[1-9][0-9]{0,9}"
-_REQUEST = re.compile(rf"({_SEQ}) ({PHASE_NAME.pattern})")
-_ANSWER = re.compile(rf"({_SEQ}) (?:dropped:([0-9]{{1,2}})|refused:([a-z-]{{1,32}}))")
-_TOKEN_PREFIX = "xenpbr-invalidate-"
-
-
-@dataclass(frozen=True)
-class Invalidation:
-    """A guest's request: drop the images of ``phase`` and the phases after it."""
-
-    seq: int
-    phase: str
-
-    def encode(self) -> str:
-        return f"{self.seq} {self.phase}"
-
-
-@dataclass(frozen=True)
-class Answer:
-    """Dom0's answer: how many images were dropped, or why nothing was."""
-
-    seq: int
-    dropped: int | None = None
-    refused: str | None = None
-
-    def encode(self) -> str:
-        verdict = f"dropped:{self.dropped}" if self.refused is None else f"refused:{self.refused}"
-        return f"{self.seq} {verdict}"
-
-
-def parse_request(raw: bytes | None) -> Invalidation | None:
-    """The guest's request, or None if absent or malformed."""
-    if raw is None or len(raw) > MAX_BYTES:
-        return None
-    match = _REQUEST.fullmatch(raw.decode("ascii", "replace"))
-    if match is None or int(match.group(1)) >= SEQ_LIMIT:
-        return None
-    return Invalidation(int(match.group(1)), match.group(2))
-
-
-def parse_answer(raw: bytes | None) -> Answer | None:
-    """Dom0's answer, or None if there is none (or it is malformed)."""
-    if raw is None or len(raw) > MAX_BYTES:
-        return None
-    match = _ANSWER.fullmatch(raw.decode("ascii", "replace"))
-    if match is None:
-        return None
-    dropped = int(match.group(2)) if match.group(2) is not None else None
-    return Answer(int(match.group(1)), dropped, match.group(3))
-
-
-def request_path(domid: int) -> str:
-    return f"{_home(domid)}/{REQUEST_KEY}"
-
-
-def answer_path(domid: int) -> str:
-    return f"{_home(domid)}/{ANSWER_KEY}"
-
-
-def watch(domid: int) -> tuple[str, str]:
-    """``(path, token)`` for watching a domain's invalidation key."""
-    return request_path(domid), f"{_TOKEN_PREFIX}{domid}"
-
-
-def domid_from_token(token: str) -> int | None:
-    rest = token[len(_TOKEN_PREFIX):] if token.startswith(_TOKEN_PREFIX) else ""
-    return int(rest) if rest.isascii() and rest.isdigit() and len(rest) <= 5 else None
-
-
-def last_answered(xs: Any, domid: int) -> int:
-    """The seq dom0 answered last for ``domid`` (0 if none): requests up to it are
-    replays. Kept in xenstore, which only dom0 can write, so it survives a restart."""
-    answer = parse_answer(xs.read_or(answer_path(domid), None))
-    return answer.seq if answer is not None else 0
-
-
-def write_answer(xs: Any, domid: int, answer: Answer) -> None:
-    xs.run_transaction(lambda t: _write_dom0_key(t, domid, answer_path(domid),
-                                                 answer.encode()))
+__all__ = ["Answer", "Invalidation", "domid_from_token", "last_answered", "parse_request",
+           "request_path", "watch", "write_answer"]

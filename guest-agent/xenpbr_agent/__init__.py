@@ -1,8 +1,8 @@
 """xenpbr's guest agent: marks boot-phase boundaries for phase-based reboot.
 
 Runs inside a Xen PV guest (standard library plus xenpbr's xenstore client and wire
-format, :mod:`xenpbr.protocol`). ``xenpbr-agent phase NAME`` writes a boundary request
-to ``data/xenpbr/request``, waits for dom0's ack in ``control/xenpbr/ack`` and runs the
+format, :mod:`xenpbr.guestproto.wire`). ``xenpbr-agent phase NAME`` writes a boundary
+request to ``data/xenpbr/request``, waits for dom0's ack in ``control/xenpbr/ack`` and runs the
 configured steps; see ``guest-agent/README.md`` and ``docs/phase-protocol.md``.
 """
 

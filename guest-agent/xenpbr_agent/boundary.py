@@ -19,7 +19,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from typing import Any
 
-from xenpbr.protocol import (
+from xenpbr.guestproto.request import encode_request
+from xenpbr.guestproto.wire import (
     ACK_KEY,
     AGENT_KEY,
     CONTROL_DIR,
@@ -38,7 +39,6 @@ from xenpbr.protocol import (
     GuestStatus,
     RequestRefused,
     Verdict,
-    encode_request,
 )
 from xenpbr.xenstore import NoSuchKey, PermissionDenied, XenstoreError
 from xenpbr_agent import AgentError, __version__, freeze, hazards

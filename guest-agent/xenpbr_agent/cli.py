@@ -40,7 +40,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from xenpbr.protocol import GENERATION_KEY, GuestStatus, VerdictKind
+from xenpbr.guestproto.wire import GENERATION_KEY, GuestStatus, VerdictKind
 from xenpbr.xenstore import XenstoreClient, XenstoreError
 from xenpbr_agent import (
     EXIT_OK,

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from xenpbr.protocol import IDENTITY, MAX_PHASES, MAX_WAIT_SECONDS, PHASE_NAME
+from xenpbr.guestproto.wire import IDENTITY, MAX_PHASES, MAX_WAIT_SECONDS, PHASE_NAME
 from xenpbr_agent import ConfigError
 
 DEFAULT_PATH = "/etc/xenpbr/agent.conf"

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from xenpbr.protocol import HAZARD, MAX_HAZARDS
+from xenpbr.guestproto.wire import HAZARD, MAX_HAZARDS
 
 O_ACCMODE, O_WRONLY, O_RDWR, O_APPEND = 0o3, 0o1, 0o2, 0o2000
 

@@ -3,7 +3,7 @@
 For a change that makes a phase's result different from what its image holds (an
 upgraded application, a new service configuration) while the earlier phases are still
 good: dom0 drops PHASE's image and every later one, and the next boot captures them
-again. Bumping ``identity`` instead drops all of them. Wire: :mod:`xenpbr.invalidation`.
+again. Bumping ``identity`` instead drops all of them. Wire: :mod:`xenpbr.guestproto.invalidation`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from xenpbr.invalidation import ANSWER_KEY, REQUEST_KEY, Answer, Invalidation, parse_answer
+from xenpbr.guestproto.invalidation import (
+    ANSWER_KEY,
+    REQUEST_KEY,
+    Answer,
+    Invalidation,
+    parse_answer,
+)
 from xenpbr.xenstore import XenstoreError
 from xenpbr_agent import AgentError
 from xenpbr_agent.boundary import dom0_enabled

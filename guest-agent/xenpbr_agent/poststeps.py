@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Optional
 
-from xenpbr.protocol import Verdict, VerdictKind
+from xenpbr.guestproto.wire import Verdict, VerdictKind
 from xenpbr_agent.boundary import MOUNTS, unescape_mount
 from xenpbr_agent.config import AgentConfig, Command, MountSpec
 

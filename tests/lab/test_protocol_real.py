@@ -17,9 +17,10 @@ import re
 RESPONDER = r"""
 import json, subprocess, time
 from xenpbr.xenstore import XenstoreClient
-from xenpbr.protocol import (Outcome, PhaseProtocol, RateLimit, RequestGate, Verdict,
-                             ack_path, control_path, domid_from_token, generation_path,
-                             request_watch)
+from xenpbr.guestproto.control import (PhaseProtocol, ack_path, control_path,
+                                     domid_from_token, generation_path, request_watch)
+from xenpbr.guestproto.gate import Outcome, RateLimit, RequestGate
+from xenpbr.guestproto.wire import Verdict
 
 DOMID, NAME, PLANS, EXPECT, CASES = {domid}, {name!r}, {plans!r}, {expect}, {cases!r}
 lab = f"/local/domain/{{DOMID}}/control/xenpbr-lab"

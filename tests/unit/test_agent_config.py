@@ -171,7 +171,7 @@ def test_a_section_that_is_itself_broken_is_not_run() -> None:
 def agent(tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]):
     """``run(config text, argv) -> (code, stdout, log)`` over an in-memory xenstore whose
     dom0 side is prepared (a request would be visible there)."""
-    from xenpbr.protocol import prepare_domain
+    from xenpbr.guestproto.control import prepare_domain
     server = FakeXenstoreServer()
     server.create_domain(DOMID)
     with server.connect(0) as dom0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from xenpbr.protocol import HAZARD, MAX_HAZARDS
+from xenpbr.guestproto.wire import HAZARD, MAX_HAZARDS
 from xenpbr_agent import hazards
 from xenpbr_agent.hazards import OpenWrite
 

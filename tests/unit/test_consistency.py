@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from xenpbr import consistency, domconfig
-from xenpbr.protocol import BoundaryRequest, DiskState
+from xenpbr.guestproto.wire import BoundaryRequest, DiskState
 
 BASE = ('name = "db"\ndisk = ["vdev=xvda, target=/img/root.ext4", '
         '"vdev=xvdb, target=/img/data.ext4", "vdev=xvdc, access=ro, target=/img/iso"]\n')

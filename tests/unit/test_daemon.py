@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from xenpbr import protocol
 from xenpbr.daemon import Daemon
+from xenpbr.guestproto import control, wire
 from xenpbr.hypervisor.fake import FakeHypervisor
 from xenpbr.images.store import ImageStore
 from xenpbr.state import StateDir
@@ -81,13 +81,13 @@ def test_boundary_is_captured_then_skipped_after_a_normal_reboot(world) -> None:
     guest = server.connect(domid)
     guest.write("data/xenpbr/request", request(1, "kernel"))
     settle(daemon)
-    assert server.connect(0).read(protocol.ack_path(domid)) == b"1 captured"
+    assert server.connect(0).read(control.ack_path(domid)) == b"1 captured"
     assert rec.calls == [("capture", "web", "kernel", 1)]
     images = state.phases("web").images
     assert images["kernel"].image_id == "img-kernel-1" and images["kernel"].seq == 1
     guest.write("data/xenpbr/request", request(2, "kernel"))  # same phase, same fingerprint
     settle(daemon)
-    assert server.connect(0).read(protocol.ack_path(domid)) == b"2 skipped"
+    assert server.connect(0).read(control.ack_path(domid)) == b"2 skipped"
     assert rec.captures == 1
 
 
@@ -105,7 +105,7 @@ def test_crash_of_a_registered_domain_is_recovered_from_its_image(world) -> None
     server, hv, state, rec, daemon = world
     new = crash_and_recover(server, hv, rec, daemon)
     assert ("destroy", "web") in rec.calls and ("restore", "img-app-1") in rec.calls
-    assert server.connect(0).read(protocol.ack_path(new)) == b"1 restored:1"
+    assert server.connect(0).read(control.ack_path(new)) == b"1 restored:1"
     (timeline,) = state.history("web")
     assert timeline.method == "phase:app" and timeline.outcome == "recovered"
 
@@ -121,7 +121,7 @@ def test_unregistered_and_hostile_domains_do_not_disturb_the_daemon(world) -> No
     assert rec.calls == []  # the stranger is not ours; garbage is refused, not captured
     server.connect(web).write("data/xenpbr/request", request(5, "kernel"))
     settle(daemon)
-    assert server.connect(0).read(protocol.ack_path(web)) == b"5 captured"
+    assert server.connect(0).read(control.ack_path(web)) == b"5 captured"
     assert published(server)["refusals/bad-request-encoding"] == "1"
 
 
@@ -136,7 +136,7 @@ def test_failed_capture_is_refused_and_daemon_goes_on(world) -> None:
     settle(daemon)
     server.connect(domid).write("data/xenpbr/request", request(1, "kernel"))
     settle(daemon)
-    assert server.connect(0).read(protocol.ack_path(domid)) == b"1 refused:capture-failed"
+    assert server.connect(0).read(control.ack_path(domid)) == b"1 refused:capture-failed"
 
 
 def published(server: FakeXenstoreServer, name: str = "web") -> dict[str, str]:
@@ -214,12 +214,12 @@ def test_interrupted_recovery_is_finished_at_start(world) -> None:
 def test_a_domain_restored_by_someone_else_keeps_its_ack(world) -> None:
     server, hv, state, rec, daemon = world
     domid = hv.create_domain(name="web")
-    protocol.prepare_domain(server.connect(0), domid, generation=4)
-    protocol.write_ack(server.connect(0), domid, protocol.Ack(9, protocol.Verdict.restored(4)))
+    control.prepare_domain(server.connect(0), domid, generation=4)
+    control.write_ack(server.connect(0), domid, wire.Ack(9, wire.Verdict.restored(4)))
     settle(daemon)
     dom0 = server.connect(0)
-    assert dom0.read(protocol.ack_path(domid)) == b"9 restored:4"
-    assert dom0.read(protocol.generation_path(domid)) == b"4"
+    assert dom0.read(control.ack_path(domid)) == b"9 restored:4"
+    assert dom0.read(control.generation_path(domid)) == b"4"
 
 
 def test_restarted_daemon_treats_the_answered_request_as_a_replay(world, tmp_path) -> None:
@@ -234,7 +234,7 @@ def test_restarted_daemon_treats_the_answered_request_as_a_replay(world, tmp_pat
     again.watcher.start()
     settle(again)  # the request watch fires at once with the old, answered request
     assert rec.captures == 1
-    assert server.connect(0).read(protocol.ack_path(domid)) == b"1 captured"
+    assert server.connect(0).read(control.ack_path(domid)) == b"1 captured"
     server.connect(domid).write("data/xenpbr/request", request(2, "app"))
     settle(again)
     assert rec.captures == 2
@@ -250,7 +250,7 @@ def test_restarted_daemon_answers_a_request_left_pending(world) -> None:
                    server.connect(0), toolstack=rec, restorer=rec, capture_fn=rec.capture)
     again.watcher.start()
     settle(again)
-    assert server.connect(0).read(protocol.ack_path(domid)) == b"1 captured"
+    assert server.connect(0).read(control.ack_path(domid)) == b"1 captured"
 
 
 def test_unsafe_boundary_is_refused_with_a_detail_the_guest_can_read(world) -> None:
@@ -265,15 +265,15 @@ def test_unsafe_boundary_is_refused_with_a_detail_the_guest_can_read(world) -> N
     server.connect(domid).write("data/xenpbr/request", json.dumps(doc).encode())
     settle(daemon)
     guest = server.connect(domid)
-    assert guest.read(protocol.ack_path(domid)) == b"1 refused:hazard"
-    detail = guest.read(f"/local/domain/{domid}/{protocol.DETAIL_KEY}").decode()
+    assert guest.read(control.ack_path(domid)) == b"1 refused:hazard"
+    detail = guest.read(f"/local/domain/{domid}/{wire.DETAIL_KEY}").decode()
     assert detail.startswith("pid 312 (auditd) has /data/audit/audit.log open for writing")
     assert rec.captures == 0
     doc.update(seq=2, hazards=[])
     guest.write("data/xenpbr/request", json.dumps(doc).encode())
     settle(daemon)
-    assert guest.read(protocol.ack_path(domid)) == b"2 captured"
-    assert guest.read(f"/local/domain/{domid}/{protocol.DETAIL_KEY}") == b""
+    assert guest.read(control.ack_path(domid)) == b"2 captured"
+    assert guest.read(f"/local/domain/{domid}/{wire.DETAIL_KEY}") == b""
 
 
 def test_cli_refresh_keeps_the_published_status_and_domid(world) -> None:
@@ -385,7 +385,7 @@ def boundary(seq: int, phase: str, identity: str = "v1") -> bytes:
 
 
 def ack(server: FakeXenstoreServer, domid: int) -> bytes:
-    return server.connect(0).read(protocol.ack_path(domid))
+    return server.connect(0).read(control.ack_path(domid))
 
 
 def test_published_domid_is_the_recovered_domain_as_soon_as_it_is_back(world) -> None:
@@ -522,7 +522,7 @@ def test_a_flooding_guest_costs_dom0_bounded_ack_writes(world) -> None:
     web = hv.create_domain(name="web")
     settle(daemon)
     watcher = server.connect(0)
-    watcher.watch(protocol.ack_path(web), "acks")
+    watcher.watch(control.ack_path(web), "acks")
     while watcher.read_watch(timeout=0) is not None:
         pass
     flooder = server.connect(web)
@@ -533,7 +533,7 @@ def test_a_flooding_guest_costs_dom0_bounded_ack_writes(world) -> None:
     while watcher.read_watch(timeout=0) is not None:
         acks += 1
     # each ack fires the watch twice (its write, its perms): the burst of
-    # protocol.REFUSAL_ACK_RATE and what refilled meanwhile, not one per request
+    # guestproto.gate.REFUSAL_ACK_RATE and what refilled meanwhile, not one per request
     assert acks // 2 <= 12, acks
     assert daemon.protocol.gate.refusal_counts(web)["bad-request:phase"] <= 300
 
@@ -547,7 +547,7 @@ def test_a_lost_watch_event_is_answered_by_the_sweep(world, monkeypatch) -> None
     while daemon.xs.read_watch(timeout=0) is not None:
         pass  # the event is lost (xenstored dropped it, dom0 was busy...)
     daemon.turn()
-    assert server.connect(0).read_or(protocol.ack_path(web), None) is None  # unanswered
+    assert server.connect(0).read_or(control.ack_path(web), None) is None  # unanswered
     monkeypatch.setattr(daemon_mod, "SWEEP_S", 0.0)
     daemon.turn()
     assert ack(server, web) == b"1 captured"

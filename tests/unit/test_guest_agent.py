@@ -1,7 +1,7 @@
 """The guest agent against dom0's protocol code, end to end over the in-memory xenstore.
 
 A guest connection runs ``xenpbr-agent`` (``xenpbr_agent.cli.main``); a dom0 connection
-runs a responder thread built on :class:`xenpbr.protocol.PhaseProtocol` that answers
+runs a responder thread built on :class:`xenpbr.guestproto.control.PhaseProtocol` that answers
 each accepted request as the test scripts it.
 """
 
@@ -17,19 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.unit.test_agent_freeze import FakeFreezer
-from xenpbr.protocol import (
-    Ack,
-    BoundaryRequest,
-    Outcome,
-    PhaseProtocol,
-    RateLimit,
-    RequestGate,
-    Verdict,
-    parse_request,
-    prepare_domain,
-    request_watch,
-    write_ack,
-)
+from xenpbr.guestproto.control import PhaseProtocol, prepare_domain, request_watch, write_ack
+from xenpbr.guestproto.gate import Outcome, RateLimit, RequestGate
+from xenpbr.guestproto.request import parse_request
+from xenpbr.guestproto.wire import Ack, BoundaryRequest, Verdict
 from xenpbr.xenstore import (
     FakeXenstore,
     FakeXenstoreServer,

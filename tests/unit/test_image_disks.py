@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from xenpbr import protocol
 from xenpbr.daemon import Daemon
 from xenpbr.disksnap import SnapshotError
+from xenpbr.guestproto import control, wire
 from xenpbr.hypervisor.fake import FakeHypervisor
 from xenpbr.images import disks
 from xenpbr.images.store import ImageStore
@@ -121,8 +121,8 @@ def run_boundary(tmp_path: Path, target: str, frozen: bool = True):
     for _ in range(3):
         daemon.turn()
     guest = server.connect(domid)
-    ack = guest.read(protocol.ack_path(domid)).decode()
-    detail = guest.read(f"/local/domain/{domid}/{protocol.DETAIL_KEY}").decode()
+    ack = guest.read(control.ack_path(domid)).decode()
+    detail = guest.read(f"/local/domain/{domid}/{wire.DETAIL_KEY}").decode()
     return ack, detail, state, daemon, capturer
 
 

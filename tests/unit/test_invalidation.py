@@ -1,4 +1,4 @@
-"""A guest asks dom0 to drop its images from a phase on (xenpbr.invalidation)."""
+"""A guest asks dom0 to drop its images from a phase on (xenpbr.guestproto.invalidation)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import threading
 import pytest
 
 from tests.unit.test_daemon import request, settle, world  # noqa: F401 (fixture)
-from xenpbr import invalidation
-from xenpbr.invalidation import Answer, Invalidation, parse_answer, parse_request
+from xenpbr.guestproto import control, invalidation
+from xenpbr.guestproto.invalidation import Answer, Invalidation, parse_answer, parse_request
 from xenpbr_agent.config import parse_config
 from xenpbr_agent.invalidate import request_invalidation
 
@@ -50,21 +50,21 @@ def test_dom0_drops_the_phase_and_later_ones_and_ignores_replays(world) -> None:
     dom0 = server.connect(0)
     guest.write(invalidation.REQUEST_KEY, b"1 app")
     settle(daemon)
-    assert dom0.read(invalidation.answer_path(domid)) == b"1 dropped:1"
+    assert dom0.read(control.invalidation_answer_path(domid)) == b"1 dropped:1"
     assert images(state) == ["kernel"]
     guest.write(invalidation.REQUEST_KEY, b"1 kernel")  # a replay: ignored
     settle(daemon)
     assert images(state) == ["kernel"]
     guest.write(invalidation.REQUEST_KEY, b"2 nosuch")  # within a second: rate-limited
     settle(daemon)
-    assert dom0.read(invalidation.answer_path(domid)) == b"2 refused:rate-limited"
+    assert dom0.read(control.invalidation_answer_path(domid)) == b"2 refused:rate-limited"
     daemon._invalidated_at.clear()
     guest.write(invalidation.REQUEST_KEY, b"3 nosuch")
     settle(daemon)
-    assert dom0.read(invalidation.answer_path(domid)) == b"3 refused:unknown-phase"
+    assert dom0.read(control.invalidation_answer_path(domid)) == b"3 refused:unknown-phase"
     guest.write(invalidation.REQUEST_KEY, b"4 kernel; rm -rf /")  # malformed: no answer
     settle(daemon)
-    assert dom0.read(invalidation.answer_path(domid)) == b"3 refused:unknown-phase"
+    assert dom0.read(control.invalidation_answer_path(domid)) == b"3 refused:unknown-phase"
     assert images(state) == ["kernel"]
 
 

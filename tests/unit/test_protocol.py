@@ -1,4 +1,4 @@
-"""Dom0's side of the phase protocol against hostile input (xenpbr/protocol.py).
+"""Dom0's side of the phase protocol against hostile input (xenpbr/guestproto/).
 
 Every bad request must be refused with the documented reason, counted, and never raise
 anything but RequestRefused; dom0's writes must stay inside the domain's control/xenpbr.
@@ -14,32 +14,30 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xenpbr import protocol
 from xenpbr.errors import XenpbrError
-from xenpbr.protocol import (
+from xenpbr.guestproto import control, wire
+from xenpbr.guestproto.control import (
+    PhaseProtocol,
+    ack_path,
+    control_path,
+    domid_from_token,
+    prepare_domain,
+    request_path,
+    request_watch,
+)
+from xenpbr.guestproto.gate import Outcome, RateLimit, RequestGate, TokenBucket
+from xenpbr.guestproto.request import encode_request, parse_request
+from xenpbr.guestproto.wire import (
     MAX_REQUEST_BYTES,
     REFUSAL_REASONS,
     Ack,
     AckMalformed,
     BoundaryRequest,
     DiskState,
-    Outcome,
-    PhaseProtocol,
-    RateLimit,
-    RequestGate,
     RequestRefused,
-    TokenBucket,
     Verdict,
     VerdictKind,
-    ack_path,
-    control_path,
-    domid_from_token,
-    encode_request,
     parse_agent_presence,
-    parse_request,
-    prepare_domain,
-    request_path,
-    request_watch,
 )
 from xenpbr.xenstore import Access, FakeXenstoreServer, PermissionDenied
 
@@ -312,7 +310,7 @@ def test_fuzz_splices_into_a_good_request(junk: bytes, at: int) -> None:
 
 def test_parser_bugs_would_be_logged(caplog: pytest.LogCaptureFixture) -> None:
     """The fuzzers above must never reach the parser's last-resort handler."""
-    caplog.set_level(logging.ERROR, logger="xenpbr.protocol")
+    caplog.set_level(logging.ERROR, logger="xenpbr.guestproto.request")
     for _, data, _ in HOSTILE:
         with pytest.raises(RequestRefused):
             parse_request(data)
@@ -675,13 +673,13 @@ def test_guest_text_never_becomes_a_dom0_path(server: FakeXenstoreServer) -> Non
     (b"ready " + b"9" * 40, None), (b"\xff\xfe 1", None), (b"acked 3\n", None),
 ])
 def test_guest_status_notes_are_parsed_strictly(raw, expected) -> None:
-    status = protocol.parse_guest_status(raw)
+    status = wire.parse_guest_status(raw)
     assert (None if status is None else (status.state, status.generation)) == expected
 
 
 def test_status_watch_tokens_are_not_request_tokens() -> None:
-    path, token = protocol.status_watch(7)
+    path, token = control.status_watch(7)
     assert path == "/local/domain/7/data/xenpbr/status"
-    assert protocol.domid_from_status_token(token) == 7
-    assert protocol.domid_from_token(token) is None
-    assert protocol.domid_from_status_token(protocol.request_watch(7)[1]) is None
+    assert control.domid_from_status_token(token) == 7
+    assert control.domid_from_token(token) is None
+    assert control.domid_from_status_token(control.request_watch(7)[1]) is None
