@@ -27,9 +27,9 @@ from xenpbr.images.errors import (
     StoreBusy,
 )
 from xenpbr.images.garbage import GcReport
-from xenpbr.images.image import Image, ImageMeta
+from xenpbr.images.image import Image, ImageEntry, ImageMeta
 from xenpbr.images.restore import RestoreResult, restore
-from xenpbr.images.store import DomainUsage, ImageEntry, ImageStore
+from xenpbr.images.store import DomainUsage, ImageStore
 from xenpbr.images.writer import CaptureStats, CaptureWriter
 
 __all__ = [

@@ -19,6 +19,8 @@ to an earlier image instead of running a kernel over disks it does not know.
 Snapshots count against the domain's quota (their allocated bytes), are deleted with
 their image, and GC removes the ones whose image is gone (a daemon killed between the
 manifest and the snapshots).
+
+Its functions take the store as :class:`~.layout.HasLayout`: paths are all they need.
 """
 
 from __future__ import annotations
@@ -28,15 +30,12 @@ import logging
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from xenpbr import disksnap
 from xenpbr.fsutil import atomic_write_json
 from xenpbr.images.errors import ImageInvalid
-from xenpbr.images.image import Image, check_image_id, check_name
-
-if TYPE_CHECKING:
-    from xenpbr.images.store import ImageStore
+from xenpbr.images.image import Image, check_name
+from xenpbr.images.layout import HasLayout
 
 _LOG = logging.getLogger(__name__)
 
@@ -61,11 +60,11 @@ class DiskSnapshot:
     bytes_copied: int
 
 
-def image_dir(store: ImageStore, domain: str, image_id: str) -> Path:
-    return store.root / "disks" / check_name(domain, "domain") / check_image_id(image_id)
+def image_dir(store: HasLayout, domain: str, image_id: str) -> Path:
+    return store.layout.disk_image_dir(domain, image_id)
 
 
-def take(store: ImageStore, domain: str, image_id: str,
+def take(store: HasLayout, domain: str, image_id: str,
          disks: dict[str, str]) -> list[DiskSnapshot]:
     """Snapshot each ``{vdev: target}`` for image ``image_id``; the record is written
     only once all succeeded. :raises disksnap.SnapshotError: (partial files removed)."""
@@ -85,7 +84,7 @@ def take(store: ImageStore, domain: str, image_id: str,
     return taken
 
 
-def load(store: ImageStore, domain: str, image_id: str) -> list[DiskSnapshot]:
+def load(store: HasLayout, domain: str, image_id: str) -> list[DiskSnapshot]:
     """The image's snapshot record ([] if it has none). :raises DiskSnapshotMissing:"""
     path = image_dir(store, domain, image_id) / RECORD
     try:
@@ -104,7 +103,7 @@ def needed(image: Image) -> list[str]:
     return [str(v) for v in vdevs] if isinstance(vdevs, list) else []
 
 
-def check(store: ImageStore, image: Image) -> list[DiskSnapshot]:
+def check(store: HasLayout, image: Image) -> list[DiskSnapshot]:
     """The snapshots of ``image``, all present. :raises DiskSnapshotMissing:"""
     meta = image.meta
     snaps = load(store, meta.domain, meta.image_id)
@@ -119,7 +118,7 @@ def check(store: ImageStore, image: Image) -> list[DiskSnapshot]:
     return snaps
 
 
-def revert(store: ImageStore, image: Image) -> dict[str, float]:
+def revert(store: HasLayout, image: Image) -> dict[str, float]:
     """Put ``image``'s disk snapshots back (the domain must not be running); returns
     seconds per vdev. :raises DiskSnapshotMissing, disksnap.SnapshotError:"""
     took = {}
@@ -133,7 +132,7 @@ def revert(store: ImageStore, image: Image) -> dict[str, float]:
     return took
 
 
-def remove(store: ImageStore, domain: str, image_id: str) -> None:
+def remove(store: HasLayout, domain: str, image_id: str) -> None:
     """Delete an image's snapshots (with the image, or after a failed capture)."""
     for snap in _quiet_load(store, domain, image_id):
         if snap.mechanism == "lvm-thin":
@@ -141,29 +140,29 @@ def remove(store: ImageStore, domain: str, image_id: str) -> None:
     shutil.rmtree(image_dir(store, domain, image_id), ignore_errors=True)
 
 
-def _quiet_load(store: ImageStore, domain: str, image_id: str) -> list[DiskSnapshot]:
+def _quiet_load(store: HasLayout, domain: str, image_id: str) -> list[DiskSnapshot]:
     try:
         return load(store, domain, image_id)
     except DiskSnapshotMissing:
         return []
 
 
-def allocated_bytes(store: ImageStore, domain: str) -> int:
+def allocated_bytes(store: HasLayout, domain: str) -> int:
     """Bytes the domain's snapshot files occupy (allocated blocks: sparse and reflinked
     files cost what they hold, not their size)."""
-    root = store.root / "disks" / check_name(domain, "domain")
+    root = store.layout.disk_domain_dir(domain)
     return sum(p.stat().st_blocks * 512 for p in root.rglob("*") if p.is_file()) \
         if root.is_dir() else 0
 
 
-def orphans(store: ImageStore) -> list[tuple[str, str]]:
+def orphans(store: HasLayout) -> list[tuple[str, str]]:
     """``(domain, image_id)`` of snapshot sets whose image manifest is gone."""
-    root = store.root / "disks"
+    root = store.layout.disks_dir
     if not root.is_dir():
         return []
     found = []
     for d in sorted(p for p in root.iterdir() if p.is_dir()):
         for img in sorted(p for p in d.iterdir() if p.is_dir()):
-            if not store.manifest_path(d.name, img.name).exists():
+            if not store.layout.manifest_path(d.name, img.name).exists():
                 found.append((d.name, img.name))
     return found

@@ -2,7 +2,8 @@
 
 The hierarchy lets the recovery code react by kind: an :class:`ImageInvalid` image is
 skipped (fall back to an earlier one), :class:`QuotaExceeded` refuses a capture,
-:class:`CaptureFailed` / :class:`RestoreFailed` carry what ``xl`` said. Messages name the
+:class:`CaptureFailed` / :class:`RestoreFailed` carry what ``xl`` said, and the hot
+stream's warm-up stops with :class:`NoRoom` or :class:`Cancelled`. Messages name the
 object (domain, image, page, pack, offset) and say what an operator can do.
 """
 
@@ -56,3 +57,11 @@ class CaptureFailed(ImageError):
 
 class RestoreFailed(ImageError):
     """``xl restore`` failed or timed out; any partial domain was destroyed."""
+
+
+class NoRoom(ImageError):
+    """Writing a hot stream would leave too little space for the store and xenpbrd's state."""
+
+
+class Cancelled(ImageError):
+    """A hot stream's warm-up was called off (the domain crashed: its recovery needs the CPU)."""

@@ -13,6 +13,9 @@ crash in the middle harmless:
 A manifest that fails verification stops the sweep (:class:`GcRefused`): its pages
 cannot be known, and deleting them would destroy what an operator might still
 recover. ``drop_invalid=True`` deletes such manifests first (they are unusable anyway).
+
+The store runs GC on itself, seen here as a :class:`Collectable`: this module does not
+import the store.
 """
 
 from __future__ import annotations
@@ -21,26 +24,34 @@ import hashlib
 import logging
 import mmap
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from xenpbr.fsutil import atomic_write, fsync_dir
 from xenpbr.images import codecs, disks, hotcache, manifest
 from xenpbr.images.errors import CorruptObject, GcRefused
+from xenpbr.images.layout import HasLayout
 from xenpbr.images.pagestore import (
     PACK_HEADER,
     PAGE_SIZE,
     RECORD,
     PackInfo,
     PackWriter,
+    PageStore,
     encode_index,
     make_loc,
     scan_pack,
 )
 
-if TYPE_CHECKING:
-    from xenpbr.images.store import ImageStore
-
 _LOG = logging.getLogger(__name__)
+
+
+class Collectable(HasLayout, Protocol):
+    """What GC needs of the store (an ``ImageStore``): its files, its page store, and
+    what it occupies on disk."""
+
+    pages: PageStore
+
+    def disk_bytes(self) -> int: ...
 
 
 @dataclass
@@ -68,7 +79,7 @@ class GcReport:
         return self.bytes_before - self.bytes_after
 
 
-def collect(store: ImageStore, *, min_dead_fraction: float = 0.1,
+def collect(store: Collectable, *, min_dead_fraction: float = 0.1,
             drop_invalid: bool = False) -> GcReport:
     """One GC pass; the caller holds the exclusive lock."""
     report = GcReport(bytes_before=store.disk_bytes())
@@ -83,21 +94,21 @@ def collect(store: ImageStore, *, min_dead_fraction: float = 0.1,
     store.pages.reload()
     report.bytes_after = store.disk_bytes()
     _LOG.info("gc of %s: %d -> %d bytes (%d reclaimed), %d live pages, %d packs deleted, "
-              "%d compacted into %d", store.root, report.bytes_before, report.bytes_after,
+              "%d compacted into %d", store.layout.root, report.bytes_before, report.bytes_after,
               report.reclaimed, report.live_pages, len(report.packs_deleted),
               len(report.packs_compacted), len(report.packs_written))
     return report
 
 
-def _remove_temp_files(store: ImageStore, report: GcReport) -> None:
+def _remove_temp_files(store: Collectable, report: GcReport) -> None:
     """Temporary files of interrupted atomic writes (``.NAME.PID.tmp``)."""
-    for top in (store.pages.dir, store.images_dir):  # not quotas.json: written unlocked
+    for top in (store.pages.dir, store.layout.images_dir):  # not quotas.json: written unlocked
         for path in top.rglob(".*.tmp"):
             path.unlink(missing_ok=True)
             report.temp_files_removed += 1
 
 
-def _remove_orphans(store: ImageStore, report: GcReport) -> None:
+def _remove_orphans(store: Collectable, report: GcReport) -> None:
     """Packs without an index: captures that died before sealing."""
     packs_dir = store.pages.dir
     for pack in sorted(packs_dir.glob("*.pack")):
@@ -114,7 +125,7 @@ def _remove_orphans(store: ImageStore, report: GcReport) -> None:
     fsync_dir(packs_dir)
 
 
-def _remove_orphan_snapshots(store: ImageStore, report: GcReport) -> None:
+def _remove_orphan_snapshots(store: Collectable, report: GcReport) -> None:
     """Disk snapshots whose image is gone (deleted while xenpbrd was down, or a daemon
     killed between a manifest and its snapshots)."""
     for domain, image_id in disks.orphans(store):
@@ -123,14 +134,14 @@ def _remove_orphan_snapshots(store: ImageStore, report: GcReport) -> None:
         report.orphan_snapshots_removed.append(f"{domain}/{image_id}")
 
 
-def _remove_orphan_hot_streams(store: ImageStore, report: GcReport) -> None:
+def _remove_orphan_hot_streams(store: Collectable, report: GcReport) -> None:
     """Ready-made streams whose image is gone, and leftovers of interrupted writes."""
     for path in hotcache.orphans(store):
         hotcache.remove(path)
         report.hot_streams_removed += 1
 
 
-def _rebuild_bad_indexes(store: ImageStore, report: GcReport) -> None:
+def _rebuild_bad_indexes(store: Collectable, report: GcReport) -> None:
     """Re-derive unusable indexes by scanning their packs (records carry their digests)."""
     store.pages.reload()
     for name in sorted(store.pages.problems):
@@ -151,10 +162,10 @@ def _rebuild_bad_indexes(store: ImageStore, report: GcReport) -> None:
     store.pages.reload()
 
 
-def _mark(store: ImageStore, report: GcReport, drop_invalid: bool) -> set[bytes]:
+def _mark(store: Collectable, report: GcReport, drop_invalid: bool) -> set[bytes]:
     live: set[bytes] = set()
     invalid: list[tuple[str, str]] = []
-    for path in store.manifest_paths():
+    for path in store.layout.manifest_paths():
         where = f"{path.parent.name}/{path.stem}"
         try:
             parts = manifest.decode_parts(path.read_bytes(), where)
@@ -169,12 +180,12 @@ def _mark(store: ImageStore, report: GcReport, drop_invalid: bool) -> set[bytes]
                         + ". Delete those images (or call gc(drop_invalid=True))")
     for where, reason in invalid:
         _LOG.warning("gc: deleting invalid image %s: %s", where, reason)
-        (store.images_dir / f"{where}{manifest.SUFFIX}").unlink(missing_ok=True)
+        (store.layout.images_dir / f"{where}{manifest.SUFFIX}").unlink(missing_ok=True)
         report.invalid_images_deleted.append(where)
     return live
 
 
-def _sweep(store: ImageStore, live: set[bytes], report: GcReport,
+def _sweep(store: Collectable, live: set[bytes], report: GcReport,
            min_dead_fraction: float) -> None:
     index = store.pages.index
     to_compact: list[tuple[PackInfo, list[tuple[bytes, int, int]]]] = []
@@ -192,7 +203,7 @@ def _sweep(store: ImageStore, live: set[bytes], report: GcReport,
         _compact(store, to_compact, report)
 
 
-def _compact(store: ImageStore, work: list[tuple[PackInfo, list[tuple[bytes, int, int]]]],
+def _compact(store: Collectable, work: list[tuple[PackInfo, list[tuple[bytes, int, int]]]],
              report: GcReport) -> None:
     """Copy live records into new packs, seal them, then drop the old ones."""
     writers: list[PackWriter] = []
@@ -232,7 +243,7 @@ def _verified_record(mm: mmap.mmap, off: int, digest: bytes) -> tuple[int, bytes
     return (codec_id, payload) if hashlib.sha256(raw).digest() == digest else None
 
 
-def _delete_pack(store: ImageStore, name: str) -> None:
+def _delete_pack(store: Collectable, name: str) -> None:
     """Index first, then pack: a crash in between leaves an orphan, never a dangling index."""
     store.pages.dir.joinpath(f"{name}.idx").unlink(missing_ok=True)
     fsync_dir(store.pages.dir)

@@ -27,6 +27,10 @@ config (or ``[hot-stream] enabled = no`` in /etc/xenpbr/xenpbr.conf, ``XENPBR_HO
 for the whole xenpbrd) restores that domain every time from verified pages instead.
 ``[hot-stream] dir`` (``XENPBR_HOT_STREAM_DIR``) puts the streams on another file system
 than the store (docs/settings.md).
+
+The store calls these functions with itself, typed as the narrow Protocol each needs
+(:class:`~.layout.HasLayout` for paths, :class:`WarmSource` for a warm-up), so this
+module never imports the store.
 """
 
 from __future__ import annotations
@@ -40,17 +44,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from xenpbr import settings
 from xenpbr.fsutil import atomic_write, fsync_dir
-from xenpbr.images.errors import CorruptObject
-from xenpbr.images.image import Image, check_image_id, check_name
-from xenpbr.images.pagestore import Stamp, file_stamp, split_loc
-from xenpbr.images.reader import resolve
-
-if TYPE_CHECKING:
-    from xenpbr.images.store import ImageStore
+from xenpbr.images.errors import Cancelled, CorruptObject, NoRoom
+from xenpbr.images.image import Image, ImageMeta, check_image_id, check_name
+from xenpbr.images.layout import HasLayout
+from xenpbr.images.pagestore import PackInfo, Stamp, file_stamp
 
 _LOG = logging.getLogger(__name__)
 SUFFIX = ".stream"
@@ -59,22 +60,35 @@ CHUNK = 1 << 20
 ENV = "XENPBR_HOT_CACHE"
 
 
+class WarmSource(HasLayout, Protocol):
+    """What :func:`warm` needs of the store (an ``ImageStore``): its images, their
+    regenerated streams and the packs their pages are in."""
+
+    def load(self, domain: str, image_id: str) -> Image: ...
+
+    def images(self, domain: str) -> list[ImageMeta]: ...
+
+    def regenerate(self, image: Image, fileobj: BinaryIO) -> int: ...
+
+    def packs_of(self, image: Image) -> list[PackInfo]: ...
+
+
 def enabled() -> bool:
     """False if the operator turned the cache off (``[hot-stream] enabled = no`` or
     ``XENPBR_HOT_CACHE=0``)."""
     return settings.current().hot_stream
 
 
-def hot_root(store: ImageStore) -> Path:
+def hot_root(store: HasLayout) -> Path:
     """The folder of all hot streams: ``[hot-stream] dir``, else ``<store>/hot``."""
-    return settings.current().hot_root(store.root)
+    return store.layout.hot_root()
 
 
-def domain_dir(store: ImageStore, domain: str) -> Path:
+def domain_dir(store: HasLayout, domain: str) -> Path:
     return hot_root(store) / check_name(domain, "domain")
 
 
-def path_of(store: ImageStore, domain: str, image_id: str) -> Path:
+def path_of(store: HasLayout, domain: str, image_id: str) -> Path:
     return domain_dir(store, domain) / f"{check_image_id(image_id)}{SUFFIX}"
 
 
@@ -94,7 +108,7 @@ class HotStream:
     packs: dict[str, Stamp]
 
 
-def lookup(store: ImageStore, image: Image) -> HotStream | None:
+def lookup(store: HasLayout, image: Image) -> HotStream | None:
     """The ready stream of ``image``, or None (never built, replaced, incomplete, its
     checksums unreadable, or a pack it was built from changed since: then the restore
     regenerates from verified pages, which rejects the image if a page is damaged)."""
@@ -108,7 +122,7 @@ def lookup(store: ImageStore, image: Image) -> HotStream | None:
         _unlink(path)
         return None
     changed = [name for name, stamp in hot.packs.items()
-               if file_stamp(store.pages.dir / f"{name}.pack") != stamp]
+               if file_stamp(store.layout.packs_dir / f"{name}.pack") != stamp]
     if changed:
         _LOG.warning("hot stream %s not used, removed: pack %s changed since it was built; "
                      "restoring from the page store, every page verified", path,
@@ -186,10 +200,6 @@ def verify_file(hot: HotStream, what: str) -> float:
     return time.monotonic() - start
 
 
-class Cancelled(Exception):
-    """The warm-up was called off (the domain crashed: its recovery needs the CPU)."""
-
-
 class _CancellableFile:
     """A file whose writes raise :class:`Cancelled` once ``cancel`` is set, and that
     hashes what it writes in :data:`CHUNK`-sized chunks (:attr:`sums`)."""
@@ -229,7 +239,7 @@ class _CancellableFile:
         return getattr(self.f, name)
 
 
-def warm(store: ImageStore, domain: str, image_id: str,
+def warm(store: WarmSource, domain: str, image_id: str,
          cancel: threading.Event | None = None) -> Path | None:
     """Regenerate ``image_id``'s stream into the cache, dropping the domain's other
     streams first. Returns None (and writes nothing) if it is not, or stops being, the
@@ -270,23 +280,15 @@ def warm(store: ImageStore, domain: str, image_id: str,
     return dest
 
 
-def _pack_stamps(store: ImageStore, image: Image) -> dict[str, Stamp]:
+def _pack_stamps(store: WarmSource, image: Image) -> dict[str, Stamp]:
     """The stamps of the packs holding the image's pages, as :func:`lookup` compares."""
-    with store._mutex:  # noqa: SLF001 - the index is the store's, read under its mutex
-        store.pages.refresh()
-        numbers = {split_loc(loc)[0] for loc in resolve(store.pages, image)}
-        infos = [store.pages.packs[n] for n in numbers]
-    stamps = {info.name: file_stamp(info.path) for info in infos}
+    stamps = {info.name: file_stamp(info.path) for info in store.packs_of(image)}
     return {name: stamp for name, stamp in stamps.items() if stamp is not None}
 
 
-def _is_newest(store: ImageStore, domain: str, image_id: str) -> bool:
+def _is_newest(store: WarmSource, domain: str, image_id: str) -> bool:
     newest = store.images(domain)
     return bool(newest) and newest[-1].image_id == image_id
-
-
-class NoRoom(Exception):
-    """Writing the stream would leave too little space for the store and xenpbrd's state."""
 
 
 #: What a hot stream must leave free: the state directory, the next capture's pages and
@@ -306,7 +308,7 @@ def _check_room(folder: Path, size: int) -> None:
                      f"or move the streams with {settings.hint('hot_stream_dir')})")
 
 
-def drop(store: ImageStore, domain: str, image_id: str | None = None,
+def drop(store: HasLayout, domain: str, image_id: str | None = None,
          keep: str | None = None) -> None:
     """Remove the domain's hot streams: one (``image_id``), or all but ``keep``."""
     folder = domain_dir(store, domain)
@@ -322,7 +324,7 @@ def drop(store: ImageStore, domain: str, image_id: str | None = None,
             path.unlink(missing_ok=True)
 
 
-def orphans(store: ImageStore) -> list[Path]:
+def orphans(store: HasLayout) -> list[Path]:
     """Hot streams (and leftovers of interrupted writes) whose image is gone."""
     root = hot_root(store)
     if not root.is_dir():
@@ -334,7 +336,7 @@ def orphans(store: ImageStore) -> list[Path]:
             name = path.name[:-len(suffix)] if suffix else ""
             if suffix == SUMS_SUFFIX and (folder / f"{name}{SUFFIX}").exists():
                 continue  # goes with its stream (:func:`remove`)
-            if not name or not store.manifest_path(folder.name, name).exists():
+            if not name or not store.layout.manifest_path(folder.name, name).exists():
                 found.append(path)
     return found
 

@@ -1,7 +1,8 @@
 """What an image is, as the rest of xenpbr sees it: metadata plus a loaded manifest.
 
 :class:`ImageMeta` is cheap (what ``xenpbr images`` lists and the phase logic
-compares); :class:`Image` adds the page-free stream model and the ordered page
+compares); :class:`ImageEntry` is a listing's row (metadata, or why the manifest is
+unusable); :class:`Image` adds the page-free stream model and the ordered page
 references needed to regenerate the stream. Both come out of the store only after
 the manifest's checksum was verified.
 """
@@ -14,7 +15,7 @@ from array import array
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from xenpbr.images.errors import InvalidName
+from xenpbr.images.errors import ImageInvalid, InvalidName
 from xenpbr.stream.model import Stream
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -112,6 +113,20 @@ def meta_from_json(obj: Any, manifest_bytes: int) -> ImageMeta:
     check_name(values["phase"], "phase")
     check_image_id(values["image_id"])
     return ImageMeta(**values, manifest_bytes=manifest_bytes)
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One manifest found on disk: its metadata, or why it is unusable."""
+
+    domain: str
+    image_id: str
+    meta: ImageMeta | None
+    error: ImageInvalid | None
+
+    @property
+    def valid(self) -> bool:
+        return self.error is None
 
 
 @dataclass

@@ -13,6 +13,9 @@ below the file system, bit rot, changes no stamp). A scrub reads everything:
 Repairs: a bad record is dropped from its index, so the next capture that meets the
 page writes a fresh copy (and GC reclaims the bytes); a bad hot stream is deleted
 (xenpbrd rebuilds it). Nothing a restore could still use is deleted.
+
+The store scrubs itself, seen here as a :class:`Scrubbable`: this module does not
+import the store.
 """
 
 from __future__ import annotations
@@ -20,16 +23,35 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from xenpbr.images import hotcache, manifest
 from xenpbr.images.errors import CorruptObject, ImageError, ImageInvalid
-from xenpbr.images.pagestore import PackReader, make_loc
-
-if TYPE_CHECKING:
-    from xenpbr.images.store import ImageStore
+from xenpbr.images.image import Image, ImageEntry
+from xenpbr.images.layout import HasLayout
+from xenpbr.images.pagestore import PackReader, PageStore, make_loc
 
 _LOG = logging.getLogger(__name__)
+
+
+class Scrubbable(HasLayout, Protocol):
+    """What a scrub needs of the store (an ``ImageStore``): its page store, its images,
+    and the two repairs (drop a bad record, mark an image invalid)."""
+
+    pages: PageStore
+
+    def domains(self) -> list[str]: ...
+
+    def scan(self, domain: str) -> list[ImageEntry]: ...
+
+    def load(self, domain: str, image_id: str) -> Image: ...
+
+    def mark_invalid(self, domain: str, image_id: str, reason: str) -> None: ...
+
+    def invalid_reason(self, domain: str, image_id: str) -> str | None: ...
+
+    def drop_indexed_record(self, digest: bytes, loc: int, reason: str, *,
+                            repair: bool) -> tuple[bool, bool]: ...
 
 
 @dataclass
@@ -65,7 +87,7 @@ class ScrubReport:
                 "bad_hot_streams": self.bad_hot_streams}
 
 
-def scrub(store: ImageStore, repair: bool = True) -> ScrubReport:
+def scrub(store: Scrubbable, repair: bool = True) -> ScrubReport:
     """One pass over the store (the caller holds the lock shared)."""
     start = time.monotonic()
     report = ScrubReport()
@@ -74,14 +96,14 @@ def scrub(store: ImageStore, repair: bool = True) -> ScrubReport:
     _check_hot_streams(store, report, repair)
     report.seconds = time.monotonic() - start
     _LOG.info("scrub of %s: %d objects in %d packs, %d images, %d hot streams in %.2f s: %s",
-              store.root, report.objects, report.packs, report.images, report.hot_streams,
+              store.layout.root, report.objects, report.packs, report.images, report.hot_streams,
               report.seconds, "clean" if report.clean else
               f"{len(report.bad_objects)} bad objects, {len(report.invalid_images)} invalid "
               f"images, {len(report.bad_hot_streams)} bad hot streams")
     return report
 
 
-def _check_packs(store: ImageStore, report: ScrubReport, repair: bool) -> dict[bytes, str]:
+def _check_packs(store: Scrubbable, report: ScrubReport, repair: bool) -> dict[bytes, str]:
     """Hash every indexed record; returns digest -> why, for the bad ones."""
     pages = store.pages
     report.unusable_packs = [{"pack": p.name, "reason": p.reason} for p in pages.problems.values()]
@@ -105,17 +127,15 @@ def _check_packs(store: ImageStore, report: ScrubReport, repair: bool) -> dict[b
     return bad
 
 
-def _repair_record(store: ImageStore, digest: bytes, loc: int, pack: str, off: int,
+def _repair_record(store: Scrubbable, digest: bytes, loc: int, pack: str, off: int,
                    reason: str, repair: bool) -> dict[str, Any]:
-    with store._mutex:  # noqa: SLF001 - the store's own index, under its own mutex
-        used = store.pages.index.get(digest) == loc
-        dropped = repair and used and store.pages.drop_record(digest, loc, reason)
+    used, dropped = store.drop_indexed_record(digest, loc, reason, repair=repair)
     return {"pack": pack, "offset": off, "sha256": digest.hex(), "reason": reason,
             "action": "dropped" if dropped else
             ("none (report only)" if used else "none (a spare copy: gc reclaims it)")}
 
 
-def _check_images(store: ImageStore, report: ScrubReport, bad: dict[bytes, str],
+def _check_images(store: Scrubbable, report: ScrubReport, bad: dict[bytes, str],
                   repair: bool) -> None:
     """Mark every image that needs a bad or missing page invalid (``repair``)."""
     for domain in store.domains():
@@ -134,10 +154,10 @@ def _check_images(store: ImageStore, report: ScrubReport, bad: dict[bytes, str],
                                           "known": known})
 
 
-def _image_problem(store: ImageStore, domain: str, image_id: str,
+def _image_problem(store: Scrubbable, domain: str, image_id: str,
                    bad: dict[bytes, str]) -> str | None:
     try:
-        parts = manifest.decode_parts(store.manifest_path(domain, image_id).read_bytes(),
+        parts = manifest.decode_parts(store.layout.manifest_path(domain, image_id).read_bytes(),
                                       f"{domain}/{image_id}")
     except (OSError, ImageInvalid) as err:
         return str(err)
@@ -150,7 +170,7 @@ def _image_problem(store: ImageStore, domain: str, image_id: str,
     return None
 
 
-def _check_hot_streams(store: ImageStore, report: ScrubReport, repair: bool) -> None:
+def _check_hot_streams(store: Scrubbable, report: ScrubReport, repair: bool) -> None:
     root = hotcache.hot_root(store)
     for path in sorted(root.glob(f"*/*{hotcache.SUFFIX}")) if root.is_dir() else []:
         report.hot_streams += 1

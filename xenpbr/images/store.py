@@ -1,14 +1,9 @@
 """``ImageStore``: the restartable images of every domain of a host, on one directory.
 
-Layout (formats in ``docs/images.md``)::
-
-    <root>/FORMAT                          "xenpbr-image-store 1"
-    <root>/lock                            flock: shared = capture/restore, exclusive = GC
-    <root>/quotas.json                     per-domain quotas (atomic rewrite)
-    <root>/packs/<id>.pack, <id>.idx       the page store (:mod:`.pagestore`)
-    <root>/images/<domain>/<image>.manifest  one per image (:mod:`.manifest`)
-    <root>/disks/<domain>/<image>/           its disk snapshots (:mod:`.disks`)
-    <root>/hot/<domain>/<image>.stream       the newest image's stream (:mod:`.hotcache`)
+The store composes its helpers and none of them imports it back: the on-disk layout
+(:mod:`.layout`), the page store (:mod:`.pagestore`), disk snapshots (:mod:`.disks`),
+hot streams (:mod:`.hotcache`), GC (:mod:`.garbage`), scrub (:mod:`.scrub`) and the
+capture writer (:mod:`.writer`) each take the store as the narrow Protocol they need.
 
 Everything is created mode 0600/0700: images hold guest memory (keys, passwords).
 
@@ -35,7 +30,6 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -44,7 +38,8 @@ from xenpbr.fsutil import atomic_write, atomic_write_json, fsync_dir
 from xenpbr.images import codecs, disks, garbage, hotcache, manifest, skeleton
 from xenpbr.images import scrub as scrubbing
 from xenpbr.images.errors import CorruptObject, ImageError, ImageInvalid, ImageNotFound
-from xenpbr.images.image import Image, ImageMeta, check_image_id, check_name
+from xenpbr.images.image import Image, ImageEntry, ImageMeta, check_name
+from xenpbr.images.layout import StoreLayout
 from xenpbr.images.locking import StoreLock
 from xenpbr.images.pagestore import DEFAULT_MAX_PACK, PackInfo, PageStore, split_loc
 from xenpbr.images.reader import ImageReader, resolve
@@ -52,21 +47,6 @@ from xenpbr.images.writer import CaptureWriter
 
 _LOG = logging.getLogger(__name__)
 FORMAT = b"xenpbr-image-store 1\n"
-INVALID_SUFFIX = ".invalid"
-
-
-@dataclass(frozen=True)
-class ImageEntry:
-    """One manifest found on disk: its metadata, or why it is unusable."""
-
-    domain: str
-    image_id: str
-    meta: ImageMeta | None
-    error: ImageInvalid | None
-
-    @property
-    def valid(self) -> bool:
-        return self.error is None
 
 
 @dataclass(frozen=True)
@@ -96,31 +76,31 @@ class ImageStore:
                  default_quota: int | None = None, max_pack_bytes: int = DEFAULT_MAX_PACK,
                  lock_timeout: float = 300.0) -> None:
         self.root = Path(root)
+        self.layout = StoreLayout(self.root)
         self.default_quota = default_quota
         self.lock_timeout = lock_timeout
         self._init_layout()
-        self.images_dir = self.root / "images"
-        self.pages = PageStore(self.root / "packs", codecs.by_name(codec), max_pack_bytes)
+        self.pages = PageStore(self.layout.packs_dir, codecs.by_name(codec), max_pack_bytes)
         self._mutex = threading.RLock()
         with self._mutex:
             self.pages.refresh()
 
     def _init_layout(self) -> None:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        marker = self.root / "FORMAT"
+        marker = self.layout.format_path
         if marker.exists():
             if marker.read_bytes() != FORMAT:
                 raise ImageError(f"{self.root} is not a version-1 xenpbr image store "
                                  f"(FORMAT says {marker.read_bytes()[:40]!r})")
         else:
             atomic_write(marker, FORMAT, mode=0o600)
-        for sub in ("images", "packs"):
-            (self.root / sub).mkdir(mode=0o700, exist_ok=True)
+        for sub in (self.layout.images_dir, self.layout.packs_dir):
+            sub.mkdir(mode=0o700, exist_ok=True)
 
     # ------------------------------------------------------------------ locking
 
     def _lock(self, exclusive: bool = False, timeout: float | None = None) -> StoreLock:
-        return StoreLock(self.root / "lock", exclusive,
+        return StoreLock(self.layout.lock_path, exclusive,
                          self.lock_timeout if timeout is None else timeout)
 
     def _refresh(self) -> None:
@@ -143,6 +123,15 @@ class ImageStore:
                 return False
             return self.pages.drop_record(digest, loc, reason)
 
+    def drop_indexed_record(self, digest: bytes, loc: int, reason: str, *,
+                            repair: bool) -> tuple[bool, bool]:
+        """A scrub found the record at ``loc`` corrupt: ``(used, dropped)``, whether the
+        index points at it and whether it was dropped (only with ``repair``)."""
+        with self._mutex:
+            used = self.pages.index.get(digest) == loc
+            dropped = repair and used and self.pages.drop_record(digest, loc, reason)
+        return used, dropped
+
     def register_packs(self, sealed: list[PackInfo]) -> None:
         """A writer committed: make its packs visible to this process's lookups."""
         with self._mutex:
@@ -150,23 +139,26 @@ class ImageStore:
                 if info.name not in self.pages.by_name:
                     self.pages.add_sealed(info)
 
+    def packs_of(self, image: Image) -> list[PackInfo]:
+        """The sealed packs holding ``image``'s pages (index read under the mutex)."""
+        with self._mutex:
+            self.pages.refresh()
+            numbers = {split_loc(loc)[0] for loc in resolve(self.pages, image)}
+            return [self.pages.packs[n] for n in numbers]
+
     # ------------------------------------------------------------------ paths
 
     def domain_dir(self, domain: str) -> Path:
-        return self.images_dir / check_name(domain, "domain")
+        return self.layout.domain_dir(domain)
 
     def manifest_path(self, domain: str, image_id: str) -> Path:
-        return self.domain_dir(domain) / f"{check_image_id(image_id)}{manifest.SUFFIX}"
-
-    def invalid_path(self, domain: str, image_id: str) -> Path:
-        """The marker that says an image failed verification (JSON: reason, time)."""
-        return self.domain_dir(domain) / f"{check_image_id(image_id)}{INVALID_SUFFIX}"
+        return self.layout.manifest_path(domain, image_id)
 
     def mark_invalid(self, domain: str, image_id: str, reason: str) -> None:
         """Record that an image must not be used, and why: a restore or a scrub found
         one of its objects bad. Listings then show it invalid with the reason, and
         :meth:`load` refuses it, in every process (the manifest itself is intact)."""
-        path = self.invalid_path(domain, image_id)
+        path = self.layout.invalid_path(domain, image_id)
         if not self.manifest_path(domain, image_id).exists():
             return
         atomic_write_json(path, {"version": 1, "reason": reason, "at": time.time()})
@@ -176,7 +168,7 @@ class ImageStore:
     def invalid_reason(self, domain: str, image_id: str) -> str | None:
         """Why the image was marked invalid, or None."""
         try:
-            data = json.loads(self.invalid_path(domain, image_id).read_text())
+            data = json.loads(self.layout.invalid_path(domain, image_id).read_text())
         except FileNotFoundError:
             return None
         except ValueError:
@@ -184,15 +176,9 @@ class ImageStore:
         return str(data.get("reason", "marked invalid")) if isinstance(data, dict) else \
             "marked invalid"
 
-    def manifest_paths(self) -> Iterator[Path]:
-        """Every published manifest of every domain."""
-        for d in sorted(p for p in self.images_dir.iterdir() if p.is_dir()):
-            yield from sorted(d.glob(f"*{manifest.SUFFIX}"))
-
     def domains(self) -> list[str]:
         """Domains with at least one manifest."""
-        return sorted(d.name for d in self.images_dir.iterdir()
-                      if d.is_dir() and any(d.glob(f"*{manifest.SUFFIX}")))
+        return self.layout.domains()
 
     # ------------------------------------------------------------------ quotas
 
@@ -212,15 +198,15 @@ class ImageStore:
                 quotas.pop(domain, None)
             else:
                 quotas[domain] = limit
-            atomic_write_json(self.root / "quotas.json", {"version": 1, "quotas": quotas})
+            atomic_write_json(self.layout.quotas_path, {"version": 1, "quotas": quotas})
 
     def _quotas(self) -> dict[str, int]:
         try:
-            data = json.loads((self.root / "quotas.json").read_text())
+            data = json.loads(self.layout.quotas_path.read_text())
         except FileNotFoundError:
             return {}
         except ValueError as err:
-            raise ImageError(f"{self.root / 'quotas.json'} is damaged ({err}); fix or "
+            raise ImageError(f"{self.layout.quotas_path} is damaged ({err}); fix or "
                              "remove it (quotas then fall back to the default)") from err
         quotas = data.get("quotas", {}) if isinstance(data, dict) else {}
         return {k: v for k, v in quotas.items() if isinstance(v, int)}
@@ -234,7 +220,7 @@ class ImageStore:
     def _charged(self, domain: str) -> tuple[set[bytes], int, int, int]:
         hashes: set[bytes] = set()
         manifest_bytes = count = 0
-        for path in self._domain_manifests(domain):
+        for path in self.layout.domain_manifests(domain):
             try:
                 data = path.read_bytes()
                 parts = manifest.decode_parts(data, f"{domain}/{path.stem}")
@@ -246,10 +232,6 @@ class ImageStore:
         with self._mutex:
             lens = [self.pages.record_len(h) for h in hashes]
         return hashes, sum(n for n in lens if n), manifest_bytes, count
-
-    def _domain_manifests(self, domain: str) -> list[Path]:
-        d = self.domain_dir(domain)
-        return sorted(d.glob(f"*{manifest.SUFFIX}")) if d.is_dir() else []
 
     # ------------------------------------------------------------------ capture
 
@@ -284,7 +266,7 @@ class ImageStore:
         """Every manifest of the domain, verified (checksum), oldest first (ids start
         with their UTC creation time); invalid ones carry their error, not metadata."""
         entries = []
-        for path in self._domain_manifests(domain):
+        for path in self.layout.domain_manifests(domain):
             try:
                 meta = manifest.read_meta(path.read_bytes(), f"{domain}/{path.stem}")
                 self._check_not_marked(domain, path.stem)
@@ -364,7 +346,7 @@ class ImageStore:
             path.unlink()
         except FileNotFoundError:
             raise ImageNotFound(f"domain {domain} has no image {image_id}") from None
-        self.invalid_path(domain, image_id).unlink(missing_ok=True)
+        self.layout.invalid_path(domain, image_id).unlink(missing_ok=True)
         fsync_dir(path.parent)
         disks.remove(self, domain, image_id)
         hotcache.drop(self, domain, image_id)
@@ -395,7 +377,7 @@ class ImageStore:
         total = self.pages.disk_bytes()
         for domain in self.domains():
             total += disks.allocated_bytes(self, domain)
-        for path in self.images_dir.rglob("*"):
+        for path in self.layout.images_dir.rglob("*"):
             if path.is_file():
                 total += path.stat().st_size
         return total

@@ -11,6 +11,9 @@ pages go to the writer's own pack files, invisible to everyone until :meth:`comm
 seals them (fsync, then index) and publishes the manifest (temp + fsync + rename),
 which is the commit point. A writer that dies before that leaves no image; its packs
 are reclaimed by GC.
+
+The writer sees the store only as a :class:`CaptureTarget`, so this module does not
+import the store that creates it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import time
 from array import array
 from dataclasses import dataclass, replace
 from hashlib import sha256
-from typing import TYPE_CHECKING, Any, Self
+from pathlib import Path
+from typing import Any, Protocol, Self
 
 import xenpbr
 from xenpbr.fsutil import atomic_write
@@ -29,13 +33,31 @@ from xenpbr.images import manifest, skeleton
 from xenpbr.images.errors import ImageError, QuotaExceeded
 from xenpbr.images.image import ZERO_REF, ImageMeta
 from xenpbr.images.locking import StoreLock
-from xenpbr.images.pagestore import PAGE_SIZE, RECORD, ZERO_PAGE, PackWriter, split_loc
+from xenpbr.images.pagestore import (
+    PAGE_SIZE,
+    RECORD,
+    ZERO_PAGE,
+    PackInfo,
+    PackWriter,
+    PageStore,
+    split_loc,
+)
 from xenpbr.stream.model import Stream
 
-if TYPE_CHECKING:
-    from xenpbr.images.store import ImageStore
-
 _LOG = logging.getLogger(__name__)
+
+
+class CaptureTarget(Protocol):
+    """What a writer needs of the store (an ``ImageStore``): its page store, a verified
+    copy of a page already stored, where the manifest goes, and to learn of new packs."""
+
+    pages: PageStore
+
+    def checked_loc(self, digest: bytes) -> int | None: ...
+
+    def manifest_path(self, domain: str, image_id: str) -> Path: ...
+
+    def register_packs(self, sealed: list[PackInfo]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -62,7 +84,7 @@ def new_image_id(now: float) -> str:
 class CaptureWriter:
     """Stores one image's pages as they stream by; see the module docstring."""
 
-    def __init__(self, store: ImageStore, lock: StoreLock, domain: str, phase: str, *,
+    def __init__(self, store: CaptureTarget, lock: StoreLock, domain: str, phase: str, *,
                  seq: int, fingerprint: str, uuid: str | None, extra: dict[str, Any],
                  quota: int | None, charged: set[bytes], charged_bytes: int) -> None:
         self.store = store

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from xenpbr.stream import format as fmt
-from xenpbr.stream.errors import StreamCodecError
+from xenpbr.stream.errors import MismatchError, StreamCodecError
 from xenpbr.stream.model import Stream
 from xenpbr.stream.reader import FORMATS, read_stream
 from xenpbr.stream.writer import write_stream
@@ -64,10 +64,6 @@ class ComparingSink:
     def finish(self) -> None:
         if self.reference.read(1):
             raise MismatchError(f"regenerated stream ends early at offset {self.offset:#x}")
-
-
-class MismatchError(Exception):
-    """The regenerated stream is not byte-identical."""
 
 
 def summarise(stream: Stream, pages: SparsePages) -> list[str]:

@@ -7,6 +7,11 @@ loops only consult such a mapping through :func:`codec_for_frame` and
 with bit 31 set are optional: unknown optional records are kept as
 :class:`OpaqueRecord` (and round-trip byte for byte); unknown mandatory ones
 are rejected, as a Xen restore would.
+
+The codec does not know the stream model (:mod:`.model`): the libxc image nested in a
+libxl LIBXC_CONTEXT record travels through :class:`ReadContext` / :class:`WriteContext`
+as a type parameter (``ImageT``), filled in by the reader and writer, so the model can
+build on the records without the records building on the model.
 """
 
 from __future__ import annotations
@@ -14,14 +19,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from xenpbr.stream import format as fmt
 from xenpbr.stream.errors import StreamError
 from xenpbr.stream.framing import BodyReader, BytesLike, RecordFrame, Sink, Source, write_record
-
-if TYPE_CHECKING:
-    from xenpbr.stream.model import LibxcImage
 
 PageVisitor = Callable[[int, int, memoryview], None]
 """``on_page(pfn, type_bits, data)``: ``type_bits`` is the 4-bit PFINFO nibble
@@ -41,37 +43,40 @@ class Record(Protocol):
 RecordVisitor = Callable[[str, Record], None]
 """``on_record(family, record)``: called after each record is parsed."""
 
+ImageT = TypeVar("ImageT")
+"""The nested libxc image type (:class:`.model.LibxcImage`), unknown to the codec."""
+
 
 @dataclass(slots=True)
-class ReadContext:
+class ReadContext(Generic[ImageT]):
     """State shared by the parse functions while reading one stream."""
 
     src: Source
     log: logging.Logger
     on_page: PageVisitor | None = None
     on_record: RecordVisitor | None = None
-    read_libxc: Callable[[], LibxcImage] | None = None  # nested libxc image
+    read_libxc: Callable[[], ImageT] | None = None  # nested libxc image
     page_buffer: bytearray = field(default_factory=lambda: bytearray(fmt.PAGE_SIZE))
     pages_with_data: int = 0
     pages_without_data: int = 0
 
 
 @dataclass(slots=True)
-class WriteContext:
+class WriteContext(Generic[ImageT]):
     """State shared by the emit functions while writing one stream."""
 
     sink: Sink
     log: logging.Logger
     get_page: PageSource
-    write_libxc: Callable[[LibxcImage], None] | None = None
+    write_libxc: Callable[[ImageT], None] | None = None
     pages_written: int = 0
 
 
 class Codec(NamedTuple):
     """How to parse a record body and how to emit a record of one type."""
 
-    parse: Callable[[BodyReader, ReadContext], Record]
-    emit: Callable[[Record, WriteContext], None]
+    parse: Callable[[BodyReader, ReadContext[Any]], Record]
+    emit: Callable[[Record, WriteContext[Any]], None]
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,9 @@ Both carry ``offset`` (absolute byte offset in the input, counting the xl header
 and ``record`` (a human description such as ``"libxc record #7 PAGE_DATA"``) so
 an operator can locate the problem with ``xxd -s OFFSET``. Internal
 inconsistencies (codec bugs) raise :class:`RuntimeError` instead.
+
+:class:`MismatchError` is not the codec's: ``python -m xenpbr.stream`` raises it when a
+regenerated stream differs from its input (a failed round trip, not a bad stream).
 """
 
 from __future__ import annotations
@@ -47,3 +50,7 @@ class StreamError(StreamCodecError):
 
 class RecordError(StreamCodecError):
     """A record is framed correctly but its content is invalid."""
+
+
+class MismatchError(XenpbrError):
+    """The regenerated stream is not byte-identical to the one it was parsed from."""

@@ -33,7 +33,7 @@ class LibxcContextRecord:
     rtype: ClassVar[int] = fmt.LIBXL_REC_LIBXC_CONTEXT
 
 
-def parse_libxc_context(body: BodyReader, ctx: ReadContext) -> LibxcContextRecord:
+def parse_libxc_context(body: BodyReader, ctx: ReadContext[LibxcImage]) -> LibxcContextRecord:
     """Check the empty body, then read the nested libxc image.
 
     Safe to read past the record here: a zero-length body has no padding, so
@@ -46,7 +46,7 @@ def parse_libxc_context(body: BodyReader, ctx: ReadContext) -> LibxcContextRecor
     return LibxcContextRecord(ctx.read_libxc())
 
 
-def emit_libxc_context(rec: Record, ctx: WriteContext) -> None:
+def emit_libxc_context(rec: Record, ctx: WriteContext[LibxcImage]) -> None:
     """Emit the empty LIBXC_CONTEXT record followed by the libxc image."""
     assert isinstance(rec, LibxcContextRecord)
     if ctx.write_libxc is None:

@@ -68,7 +68,7 @@ def read_stream(fileobj: BinaryIO, *, stream_format: str = "xl",
         raise ValueError(f"stream_format must be one of {FORMATS}, not {stream_format!r}")
     log = logger or _LOG
     src = Source(fileobj)
-    ctx = ReadContext(src, log, on_page=on_page, on_record=on_record)
+    ctx: ReadContext[LibxcImage] = ReadContext(src, log, on_page=on_page, on_record=on_record)
     reader = _Reader(ctx, limits)
     ctx.read_libxc = reader.read_libxc_image
     stream = reader.read(stream_format)
@@ -82,7 +82,7 @@ def read_stream(fileobj: BinaryIO, *, stream_format: str = "xl",
 class _Reader:
     """The per-layer loops; records are dispatched only through the registries."""
 
-    def __init__(self, ctx: ReadContext, limits: ReadLimits) -> None:
+    def __init__(self, ctx: ReadContext[LibxcImage], limits: ReadLimits) -> None:
         self.ctx = ctx
         self.limits = limits
 

@@ -31,7 +31,7 @@ def write_stream(fileobj: BinaryIO, stream: Stream, get_page: PageSource, *,
         data-carrying pfn of every PAGE_DATA record, called in stream order.
     """
     log = logger or _LOG
-    ctx = WriteContext(Sink(fileobj), log, get_page)
+    ctx: WriteContext[LibxcImage] = WriteContext(Sink(fileobj), log, get_page)
     ctx.write_libxc = lambda image: _write_libxc(ctx, image)
     _write(ctx, stream)
     ctx.sink.flush()
@@ -39,7 +39,7 @@ def write_stream(fileobj: BinaryIO, stream: Stream, get_page: PageSource, *,
     return ctx.sink.offset
 
 
-def _write(ctx: WriteContext, stream: Stream) -> None:
+def _write(ctx: WriteContext[LibxcImage], stream: Stream) -> None:
     if stream.xl_header is not None:
         if stream.libxl is None:
             raise ValueError("an xl-format stream needs a libxl stream")
@@ -52,18 +52,18 @@ def _write(ctx: WriteContext, stream: Stream) -> None:
         raise ValueError("stream has neither a libxl stream nor a libxc image")
 
 
-def _write_libxl(ctx: WriteContext, libxl: LibxlStream) -> None:
+def _write_libxl(ctx: WriteContext[LibxcImage], libxl: LibxlStream) -> None:
     headers.write_libxl_header(ctx.sink, libxl.header)
     _write_records(ctx, libxl_records.CODECS, libxl.records, "libxl")
 
 
-def _write_libxc(ctx: WriteContext, image: LibxcImage) -> None:
+def _write_libxc(ctx: WriteContext[LibxcImage], image: LibxcImage) -> None:
     headers.write_image_header(ctx.sink, image.image_header)
     headers.write_domain_header(ctx.sink, image.domain_header)
     _write_records(ctx, libxc_records.CODECS, image.records, "libxc")
 
 
-def _write_records(ctx: WriteContext, codecs: Mapping[int, Codec],
+def _write_records(ctx: WriteContext[LibxcImage], codecs: Mapping[int, Codec],
                    records: Sequence[Record], family: str) -> None:
     ends = [i for i, r in enumerate(records) if r.rtype == REC_END]
     if ends != [len(records) - 1]:
