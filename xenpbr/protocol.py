@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xenpbr.errors import XenpbrError
-from xenpbr.xenstore.client import Access, Perm, domain_home, validate_domid
+from xenpbr.xenstore.paths import domain_home, validate_domid
+from xenpbr.xenstore.permissions import Access, Perm
 
 log = logging.getLogger(__name__)
 

@@ -49,11 +49,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from xenpbr.xenstore.client import (
+from xenpbr.xenstore.client import XenstoreClient
+from xenpbr.xenstore.paths import (
     INTRODUCE_DOMAIN,
     RELEASE_DOMAIN,
     XENSTORE_PAYLOAD_MAX,
-    XenstoreClient,
     canonical_path,
     domain_home,
     validate_domid,
