@@ -26,7 +26,7 @@ from xenpbr.ctypes_libxc.xenctrl import (
     XcDomainInfo,
     XenCtrl,
 )
-from xenpbr.guest_memory import INVALID_MFN
+from xenpbr.hypervisor.guest_memory import INVALID_MFN
 from xenpbr.hypervisor import (
     ControlDomainRefused,
     DomainNotFound,

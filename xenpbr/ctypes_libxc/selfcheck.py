@@ -102,7 +102,7 @@ def vcpu_report(xc: XenCtrl, domid: int, vcpu: int = 0) -> dict[str, Any]:
 
 def _walk(xc: XenCtrl, fmem: Any, domid: int, method: str) -> tuple[dict[str, Any], Any]:
     """Walk the P2M one way; return (summary, GuestMemory or None if unusable)."""
-    from xenpbr.guest_memory import INVALID_MFN, GuestMemory
+    from xenpbr.hypervisor.guest_memory import INVALID_MFN, GuestMemory
 
     try:
         memory = GuestMemory(xc, fmem, domid, p2m_method=method)

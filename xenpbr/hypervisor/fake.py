@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from xenpbr.ctypes_libxc._errcheck import DomainNotFound
 from xenpbr.ctypes_libxc.xenctrl import DOMID_FIRST_RESERVED, ShutdownReason, VcpuFlags
-from xenpbr.guest_memory import NotPVGuest, PfnNotPresent
+from xenpbr.hypervisor.guest_memory import NotPVGuest, PfnNotPresent
 from xenpbr.hypervisor.base import (
     CONTROL_DOMID,
     MAX_PAUSE_COUNT,
