@@ -42,7 +42,7 @@ from ._errcheck import (
     check_null_errno,
 )
 from ._loader import LibrarySpec, OwnedHandle, explain_open_failure, load_library
-from .xenctrl import xen_pfn_t
+from .xenctrl_structs import xen_pfn_t
 
 log = logging.getLogger(__name__)
 

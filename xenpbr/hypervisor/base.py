@@ -28,11 +28,11 @@ from typing import Any
 from uuid import UUID
 
 from xenpbr.ctypes_libxc._errcheck import DomainNotFound, XenCallError
-from xenpbr.ctypes_libxc.xenctrl import (
+from xenpbr.ctypes_libxc.xenctrl import xl_state_column
+from xenpbr.ctypes_libxc.xenctrl_structs import (
     DOMID_FIRST_RESERVED,
     ShutdownReason,
     VcpuFlags,
-    xl_state_column,
 )
 from xenpbr.errors import XenpbrError
 from xenpbr.hypervisor.guest_memory import PAGE_SIZE

@@ -38,7 +38,7 @@ from typing import Any, cast
 
 from xenpbr.ctypes_libxc._errcheck import FrameMapError
 from xenpbr.ctypes_libxc.foreignmemory import XC_PAGE_SIZE, Mapping
-from xenpbr.ctypes_libxc.xenctrl import ArchSharedInfoX86_64, SharedInfoX86_64
+from xenpbr.ctypes_libxc.xenctrl_structs import ArchSharedInfoX86_64, SharedInfoX86_64
 from xenpbr.errors import XenpbrError
 
 log = logging.getLogger(__name__)

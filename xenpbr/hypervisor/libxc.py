@@ -20,13 +20,8 @@ from typing import Any, TypeVar
 
 from xenpbr.ctypes_libxc._errcheck import XenCallError
 from xenpbr.ctypes_libxc.foreignmemory import ForeignMemory
-from xenpbr.ctypes_libxc.xenctrl import (
-    DomainInfo,
-    ShutdownReason,
-    VcpuContextX86_64,
-    VcpuFlags,
-    XenCtrl,
-)
+from xenpbr.ctypes_libxc.xenctrl import DomainInfo, XenCtrl
+from xenpbr.ctypes_libxc.xenctrl_structs import ShutdownReason, VcpuContextX86_64, VcpuFlags
 from xenpbr.hypervisor.guest_memory import INVALID_MFN, GuestMemory
 from xenpbr.hypervisor.base import (
     MAX_PAUSE_COUNT,
