@@ -30,7 +30,13 @@ from ._errcheck import (
     check_negative_errno,
     check_null_errno,
 )
-from ._loader import LibrarySpec, OwnedHandle, explain_open_failure, load_library
+from ._loader import (
+    LibrarySpec,
+    LoadedLibrary,
+    OwnedHandle,
+    explain_open_failure,
+    load_library,
+)
 from .xenctrl_structs import (
     DOMID_FIRST_RESERVED,
     XEN_DOMINF_SHUTDOWNMASK,
@@ -90,7 +96,7 @@ ERROR_CHECKERS["xc_interface_open"] = check_null_errno
 
 
 @functools.cache
-def libxenctrl(libdir: str | None = None) -> ctypes.CDLL:
+def libxenctrl(libdir: str | None = None) -> LoadedLibrary:
     """Load (once per *libdir*) libxenctrl.so.4.17 with the prototypes above."""
     return load_library(LIBRARY, SIGNATURES, ERROR_CHECKERS, libdir)
 

@@ -49,7 +49,14 @@ from ctypes import (
 from typing import Any, Callable
 
 from ._errcheck import XenCallError, check_negative_errno, check_null_errno
-from ._loader import LIBDIR_ENV, LibrarySpec, OwnedHandle, XenLibraryNotFound, load_library
+from ._loader import (
+    LIBDIR_ENV,
+    LibrarySpec,
+    LoadedLibrary,
+    OwnedHandle,
+    XenLibraryNotFound,
+    load_library,
+)
 
 __all__ = [
     "LibxenstoreConnection",
@@ -199,7 +206,7 @@ ERROR_CHECKERS: dict[str, Callable[[Any, Any, tuple], Any]] = {
 
 
 @functools.lru_cache(maxsize=None)
-def libxenstore(libdir: str | None = None) -> ctypes.CDLL:
+def libxenstore(libdir: str | None = None) -> LoadedLibrary:
     """Load (once per *libdir*) ``libxenstore.so.4`` with the prototypes above.
 
     *libdir* defaults to ``$XENPBR_LIBDIR``, else the linker search path (see
@@ -216,7 +223,7 @@ def libxenstore(libdir: str | None = None) -> ctypes.CDLL:
     return lib
 
 
-def load(libdir: str | None = None) -> ctypes.CDLL:
+def load(libdir: str | None = None) -> LoadedLibrary:
     """Same as :func:`libxenstore`, resolving ``$XENPBR_LIBDIR`` at call time."""
     return libxenstore(libdir or os.environ.get(LIBDIR_ENV) or None)
 
