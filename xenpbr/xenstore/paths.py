@@ -57,6 +57,7 @@ _LOCAL_DOMAIN = re.compile(r"/local/domain/[0-9]{1,5}/")
 
 
 def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -143,6 +144,7 @@ def encode_value(path: str, value: Any) -> bytes:
 
 
 def validate_domid(domid: Any) -> int:
+    """Return ``domid`` if it can name a real domain (an int below the reserved range)."""
     if isinstance(domid, bool) or not isinstance(domid, int):
         raise TypeError(f"domid must be int, got {type(domid).__name__}: {_short(domid)}")
     if not 0 <= domid < DOMID_FIRST_RESERVED:
@@ -151,6 +153,7 @@ def validate_domid(domid: Any) -> int:
 
 
 def domain_home(domid: int) -> str:
+    """The home directory of ``domid``, where its relative paths resolve."""
     return f"/local/domain/{domid}"
 
 
