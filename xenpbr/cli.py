@@ -16,7 +16,6 @@ import argparse
 import logging
 import os
 import re
-import subprocess
 import sys
 import textwrap
 import time
@@ -312,9 +311,9 @@ def _republish(state: StateDir, name: str) -> None:
 def cmd_inject(args: argparse.Namespace, state: StateDir) -> int:
     """Crash a registered domain's kernel on purpose (``xl sysrq DOMAIN c``), to test
     that its recovery works before a real fault needs it."""
+    from xenpbr.xl import commands as xl_commands
     state.load_record(args.domain)  # UnknownDomain: only domains xenpbr manages
-    proc = subprocess.run(["xl", "sysrq", args.domain, "c"], capture_output=True,
-                          text=True, check=False)
+    proc = xl_commands.sysrq(args.domain, "c")
     if proc.returncode != 0:
         raise XenpbrError(f"xl sysrq {args.domain} c failed: "
                           f"{(proc.stderr or proc.stdout).strip()[-400:]}")
@@ -328,7 +327,8 @@ def cmd_reboot(args: argparse.Namespace, state: StateDir) -> int:
     """Operator-initiated phase-based reboot (proactive rejuvenation)."""
     from xenpbr.daemon import StoreRestorer, domain_lock
     from xenpbr.guestproto.control import PhaseProtocol
-    from xenpbr.recovery import Recovery, XlToolstack
+    from xenpbr.recovery import Recovery
+    from xenpbr.xl.toolstack import XlToolstack
     from xenpbr.xenstore import XenstoreClient
     with domain_lock(state, args.domain), XenstoreClient() as xs:
         recovery = Recovery(state, XlToolstack(), StoreRestorer(_store(state)),

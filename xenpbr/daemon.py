@@ -40,7 +40,8 @@ from xenpbr.images.capture import capture
 from xenpbr.images.store import ImageStore
 from xenpbr.phases import ImageInfo
 from xenpbr.protocol import Outcome, PhaseProtocol, Verdict
-from xenpbr.recovery import Recovery, RecoveryFailed, XlToolstack
+from xenpbr.recovery import Recovery, RecoveryFailed
+from xenpbr.xl.toolstack import XlToolstack
 from xenpbr.state import StateDir
 from xenpbr.watcher import (
     DomainAppeared,

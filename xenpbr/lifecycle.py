@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 import uuid as uuid_mod
 from pathlib import Path
@@ -30,39 +29,14 @@ from xenpbr import domconfig
 from xenpbr.domconfig import ConfigError, DomainConfig
 from xenpbr.errors import XenpbrError
 from xenpbr.state import StateDir
+from xenpbr.xl import commands as xl
+from xenpbr.xl.errors import XlMissing
 
 log = logging.getLogger(__name__)
 
 
-class XlMissing(XenpbrError):
-    """``xl`` (Xen's toolstack) is not installed or not on PATH."""
-
-
-class XlFailed(XenpbrError):
-    """``xl`` refused the translated config or failed to create the domain."""
-
-    def __init__(self, message: str, returncode: int, stderr: str) -> None:
-        super().__init__(message)
-        self.returncode, self.stderr = returncode, stderr
-
-
 class AlreadyRegistered(XenpbrError):
     """``xenpbr create`` of a name xenpbr manages already, without ``--update``."""
-
-
-def run_xl(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    """Run xl; a missing xl is an error saying what to install, not a traceback."""
-    try:
-        return subprocess.run(["xl", *argv], capture_output=True, text=True, check=False)
-    except FileNotFoundError as exc:
-        raise XlMissing("`xl` was not found on PATH: xenpbr needs Xen's toolstack in dom0 "
-                        "(Debian: apt install xen-utils)") from exc
-
-
-def _xl_error(what: str, proc: subprocess.CompletedProcess[str], after: str) -> XlFailed:
-    message = (proc.stderr or proc.stdout).strip()[-800:] or "(no message)"
-    return XlFailed(f"{what} failed (xl exit status {proc.returncode}): {message}; {after}",
-                    proc.returncode, proc.stderr)
 
 
 def validate(path: Path) -> tuple[DomainConfig, dict[str, str]]:
@@ -92,15 +66,15 @@ def check(path: Path) -> dict[str, Any]:
                 "uuid": None, "translated_config": None, "xl_dry_run_ok": None,
                 "valid": False, "errors": [str(exc)]}
     translated = _write_translated(config)
-    proc = run_xl(["-N", "create", str(translated)])
+    proc = xl.dry_run_create(translated)
     report: dict[str, Any] = {
         "config": str(path), "name": config.name, "actions": actions(config),
         "disk_policies": policies, "uuid": domconfig.config_uuid(config),
         "translated_config": str(translated), "xl_dry_run_ok": proc.returncode == 0,
         "valid": proc.returncode == 0, "errors": []}
     if proc.returncode != 0:
-        report["errors"] = [str(_xl_error(f"xl -N create {translated}", proc,
-                                          "fix the config and check again"))]
+        report["errors"] = [str(xl.failure(f"xl -N create {translated}", proc,
+                                           "fix the config and check again"))]
     return report
 
 
@@ -131,14 +105,14 @@ def create(path: Path, state: StateDir, paused: bool = False,
                    str(path.resolve()), uuid=uuid)
     xl_cfg = state.xl_config_path(name)
     try:
-        proc = run_xl(["create", *(["-p"] if paused else []), str(xl_cfg)])
+        proc = xl.create(xl_cfg, paused)
     except XlMissing:
         state.restore_registration(name, previous)
         raise
     if proc.returncode != 0:
         state.restore_registration(name, previous)
         kept = "the previous registration is kept" if previous else "nothing was registered"
-        raise _xl_error(f"xl create {xl_cfg}", proc, kept)
+        raise xl.failure(f"xl create {xl_cfg}", proc, kept)
     return {"name": name, "uuid": uuid, "xl_config": str(xl_cfg), "updated": update and
             previous is not None, **actions(config), "disk_policies": policies}
 
@@ -196,7 +170,7 @@ def _unpublish(name: str) -> bool:
 def running_domid(name: str) -> int | None:
     """The domid of a domain called ``name`` (None if there is none, or no xl)."""
     try:
-        proc = run_xl(["domid", name])
+        proc = xl.run(["domid", name])
     except XlMissing:
         return None
     text = proc.stdout.strip()

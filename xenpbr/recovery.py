@@ -20,7 +20,6 @@ that is up and unpaused was already handed back to its guest and is kept; anythi
 from __future__ import annotations
 
 import logging
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -60,44 +59,6 @@ class Acknowledger(Protocol):
     """Writes ``<seq> restored:<generation>`` into a restored domain (see protocol)."""
 
     def restored(self, domid: int, seq: int, generation: int) -> None: ...
-
-
-class XlToolstack:
-    """:class:`Toolstack` over the ``xl`` command."""
-
-    def __init__(self, xl: tuple[str, ...] = ("xl",), timeout: float = 300.0) -> None:
-        self.xl, self.timeout = xl, timeout
-
-    def _run(self, *args: str) -> str:
-        proc = subprocess.run([*self.xl, *args], capture_output=True, text=True,
-                              timeout=self.timeout, check=False)
-        if proc.returncode != 0:
-            raise CandidateFailed(f"xl {' '.join(args)} failed: "
-                                  f"{(proc.stderr or proc.stdout).strip()[-600:]}")
-        return proc.stdout
-
-    def destroy(self, name: str) -> None:
-        from xenpbr.images.xltool import destroy
-        problem = destroy(self.xl, name, self.timeout)
-        if problem:
-            raise CandidateFailed(f"could not destroy {name}: {problem}")
-
-    def create(self, config: Path) -> int:
-        self._run("create", str(config))
-        from xenpbr.domconfig import load
-        from xenpbr.images.xltool import domid
-        found = domid(self.xl, load(config).name)
-        if found is None:
-            raise CandidateFailed(f"xl create {config} succeeded but the domain is missing")
-        return found
-
-    def unpause(self, domid: int) -> None:
-        self._run("unpause", str(domid))
-
-    def state(self, name: str) -> str | None:
-        """xl's six state letters for ``name`` (``-b----``), or None if no such domain."""
-        from xenpbr.images.xltool import domain_state
-        return domain_state(self.xl, name, self.timeout)
 
 
 def handed_back(state: str | None) -> bool:

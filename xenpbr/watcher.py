@@ -36,7 +36,8 @@ from typing import Any, ClassVar, TextIO
 
 from xenpbr.errors import XenpbrError
 from xenpbr.hypervisor.base import CONTROL_DOMID, DomainState, Hypervisor, ShutdownReason
-from xenpbr.xenstore.client import INTRODUCE_DOMAIN, RELEASE_DOMAIN, WatchEvent
+from xenpbr.xenstore.client import WatchEvent
+from xenpbr.xenstore.paths import INTRODUCE_DOMAIN, RELEASE_DOMAIN
 
 log = logging.getLogger(__name__)
 

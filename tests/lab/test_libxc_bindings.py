@@ -88,7 +88,7 @@ def test_marker_in_guest_memory_is_found_by_mapping_its_frames(xen_host, lab_dom
     found = dom0_python(f"""
         import json
         from xenpbr.ctypes_libxc import XenCtrl, ForeignMemory
-        from xenpbr.guest_memory import GuestMemory
+        from xenpbr.hypervisor.guest_memory import GuestMemory
         with XenCtrl() as xc, ForeignMemory() as fm:
             xc.domain_pause({guest.domid})
             try:
@@ -154,7 +154,7 @@ def test_handles_and_mappings_do_not_leak(xen_host, lab_domain, dom0_python) -> 
     result = dom0_python(f"""
         import json, os
         from xenpbr.ctypes_libxc import XenCtrl, ForeignMemory
-        from xenpbr.guest_memory import GuestMemory
+        from xenpbr.hypervisor.guest_memory import GuestMemory
         def counts():
             return (len(os.listdir("/proc/self/fd")),
                     sum(1 for _ in open("/proc/self/maps")))

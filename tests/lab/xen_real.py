@@ -31,7 +31,7 @@ import json, errno, os, subprocess, time
 from xenpbr.hypervisor import *
 from xenpbr.hypervisor.libxc import LibxcHypervisor
 from xenpbr.ctypes_libxc import XenCtrl, ForeignMemory
-from xenpbr.guest_memory import GuestMemory
+from xenpbr.hypervisor.guest_memory import GuestMemory
 
 def st(s):
     return {"domid": s.domid, "uuid": str(s.uuid), "paused": s.paused,

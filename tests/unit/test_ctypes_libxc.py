@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from xenpbr.ctypes_libxc import _loader, foreignmemory, selfcheck, xenctrl
+from xenpbr.ctypes_libxc import _loader, foreignmemory, selfcheck, xenctrl, xenctrl_structs
 from xenpbr.ctypes_libxc._errcheck import (
     DomainNotFound,
     FrameMapError,
@@ -32,12 +32,12 @@ from xenpbr.ctypes_libxc._errcheck import (
 )
 from xenpbr.ctypes_libxc._loader import LibrarySpec, XenLibraryNotFound, load_library
 from xenpbr.ctypes_libxc.foreignmemory import ForeignMemory
-from xenpbr.ctypes_libxc.xenctrl import (
+from xenpbr.ctypes_libxc.xenctrl import XenCtrl
+from xenpbr.ctypes_libxc.xenctrl_structs import (
     DomainFlags,
     ShutdownReason,
     VcpuContextX86_64,
     XcDomainInfo,
-    XenCtrl,
 )
 from xenpbr.errors import XenpbrError
 
@@ -79,8 +79,8 @@ def test_domaininfo_layout_matches_xen_4_17_domctl_h():
         "gpaddr_bits": 96, "pad2": 97, "arch_config": 104,
     }
     assert {name: getattr(XcDomainInfo, name).offset for name in expected} == expected
-    assert ctypes.sizeof(xenctrl.XenArchDomainConfig) == 8
-    assert xenctrl.XEN_DOMCTL_INTERFACE_VERSION == 0x15
+    assert ctypes.sizeof(xenctrl_structs.XenArchDomainConfig) == 8
+    assert xenctrl_structs.XEN_DOMCTL_INTERFACE_VERSION == 0x15
 
 
 def test_cpu_user_regs_layout_matches_xen_x86_64_h():
@@ -88,7 +88,7 @@ def test_cpu_user_regs_layout_matches_xen_x86_64_h():
     # error_code u32 @120, entry_vector u32 @124, rip @128, cs u16 @136 + _pad0[1],
     # saved_upcall_mask u8 @140 + _pad1[3], rflags @144, rsp @152, then ss/es/ds/fs/gs
     # each u16 + u16[3] pad = 8 bytes: ss @160 ... gs @192; size 200.
-    regs = xenctrl.CpuUserRegsX86_64
+    regs = xenctrl_structs.CpuUserRegsX86_64
     assert ctypes.sizeof(regs) == 200
     assert (regs.rax.offset, regs.rdi.offset, regs.error_code.offset) == (80, 112, 120)
     assert (regs.rip.offset, regs.cs.offset, regs.saved_upcall_mask.offset) == (128, 136, 140)
@@ -105,8 +105,8 @@ def test_vcpu_guest_context_layout_matches_arch_x86_xen_h():
     # fs_base @5144, gs_base_kernel @5152, gs_base_user @5160; size 5168.
     ctx = VcpuContextX86_64
     assert ctypes.sizeof(ctx) == 5168
-    assert ctypes.sizeof(xenctrl.TrapInfoX86_64) == 16
-    assert ctypes.sizeof(xenctrl.VcpuGuestContextAny) == 5168
+    assert ctypes.sizeof(xenctrl_structs.TrapInfoX86_64) == 16
+    assert ctypes.sizeof(xenctrl_structs.VcpuGuestContextAny) == 5168
     expected = {
         "flags": 512, "user_regs": 520, "trap_ctxt": 720, "ldt_base": 4816,
         "gdt_frames": 4832, "gdt_ents": 4960, "kernel_ss": 4968, "kernel_sp": 4976,
@@ -124,10 +124,10 @@ def test_shared_info_layout_matches_public_xen_h():
     # wc_sec @3076, wc_nsec @3080, wc_sec_hi @3084; arch @3088 (48 bytes):
     # max_pfn @3088, pfn_to_mfn_frame_list_list @3096, nmi_reason @3104,
     # p2m_cr3 @3112, p2m_vaddr @3120, p2m_generation @3128; size 3136.
-    shinfo = xenctrl.SharedInfoX86_64
-    assert ctypes.sizeof(xenctrl.VcpuTimeInfo) == 32
-    assert ctypes.sizeof(xenctrl.VcpuInfoX86_64) == 64
-    assert ctypes.sizeof(xenctrl.ArchSharedInfoX86_64) == 48
+    shinfo = xenctrl_structs.SharedInfoX86_64
+    assert ctypes.sizeof(xenctrl_structs.VcpuTimeInfo) == 32
+    assert ctypes.sizeof(xenctrl_structs.VcpuInfoX86_64) == 64
+    assert ctypes.sizeof(xenctrl_structs.ArchSharedInfoX86_64) == 48
     assert ctypes.sizeof(shinfo) == 3136
     assert (shinfo.evtchn_pending.offset, shinfo.evtchn_mask.offset) == (2048, 2560)
     assert (shinfo.wc_version.offset, shinfo.wc_sec_hi.offset, shinfo.arch.offset) == (
@@ -143,14 +143,15 @@ def test_flag_bits_match_headers():
     assert [f.name for f in DomainFlags] == [
         "DYING", "HVM_GUEST", "SHUTDOWN", "PAUSED", "BLOCKED", "RUNNING", "DEBUGGED",
         "XS_DOMAIN", "HAP"]
-    assert (xenctrl.XEN_DOMINF_SHUTDOWNSHIFT, xenctrl.XEN_DOMINF_SHUTDOWNMASK) == (16, 255)
+    assert (xenctrl_structs.XEN_DOMINF_SHUTDOWNSHIFT,
+            xenctrl_structs.XEN_DOMINF_SHUTDOWNMASK) == (16, 255)
     # SHUTDOWN_* (sched.h)
     assert [(r.name, r.value) for r in ShutdownReason] == [
         ("POWEROFF", 0), ("REBOOT", 1), ("SUSPEND", 2), ("CRASH", 3), ("WATCHDOG", 4),
         ("SOFT_RESET", 5)]
     # VGCF_* (arch-x86/xen.h)
-    assert [f.value for f in xenctrl.VcpuFlags] == [1, 4, 8, 16, 32]
-    assert (xenctrl.XENVER_version, xenctrl.XENVER_extraversion) == (0, 1)
+    assert [f.value for f in xenctrl_structs.VcpuFlags] == [1, 4, 8, 16, 32]
+    assert (xenctrl_structs.XENVER_version, xenctrl_structs.XENVER_extraversion) == (0, 1)
 
 
 def test_signature_tables_are_consistent():
@@ -205,12 +206,12 @@ def test_vcpu_context_convenience_properties():
     ctx.user_regs.rip = 0xFFFFFFFF81000000
     ctx.user_regs.rsp = 0xFFFFC90000003F00
     ctx.ctrlreg[3] = 0x1234000
-    ctx.flags = xenctrl.VcpuFlags.ONLINE | xenctrl.VcpuFlags.IN_KERNEL
+    ctx.flags = xenctrl_structs.VcpuFlags.ONLINE | xenctrl_structs.VcpuFlags.IN_KERNEL
     raw = bytes(ctx)
     assert int.from_bytes(raw[648:656], "little") == 0xFFFFFFFF81000000
     assert (ctx.rip, ctx.rsp, ctx.cr3, ctx.cr3_mfn) == (
         0xFFFFFFFF81000000, 0xFFFFC90000003F00, 0x1234000, 0x1234)
-    assert xenctrl.VcpuFlags.ONLINE in ctx.vcpu_flags
+    assert xenctrl_structs.VcpuFlags.ONLINE in ctx.vcpu_flags
 
 
 # --------------------------------------------------------------------------- errcheck
@@ -289,7 +290,7 @@ def test_real_xc_interface_open_dummy_roundtrip():
     # opaque-pointer return can be exercised without Xen.
     lib = xenctrl.libxenctrl(XEN_LIBDIR)
     handle = lib.xc_interface_open(None, None, 1)
-    assert handle and isinstance(handle, xenctrl.xc_interface_p)
+    assert handle and isinstance(handle, xenctrl_structs.xc_interface_p)
     assert lib.xc_interface_close(handle) == 0
 
 
@@ -358,7 +359,7 @@ class FakeXcLib:
         return 0
 
     def xc_version(self, xch, cmd, arg):
-        if cmd == xenctrl.XENVER_extraversion:
+        if cmd == xenctrl_structs.XENVER_extraversion:
             ctypes.memmove(arg, b".7\0", 3)
             return 0
         return (4 << 16) | 17

@@ -16,7 +16,7 @@ import pytest
 
 from xenpbr.ctypes_libxc._errcheck import FrameMapError
 from xenpbr.ctypes_libxc.foreignmemory import ForeignMemory
-from xenpbr.guest_memory import (
+from xenpbr.hypervisor.guest_memory import (
     FOREIGN_FRAME_BIT,
     IDENTITY_FRAME_BIT,
     INVALID_MFN,

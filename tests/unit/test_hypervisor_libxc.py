@@ -19,14 +19,14 @@ import pytest
 
 from xenpbr.ctypes_libxc._errcheck import XenCallError
 from xenpbr.ctypes_libxc.foreignmemory import ForeignMemory
-from xenpbr.ctypes_libxc.xenctrl import (
+from xenpbr.ctypes_libxc.xenctrl import XenCtrl
+from xenpbr.ctypes_libxc.xenctrl_structs import (
     XEN_INVALID_MAX_VCPU_ID,
     DomainFlags,
     VcpuContextX86_64,
     XcDomainInfo,
-    XenCtrl,
 )
-from xenpbr.guest_memory import INVALID_MFN
+from xenpbr.hypervisor.guest_memory import INVALID_MFN
 from xenpbr.hypervisor import (
     ControlDomainRefused,
     DomainNotFound,

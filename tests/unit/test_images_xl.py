@@ -255,7 +255,7 @@ def test_xl_outlives_its_caller_without_sigpipe(tmp_path) -> None:
                       f"echo resumed > {marker}\n")
     script.chmod(0o755)
     caller = ("import os, sys; sys.path.insert(0, {root!r});"
-              "from xenpbr.images.xltool import XlProcess;"
+              "from xenpbr.xl.fifo import XlProcess;"
               "XlProcess([{xl!r}], 30); os._exit(9)").format(
                   root=str(__import__("pathlib").Path(__file__).parents[2]), xl=str(script))
     subprocess.run([sys.executable, "-c", caller], check=False)
@@ -266,7 +266,7 @@ def test_xl_outlives_its_caller_without_sigpipe(tmp_path) -> None:
 
 
 def test_domain_state_reads_xls_state_letters(tmp_path) -> None:
-    from xenpbr.images.xltool import domain_state
+    from xenpbr.xl.commands import domain_state
     script = tmp_path / "xl"
     script.write_text('#!/bin/sh\n[ "$2" = web ] || { echo "invalid domain identifier" >&2; exit 1; }\n'
                       'printf "Name  ID   Mem VCPUs\\tState\\tTime(s)\\nweb   7   128  1     --p---   0.1\\n"\n')

@@ -26,9 +26,9 @@ from xenpbr.xenstore import (
     XenstoreError,
     XenstoreUnavailable,
 )
-from xenpbr.xenstore.client import (
+from xenpbr.xenstore.client import unavailable_message
+from xenpbr.xenstore.paths import (
     encode_value,
-    unavailable_message,
     validate_domid,
     validate_path,
     validate_token,

@@ -22,7 +22,8 @@ from ._errcheck import (
 )
 from ._loader import LIBDIR_ENV, LibraryInfo, XenLibraryNotFound
 from .foreignmemory import ForeignMemory, Mapping
-from .xenctrl import DomainFlags, DomainInfo, ShutdownReason, VcpuContextX86_64, XenCtrl
+from .xenctrl import DomainInfo, XenCtrl
+from .xenctrl_structs import DomainFlags, ShutdownReason, VcpuContextX86_64
 
 __all__ = [
     "LIBDIR_ENV",

@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 LIBDIR_ENV = "XENPBR_LIBDIR"
 
 # name -> (argtypes, restype)
-Signatures = Mapping[str, tuple[tuple[Any, ...], Any]]
+Signatures = Mapping[str, tuple[Sequence[Any], Any]]
 
 # Where the kernel exposes Xen; module-level so tests can point them elsewhere.
 HYPERVISOR_TYPE_FILE = Path("/sys/hypervisor/type")
@@ -54,6 +54,13 @@ _MAX_DEPENDENCIES = 32
 
 class XenLibraryNotFound(XenpbrError):
     """A Xen tool library (of the exact soname we need) cannot be loaded."""
+
+
+class LoadedLibrary(ctypes.CDLL):
+    """A :class:`ctypes.CDLL` opened by :func:`load_library`, with what it recorded."""
+
+    xenpbr_info: LibraryInfo
+    _xenpbr_dependencies: list[LoadedLibrary]  # pre-loaded from libdir, kept alive
 
 
 @dataclass(frozen=True)
@@ -103,16 +110,18 @@ def _loaded_path(lib: ctypes.CDLL, soname: str) -> str | None:
     return None
 
 
-def _open_in_dir(spec: LibrarySpec, libdir: str, keep: list[ctypes.CDLL]) -> ctypes.CDLL:
+def _open_in_dir(spec: LibrarySpec, libdir: str, keep: list[LoadedLibrary]) -> LoadedLibrary:
     """dlopen libdir/soname, first pre-loading any dependency found in *libdir*."""
     path = os.path.join(libdir, spec.soname)
     for _ in range(_MAX_DEPENDENCIES):
         try:
-            return ctypes.CDLL(path, use_errno=True)
+            return LoadedLibrary(path, use_errno=True)
         except OSError as exc:
             dep = _MISSING_DEP.search(str(exc))
-            dep_path = os.path.join(libdir, dep.group(1)) if dep else None
-            if dep_path is None or dep_path == path or not os.path.exists(dep_path):
+            if dep is None:
+                raise
+            dep_path = os.path.join(libdir, dep.group(1))
+            if dep_path == path or not os.path.exists(dep_path):
                 raise
             log.debug("pre-loading %s for %s", dep_path, spec.soname)
             keep.append(_open_in_dir(LibrarySpec(dep.group(1), spec.package), libdir, keep))
@@ -128,13 +137,13 @@ def _not_found(spec: LibrarySpec, libdir: str | None, exc: OSError) -> XenLibrar
     )
 
 
-def _dlopen(spec: LibrarySpec, libdir: str | None) -> ctypes.CDLL:
-    keep: list[ctypes.CDLL] = []
+def _dlopen(spec: LibrarySpec, libdir: str | None) -> LoadedLibrary:
+    keep: list[LoadedLibrary] = []
     try:
         if libdir:
             lib = _open_in_dir(spec, libdir, keep)
         else:
-            lib = ctypes.CDLL(spec.soname, use_errno=True)
+            lib = LoadedLibrary(spec.soname, use_errno=True)
     except OSError as exc:
         raise _not_found(spec, libdir, exc) from exc
     lib._xenpbr_dependencies = keep  # keep pre-loaded dependencies alive
@@ -166,7 +175,7 @@ def load_library(
     signatures: Signatures,
     error_checkers: Mapping[str, ErrorChecker],
     libdir: str | None = None,
-) -> ctypes.CDLL:
+) -> LoadedLibrary:
     """Open *spec* and attach the prototypes from *signatures*.
 
     Missing symbols are tolerated (callers feature-test with ``hasattr``); what was

@@ -15,6 +15,7 @@ worth knowing, read from ``tools/libs/foreignmemory/{core,linux}.c``:
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import errno as errno_mod
 import functools
@@ -41,8 +42,14 @@ from ._errcheck import (
     check_negative_errno,
     check_null_errno,
 )
-from ._loader import LibrarySpec, OwnedHandle, explain_open_failure, load_library
-from .xenctrl import xen_pfn_t
+from ._loader import (
+    LibrarySpec,
+    LoadedLibrary,
+    OwnedHandle,
+    explain_open_failure,
+    load_library,
+)
+from .xenctrl_structs import xen_pfn_t
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +89,7 @@ ERROR_CHECKERS = {
 
 
 @functools.cache
-def libxenforeignmemory(libdir: str | None = None) -> ctypes.CDLL:
+def libxenforeignmemory(libdir: str | None = None) -> LoadedLibrary:
     """Load (once per *libdir*) libxenforeignmemory.so.1 with the prototypes above."""
     return load_library(LIBRARY, SIGNATURES, ERROR_CHECKERS, libdir)
 
@@ -135,13 +142,13 @@ class Mapping:
         return not self._finalizer.alive
 
     @property
-    def memoryview(self) -> memoryview:
+    def memoryview(self) -> builtins.memoryview:
         """All pages as one view (only safe to touch pages not listed in ``errors``)."""
         if self.closed:
             raise ValueError("foreign mapping is closed")
         return self._view
 
-    def page(self, index: int) -> memoryview:
+    def page(self, index: int) -> builtins.memoryview:
         """The view of page *index*; raises :class:`FrameMapError` if it did not map."""
         if index in self.errors:
             raise FrameMapError(self.domid, self.frames[index], self.errors[index], index=index)

@@ -26,7 +26,7 @@ from typing import Any
 
 from xenpbr.errors import XenpbrError
 
-from . import foreignmemory, xenctrl
+from . import foreignmemory, xenctrl, xenctrl_structs
 from .xenctrl import DomainInfo, XenCtrl
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,9 @@ def library_report(libdir: str | None) -> dict[str, Any]:
 def struct_report() -> dict[str, int]:
     """Our struct sizes, so a report shows which layout assumptions it was made with."""
     return {
-        "xc_domaininfo_t": ctypes.sizeof(xenctrl.XcDomainInfo),
-        "vcpu_guest_context_x86_64": ctypes.sizeof(xenctrl.VcpuContextX86_64),
-        "shared_info_x86_64": ctypes.sizeof(xenctrl.SharedInfoX86_64),
+        "xc_domaininfo_t": ctypes.sizeof(xenctrl_structs.XcDomainInfo),
+        "vcpu_guest_context_x86_64": ctypes.sizeof(xenctrl_structs.VcpuContextX86_64),
+        "shared_info_x86_64": ctypes.sizeof(xenctrl_structs.SharedInfoX86_64),
     }
 
 
@@ -102,7 +102,7 @@ def vcpu_report(xc: XenCtrl, domid: int, vcpu: int = 0) -> dict[str, Any]:
 
 def _walk(xc: XenCtrl, fmem: Any, domid: int, method: str) -> tuple[dict[str, Any], Any]:
     """Walk the P2M one way; return (summary, GuestMemory or None if unusable)."""
-    from xenpbr.guest_memory import INVALID_MFN, GuestMemory
+    from xenpbr.hypervisor.guest_memory import INVALID_MFN, GuestMemory
 
     try:
         memory = GuestMemory(xc, fmem, domid, p2m_method=method)

@@ -2,8 +2,10 @@
 
 Policy-free: this module only describes the C interface (``tools/include/xenstore.h``
 and ``xenstore_lib.h`` of Xen 4.17) as tables, loads the library, and offers small
-helpers that copy C results into Python objects and ``free()`` them. Path validation,
-exception mapping and everything Pythonic live in :mod:`xenpbr.xenstore.client`.
+helpers that copy C results into Python objects and ``free()`` them, plus
+:class:`LibxenstoreConnection`, the thin handle class over one ``struct xs_handle``
+(bytes in, bytes out, :class:`OSError` with the C errno). Path validation, exception
+mapping and everything Pythonic live in :mod:`xenpbr.xenstore.client`.
 
 Tables (the style shared with the other ``xenpbr.ctypes_libxc`` modules):
 
@@ -47,9 +49,17 @@ from ctypes import (
 from typing import Any, Callable
 
 from ._errcheck import XenCallError, check_negative_errno, check_null_errno
-from ._loader import LIBDIR_ENV, LibrarySpec, XenLibraryNotFound, load_library
+from ._loader import (
+    LIBDIR_ENV,
+    LibrarySpec,
+    LoadedLibrary,
+    OwnedHandle,
+    XenLibraryNotFound,
+    load_library,
+)
 
 __all__ = [
+    "LibxenstoreConnection",
     "SONAME",
     "LIBRARY",
     "SIGNATURES",
@@ -196,7 +206,7 @@ ERROR_CHECKERS: dict[str, Callable[[Any, Any, tuple], Any]] = {
 
 
 @functools.lru_cache(maxsize=None)
-def libxenstore(libdir: str | None = None) -> ctypes.CDLL:
+def libxenstore(libdir: str | None = None) -> LoadedLibrary:
     """Load (once per *libdir*) ``libxenstore.so.4`` with the prototypes above.
 
     *libdir* defaults to ``$XENPBR_LIBDIR``, else the linker search path (see
@@ -213,7 +223,7 @@ def libxenstore(libdir: str | None = None) -> ctypes.CDLL:
     return lib
 
 
-def load(libdir: str | None = None) -> ctypes.CDLL:
+def load(libdir: str | None = None) -> LoadedLibrary:
     """Same as :func:`libxenstore`, resolving ``$XENPBR_LIBDIR`` at call time."""
     return libxenstore(libdir or os.environ.get(LIBDIR_ENV) or None)
 
@@ -273,3 +283,108 @@ def make_permissions(pairs: list[tuple[int, int]]) -> ctypes.Array:
         arr[i].id = domid
         arr[i].perms = perms
     return arr
+
+
+# --- the connection handle ----------------------------------------------------------------
+
+
+class LibxenstoreConnection(OwnedHandle):
+    """One ``struct xs_handle`` from ``libxenstore.so.4`` (``lib`` is the loaded library).
+
+    Opening raises :class:`OSError` when ``xs_open`` fails. libxenstore handles are
+    thread-safe; a handle must not be used in a forked child. ``close()`` is idempotent
+    and a forgotten handle is closed (with a logged warning) when garbage-collected.
+    """
+
+    _what = "xenstore"
+
+    def __init__(self, lib: Any) -> None:
+        self._lib = lib
+        self._adopt(lib.xs_close, lib.xs_open(0))
+        self._fd: int | None = None
+
+    def _live(self) -> Any:
+        """The C handle; a closed handle is refused (never pass a dangling pointer)."""
+        if self.closed:
+            raise OSError(_errno.EBADF, "xenstore handle is closed")
+        return self._handle
+
+    def read(self, tx: int, path: bytes) -> bytes:
+        n = c_uint(0)
+        ptr = self._lib.xs_read(self._live(), tx, path, ctypes.byref(n))
+        return take_bytes(ptr, n.value)
+
+    def write(self, tx: int, path: bytes, data: bytes) -> None:
+        self._lib.xs_write(self._live(), tx, path, data, len(data))
+
+    def mkdir(self, tx: int, path: bytes) -> None:
+        self._lib.xs_mkdir(self._live(), tx, path)
+
+    def rm(self, tx: int, path: bytes) -> None:
+        self._lib.xs_rm(self._live(), tx, path)
+
+    def directory(self, tx: int, path: bytes) -> list[bytes]:
+        n = c_uint(0)
+        ptr = self._lib.xs_directory(self._live(), tx, path, ctypes.byref(n))
+        return take_string_vector(ptr, n.value)
+
+    def get_permissions(self, tx: int, path: bytes) -> list[tuple[int, int]]:
+        n = c_uint(0)
+        ptr = self._lib.xs_get_permissions(self._live(), tx, path, ctypes.byref(n))
+        return take_permissions(ptr, n.value)
+
+    def set_permissions(self, tx: int, path: bytes, perms: list[tuple[int, int]]) -> None:
+        arr = make_permissions(perms)
+        self._lib.xs_set_permissions(self._live(), tx, path, arr, len(perms))
+
+    def watch(self, path: bytes, token: bytes) -> None:
+        self._lib.xs_watch(self._live(), path, token)
+
+    def unwatch(self, path: bytes, token: bytes) -> None:
+        self._lib.xs_unwatch(self._live(), path, token)
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            self._fd = self._lib.xs_fileno(self._live())
+        return self._fd
+
+    def check_watch(self) -> tuple[bytes, bytes] | None:
+        try:
+            ptr = self._lib.xs_check_watch(self._live())
+        except OSError as e:
+            if e.errno in (_errno.EAGAIN, _errno.EWOULDBLOCK):
+                return None
+            raise
+        path, token = take_string_vector(ptr, 2)
+        return path, token
+
+    def transaction_start(self) -> int:
+        return int(self._lib.xs_transaction_start(self._live()))
+
+    def transaction_end(self, tx: int, abort: bool) -> None:
+        self._lib.xs_transaction_end(self._live(), tx, abort)
+
+    def get_domain_path(self, domid: int) -> bytes:
+        return take_cstring(self._lib.xs_get_domain_path(self._live(), domid))
+
+    def _optional(self, name: str) -> Any:
+        fn = getattr(self._lib, name, None)
+        if fn is None:
+            raise OSError(_errno.ENOSYS, f"{name} is not in this libxenstore")
+        return fn
+
+    def introduce_domain(self, domid: int, mfn: int, evtchn: int) -> None:
+        self._optional("xs_introduce_domain")(self._live(), domid, mfn, evtchn)
+
+    def release_domain(self, domid: int) -> None:
+        self._optional("xs_release_domain")(self._live(), domid)
+
+    def is_domain_introduced(self, domid: int) -> bool:
+        fn = self._optional("xs_is_domain_introduced")
+        ctypes.set_errno(0)
+        if fn(self._live(), domid):
+            return True
+        err = ctypes.get_errno()
+        if err:
+            raise OSError(err, os.strerror(err))
+        return False

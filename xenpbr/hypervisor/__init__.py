@@ -10,7 +10,7 @@
 Importing this package loads no C library.
 """
 
-from xenpbr.guest_memory import (
+from xenpbr.hypervisor.guest_memory import (
     GuestMemoryError,
     NotPVGuest,
     P2MError,

@@ -11,7 +11,7 @@ types in the same situations; that is part of the interface and is listed in
 
 Exceptions: :class:`DomainNotFound` (re-exported from the ctypes binding, so there is one
 class whatever the layer) for a domid that does not exist or vanished; the guest-memory
-errors of :mod:`xenpbr.guest_memory` (:class:`PfnNotPresent`, :class:`NotPVGuest`, ...);
+errors of :mod:`xenpbr.hypervisor.guest_memory` (:class:`PfnNotPresent`, :class:`NotPVGuest`, ...);
 the :class:`HypervisorError` subclasses below for the errno cases callers must tell
 apart; and :class:`~xenpbr.ctypes_libxc.XenCallError` for anything else libxc reports.
 """
@@ -28,14 +28,14 @@ from typing import Any
 from uuid import UUID
 
 from xenpbr.ctypes_libxc._errcheck import DomainNotFound, XenCallError
-from xenpbr.ctypes_libxc.xenctrl import (
+from xenpbr.ctypes_libxc.xenctrl import xl_state_column
+from xenpbr.ctypes_libxc.xenctrl_structs import (
     DOMID_FIRST_RESERVED,
     ShutdownReason,
     VcpuFlags,
-    xl_state_column,
 )
 from xenpbr.errors import XenpbrError
-from xenpbr.guest_memory import PAGE_SIZE
+from xenpbr.hypervisor.guest_memory import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from xenpbr.ctypes_libxc._errcheck import DomainNotFound
-from xenpbr.ctypes_libxc.xenctrl import DOMID_FIRST_RESERVED, ShutdownReason, VcpuFlags
-from xenpbr.guest_memory import NotPVGuest, PfnNotPresent
+from xenpbr.ctypes_libxc.xenctrl_structs import (
+    DOMID_FIRST_RESERVED,
+    ShutdownReason,
+    VcpuFlags,
+)
+from xenpbr.hypervisor.guest_memory import NotPVGuest, PfnNotPresent
 from xenpbr.hypervisor.base import (
     CONTROL_DOMID,
     MAX_PAUSE_COUNT,

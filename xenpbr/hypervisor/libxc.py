@@ -6,7 +6,7 @@ This module is translation only: ``DomainInfo`` -> :class:`DomainState`,
 apart -> specific exceptions (read from Xen 4.17's ``xen/common/domctl.c`` and
 ``domain.c``: EINVAL on unpause below zero, EOVERFLOW past 255 pauses, EINVAL/ENODATA
 from getvcpucontext). Guest frames are reached through
-:class:`~xenpbr.guest_memory.GuestMemory`, which walks the guest's P2M afresh for each
+:class:`~xenpbr.hypervisor.guest_memory.GuestMemory`, which walks the guest's P2M afresh for each
 call: a running guest may change its P2M (ballooning), and a stale table would map the
 wrong machine frames.
 """
@@ -20,14 +20,9 @@ from typing import Any, TypeVar
 
 from xenpbr.ctypes_libxc._errcheck import XenCallError
 from xenpbr.ctypes_libxc.foreignmemory import ForeignMemory
-from xenpbr.ctypes_libxc.xenctrl import (
-    DomainInfo,
-    ShutdownReason,
-    VcpuContextX86_64,
-    VcpuFlags,
-    XenCtrl,
-)
-from xenpbr.guest_memory import INVALID_MFN, GuestMemory
+from xenpbr.ctypes_libxc.xenctrl import DomainInfo, XenCtrl
+from xenpbr.ctypes_libxc.xenctrl_structs import ShutdownReason, VcpuContextX86_64, VcpuFlags
+from xenpbr.hypervisor.guest_memory import INVALID_MFN, GuestMemory
 from xenpbr.hypervisor.base import (
     MAX_PAUSE_COUNT,
     PAGE_SIZE,

@@ -35,7 +35,8 @@ from xenpbr.images.errors import CaptureFailed, ImageError
 from xenpbr.images.image import ImageMeta, check_name
 from xenpbr.images.store import ImageStore
 from xenpbr.images.writer import CaptureStats, CaptureWriter
-from xenpbr.images.xltool import XlError, XlProcess, open_fifo_reader, wait_for_data
+from xenpbr.xl.errors import XlError
+from xenpbr.xl.fifo import XlProcess, open_fifo_reader, wait_for_data
 from xenpbr.stream import format as fmt
 from xenpbr.stream.codec import Record
 from xenpbr.stream.errors import StreamCodecError

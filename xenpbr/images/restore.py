@@ -49,7 +49,9 @@ from xenpbr.images import disks, hotcache, skeleton
 from xenpbr.images.errors import ImageInvalid, RestoreFailed
 from xenpbr.images.image import Image, ImageMeta, check_name
 from xenpbr.images.store import ImageStore
-from xenpbr.images.xltool import XlError, XlProcess, destroy, domid, open_fifo_writer
+from xenpbr.xl.commands import destroy, domid
+from xenpbr.xl.errors import XlError
+from xenpbr.xl.fifo import XlProcess, open_fifo_writer
 
 _LOG = logging.getLogger(__name__)
 

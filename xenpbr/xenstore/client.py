@@ -1,12 +1,14 @@
-"""Pythonic xenstore client over Xen's own ``libxenstore.so.4``.
+"""Pythonic xenstore client over Xen's own ``libxenstore.so.4``: client and transactions.
 
 Layering (like pyxs, but over the C library instead of a pure-Python wire protocol):
 
-* a *connection* -- one ``struct xs_handle`` (:class:`LibxenstoreConnection`), thin:
+* a *connection* -- one ``struct xs_handle``
+  (:class:`~xenpbr.ctypes_libxc.xenstore.LibxenstoreConnection`, in the binding), thin:
   bytes in, bytes out, :class:`OSError` with the C errno on failure, no policy;
-* :class:`XenstoreClient` -- validates arguments *before* any C call, converts
-  types, maps errno to :mod:`xenpbr.xenstore.errors`, logs, and offers transactions
-  and watches.
+* :class:`XenstoreClient` (this module) -- validates arguments *before* any C call
+  (:mod:`xenpbr.xenstore.paths`), converts types (:mod:`xenpbr.xenstore.permissions`),
+  maps errno to :mod:`xenpbr.xenstore.errors`, logs, and offers transactions and
+  watches.
 
 The same client works in dom0 (libxenstore talks to xenstored over its unix socket,
 ``/var/run/xenstored/socket``) and in a guest (libxenstore opens ``/dev/xen/xenbus``
@@ -14,193 +16,47 @@ or ``/proc/xen/xenbus``): ``xs_open(0)`` tries both.
 
 :class:`xenpbr.xenstore.fake.FakeXenstore` is this very class over an in-memory
 connection, so the two share every line of validation and error mapping.
-
-Validation rules (mirroring Xen 4.17's ``xenstored`` and ``xs_wire.h``):
-
-* a path is absolute (``/...``) or relative to the domain's home
-  (``/local/domain/<domid>``); characters ``[A-Za-z0-9_/@-]`` only -- xenstored's
-  ``valid_chars()`` does **not** accept ``.``; no ``//``, no trailing ``/`` (except
-  ``/``), no NUL;
-* absolute paths at most 3072 bytes (``XENSTORE_ABS_PATH_MAX``), relative paths at most
-  2048 (``XENSTORE_REL_PATH_MAX``), and the part below ``/local/domain/<id>/`` at most
-  2048 (xenstored's default path quota);
-* ``@introduceDomain`` and ``@releaseDomain`` are accepted only by ``watch``/``unwatch``;
-* a request payload (path + NUL + value) is at most 4096 bytes
-  (``XENSTORE_PAYLOAD_MAX``), so a value may be up to ``4095 - len(path)`` bytes.
 """
 
 from __future__ import annotations
 
-import enum
 import errno as _errno
 import logging
 import os
-import socket
-import re
 import select
+import socket
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, NamedTuple, Protocol, TypeVar
 
-from xenpbr.ctypes_libxc._loader import OwnedHandle
 from xenpbr.errors import XenpbrError
 from xenpbr.xenstore.errors import (
-    InvalidPath,
     NoSuchKey,
     TransactionConflict,
-    ValueTooLarge,
     XenstoreError,
     XenstoreUnavailable,
     error_from_errno,
 )
+from xenpbr.xenstore.paths import (
+    encode_value,
+    validate_domid,
+    validate_path,
+    validate_token,
+)
+from xenpbr.xenstore.permissions import Access, NodePerms, Perm, to_perm
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Access",
-    "Perm",
-    "NodePerms",
     "WatchEvent",
     "XenstoreClient",
     "Transaction",
-    "LibxenstoreConnection",
     "XenstoreConnection",
-    "SPECIAL_PATHS",
-    "validate_path",
-    "validate_token",
-    "encode_value",
-    "validate_domid",
-    "canonical_path",
+    "refuse_dead_daemon_socket",
     "unavailable_message",
 ]
 
-XENSTORE_PAYLOAD_MAX = 4096
-XENSTORE_ABS_PATH_MAX = 3072
-XENSTORE_REL_PATH_MAX = 2048
-#: xenstored's default ``quota_max_path_len`` for the part below ``/local/domain/<id>/``.
-XENSTORED_PATH_QUOTA = XENSTORE_REL_PATH_MAX
-#: First reserved domid (``DOMID_FIRST_RESERVED``); real domains are below it.
-DOMID_FIRST_RESERVED = 0x7FF0
-
-INTRODUCE_DOMAIN = "@introduceDomain"
-RELEASE_DOMAIN = "@releaseDomain"
-SPECIAL_PATHS = frozenset({INTRODUCE_DOMAIN, RELEASE_DOMAIN})
-
-_VALID_CHARS = re.compile(r"[A-Za-z0-9_/@\-]+\Z")
-_LOCAL_DOMAIN = re.compile(r"/local/domain/[0-9]{1,5}/")
-
 T = TypeVar("T")
-
-
-# --------------------------------------------------------------------------------------------
-# Pure validation (no C library involved; shared with the fake)
-# --------------------------------------------------------------------------------------------
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def validate_path(path: Any, *, allow_special: bool = False) -> str:
-    """Return ``path`` if xenstore accepts it, else raise :class:`InvalidPath`.
-
-    ``allow_special`` admits ``@introduceDomain`` / ``@releaseDomain`` (watches only).
-    """
-    if not isinstance(path, str):
-        raise InvalidPath(f"xenstore path must be str, got {type(path).__name__}: {_short(path)}",
-                          path=None)
-    if not path:
-        raise InvalidPath("xenstore path must not be empty", path=path)
-    if "\0" in path:
-        raise InvalidPath(f"xenstore path {_short(path)} contains a NUL byte", path=path)
-    if path.startswith("@"):
-        if path in SPECIAL_PATHS:
-            if allow_special:
-                return path
-            raise InvalidPath(f"special path {path!r} can only be watched/unwatched", path=path)
-        raise InvalidPath(
-            f"xenstore path {_short(path)} starts with '@' but is not one of "
-            f"{sorted(SPECIAL_PATHS)}", path=path)
-    if not _VALID_CHARS.match(path):
-        bad = sorted({c for c in path if not re.match(r"[A-Za-z0-9_/@\-]", c)})
-        raise InvalidPath(
-            f"xenstore path {_short(path)} contains characters {bad!r}; xenstored accepts "
-            "only [A-Za-z0-9_/@-]", path=path)
-    if path != "/" and path.endswith("/"):
-        raise InvalidPath(f"xenstore path {_short(path)} must not end with '/'", path=path)
-    if "//" in path:
-        raise InvalidPath(f"xenstore path {_short(path)} contains '//'", path=path)
-    n = len(path)  # all accepted characters are ASCII: characters == bytes
-    if path.startswith("/"):
-        if n > XENSTORE_ABS_PATH_MAX:
-            raise InvalidPath(
-                f"absolute xenstore path is {n} bytes, maximum is {XENSTORE_ABS_PATH_MAX}: "
-                f"{_short(path)}", path=path)
-        m = _LOCAL_DOMAIN.match(path)
-        if m and n - m.end() > XENSTORED_PATH_QUOTA:
-            raise InvalidPath(
-                f"xenstore path below {m.group(0)!r} is {n - m.end()} bytes, xenstored's "
-                f"limit is {XENSTORED_PATH_QUOTA}: {_short(path)}", path=path)
-    elif n > XENSTORE_REL_PATH_MAX:
-        raise InvalidPath(
-            f"relative xenstore path is {n} bytes, maximum is {XENSTORE_REL_PATH_MAX}: "
-            f"{_short(path)}", path=path)
-    return path
-
-
-def validate_token(token: Any, path: str = "") -> str:
-    """Return ``token`` if usable as a watch token (non-empty str, no NUL, fits a message)."""
-    if not isinstance(token, str):
-        raise InvalidPath(f"watch token must be str, got {type(token).__name__}: {_short(token)}")
-    if not token:
-        raise InvalidPath("watch token must not be empty")
-    if "\0" in token:
-        raise InvalidPath(f"watch token {_short(token)} contains a NUL byte")
-    size = len(path.encode()) + 1 + len(token.encode()) + 1
-    if size > XENSTORE_PAYLOAD_MAX:
-        raise InvalidPath(
-            f"watch path+token need {size} bytes, a xenstore message holds "
-            f"{XENSTORE_PAYLOAD_MAX}: token {_short(token)}")
-    return token
-
-
-def encode_value(path: str, value: Any) -> bytes:
-    """Return ``value`` as bytes (str is UTF-8 encoded) after checking it fits in one
-    ``XS_WRITE`` message together with ``path``; raise :class:`ValueTooLarge` otherwise."""
-    if isinstance(value, str):
-        data = value.encode("utf-8")
-    elif isinstance(value, (bytes, bytearray, memoryview)):
-        data = bytes(value)
-    else:
-        raise TypeError(f"xenstore value must be bytes or str, got {type(value).__name__}: "
-                        f"{_short(value)}")
-    limit = XENSTORE_PAYLOAD_MAX - len(path.encode()) - 1
-    if len(data) > limit:
-        raise ValueTooLarge(
-            f"value for {path!r} is {len(data)} bytes; with this path at most {limit} fit in "
-            f"a {XENSTORE_PAYLOAD_MAX}-byte xenstore message: {_short(data)}", path=path)
-    return data
-
-
-def validate_domid(domid: Any) -> int:
-    if isinstance(domid, bool) or not isinstance(domid, int):
-        raise TypeError(f"domid must be int, got {type(domid).__name__}: {_short(domid)}")
-    if not 0 <= domid < DOMID_FIRST_RESERVED:
-        raise ValueError(f"domid {domid} out of range 0..{DOMID_FIRST_RESERVED - 1}")
-    return domid
-
-
-def domain_home(domid: int) -> str:
-    return f"/local/domain/{domid}"
-
-
-def canonical_path(path: str, domid: int) -> str:
-    """Absolute form of a validated path as xenstored resolves it for ``domid``."""
-    if path.startswith("/") or path.startswith("@"):
-        return path
-    return f"{domain_home(domid)}/{path}"
 
 
 def unavailable_message(err: int | None, socket_path: str | None = None) -> str:
@@ -218,115 +74,6 @@ def unavailable_message(err: int | None, socket_path: str | None = None) -> str:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Small value types
-# --------------------------------------------------------------------------------------------
-
-
-class Access(enum.Enum):
-    """Permission of one domain on a node; values are xenstore's letters."""
-
-    NONE = "n"
-    READ = "r"
-    WRITE = "w"
-    BOTH = "b"
-
-    @property
-    def bits(self) -> int:
-        return _ACCESS_BITS[self]
-
-    @classmethod
-    def from_bits(cls, bits: int) -> "Access":
-        return _BITS_ACCESS[bits & 0x3]
-
-    @classmethod
-    def parse(cls, value: "Access | str | int") -> "Access":
-        if isinstance(value, Access):
-            return value
-        if isinstance(value, str):
-            try:
-                return cls(value)
-            except ValueError:
-                raise ValueError(f"access must be one of n/r/w/b, got {value!r}") from None
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 3:
-            return cls.from_bits(value)
-        raise ValueError(f"access must be an Access, one of n/r/w/b or 0..3, got {value!r}")
-
-    @property
-    def can_read(self) -> bool:
-        return bool(self.bits & 1)
-
-    @property
-    def can_write(self) -> bool:
-        return bool(self.bits & 2)
-
-
-_ACCESS_BITS = {Access.NONE: 0, Access.READ: 1, Access.WRITE: 2, Access.BOTH: 3}
-_BITS_ACCESS = {v: k for k, v in _ACCESS_BITS.items()}
-
-
-@dataclass(frozen=True)
-class Perm:
-    """One ACL entry: ``domid`` gets ``access``."""
-
-    domid: int
-    access: Access
-
-    def __post_init__(self) -> None:
-        validate_domid(self.domid)
-        object.__setattr__(self, "access", Access.parse(self.access))
-
-    def __str__(self) -> str:  # xenstore-chmod notation, e.g. "r3"
-        return f"{self.access.value}{self.domid}"
-
-
-@dataclass(frozen=True)
-class NodePerms:
-    """A node's permissions as xenstored keeps them: the owner (full access), what every
-    other domain gets, and explicit per-domain entries that override ``others``."""
-
-    owner: int
-    others: Access = Access.NONE
-    acl: tuple[Perm, ...] = ()
-
-    def __post_init__(self) -> None:
-        validate_domid(self.owner)
-        object.__setattr__(self, "others", Access.parse(self.others))
-        object.__setattr__(self, "acl", tuple(_to_perm(p) for p in self.acl))
-
-    def to_wire(self) -> list[tuple[int, int]]:
-        return [(self.owner, self.others.bits)] + [(p.domid, p.access.bits) for p in self.acl]
-
-    @classmethod
-    def from_wire(cls, pairs: Iterable[tuple[int, int]]) -> "NodePerms":
-        pairs = list(pairs)
-        if not pairs:
-            raise XenstoreError("xenstore returned an empty permission list")
-        (owner, others), rest = pairs[0], pairs[1:]
-        return cls(owner, Access.from_bits(others),
-                   tuple(Perm(d, Access.from_bits(b)) for d, b in rest))
-
-    def access_for(self, domid: int) -> Access:
-        """xenstored's ``perm_for_conn`` for an unprivileged domain (dom0 always has
-        full access regardless of this)."""
-        if domid == self.owner:
-            return Access.BOTH
-        for p in self.acl:
-            if p.domid == domid:
-                return p.access
-        return self.others
-
-    def __str__(self) -> str:
-        return " ".join([f"{self.others.value}{self.owner}"] + [str(p) for p in self.acl])
-
-
-def _to_perm(p: "Perm | tuple[int, Access | str | int]") -> Perm:
-    if isinstance(p, Perm):
-        return p
-    domid, access = p
-    return Perm(domid, Access.parse(access))
-
-
 class WatchEvent(NamedTuple):
     """A fired watch: the path that changed (relative if the watch was registered with a
     relative path) and the token given to :meth:`XenstoreClient.watch`."""
@@ -336,7 +83,7 @@ class WatchEvent(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------
-# Connection layer
+# What the client needs from a connection
 # --------------------------------------------------------------------------------------------
 
 
@@ -363,119 +110,6 @@ class XenstoreConnection(Protocol):
     def introduce_domain(self, domid: int, mfn: int, evtchn: int) -> None: ...
     def release_domain(self, domid: int) -> None: ...
     def is_domain_introduced(self, domid: int) -> bool: ...
-
-
-class LibxenstoreConnection(OwnedHandle):
-    """One ``struct xs_handle`` from ``libxenstore.so.4`` (``lib`` is the loaded library).
-
-    Opening raises :class:`OSError` when ``xs_open`` fails. libxenstore handles are
-    thread-safe; a handle must not be used in a forked child. ``close()`` is idempotent
-    and a forgotten handle is closed (with a logged warning) when garbage-collected.
-    """
-
-    _what = "xenstore"
-
-    def __init__(self, lib: Any) -> None:
-        from xenpbr.ctypes_libxc import xenstore as binding
-
-        self._b = binding
-        self._lib = lib
-        self._adopt(lib.xs_close, lib.xs_open(0))
-        self._fd: int | None = None
-
-    def _live(self) -> Any:
-        """The C handle; a closed handle is refused (never pass a dangling pointer)."""
-        if self.closed:
-            raise OSError(_errno.EBADF, "xenstore handle is closed")
-        return self._handle
-
-    def read(self, tx: int, path: bytes) -> bytes:
-        from ctypes import byref, c_uint
-
-        n = c_uint(0)
-        ptr = self._lib.xs_read(self._live(), tx, path, byref(n))
-        return self._b.take_bytes(ptr, n.value)
-
-    def write(self, tx: int, path: bytes, data: bytes) -> None:
-        self._lib.xs_write(self._live(), tx, path, data, len(data))
-
-    def mkdir(self, tx: int, path: bytes) -> None:
-        self._lib.xs_mkdir(self._live(), tx, path)
-
-    def rm(self, tx: int, path: bytes) -> None:
-        self._lib.xs_rm(self._live(), tx, path)
-
-    def directory(self, tx: int, path: bytes) -> list[bytes]:
-        from ctypes import byref, c_uint
-
-        n = c_uint(0)
-        ptr = self._lib.xs_directory(self._live(), tx, path, byref(n))
-        return self._b.take_string_vector(ptr, n.value)
-
-    def get_permissions(self, tx: int, path: bytes) -> list[tuple[int, int]]:
-        from ctypes import byref, c_uint
-
-        n = c_uint(0)
-        ptr = self._lib.xs_get_permissions(self._live(), tx, path, byref(n))
-        return self._b.take_permissions(ptr, n.value)
-
-    def set_permissions(self, tx: int, path: bytes, perms: list[tuple[int, int]]) -> None:
-        arr = self._b.make_permissions(perms)
-        self._lib.xs_set_permissions(self._live(), tx, path, arr, len(perms))
-
-    def watch(self, path: bytes, token: bytes) -> None:
-        self._lib.xs_watch(self._live(), path, token)
-
-    def unwatch(self, path: bytes, token: bytes) -> None:
-        self._lib.xs_unwatch(self._live(), path, token)
-
-    def fileno(self) -> int:
-        if self._fd is None:
-            self._fd = self._lib.xs_fileno(self._live())
-        return self._fd
-
-    def check_watch(self) -> tuple[bytes, bytes] | None:
-        try:
-            ptr = self._lib.xs_check_watch(self._live())
-        except OSError as e:
-            if e.errno in (_errno.EAGAIN, _errno.EWOULDBLOCK):
-                return None
-            raise
-        path, token = self._b.take_string_vector(ptr, 2)
-        return path, token
-
-    def transaction_start(self) -> int:
-        return int(self._lib.xs_transaction_start(self._live()))
-
-    def transaction_end(self, tx: int, abort: bool) -> None:
-        self._lib.xs_transaction_end(self._live(), tx, abort)
-
-    def get_domain_path(self, domid: int) -> bytes:
-        return self._b.take_cstring(self._lib.xs_get_domain_path(self._live(), domid))
-
-    def _optional(self, name: str) -> Any:
-        fn = getattr(self._lib, name, None)
-        if fn is None:
-            raise OSError(_errno.ENOSYS, f"{name} is not in this libxenstore")
-        return fn
-
-    def introduce_domain(self, domid: int, mfn: int, evtchn: int) -> None:
-        self._optional("xs_introduce_domain")(self._live(), domid, mfn, evtchn)
-
-    def release_domain(self, domid: int) -> None:
-        self._optional("xs_release_domain")(self._live(), domid)
-
-    def is_domain_introduced(self, domid: int) -> bool:
-        import ctypes
-
-        fn = self._optional("xs_is_domain_introduced")
-        ctypes.set_errno(0)
-        if fn(self._live(), domid):
-            return True
-        err = ctypes.get_errno()
-        if err:
-            raise OSError(err, os.strerror(err))
-        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,7 +192,7 @@ class _Ops:
         (``Perm`` or ``(domid, access)``) says otherwise. Only the owner or dom0 may do
         this, and only dom0 may change the owner."""
         validate_path(path)
-        perms = NodePerms(owner, Access.parse(others), tuple(_to_perm(p) for p in acl))
+        perms = NodePerms(owner, Access.parse(others), tuple(to_perm(p) for p in acl))
         self._call("set_perms", path,
                    lambda c: c.set_permissions(self._tx, _enc(path), perms.to_wire()))
         log.debug("xenstore set_perms %s %s", path, perms)
@@ -693,7 +327,7 @@ class XenstoreClient(_Ops):
         if sock is not None:
             refuse_dead_daemon_socket(sock)
         try:
-            return LibxenstoreConnection(lib)
+            return binding.LibxenstoreConnection(lib)
         except OSError as e:
             raise XenstoreUnavailable(unavailable_message(e.errno, sock),
                                       errno=e.errno, op="open") from e

@@ -49,11 +49,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from xenpbr.xenstore.client import (
+from xenpbr.xenstore.client import XenstoreClient
+from xenpbr.xenstore.paths import (
     INTRODUCE_DOMAIN,
     RELEASE_DOMAIN,
     XENSTORE_PAYLOAD_MAX,
-    XenstoreClient,
     canonical_path,
     domain_home,
     validate_domid,
@@ -395,7 +395,9 @@ class FakeXenstoreServer:
 
     def connect(self, domid: int = 0) -> "FakeXenstore":
         """A new, opened client connection acting as domain ``domid``."""
-        return FakeXenstore(self, domid=domid).open()
+        client = FakeXenstore(self, domid=domid)
+        client.open()
+        return client
 
     def create_domain(self, domid: int, *, guest_writable: Iterable[str] = DEFAULT_GUEST_WRITABLE,
                       name: str | None = None, introduce: bool = True) -> str:

@@ -1,4 +1,8 @@
-"""Running ``xl`` for capture and restore: FIFOs, timeouts, captured messages.
+"""Running ``xl save``/``xl restore`` for capture and restore: FIFOs, timeouts, messages.
+
+Separate from :mod:`xenpbr.xl.commands` because these runs are long and stream a guest
+image through a FIFO, so they need a watchdog and non-blocking FIFO ends; the short
+commands need neither.
 
 ``xl save`` and ``xl restore`` talk to us through a FIFO in a private directory. The
 traps handled here: opening a FIFO blocks until the other side opens it, which would
@@ -29,16 +33,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from xenpbr.xl.errors import XlError
+
 _LOG = logging.getLogger(__name__)
 _KEEP = 64 << 10  # bytes of xl output kept for messages
 _POLL_S = 0.02
 FIFO_BUFFER = 1 << 20
 PIPE_SIZE = 1 << 20  # the default 64 KiB pipe costs a context switch per 16 pages
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-
-
-class XlError(Exception):
-    """Internal: xl could not be started or never opened its end of the FIFO."""
 
 
 class XlProcess:
@@ -168,44 +170,3 @@ def open_fifo_writer(path: Path, proc: XlProcess) -> BinaryIO:
     _set_blocking(fd)
     enlarge_pipe(fd)
     return open(fd, "wb", buffering=FIFO_BUFFER)
-
-
-def _ask(xl: Sequence[str], *args: str, timeout: float) -> "subprocess.CompletedProcess[str] | str":
-    """Run a short xl command; its result, or why it could not run."""
-    try:
-        return subprocess.run([*xl, *args], capture_output=True, text=True, timeout=timeout,
-                              check=False)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return str(err)
-
-
-def domid(xl: Sequence[str], name: str, timeout: float = 60.0) -> int | None:
-    """The domid of domain ``name``, or None if there is no such domain."""
-    result = _ask(xl, "domid", name, timeout=timeout)
-    if isinstance(result, str):
-        _LOG.warning("xl domid %s failed: %s", name, result)
-        return None
-    text = result.stdout.strip()
-    return int(text) if result.returncode == 0 and text.isdigit() else None
-
-
-def destroy(xl: Sequence[str], name: str, timeout: float = 120.0) -> str | None:
-    """``xl destroy name``; return None on success, else xl's message."""
-    result = _ask(xl, "destroy", name, timeout=timeout)
-    if isinstance(result, str):
-        return result
-    return None if result.returncode == 0 else (result.stderr or result.stdout).strip()
-
-
-def domain_state(xl: Sequence[str], name: str, timeout: float = 60.0) -> str | None:
-    """xl's six state letters for ``name`` (e.g. ``-b----``, ``--p---``), or None if there
-    is no such domain (or xl could not be asked: callers treat that as "not running")."""
-    result = _ask(xl, "list", name, timeout=timeout)
-    if isinstance(result, str):
-        _LOG.warning("xl list %s failed: %s", name, result)
-        return None
-    for line in result.stdout.splitlines()[1:] if result.returncode == 0 else []:
-        fields = line.split()
-        if len(fields) >= 5 and fields[0] == name and len(fields[4]) == 6:
-            return fields[4]
-    return None

@@ -21,6 +21,11 @@ matches the save code's effect (such entries fail its M2P check and are not save
 
 The walk only needs "give me the contents of these MFNs" (:data:`ReadFrames`), so tests
 feed it a synthetic memory image. Only 64-bit PV guests are supported.
+
+It lives in :mod:`xenpbr.hypervisor` because it is a typed facility *over* two bindings
+(foreignmemory for the frames, xenctrl's shared_info layout for the P2M root), the same
+layer as :class:`~xenpbr.hypervisor.libxc.LibxcHypervisor` that uses it; it is its own
+module because the P2M walk is independent of domain control and is tested on its own.
 """
 
 from __future__ import annotations
@@ -29,11 +34,11 @@ import logging
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from xenpbr.ctypes_libxc._errcheck import FrameMapError
 from xenpbr.ctypes_libxc.foreignmemory import XC_PAGE_SIZE, Mapping
-from xenpbr.ctypes_libxc.xenctrl import ArchSharedInfoX86_64, SharedInfoX86_64
+from xenpbr.ctypes_libxc.xenctrl_structs import ArchSharedInfoX86_64, SharedInfoX86_64
 from xenpbr.errors import XenpbrError
 
 log = logging.getLogger(__name__)
@@ -364,7 +369,7 @@ class GuestMemory:
         except FrameMapError as exc:
             if exc.index is None:
                 raise
-            raise FrameMapError(self.domid, exc.frame, exc.errno, index=exc.index,
+            raise FrameMapError(self.domid, exc.frame, cast(int, exc.errno), index=exc.index,
                                 failed=exc.failed, pfn=pfns[exc.index]) from exc
 
     def read_pfn(self, pfn: int) -> bytes:

@@ -1,0 +1,50 @@
+""":class:`XlToolstack`: the domain lifecycle operations recovery needs, over ``xl``.
+
+Separate from :mod:`xenpbr.xl.commands` because it adapts xl to recovery's
+``Toolstack`` protocol (:class:`xenpbr.recovery.Toolstack`): failures become
+:class:`~xenpbr.recovery.CandidateFailed`, which recovery answers by trying its next
+candidate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from xenpbr.recovery import CandidateFailed
+from xenpbr.xl import commands
+
+__all__ = ["XlToolstack"]
+
+
+class XlToolstack:
+    """:class:`~xenpbr.recovery.Toolstack` over the ``xl`` command."""
+
+    def __init__(self, xl: tuple[str, ...] = commands.XL, timeout: float = 300.0) -> None:
+        self.xl, self.timeout = xl, timeout
+
+    def _run(self, *args: str) -> str:
+        proc = commands.call(self.xl, *args, timeout=self.timeout)
+        if proc.returncode != 0:
+            raise CandidateFailed(f"xl {' '.join(args)} failed: "
+                                  f"{(proc.stderr or proc.stdout).strip()[-600:]}")
+        return proc.stdout
+
+    def destroy(self, name: str) -> None:
+        problem = commands.destroy(self.xl, name, self.timeout)
+        if problem:
+            raise CandidateFailed(f"could not destroy {name}: {problem}")
+
+    def create(self, config: Path) -> int:
+        self._run("create", str(config))
+        from xenpbr.domconfig import load
+        found = commands.domid(self.xl, load(config).name)
+        if found is None:
+            raise CandidateFailed(f"xl create {config} succeeded but the domain is missing")
+        return found
+
+    def unpause(self, domid: int) -> None:
+        self._run("unpause", str(domid))
+
+    def state(self, name: str) -> str | None:
+        """xl's six state letters for ``name`` (``-b----``), or None if no such domain."""
+        return commands.domain_state(self.xl, name, self.timeout)
