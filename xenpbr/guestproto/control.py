@@ -44,7 +44,8 @@ from xenpbr.guestproto.wire import (
     Verdict,
     is_strict_int,
 )
-from xenpbr.xenstore.client import Access, Perm, domain_home, validate_domid
+from xenpbr.xenstore.paths import domain_home, validate_domid
+from xenpbr.xenstore.permissions import Access, Perm
 
 log = logging.getLogger(__name__)
 
