@@ -276,7 +276,7 @@ def _check_phase(name: str, phases: Any, phase: str | None) -> None:
 
 def cmd_forget(args: argparse.Namespace, state: StateDir) -> int:
     """Drop the images of a phase and every later one (all without --phase)."""
-    from xenpbr.daemon import domain_lock
+    from xenpbr.state import domain_lock
     from xenpbr.images.errors import ImageNotFound
     with domain_lock(state, args.domain):
         phases = state.phases(args.domain)
@@ -326,7 +326,8 @@ def cmd_inject(args: argparse.Namespace, state: StateDir) -> int:
 
 def cmd_reboot(args: argparse.Namespace, state: StateDir) -> int:
     """Operator-initiated phase-based reboot (proactive rejuvenation)."""
-    from xenpbr.daemon import StoreRestorer, domain_lock
+    from xenpbr.state import domain_lock
+    from xenpbr.store_restorer import StoreRestorer
     from xenpbr.protocol import PhaseProtocol
     from xenpbr.recovery import Recovery, XlToolstack
     from xenpbr.xenstore import XenstoreClient

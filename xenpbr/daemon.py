@@ -21,15 +21,13 @@ Each domain's state is published in xenstore (:mod:`xenpbr.publish`).
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import selectors
 import signal
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from xenpbr import consistency, domconfig, invalidation, protocol, publish, sdnotify
 from xenpbr import phases as phases_mod
@@ -41,7 +39,8 @@ from xenpbr.images.store import ImageStore
 from xenpbr.phases import ImageInfo
 from xenpbr.protocol import Outcome, PhaseProtocol, Verdict
 from xenpbr.recovery import Recovery, RecoveryFailed, XlToolstack
-from xenpbr.state import StateDir
+from xenpbr.state import StateDir, domain_lock
+from xenpbr.store_restorer import StoreRestorer
 from xenpbr.watcher import (
     DomainAppeared,
     DomainCrashed,
@@ -52,33 +51,6 @@ from xenpbr.watcher import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def domain_lock(state: StateDir, name: str) -> Iterator[None]:
-    """Serialise captures and recoveries of one domain across processes (daemon, CLI)."""
-    path = state.root / "locks" / f"{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-class StoreRestorer:
-    """:class:`~xenpbr.recovery.Restorer` over the image store and ``xl restore``."""
-
-    def __init__(self, store: ImageStore) -> None:
-        self.store = store
-
-    def restore(self, domain: str, image_id: str) -> int:
-        from xenpbr.images.restore import restore
-        # monitor: xl stays behind as for `xl create`, to act on the restored guest's own
-        # reboot or poweroff (on_reboot/on_poweroff of the config saved in the image).
-        return restore(self.store, self.store.load(domain, image_id), paused=True,
-                       monitor=True).domid
 
 
 #: Per-domain budgets of the loop (docs/phase-protocol.md, "Budgets and guarantees").
