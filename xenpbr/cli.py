@@ -334,7 +334,7 @@ def cmd_reboot(args: argparse.Namespace, state: StateDir) -> int:
     with domain_lock(state, args.domain), XenstoreClient() as xs:
         recovery = Recovery(state, XlToolstack(), StoreRestorer(_store(state)),
                             PhaseProtocol(xs))
-        timeline = recovery.recover(args.domain, "operator", max_phase=args.phase)
+        timeline = recovery.recover(args.domain, "operator", max_phase=args.phase).timeline
     emit(history_row(timeline), args.json,
          lambda: print(f"{args.domain}: {timeline.outcome} via {timeline.method} in "
                        f"{timeline.downtime()} s"))
@@ -384,7 +384,7 @@ def _scrub_text(row: dict[str, Any]) -> str:
 
 def cmd_daemon(args: argparse.Namespace, state: StateDir) -> int:
     """Run xenpbrd in the foreground, as its service does (logs on stderr)."""
-    from xenpbr.daemon import main as daemon_main
+    from xenpbr.xenpbrd import main as daemon_main
     return daemon_main(["--state-dir", str(state.root)])
 
 
