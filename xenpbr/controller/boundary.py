@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from xenpbr import consistency, domconfig
@@ -30,6 +31,16 @@ log = logging.getLogger(__name__)
 
 #: A verdict and, for a refusal, why (for the guest's log).
 Judgement = tuple[Verdict, str]
+
+
+@dataclass(frozen=True)
+class Judged:
+    """A boundary's verdict and why, with the domain context it was judged in (None if
+    dom0 failed before loading it): the phase state after the boundary."""
+
+    verdict: Verdict
+    detail: str
+    context: DomainContext | None
 
 
 class Boundaries:
@@ -54,20 +65,21 @@ class Boundaries:
         self.passed.pop(domid, None)
         self.restored_runs.discard(domid)
 
-    def judged(self, name: str, request: BoundaryRequest, domid: int) -> Judgement:
+    def judged(self, name: str, request: BoundaryRequest, domid: int) -> Judged:
         """:meth:`judge_and_capture` under the domain's lock, but a failure (a bug, an
         unusable config, a store error) is a ``capture-failed`` answer: an accepted
         request is always answered (it once stayed unanswered, published as
         ``capturing``)."""
+        ctx: DomainContext | None = None
         try:
             with domain_lock(self.state, name):
                 ctx = DomainContext.load(self.state, name, domid)
-                return self.judge_and_capture(ctx, request)
+                return Judged(*self.judge_and_capture(ctx, request), ctx)
         except Exception as exc:  # noqa: BLE001 - the guest waits for an answer
             log.exception("%s (domid %d): boundary %s (seq %d) failed in dom0", name, domid,
                           request.phase, request.seq)
-            return (Verdict.refused("capture-failed"),
-                    f"dom0 failed on this boundary: {type(exc).__name__}: {exc}")
+            return Judged(Verdict.refused("capture-failed"),
+                          f"dom0 failed on this boundary: {type(exc).__name__}: {exc}", None)
 
     def judge_and_capture(self, ctx: DomainContext, request: BoundaryRequest) -> Judgement:
         """The verdict for an admitted boundary, and why if it is a refusal."""

@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 from xenpbr.controller.adoption import DomainNames
 from xenpbr.controller.boundary import Boundaries
-from xenpbr.controller.context import DomainContext
 from xenpbr.controller.guard import guard
 from xenpbr.controller.health import GuestHealth
 from xenpbr.controller.invalidation import Invalidations
@@ -91,13 +90,13 @@ class PhaseController:
         request = admission.request
         self.publisher.publish(name, "capturing", domid)
         self.warm_ups.cancel(name)  # the store is about to change
-        verdict, detail = self.boundaries.judged(name, request, domid)
+        judged = self.boundaries.judged(name, request, domid)
+        ctx = judged.context
         try:
-            self.protocol.answer(domid, request.seq, verdict, detail)
+            self.protocol.answer(domid, request.seq, judged.verdict, judged.detail)
         finally:  # never left published as capturing
-            self.publisher.publish(name, "watching", domid)
-        if verdict == Verdict.captured():
-            ctx = DomainContext.load(self.state, name, domid)
+            self.publisher.publish(name, "watching", domid, ctx.phases if ctx else None)
+        if ctx is not None and judged.verdict == Verdict.captured():
             self.warm_ups.warm_up(ctx, ctx.phases.images[request.phase].image_id)
         return True
 

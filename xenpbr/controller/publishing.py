@@ -12,6 +12,7 @@ import time
 from typing import Callable
 
 from xenpbr import publish
+from xenpbr.phases import DomainPhases
 from xenpbr.protocol import PhaseProtocol
 from xenpbr.state import StateDir
 from xenpbr.xenstore import XenstoreClient
@@ -28,9 +29,11 @@ class Publisher:
         self._published_at: dict[str, float] = {}  # name -> monotonic time
         self._unpublished: dict[str, int] = {}  # name -> domid with refusals to publish
 
-    def publish(self, name: str, status: str, domid: int | None = None) -> None:
+    def publish(self, name: str, status: str, domid: int | None = None,
+                phases: DomainPhases | None = None) -> None:
+        """Publish ``name`` now; ``phases``: its phase state, if the event loaded it."""
         refusals = self.protocol.gate.refusal_counts(domid) if domid is not None else None
-        publish.publish(self.xs, self.state, name, status, domid, refusals)
+        publish.publish(self.xs, self.state, name, status, domid, refusals, phases)
         self._published_at[name] = self.clock()
         # its counters are out now (or, without a domid, the domain is down or stopped:
         # a later flush must not publish it as watching again)

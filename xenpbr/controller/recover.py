@@ -90,12 +90,12 @@ class Recoveries:
         ``domid`` empty under a running guest) and know it as ``name`` at once, so the
         old domid's destruction does not publish the domain as stopped. A run restored
         from a phase has passed that phase and the earlier ones."""
-        domid = result.domid
+        domid, phases = result.domid, self.state.phases(name)
         if domid is not None:
             if result.generation is not None:
                 self._restored(result)
             self.names.known_as(domid, name)
             phase = result.restored_phase
             if phase is not None:
-                self.boundaries.restored_from(domid, self.state.phases(name), phase)
-        self.publisher.publish(name, "watching", domid)
+                self.boundaries.restored_from(domid, phases, phase)
+        self.publisher.publish(name, "watching", domid, phases)
