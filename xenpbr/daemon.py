@@ -26,10 +26,11 @@ import logging
 import selectors
 import signal
 import time
-from typing import Any, Callable
+from typing import Any
 
 from xenpbr import invalidation, protocol, sdnotify
 from xenpbr.controller import PhaseController
+from xenpbr.controller.boundary import Capture
 from xenpbr.controller.guard import guard
 from xenpbr.hypervisor.base import Hypervisor
 from xenpbr.images.capture import capture
@@ -60,7 +61,7 @@ class Daemon:
     def __init__(self, state: StateDir, store: ImageStore, hypervisor: Hypervisor,
                  xs_domains: XenstoreClient, xs_requests: XenstoreClient,
                  toolstack: Toolstack | None = None, restorer: Restorer | None = None,
-                 capture_fn: Callable[..., Any] = capture) -> None:
+                 capture_fn: Capture = capture) -> None:
         self.state, self.xs = state, xs_requests
         self.watcher = DomainWatcher(hypervisor, xs_domains)
         self.controller = PhaseController(state, store, hypervisor, xs_requests,

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
+from xenpbr import __version__, logsetup, settings
 from xenpbr.daemon import Daemon
 from xenpbr.errors import XenpbrError
 from xenpbr.images.store import ImageStore
-from xenpbr.settings import Settings
 from xenpbr.state import StateDir
+
 
 class DaemonStartError(XenpbrError):
     """xenpbrd cannot start: its state directory or Xen is not usable."""
@@ -24,7 +28,6 @@ class DaemonStartError(XenpbrError):
 
 def build_parser() -> argparse.ArgumentParser:
     """xenpbrd's command line (``--help`` must print help, never start the daemon)."""
-    from xenpbr import __version__, settings
     parser = argparse.ArgumentParser(
         prog="xenpbrd", description="xenpbr's daemon: captures images at phase boundaries "
         "of registered Xen PV domains and recovers them when they crash.",
@@ -49,7 +52,6 @@ def main(argv: list[str] | os.PathLike[str] | None = None) -> int:
     Usage errors exit 2 (argparse), runtime failures 1 with one line on stderr: an
     operator (or systemd's journal) needs the cause, not a traceback. A path instead of
     a list is the state root (``xenpbr daemon``'s older call)."""
-    from xenpbr import logsetup, settings
     if isinstance(argv, (str, os.PathLike)):
         argv = ["--state-dir", os.fspath(argv)]
     try:
@@ -73,8 +75,6 @@ def main(argv: list[str] | os.PathLike[str] | None = None) -> int:
 
 def _fail(message: str) -> None:
     """One line on stderr; under systemd at priority err (``<3>``), not info."""
-    import sys
-    from xenpbr import logsetup
     prefix = "<3>" if logsetup.stderr_is_journal() else ""
     print(f"{prefix}xenpbrd: error: {message}", file=sys.stderr)
 
@@ -82,8 +82,6 @@ def _fail(message: str) -> None:
 def _usable_state_dir(path: Path) -> Path:
     """Create ``path`` if needed and prove a file can be written there, before serving:
     a recovery that cannot write its intent record would fail outright later."""
-    import tempfile
-    from xenpbr import settings
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -95,10 +93,9 @@ def _usable_state_dir(path: Path) -> Path:
     return path
 
 
-def _serve(conf: Settings) -> int:
+def _serve(conf: settings.Settings) -> int:
     """Open Xen and xenstore with ``conf`` (:class:`~xenpbr.settings.Settings`) and
     serve until SIGTERM/SIGINT."""
-    from contextlib import ExitStack
     from xenpbr.hypervisor.libxc import LibxcHypervisor
     from xenpbr.xenstore import XenstoreClient
 

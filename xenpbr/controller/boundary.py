@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from xenpbr import consistency, domconfig
 from xenpbr import phases as phases_mod
@@ -21,13 +21,21 @@ from xenpbr.controller.context import DomainContext
 from xenpbr.errors import XenpbrError
 from xenpbr.hypervisor.base import Hypervisor, ShutdownReason
 from xenpbr.images import disks
-from xenpbr.images.capture import capture
+from xenpbr.images.capture import CaptureResult, capture
 from xenpbr.images.store import ImageStore
 from xenpbr.phases import DomainPhases, ImageInfo
 from xenpbr.protocol import BoundaryRequest, Verdict
 from xenpbr.state import StateDir, domain_lock
 
 log = logging.getLogger(__name__)
+
+class Capture(Protocol):
+    """Saves a running domain as a new image of a phase (``images.capture.capture``)."""
+
+    def __call__(self, domain: str, store: ImageStore, phase: str, *, seq: int = ...,
+                 fingerprint: str = ..., extra: dict[str, Any] | None = ...,
+                 crashed: Callable[[], bool] | None = ...) -> CaptureResult: ...
+
 
 #: A verdict and, for a refusal, why (for the guest's log).
 Judgement = tuple[Verdict, str]
@@ -47,7 +55,7 @@ class Boundaries:
     """Boundary decisions, with what each domid's run has passed through."""
 
     def __init__(self, state: StateDir, store: ImageStore, hypervisor: Hypervisor,
-                 capture_fn: Callable[..., Any] = capture) -> None:
+                 capture_fn: Capture = capture) -> None:
         self.state, self.store, self.hv = state, store, hypervisor
         self.capture = capture_fn
         self.passed: dict[int, set[str]] = {}  # domid -> phases its run went through

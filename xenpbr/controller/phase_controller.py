@@ -10,10 +10,8 @@ call back into the daemon.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
-
 from xenpbr.controller.adoption import DomainNames
-from xenpbr.controller.boundary import Boundaries
+from xenpbr.controller.boundary import Boundaries, Capture
 from xenpbr.controller.guard import guard
 from xenpbr.controller.health import GuestHealth
 from xenpbr.controller.invalidation import Invalidations
@@ -44,7 +42,7 @@ class PhaseController:
 
     def __init__(self, state: StateDir, store: ImageStore, hypervisor: Hypervisor,
                  xs: XenstoreClient, toolstack: Toolstack, restorer: Restorer,
-                 capture_fn: Callable[..., Any] = capture) -> None:
+                 capture_fn: Capture = capture) -> None:
         self.state = state
         self.protocol = PhaseProtocol(xs)
         self.watches = GuestWatches(xs)
