@@ -275,7 +275,7 @@ def _check_phase(name: str, phases: Any, phase: str | None) -> None:
 
 def cmd_forget(args: argparse.Namespace, state: StateDir) -> int:
     """Drop the images of a phase and every later one (all without --phase)."""
-    from xenpbr.daemon import domain_lock
+    from xenpbr.state import domain_lock
     from xenpbr.images.errors import ImageNotFound
     with domain_lock(state, args.domain):
         phases = state.phases(args.domain)
@@ -325,15 +325,16 @@ def cmd_inject(args: argparse.Namespace, state: StateDir) -> int:
 
 def cmd_reboot(args: argparse.Namespace, state: StateDir) -> int:
     """Operator-initiated phase-based reboot (proactive rejuvenation)."""
-    from xenpbr.daemon import StoreRestorer, domain_lock
     from xenpbr.guestproto.control import PhaseProtocol
     from xenpbr.recovery import Recovery
+    from xenpbr.state import domain_lock
+    from xenpbr.store_restorer import StoreRestorer
     from xenpbr.xl.toolstack import XlToolstack
     from xenpbr.xenstore import XenstoreClient
     with domain_lock(state, args.domain), XenstoreClient() as xs:
         recovery = Recovery(state, XlToolstack(), StoreRestorer(_store(state)),
                             PhaseProtocol(xs))
-        timeline = recovery.recover(args.domain, "operator", max_phase=args.phase)
+        timeline = recovery.recover(args.domain, "operator", max_phase=args.phase).timeline
     emit(history_row(timeline), args.json,
          lambda: print(f"{args.domain}: {timeline.outcome} via {timeline.method} in "
                        f"{timeline.downtime()} s"))
@@ -383,7 +384,7 @@ def _scrub_text(row: dict[str, Any]) -> str:
 
 def cmd_daemon(args: argparse.Namespace, state: StateDir) -> int:
     """Run xenpbrd in the foreground, as its service does (logs on stderr)."""
-    from xenpbr.daemon import main as daemon_main
+    from xenpbr.xenpbrd import main as daemon_main
     return daemon_main(["--state-dir", str(state.root)])
 
 

@@ -120,7 +120,7 @@ def create(path: Path, state: StateDir, paused: bool = False,
 def unregister(state: StateDir, name: str) -> dict[str, Any]:
     """Stop managing ``name`` (images, snapshots, hot streams, state, published keys),
     under the domain's lock so no capture or recovery is half-way through."""
-    from xenpbr.daemon import domain_lock
+    from xenpbr.state import domain_lock
     state.load_record(name)  # UnknownDomain before anything is touched
     with domain_lock(state, name):
         dropped = _drop_images(state, name)

@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 from xenpbr.errors import XenpbrError
+from xenpbr.phases import DomainPhases
 from xenpbr.state import StateDir
 from xenpbr.xenstore import NoSuchKey
 
@@ -46,11 +47,14 @@ def domain_root(name: str) -> str:
 
 def snapshot(state: StateDir, name: str, status: str, domid: int | None,
              now: float | None = None,
-             refusals: dict[str, int] | None = None) -> dict[str, str]:
-    """The keys (relative to the domain's root) and values to publish for ``name``."""
+             refusals: dict[str, int] | None = None,
+             phases: DomainPhases | None = None) -> dict[str, str]:
+    """The keys (relative to the domain's root) and values to publish for ``name``;
+    ``phases``: its phase state if the caller holds it current (else read here)."""
     if status not in STATUSES:
         raise ValueError(f"unknown published status {status!r}; known: {STATUSES}")
-    phases = state.phases(name)
+    if phases is None:
+        phases = state.phases(name)
     keys = {"status": status, "domid": "" if domid is None else str(int(domid)),
             "phases": " ".join(phases.phases), "generation": str(phases.generation),
             "updated": f"{time.time() if now is None else now:.0f}"}
@@ -73,10 +77,11 @@ def snapshot(state: StateDir, name: str, status: str, domid: int | None,
 
 
 def publish(xs: Any, state: StateDir, name: str, status: str,
-            domid: int | None = None, refusals: dict[str, int] | None = None) -> bool:
+            domid: int | None = None, refusals: dict[str, int] | None = None,
+            phases: DomainPhases | None = None) -> bool:
     """Replace ``name``'s published subtree; False (and a log line) if it failed."""
     try:
-        keys = snapshot(state, name, status, domid, refusals=refusals)
+        keys = snapshot(state, name, status, domid, refusals=refusals, phases=phases)
     except XenpbrError as exc:
         log.warning("%s: state not published: %s", name, exc)
         return False

@@ -7,8 +7,13 @@ agent inside is waiting for exactly that ack), unpause. If the image turns out c
 xl refuses it, the image is marked unusable and the next candidate is tried; the plan
 always ends with a normal reboot (``xl create`` of the registered config), so the domain
 is never left down unless even that fails, which raises :class:`RecoveryFailed` after the
-timeline is saved. Xen and xl are reached through two small injected interfaces so the
-whole decision path is unit-tested; the lab tests run it against real Xen.
+timeline is saved. Xen, xl and the ack writer are reached through small injected
+interfaces so the whole decision path is unit-tested; the lab tests run it against real
+Xen. A recovery returns a :class:`RecoveryResult` (which domain it brought back, and
+how): what the caller does next (the daemon's phase controller adopts and publishes it,
+the CLI prints it) is decided from that, not from callbacks. Only the ack itself stays
+an injected step: it must be in the restored domain's control dir before the unpause,
+and a failed ack discards that domain and tries the next candidate.
 
 **Surviving our own death.** A recovery writes an intent record before it destroys
 anything and removes it when the timeline is saved. If xenpbrd is killed in between,
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -56,9 +62,27 @@ class Restorer(Protocol):
 
 
 class Acknowledger(Protocol):
-    """Writes ``<seq> restored:<generation>`` into a restored domain (see protocol)."""
+    """Writes ``<seq> restored:<generation>`` into a restored, still paused domain (see
+    protocol); raising :class:`~xenpbr.errors.XenpbrError` fails that candidate."""
 
     def restored(self, domid: int, seq: int, generation: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class RecoveryResult:
+    """What a finished recovery brought back: its domain, the path taken (``phase:<p>``
+    or ``normal-reboot``), and for a phase-based reboot the acked seq and generation."""
+
+    timeline: Timeline
+    domid: int | None
+    path: str
+    seq: int | None = None
+    generation: int | None = None
+
+    @property
+    def restored_phase(self) -> str | None:
+        """The phase whose image was restored, None after a normal reboot."""
+        return self.path[len("phase:"):] if self.path.startswith("phase:") else None
 
 
 def handed_back(state: str | None) -> bool:
@@ -76,7 +100,7 @@ class Recovery:
         self.clock = clock
 
     def recover(self, name: str, trigger: str, crash_seen: float | None = None,
-                max_phase: str | None = None) -> Timeline:
+                max_phase: str | None = None) -> RecoveryResult:
         """Recover ``name`` after ``trigger`` (crash | watchdog | operator).
 
         ``crash_seen`` is the monotonic time the event was first seen (defaults to now),
@@ -99,7 +123,7 @@ class Recovery:
             for candidate in plan.candidates:
                 if self._attempt(name, candidate, phases, timeline):
                     timeline.outcome = "recovered"
-                    return timeline
+                    return self._result(candidate, timeline)
             timeline.outcome = "failed"
             raise RecoveryFailed(f"{name} could not be recovered: tried "
                                  f"{', '.join(timeline.attempts)}; see `xenpbr history {name}`")
@@ -111,10 +135,17 @@ class Recovery:
             log.info("%s: recovery ended: %s via %s, downtime so far %s s", name,
                      timeline.outcome, timeline.method or "-", timeline.downtime())
 
-    def resume_interrupted(self, name: str) -> Timeline | None:
+    @staticmethod
+    def _result(candidate: Candidate, timeline: Timeline) -> RecoveryResult:
+        image = candidate.image
+        return RecoveryResult(timeline, timeline.domid, timeline.method,
+                              seq=None if image is None else image.seq,
+                              generation=None if image is None else timeline.generation)
+
+    def resume_interrupted(self, name: str) -> RecoveryResult | None:
         """Finish a recovery of ``name`` that a previous xenpbrd did not (it was killed).
 
-        Returns the new recovery's timeline, or None if there was nothing to resume or
+        Returns the new recovery's result, or None if there was nothing to resume or
         the domain had already been handed back to its guest.
         """
         intent = self.state.recovery_intent(name)

@@ -16,10 +16,12 @@ operator's config, never from a guest).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -253,3 +255,17 @@ class StateDir:
     def interrupted_recoveries(self) -> list[str]:
         """Registered domains whose last recovery never finished."""
         return [n for n in self.domains() if self._intent_path(n).exists()]
+
+
+@contextmanager
+def domain_lock(state: StateDir, name: str) -> Iterator[None]:
+    """Serialise captures and recoveries of one domain across processes (daemon, CLI):
+    an exclusive ``flock`` on ``locks/<name>.lock`` under the state root."""
+    path = state.root / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 STATE = "/var/lib/xenpbr"
 LOG = "/var/log/xenpbrd.log"
 _START = (f"rm -rf {STATE} && mkdir -p {STATE} && XENPBR_STATE_DIR={STATE} setsid python3 -m "
-          f"xenpbr.daemon > {LOG} 2>&1 < /dev/null & echo $! > /run/xenpbrd.pid")
+          f"xenpbr.xenpbrd > {LOG} 2>&1 < /dev/null & echo $! > /run/xenpbrd.pid")
 _READY = (f"for i in $(seq 150); do grep -q 'xenpbrd serving' {LOG} && exit 0; sleep 0.2; "
           f"done; cat {LOG}; exit 1")
 

@@ -131,7 +131,7 @@ def test_failed_capture_is_refused_and_daemon_goes_on(world) -> None:
 
     def broken(*args, **kwargs):
         raise CaptureFailed("xl save failed: no space")
-    daemon.capture = broken
+    daemon.controller.boundaries.capture = broken
     domid = hv.create_domain(name="web")
     settle(daemon)
     server.connect(domid).write("data/xenpbr/request", request(1, "kernel"))
@@ -205,7 +205,7 @@ def test_guests_cannot_read_the_published_state(world) -> None:
 def test_interrupted_recovery_is_finished_at_start(world) -> None:
     server, hv, state, rec, daemon = world
     state.begin_recovery("web", {"trigger": "crash"})
-    daemon.resume_interrupted()
+    daemon.controller.resume_interrupted()
     assert rec.calls[0] == ("destroy", "web") and ("create", "xl.cfg") in rec.calls
     assert state.interrupted_recoveries() == []
     assert [t.trigger for t in state.history("web")] == ["resume"]
@@ -305,7 +305,7 @@ def test_a_crash_during_a_capture_is_recovered(world) -> None:
         assert crashed()  # what makes the capture's guard kill xl at once
         from xenpbr.images.errors import CaptureFailed
         raise CaptureFailed("guest didn't acknowledge suspend")
-    daemon.capture = crashing
+    daemon.controller.boundaries.capture = crashing
     server.connect(domid).write("data/xenpbr/request", request(2, "app"))
     settle(daemon)
     assert ("restore", "img-kernel-1") in rec.calls
@@ -339,9 +339,10 @@ def test_a_domain_reusing_the_name_under_another_uuid_is_not_adopted(uuid_world,
     server, hv, state, rec, daemon, _ = uuid_world
     other = uuid_mod.UUID("00000000-1111-4222-8333-444455556666")
     domid = hv.create_domain(name="web", uuid=other)
-    with caplog.at_level("WARNING", logger="xenpbr.daemon"):
+    with caplog.at_level("WARNING", logger="xenpbr.controller.adoption"):
         settle(daemon)
-    assert domid not in daemon.watching and domid not in daemon.names
+    assert domid not in daemon.controller.watches.watching
+    assert domid not in daemon.controller.names.names
     (warning,) = [r.getMessage() for r in caplog.records if "not adopted" in r.getMessage()]
     assert str(other) in warning and WEB_UUID in warning
     server.connect(domid).write("data/xenpbr/request", request(1, "app"))
@@ -354,13 +355,14 @@ def test_the_domain_with_the_registered_uuid_is_adopted_and_recovered(uuid_world
     server, hv, state, rec, daemon, own = uuid_world
     domid = hv.create_domain(name="web", uuid=own)
     settle(daemon)
-    assert domid in daemon.watching
+    assert domid in daemon.controller.watches.watching
     server.connect(domid).write("data/xenpbr/request", request(1, "app"))
     settle(daemon)
     hv.crash(domid)
     settle(daemon)
     (new,) = [c[1] for c in rec.calls if c[0] == "unpause"]
-    assert new in daemon.watching  # the restored domain (same UUID) is adopted again
+    # the restored domain (same UUID) is adopted again
+    assert new in daemon.controller.watches.watching
     (timeline,) = state.history("web")
     assert timeline.outcome == "recovered"
 
@@ -461,7 +463,8 @@ def test_a_later_run_replaces_an_image_once_it_is_old_enough(world) -> None:
     third = hv.create_domain(name="web")
     settle(daemon)
     dropped: list[str] = []
-    daemon._drop_image = lambda name, image_id: dropped.append(image_id)
+    daemon.controller.boundaries.drop_image = (
+        lambda name, image_id: dropped.append(image_id))
     server.connect(third).write("data/xenpbr/request", boundary(5, "app", identity="v2"))
     settle(daemon)
     assert ack(server, third) == b"5 captured"
@@ -491,12 +494,12 @@ def second_domain(state: StateDir, name: str = "calm") -> None:
 def polls(daemon: Daemon) -> list[int]:
     """The domids whose request the daemon reads, in order (recorded from now on)."""
     seen: list[int] = []
-    poll = daemon.protocol.poll
+    poll = daemon.controller.protocol.poll
 
     def recording(domid: int):
         seen.append(domid)
         return poll(domid)
-    daemon.protocol.poll = recording
+    daemon.controller.protocol.poll = recording
     return seen
 
 
@@ -535,7 +538,7 @@ def test_a_flooding_guest_costs_dom0_bounded_ack_writes(world) -> None:
     # each ack fires the watch twice (its write, its perms): the burst of
     # guestproto.gate.REFUSAL_ACK_RATE and what refilled meanwhile, not one per request
     assert acks // 2 <= 12, acks
-    assert daemon.protocol.gate.refusal_counts(web)["bad-request:phase"] <= 300
+    assert daemon.controller.protocol.gate.refusal_counts(web)["bad-request:phase"] <= 300
 
 
 def test_a_lost_watch_event_is_answered_by_the_sweep(world, monkeypatch) -> None:
@@ -558,14 +561,14 @@ def test_an_accepted_request_is_answered_even_if_dom0_fails_on_it(world) -> None
 
     def buggy(*args, **kwargs):
         raise RuntimeError("a bug in the capture path")
-    daemon.capture = buggy
+    daemon.controller.boundaries.capture = buggy
     web = hv.create_domain(name="web")
     settle(daemon)
     server.connect(web).write("data/xenpbr/request", request(1, "kernel"))
     settle(daemon)
     assert ack(server, web) == b"1 refused:capture-failed"
     assert published(server)["status"] == "watching"  # never left as capturing
-    daemon.capture = rec.capture
+    daemon.controller.boundaries.capture = rec.capture
     server.connect(web).write("data/xenpbr/request", request(2, "kernel"))
     settle(daemon)
     assert ack(server, web) == b"2 captured"  # not busy forever
@@ -582,7 +585,8 @@ BAD_NAMES = [("../../etc", ["kernel", "app"], "bad-request:phase"),
 
 def test_bad_requests_after_a_flood_are_refused_counted_and_published(world,
                                                                       monkeypatch) -> None:
-    from xenpbr import daemon as daemon_mod, publish
+    from xenpbr import publish
+    from xenpbr.controller import publishing
     server, hv, state, rec, daemon = world
     web = hv.create_domain(name="web")
     settle(daemon)
@@ -591,8 +595,9 @@ def test_bad_requests_after_a_flood_are_refused_counted_and_published(world,
         guest.write("data/xenpbr/request", request(seq, "kernel"))
         daemon.turn()
     settle(daemon)
-    monkeypatch.setattr(daemon.protocol.gate, "clock", lambda: 1e9)  # budgets refilled
-    daemon.protocol._ack_buckets.clear()
+    monkeypatch.setattr(daemon.controller.protocol.gate, "clock",
+                        lambda: 1e9)  # budgets refilled
+    daemon.controller.protocol._ack_buckets.clear()
     daemon._read_budget.clear()
     for n, (phase, phases, reason) in enumerate(BAD_NAMES):
         doc = json.loads(request(1000 + n, "kernel"))
@@ -600,7 +605,7 @@ def test_bad_requests_after_a_flood_are_refused_counted_and_published(world,
                                                        "phases": phases}).encode())
         daemon.turn()
         assert ack(server, web) == f"{1000 + n} refused:{reason}".encode()
-    monkeypatch.setattr(daemon_mod, "PUBLISH_EVERY_S", 0.0)
+    monkeypatch.setattr(publishing, "PUBLISH_EVERY_S", 0.0)
     daemon.turn()
     keys = published(server)
     assert keys["refusals/bad-request-phase"] == "4" and keys["refusals/unknown-phase"] == "1"
@@ -613,7 +618,7 @@ def test_bad_requests_after_a_flood_are_refused_counted_and_published(world,
 
 def test_a_pending_refusal_publication_does_not_revive_a_stopped_domain(world,
                                                                         monkeypatch) -> None:
-    from xenpbr import daemon as daemon_mod
+    from xenpbr.controller import publishing
     server, hv, state, rec, daemon = world
     web = hv.create_domain(name="web")
     settle(daemon)
@@ -621,7 +626,7 @@ def test_a_pending_refusal_publication_does_not_revive_a_stopped_domain(world,
     daemon.turn()  # refused; its counters wait for the next publication slot
     hv.destroy(web)
     settle(daemon)
-    monkeypatch.setattr(daemon_mod, "PUBLISH_EVERY_S", 0.0)
+    monkeypatch.setattr(publishing, "PUBLISH_EVERY_S", 0.0)
     daemon.turn()
     assert published(server)["status"] == "stopped"
 

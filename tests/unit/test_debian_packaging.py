@@ -141,9 +141,9 @@ def test_xenpbr_8_documents_every_subcommand_option_and_exit_code():
 
 
 def test_xenpbrd_8_documents_every_option():
-    from xenpbr import daemon
+    from xenpbr import xenpbrd
     text = man_text("xenpbrd.8")
-    for option in option_strings(daemon.build_parser()):
+    for option in option_strings(xenpbrd.build_parser()):
         assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", text), option
     assert {".B 0", ".B 1", ".B 2"} <= set(section(text, "EXIT STATUS").splitlines())
 

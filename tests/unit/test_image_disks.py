@@ -133,7 +133,7 @@ def test_daemon_snapshots_snapshot_disks_with_each_image(tmp_path: Path) -> None
     assert capturer.extra == [{disks.EXTRA_KEY: ["xvda"]}]  # the manifest names its disks
     (info,) = state.phases("web").images.values()
     assert info.disk_mechanisms in ("xvda=copy", "xvda=reflink") and info.disks_s is not None
-    snap = disks.load(daemon.store, "web", info.image_id)[0]
+    snap = disks.load(daemon.controller.boundaries.store, "web", info.image_id)[0]
     assert Path(snap.path).read_bytes() == root.read_bytes() and snap.target == str(root)
 
 

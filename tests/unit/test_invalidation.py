@@ -58,7 +58,7 @@ def test_dom0_drops_the_phase_and_later_ones_and_ignores_replays(world) -> None:
     guest.write(invalidation.REQUEST_KEY, b"2 nosuch")  # within a second: rate-limited
     settle(daemon)
     assert dom0.read(control.invalidation_answer_path(domid)) == b"2 refused:rate-limited"
-    daemon._invalidated_at.clear()
+    daemon.controller.invalidations.invalidated_at.clear()
     guest.write(invalidation.REQUEST_KEY, b"3 nosuch")
     settle(daemon)
     assert dom0.read(control.invalidation_answer_path(domid)) == b"3 refused:unknown-phase"

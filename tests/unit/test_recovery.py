@@ -71,7 +71,7 @@ def setup(tmp_path: Path):
 
 def test_deepest_image_restored_acked_and_unpaused(setup) -> None:
     state, xen, recovery = setup
-    t = recovery.recover("g", "crash")
+    t = recovery.recover("g", "crash").timeline
     assert xen.calls == [("destroy", "g"), ("restore", "img-app"), ("ack", 10, 3, 1),
                          ("unpause", 10)]
     assert t.outcome == "recovered" and t.method == "phase:app"
@@ -81,10 +81,23 @@ def test_deepest_image_restored_acked_and_unpaused(setup) -> None:
     assert [h.method for h in state.history("g")] == ["phase:app"]
 
 
+def test_the_result_says_what_was_brought_back_and_acked(setup) -> None:
+    state, xen, recovery = setup
+    result = recovery.recover("g", "crash")
+    assert (result.domid, result.path, result.seq, result.generation) == (10, "phase:app",
+                                                                          3, 1)
+    assert result.restored_phase == "app" and result.timeline.domid == 10
+    xen.bad_images = {"img-kernel", "img-services", "img-app"}
+    result = recovery.recover("g", "crash")
+    assert (result.domid, result.path, result.seq, result.generation) == (
+        11, "normal-reboot", None, None)
+    assert result.restored_phase is None
+
+
 def test_corrupt_image_falls_back_and_is_never_planned_again(setup) -> None:
     state, xen, recovery = setup
     xen.bad_images = {"img-app"}
-    t = recovery.recover("g", "crash")
+    t = recovery.recover("g", "crash").timeline
     assert t.method == "phase:services"
     assert t.attempts[0].startswith("phase:app failed: image img-app is corrupt")
     assert not state.phases("g").images["app"].verified
@@ -96,7 +109,7 @@ def test_corrupt_image_falls_back_and_is_never_planned_again(setup) -> None:
 def test_all_images_bad_ends_in_a_normal_reboot(setup) -> None:
     state, xen, recovery = setup
     xen.bad_images = {"img-app", "img-services", "img-kernel"}
-    t = recovery.recover("g", "watchdog")
+    t = recovery.recover("g", "watchdog").timeline
     assert t.method == "normal-reboot" and ("create", "xl.cfg") in xen.calls
     assert state.phases("g").generation == 0  # a normal reboot is not a phase reboot
 
@@ -104,7 +117,7 @@ def test_all_images_bad_ends_in_a_normal_reboot(setup) -> None:
 def test_failed_ack_destroys_the_paused_domain_and_falls_back(setup) -> None:
     state, xen, recovery = setup
     xen.ack_fails = True
-    t = recovery.recover("g", "crash")
+    t = recovery.recover("g", "crash").timeline
     assert t.method == "normal-reboot"
     assert xen.calls.count(("destroy", "g")) == 1 + 3  # the crash + each half-restored one
     assert ("unpause", 10) not in xen.calls
@@ -122,13 +135,13 @@ def test_nothing_works_raises_and_keeps_the_record(setup) -> None:
 
 def test_quick_re_crash_restores_an_earlier_phase(setup) -> None:
     state, xen, recovery = setup
-    assert recovery.recover("g", "crash").method == "phase:app"
-    assert recovery.recover("g", "crash").method == "phase:services"  # within 60 s
+    assert recovery.recover("g", "crash").path == "phase:app"
+    assert recovery.recover("g", "crash").path == "phase:services"  # within 60 s
 
 
 def test_operator_reboot_to_a_phase_and_unknown_phase(setup) -> None:
     state, xen, recovery = setup
-    assert recovery.recover("g", "operator", max_phase="kernel").method == "phase:kernel"
+    assert recovery.recover("g", "operator", max_phase="kernel").path == "phase:kernel"
     assert "app" in state.phases("g").images  # deeper images are kept, only skipped
     with pytest.raises(RecoveryFailed, match="no phase 'nope'"):
         recovery.recover("g", "operator", max_phase="nope")
@@ -146,9 +159,9 @@ def test_configured_crash_loop_window_and_limit_are_applied(setup) -> None:
     first = recovery.recover("g", "crash")  # clock steps 0.5 s: every crash is "quick"
     second = recovery.recover("g", "crash")
     third = recovery.recover("g", "crash")
-    assert [first.method, second.method, third.method] == ["phase:app", "phase:services",
+    assert [first.path, second.path, third.path] == ["phase:app", "phase:services",
                                                            "normal-reboot"]
-    assert any("crash loop: 2 crashes within 5 s" in s for s in third.skipped)
+    assert any("crash loop: 2 crashes within 5 s" in s for s in third.timeline.skipped)
 
 
 def test_crash_after_the_window_is_not_a_loop(tmp_path: Path) -> None:
@@ -162,15 +175,15 @@ def test_crash_after_the_window_is_not_a_loop(tmp_path: Path) -> None:
     recovery = Recovery(state, xen, xen, xen, clock=lambda: now[0])
     recovery.recover("g", "crash")
     now[0] += 11
-    assert recovery.recover("g", "crash").method == "phase:app"
+    assert recovery.recover("g", "crash").path == "phase:app"
     now[0] = 5.0  # dom0 rebooted: monotonic time restarted below the last recovery
-    assert recovery.recover("g", "crash").method == "phase:app"
+    assert recovery.recover("g", "crash").path == "phase:app"
 
 
 def test_operator_reboots_do_not_feed_the_crash_loop_guard(setup) -> None:
     state, xen, recovery = setup
     for _ in range(4):
-        assert recovery.recover("g", "operator").method == "phase:app"
+        assert recovery.recover("g", "operator").path == "phase:app"
 
 
 def test_intent_is_cleared_when_the_recovery_ends(setup) -> None:
@@ -198,9 +211,9 @@ def test_recovery_killed_midway_is_redone_on_resume(setup, left) -> None:
     state, xen, recovery = setup
     state.begin_recovery("g", {"trigger": "crash"})
     xen.domain_state = left
-    timeline = recovery.resume_interrupted("g")
-    assert timeline is not None and timeline.trigger == "resume"
-    assert timeline.method == "phase:app" and xen.calls[0] == ("destroy", "g")
+    result = recovery.resume_interrupted("g")
+    assert result is not None and result.timeline.trigger == "resume"
+    assert result.path == "phase:app" and xen.calls[0] == ("destroy", "g")
     assert state.interrupted_recoveries() == []
 
 
@@ -224,7 +237,7 @@ def test_a_full_state_file_system_does_not_stop_a_recovery(setup, monkeypatch) -
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(state, "begin_recovery", full)
     monkeypatch.setattr(state, "add_history", full)
-    timeline = recovery.recover("g", "crash")
+    timeline = recovery.recover("g", "crash").timeline
     assert timeline.outcome == "recovered" and ("unpause", 10) in xen.calls
 
 
@@ -237,7 +250,7 @@ def test_history_records_why_each_image_was_skipped(setup) -> None:
     p.images["services"] = ImageInfo("img-services", "services", "OLD", 1.0, seq=2)
     state.save_phases(p)
     xen.bad_images = {"img-app"}
-    t = recovery.recover("g", "crash")
+    t = recovery.recover("g", "crash").timeline
     assert t.attempts == ["phase:app failed: image img-app is corrupt", "phase:kernel"]
     assert "img-services (services): stale fingerprint" in t.skipped
     assert any(s.startswith("img-old (warmup): phase not declared") for s in t.skipped)
@@ -265,7 +278,7 @@ def fresh_recovery(state: StateDir, start: float = 0.0) -> Recovery:
 def test_an_image_crashing_before_healthy_is_abandoned_and_the_history_says_why(
         tmp_path: Path) -> None:
     state, recovery = health_setup(tmp_path, xenpbr_image_failures=2)
-    methods = [recovery.recover("g", "crash").method for _ in range(4)]
+    methods = [recovery.recover("g", "crash").path for _ in range(4)]
     assert methods == ["phase:app", "phase:app", "phase:services", "phase:services"]
     third = list(state.history("g"))[2]
     assert any(s == "img-app (app): abandoned: 2 restores crashed before healthy"
@@ -283,7 +296,7 @@ def test_failure_history_survives_a_xenpbrd_restart(tmp_path: Path) -> None:
     assert reloaded.trial is not None and reloaded.trial.image_id == "img-app"
     assert reloaded.trial.generation == reloaded.generation == 2
     restarted = fresh_recovery(StateDir(tmp_path), start=1e6)
-    assert restarted.recover("g", "crash").method == "phase:services"  # 2nd failure
+    assert restarted.recover("g", "crash").path == "phase:services"  # 2nd failure
 
 
 def test_the_recovery_records_the_domid_it_brought_back(setup) -> None:

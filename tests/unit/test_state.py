@@ -86,3 +86,31 @@ def test_latest_history_reads_the_newest_and_amend_rewrites_it(tmp_path) -> None
     assert state.amend_latest_history("g", lambda t: bool(t.mark("guest_ack", now=3.0)))
     assert [m.name for m in state.latest_history("g").marks] == ["crash_seen", "guest_ack"]
     assert [t.method for t in state.history("g")] == ["phase:app", "normal-reboot"]
+
+
+def test_a_snapshot_publishes_the_phase_state_it_is_given(tmp_path: Path) -> None:
+    """The phase controller publishes the phase state it loaded for the event, without
+    reading it from disk again; without one, the stored state is read."""
+    from xenpbr import publish
+    state = StateDir(tmp_path)
+    state.register("web", {"name": "web"}, 'name = "web"\n', "web.cfg")
+    held = state.phases("web")
+    held.phases = ("kernel", "app")
+    held.record_image(ImageInfo("img-app", "app", "F", 5.0, seq=2))
+    given = publish.snapshot(state, "web", "watching", 7, now=9.0, phases=held)
+    assert given["phases"] == "kernel app" and given["images/app/id"] == "img-app"
+    stored = publish.snapshot(state, "web", "watching", 7, now=9.0)
+    assert stored["phases"] == "" and "images/app/id" not in stored
+
+
+def test_domain_lock_serialises_a_domain_across_processes(tmp_path: Path) -> None:
+    """domain_lock holds an exclusive flock on the domain's lock file while held."""
+    import fcntl
+    from xenpbr.state import domain_lock
+    state = StateDir(tmp_path)
+    with domain_lock(state, "web"):
+        with open(tmp_path / "locks" / "web.lock") as other:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(tmp_path / "locks" / "web.lock") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released

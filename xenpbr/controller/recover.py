@@ -1,0 +1,101 @@
+"""Recover a crashed domain and take over what the recovery brought back.
+
+Separate because a crash is the controller's most consequential event: it checks the
+operator asked for a phase-based reboot on this trigger, runs
+:class:`~xenpbr.recovery.Recovery` under the domain's lock, and from its
+:class:`~xenpbr.recovery.RecoveryResult` adopts the new domid (known by name, its run's
+passed phases set) and publishes it. The ack itself is written during the recovery,
+before the unpause, by :class:`WatchingAcknowledger`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from xenpbr.controller.adoption import DomainNames
+from xenpbr.controller.boundary import Boundaries
+from xenpbr.controller.context import DomainContext
+from xenpbr.controller.guard import guard
+from xenpbr.controller.publishing import Publisher
+from xenpbr.controller.warmup import WarmUps
+from xenpbr.controller.watches import GuestWatches
+from xenpbr.guestproto.control import PhaseProtocol
+from xenpbr.recovery import Recovery, RecoveryFailed, RecoveryResult, Restorer, Toolstack
+from xenpbr.state import StateDir, domain_lock
+from xenpbr.watcher import DomainEvent, DomainWatchdogFired
+
+log = logging.getLogger(__name__)
+
+
+class WatchingAcknowledger:
+    """Recovery's :class:`~xenpbr.recovery.Acknowledger` in the daemon: ack
+    ``restored:<g>`` and watch the guest's keys at once, before the unpause, so its
+    first status note is seen."""
+
+    def __init__(self, proto: PhaseProtocol, watches: GuestWatches) -> None:
+        self.protocol, self.watches = proto, watches
+
+    def restored(self, domid: int, seq: int, generation: int) -> None:
+        self.protocol.restored(domid, seq, generation)
+        self.watches.watch(domid)
+
+
+class Recoveries:
+    """Runs recoveries for the daemon and takes over their results."""
+
+    def __init__(self, state: StateDir, toolstack: Toolstack, restorer: Restorer,
+                 proto: PhaseProtocol, watches: GuestWatches, names: DomainNames,
+                 boundaries: Boundaries, publisher: Publisher, warm_ups: WarmUps) -> None:
+        self.state, self.names, self.boundaries = state, names, boundaries
+        self.publisher, self.warm_ups = publisher, warm_ups
+        self.recovery = Recovery(state, toolstack, restorer,
+                                 WatchingAcknowledger(proto, watches))
+
+    def on_crash(self, event: DomainEvent, name: str) -> bool:
+        """Recover ``name`` if its config asks for it; True if it is back up (then its
+        newest image is warmed up again: the crash cancelled that)."""
+        trigger = "watchdog" if isinstance(event, DomainWatchdogFired) else "crash"
+        if not DomainContext.load(self.state, name, event.domid).recovers_on(trigger):
+            return False
+        self.warm_ups.cancel(name)  # the recovery needs dom0's CPU now
+        with domain_lock(self.state, name):
+            self.names.forget(event.domid)
+            self.publisher.publish(name, "recovering", event.domid)  # still there, crashed
+            try:
+                result = self.recovery.recover(name, trigger, crash_seen=event.seen_at)
+            except RecoveryFailed as exc:
+                log.critical("%s is DOWN: %s", name, exc)
+                self.publisher.publish(name, "down")
+                return False
+        self._take_over(name, result)
+        log.info("%s recovered via %s, downtime %.2f s", name, result.path,
+                 result.timeline.downtime() or -1)
+        guard(self.warm_ups.warm_newest, name)  # a warm-up the crash cancelled is done now
+        return True
+
+    def resume_interrupted(self, name: str) -> None:
+        """Finish the recovery of ``name`` a killed xenpbrd left half-done."""
+        with domain_lock(self.state, name):
+            result = self.recovery.resume_interrupted(name)
+        if result is not None and result.generation is not None:
+            self._restored(result)
+
+    def _restored(self, result: RecoveryResult) -> None:
+        """The acked domid's control dir is prepared: its appearance is no fresh boot."""
+        assert result.domid is not None
+        self.names.restored_domids.add(result.domid)
+
+    def _take_over(self, name: str, result: RecoveryResult) -> None:
+        """Publish the domid the recovery brought back (publishing none here once left
+        ``domid`` empty under a running guest) and know it as ``name`` at once, so the
+        old domid's destruction does not publish the domain as stopped. A run restored
+        from a phase has passed that phase and the earlier ones."""
+        domid, phases = result.domid, self.state.phases(name)
+        if domid is not None:
+            if result.generation is not None:
+                self._restored(result)
+            self.names.known_as(domid, name)
+            phase = result.restored_phase
+            if phase is not None:
+                self.boundaries.restored_from(domid, phases, phase)
+        self.publisher.publish(name, "watching", domid, phases)

@@ -1,0 +1,25 @@
+"""Recovery's :class:`~xenpbr.recovery.Restorer` over the image store and ``xl restore``.
+
+Separate from :mod:`xenpbr.recovery` so the recovery plan stays testable without the
+image store, and from :mod:`xenpbr.images` because it is recovery's adapter, not part of
+the store: the daemon's phase controller and the CLI's ``xenpbr reboot`` both use it.
+"""
+
+from __future__ import annotations
+
+from xenpbr.images.store import ImageStore
+
+
+class StoreRestorer:
+    """:class:`~xenpbr.recovery.Restorer` over the image store and ``xl restore``."""
+
+    def __init__(self, store: ImageStore) -> None:
+        self.store = store
+
+    def restore(self, domain: str, image_id: str) -> int:
+        """Create ``domain`` paused from its stored image ``image_id``; its domid."""
+        from xenpbr.images.restore import restore
+        # monitor: xl stays behind as for `xl create`, to act on the restored guest's own
+        # reboot or poweroff (on_reboot/on_poweroff of the config saved in the image).
+        return restore(self.store, self.store.load(domain, image_id), paused=True,
+                       monitor=True).domid
