@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from xenpbr.errors import XenpbrError
 from xenpbr.phases import DomainPhases
 from xenpbr.state import StateDir
 from xenpbr.xenstore import NoSuchKey
+from xenpbr.xenstore.client import Transaction, XenstoreClient
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def snapshot(state: StateDir, name: str, status: str, domid: int | None,
     return keys
 
 
-def publish(xs: Any, state: StateDir, name: str, status: str,
+def publish(xs: XenstoreClient, state: StateDir, name: str, status: str,
             domid: int | None = None, refusals: dict[str, int] | None = None,
             phases: DomainPhases | None = None) -> bool:
     """Replace ``name``'s published subtree; False (and a log line) if it failed."""
@@ -87,7 +87,7 @@ def publish(xs: Any, state: StateDir, name: str, status: str,
         return False
     root = domain_root(name)
 
-    def work(t: Any) -> None:
+    def work(t: Transaction) -> None:
         try:
             t.rm(root)
         except NoSuchKey:
@@ -103,7 +103,7 @@ def publish(xs: Any, state: StateDir, name: str, status: str,
     return True
 
 
-def unpublish(xs: Any, name: str) -> None:
+def unpublish(xs: XenstoreClient, name: str) -> None:
     """Remove ``name``'s published subtree (the domain was unregistered)."""
     try:
         xs.rm(domain_root(name))
@@ -111,7 +111,7 @@ def unpublish(xs: Any, name: str) -> None:
         log.warning("%s: could not remove its published state: %s", name, exc)
 
 
-def running_domid(xs: Any, name: str) -> int | None:
+def running_domid(xs: XenstoreClient, name: str) -> int | None:
     """The domid a domain named ``name`` runs as now (xenstore's ``/local/domain/*/name``;
     the newest if several), None if none: what was published earlier may be a domid
     that a recovery or a reboot has replaced since."""
@@ -138,7 +138,7 @@ def reason_of_key(key: str) -> str:
     return f"bad-request:{key[len(prefix):]}" if key.startswith(prefix) else key
 
 
-def read_refusals(xs: Any, name: str) -> dict[str, int]:
+def read_refusals(xs: XenstoreClient, name: str) -> dict[str, int]:
     """The refusal counters xenpbrd published for ``name`` ({} if none or unreadable), by
     reason: for ``xenpbr status`` and for :func:`refresh`, which must not drop them."""
     root = f"{domain_root(name)}/refusals"
@@ -153,7 +153,7 @@ def read_refusals(xs: Any, name: str) -> dict[str, int]:
     return found
 
 
-def refresh(xs: Any, state: StateDir, name: str) -> bool:
+def refresh(xs: XenstoreClient, state: StateDir, name: str) -> bool:
     """Republish ``name`` keeping its published status (for the CLI, which changes images
     but does not know what the daemon last saw); the domid is the one running now, not
     the published one, which could be stale or empty. The refusal counters are kept

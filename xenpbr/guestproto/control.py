@@ -18,7 +18,6 @@ must not load.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from xenpbr.errors import XenpbrError
 from xenpbr.guestproto import invalidation
@@ -44,6 +43,7 @@ from xenpbr.guestproto.wire import (
     Verdict,
     is_strict_int,
 )
+from xenpbr.xenstore.client import Transaction, XenstoreClient
 from xenpbr.xenstore.paths import domain_home, validate_domid
 from xenpbr.xenstore.permissions import Access, Perm
 
@@ -172,12 +172,12 @@ def domid_from_invalidation_token(token: str) -> int | None:
 # --------------------------------------------------------------------------------------------
 
 
-def prepare_domain(xs: Any, domid: int, generation: int | None = None) -> None:
+def prepare_domain(xs: XenstoreClient, domid: int, generation: int | None = None) -> None:
     """Create ``control/xenpbr`` for ``domid``: owned by dom0, read-only for the guest
     (``n0 r<domid>``), so the guest can read acks but never forge one. With
     ``generation``, also (re)write ``control/xenpbr/generation``. Idempotent; run at
     registration and after every restore (a restored domain has a new home)."""
-    def work(t: Any) -> None:
+    def work(t: Transaction) -> None:
         _prepare(t, domid)
         if generation is not None:
             _write_dom0_key(t, domid, generation_path(domid), str(_check_gen(generation)))
@@ -186,7 +186,7 @@ def prepare_domain(xs: Any, domid: int, generation: int | None = None) -> None:
     log.info("domain %d: %s prepared (n0 r%d)", domid, control_path(domid), domid)
 
 
-def _prepare(t: Any, domid: int) -> None:
+def _prepare(t: Transaction, domid: int) -> None:
     t.mkdir(control_path(domid))
     t.set_perms(control_path(domid), owner=0, others=Access.NONE,
                 acl=[Perm(domid, Access.READ)])
@@ -198,29 +198,29 @@ def _check_gen(generation: int) -> int:
     return generation
 
 
-def _write_dom0_key(t: Any, domid: int, path: str, value: str | bytes) -> None:
+def _write_dom0_key(t: Transaction, domid: int, path: str, value: str | bytes) -> None:
     """Write a key below control/xenpbr and pin its perms (children inherit the parent's,
     but a key left over from an earlier owner must not keep other perms)."""
     t.write(path, value)
     t.set_perms(path, owner=0, others=Access.NONE, acl=[Perm(domid, Access.READ)])
 
 
-def read_request(xs: Any, domid: int) -> bytes | None:
+def read_request(xs: XenstoreClient, domid: int) -> bytes | None:
     """The guest's request bytes, or None if it has written none."""
     return xs.read_or(request_path(domid), None)
 
 
-def write_ack(xs: Any, domid: int, ack: Ack) -> None:
+def write_ack(xs: XenstoreClient, domid: int, ack: Ack) -> None:
     xs.run_transaction(lambda t: _write_dom0_key(t, domid, ack_path(domid), ack.encode()))
     log.info("domain %d: ack %s", domid, ack.encode())
 
 
-def write_generation(xs: Any, domid: int, generation: int) -> None:
+def write_generation(xs: XenstoreClient, domid: int, generation: int) -> None:
     xs.run_transaction(lambda t: _write_dom0_key(t, domid, generation_path(domid),
                                                  str(_check_gen(generation))))
 
 
-def last_invalidation_answered(xs: Any, domid: int) -> int:
+def last_invalidation_answered(xs: XenstoreClient, domid: int) -> int:
     """The seq dom0 answered last for ``domid``'s invalidation requests (0 if none):
     requests up to it are replays. Kept in xenstore, which only dom0 can write, so it
     survives a restart."""
@@ -228,7 +228,7 @@ def last_invalidation_answered(xs: Any, domid: int) -> int:
     return answer.seq if answer is not None else 0
 
 
-def write_invalidation_answer(xs: Any, domid: int, answer: invalidation.Answer) -> None:
+def write_invalidation_answer(xs: XenstoreClient, domid: int, answer: invalidation.Answer) -> None:
     xs.run_transaction(lambda t: _write_dom0_key(t, domid, invalidation_answer_path(domid),
                                                  answer.encode()))
 
@@ -253,7 +253,7 @@ class PhaseProtocol:
             proto.answer(domid, adm.request.seq, controller.decide(adm.request))
     """
 
-    def __init__(self, xs: Any, gate: RequestGate | None = None,
+    def __init__(self, xs: XenstoreClient, gate: RequestGate | None = None,
                  ack_rate: RateLimit | None = None) -> None:
         self.xs = xs
         self.gate = gate or RequestGate()
@@ -315,7 +315,7 @@ class PhaseProtocol:
         ack = Ack(seq, verdict)
         text = detail.encode("ascii", "replace")[:MAX_DETAIL]
 
-        def work(t: Any) -> None:
+        def work(t: Transaction) -> None:
             _write_dom0_key(t, domid, detail_path(domid), text)
             _write_dom0_key(t, domid, ack_path(domid), ack.encode())
 
@@ -333,7 +333,7 @@ class PhaseProtocol:
         new home, write the generation and ``<seq> restored:<generation>`` atomically."""
         ack = Ack(seq, Verdict.restored(generation))
 
-        def work(t: Any) -> None:
+        def work(t: Transaction) -> None:
             _prepare(t, domid)
             _write_dom0_key(t, domid, generation_path(domid), str(_check_gen(generation)))
             _write_dom0_key(t, domid, ack_path(domid), ack.encode())
