@@ -14,13 +14,17 @@ import re
 GETINFO = """
 import json
 from xenpbr.ctypes_libxc import XenCtrl
+from xenpbr.hypervisor.libxc import domain_state_from_info
 with XenCtrl() as xc:
-    print(json.dumps([{"domid": d.domid, "mib": d.tot_pages * 4 // 1024,
-                       "vcpus": d.nr_online_vcpus, "uuid": str(d.handle),
-                       "running": d.running, "blocked": d.blocked, "paused": d.paused,
-                       "shutdown": d.shutdown, "dying": d.dying,
-                       "reason": d.shutdown_reason.name if d.shutdown_reason is not None else None}
-                      for d in xc.domain_getinfolist()]))
+    out = []
+    for raw in xc.domain_getinfolist():  # the raw xc_domaininfo_t, decoded once here
+        d = domain_state_from_info(raw)
+        out.append({"domid": raw.domain, "mib": raw.tot_pages * 4 // 1024,
+                    "vcpus": raw.nr_online_vcpus, "uuid": str(d.uuid),
+                    "running": d.running, "blocked": d.blocked, "paused": d.paused,
+                    "shutdown": d.shutdown, "dying": d.dying,
+                    "reason": d.shutdown_reason.name if d.shutdown_reason is not None else None})
+    print(json.dumps(out))
 """
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from xenpbr.ctypes_libxc import _loader, foreignmemory, selfcheck, xenctrl, xenctrl_structs
+from xenpbr.ctypes_libxc import _loader, foreignmemory, xenctrl, xenctrl_structs
 from xenpbr.ctypes_libxc._errcheck import (
     DomainNotFound,
     FrameMapError,
@@ -40,6 +40,7 @@ from xenpbr.ctypes_libxc.xenctrl_structs import (
     XcDomainInfo,
 )
 from xenpbr.errors import XenpbrError
+from xenpbr.hypervisor import selfcheck
 
 XEN_LIBDIR = os.environ.get("XENPBR_TEST_LIBDIR", "")
 needs_real_libs = pytest.mark.skipif(
@@ -172,7 +173,10 @@ def make_raw_info(domid=3, flags=0, **fields) -> XcDomainInfo:
     return raw
 
 
-def test_domain_info_decodes_flags_and_fields():
+def test_getinfolist_returns_raw_struct_copies_with_every_field():
+    """The binding decodes nothing: what comes back is the xc_domaininfo_t itself (copied
+    out of the call's buffer), its fields as Xen wrote them. Decoding into DomainState is
+    tests/unit/test_hypervisor_libxc.py's (test_domain_state_decodes_flags_and_fields)."""
     handle = uuid.UUID("12345678-9abc-def0-1234-56789abcdef0")
     flags = DomainFlags.SHUTDOWN | DomainFlags.PAUSED | DomainFlags.HAP
     flags |= ShutdownReason.CRASH << 16
@@ -181,24 +185,28 @@ def test_domain_info_decodes_flags_and_fields():
                         cpupool=0, gpaddr_bits=52)
     raw.handle[:] = list(handle.bytes)
     raw.arch_config.emulation_flags = 0x7FF
-    info = xenctrl.DomainInfo.from_c(raw)
-    assert (info.domid, info.shutdown, info.paused, info.hap, info.running) == (
-        7, True, True, True, False)
-    assert info.shutdown_reason is ShutdownReason.CRASH and info.crashed
-    assert info.xl_state == "--psc-"
-    assert info.handle == handle
-    assert (info.tot_pages, info.shared_info_frame, info.gpaddr_bits) == (262144, 0xABC, 52)
-    assert info.arch_config.emulation_flags == 0x7FF
-    assert info.max_vcpu_id == 1
+    lib = FakeXcLib([raw])
+    with XenCtrl(lib) as xc:
+        (info,) = xc.domain_getinfolist()
+        single = xc.domain_getinfo(7)
+    for got in (info, single):
+        assert isinstance(got, XcDomainInfo) and bytes(got) == bytes(raw)
+        assert got.domain == 7 and got.flags == int(flags)
+        assert DomainFlags.HAP & got.flags and DomainFlags.PAUSED & got.flags
+        assert bytes(got.handle) == handle.bytes
+        assert (got.tot_pages, got.shared_info_frame, got.gpaddr_bits) == (262144, 0xABC, 52)
+        assert got.arch_config.emulation_flags == 0x7FF
+        assert got.max_vcpu_id == 1
+        assert got._b_base_ is None  # a copy, not a view into the call's buffer
 
 
-def test_domain_info_edge_values():
-    info = xenctrl.DomainInfo.from_c(make_raw_info(0, int(DomainFlags.RUNNING),
-                                                   max_vcpu_id=0xFFFFFFFF))
-    assert info.shutdown_reason is None and info.max_vcpu_id is None
-    assert info.xl_state == "r-----"
-    odd = xenctrl.DomainInfo.from_c(make_raw_info(1, int(DomainFlags.SHUTDOWN) | (42 << 16)))
-    assert odd.shutdown_reason == 42
+def test_getinfolist_keeps_edge_values_raw():
+    lib = FakeXcLib([make_raw_info(0, int(DomainFlags.RUNNING), max_vcpu_id=0xFFFFFFFF),
+                     make_raw_info(1, int(DomainFlags.SHUTDOWN) | (42 << 16))])
+    with XenCtrl(lib) as xc:
+        dom0, odd = xc.domain_getinfolist()
+    assert dom0.max_vcpu_id == xenctrl_structs.XEN_INVALID_MAX_VCPU_ID
+    assert (odd.flags >> 16) & 0xFF == 42  # an undefined shutdown code survives the binding
 
 
 def test_vcpu_context_convenience_properties():
@@ -406,8 +414,8 @@ class FakeXcLib:
 def test_xenctrl_getinfolist_and_getinfo():
     lib = FakeXcLib([make_raw_info(0, int(DomainFlags.RUNNING)), make_raw_info(5)])
     with XenCtrl(lib) as xc:
-        assert [d.domid for d in xc.domain_getinfolist()] == [0, 5]
-        assert xc.domain_getinfo(5).domid == 5
+        assert [d.domain for d in xc.domain_getinfolist()] == [0, 5]
+        assert xc.domain_getinfo(5).domain == 5
         with pytest.raises(DomainNotFound, match="domain 3 does not exist"):
             xc.domain_getinfo(3)  # hypervisor answers with domain 5
         with pytest.raises(DomainNotFound) as info:
@@ -591,6 +599,8 @@ def test_foreign_map_rejects_empty():
 
 
 # --------------------------------------------------------------------------- selfcheck
+# (xenpbr.hypervisor.selfcheck: it sits above the bindings, but proves them, so its tests
+# stay next to the binding's fake library)
 
 
 def test_selfcheck_collect_with_fakes():
@@ -605,6 +615,10 @@ def test_selfcheck_collect_with_fakes():
     assert report["xen_version"]["string"] == "4.17.7"
     dom0 = report["domains"][0]
     assert (dom0["mem_mib"], dom0["xl_state"], dom0["cpu_time_s"]) == (1024, "r-----", 3.0)
+    # raw C fields and the decoded DomainState side by side
+    assert (dom0["domain"], dom0["domid"], dom0["nr_online_vcpus"]) == (0, 0, 2)
+    assert dom0["flag_names"] == ["RUNNING"] and dom0["uuid"] == str(uuid.UUID(int=0))
+    assert report["domains"][1]["xl_state"] == "-b----"
     assert report["vcpu_context"]["rip"] == "0xffffffff81000000"
     assert [c[0] for c in lib.calls] == ["pause", "getcontext", "unpause"]
 

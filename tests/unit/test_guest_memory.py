@@ -16,6 +16,7 @@ import pytest
 
 from xenpbr.ctypes_libxc._errcheck import FrameMapError
 from xenpbr.ctypes_libxc.foreignmemory import ForeignMemory
+from xenpbr.ctypes_libxc.xenctrl_structs import DomainFlags
 from xenpbr.hypervisor.guest_memory import (
     FOREIGN_FRAME_BIT,
     IDENTITY_FRAME_BIT,
@@ -287,7 +288,9 @@ class FakeFmemLib:
 
 class FakeXc:
     def __init__(self, shinfo: int, hvm=False, width=8):
-        self.info = SimpleNamespace(hvm=hvm, shared_info_frame=shinfo)
+        # the raw xc_domaininfo_t fields GuestMemory reads (the binding decodes nothing)
+        self.info = SimpleNamespace(flags=int(DomainFlags.HVM_GUEST) if hvm else 0,
+                                    shared_info_frame=shinfo)
         self.width = width
 
     def domain_getinfo(self, domid):

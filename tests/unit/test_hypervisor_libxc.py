@@ -41,7 +41,7 @@ from xenpbr.hypervisor import (
     VcpuNotInitialised,
 )
 from xenpbr.hypervisor import libxc as libxc_mod
-from xenpbr.hypervisor.libxc import LibxcHypervisor
+from xenpbr.hypervisor.libxc import LibxcHypervisor, domain_state_from_info
 
 PAGE = 4096
 ARCH = 3088  # offsetof(struct shared_info, arch), x86_64, Xen 4.17
@@ -202,6 +202,40 @@ def _close_handles():
 
 
 # --------------------------------------------------------------------------- domain state
+
+
+def test_domain_state_decodes_flags_and_fields():
+    """Once, here: the raw xc_domaininfo_t -> DomainState (the binding returns the struct
+    undecoded; its raw fields are checked in test_ctypes_libxc.py)."""
+    handle = uuid.UUID("12345678-9abc-def0-1234-56789abcdef0")
+    flags = DomainFlags.SHUTDOWN | DomainFlags.PAUSED | DomainFlags.HAP
+    flags |= ShutdownReason.CRASH << 16
+    raw = XcDomainInfo(domain=7, flags=flags, tot_pages=262144, max_pages=262400,
+                       shared_info_frame=0xABC, cpu_time=12_500_000_000, nr_online_vcpus=2,
+                       max_vcpu_id=1, cpupool=0, gpaddr_bits=52)
+    raw.handle[:] = list(handle.bytes)
+    state = domain_state_from_info(raw)
+    assert (state.domid, state.shutdown, state.paused, state.running) == (7, True, True, False)
+    assert state.shutdown_reason is ShutdownReason.CRASH and state.crashed
+    assert state.shutdown_code == 3
+    assert state.xl_state == "--psc-"
+    assert state.uuid == handle
+    assert (state.memory_pages, state.max_memory_pages) == (262144, 262400)
+    assert state.cpu_time_ns == 12_500_000_000 and state.vcpus_online == 2
+    assert state.max_vcpu_id == 1
+    assert not state.hvm and not state.dying and not state.blocked
+
+
+def test_domain_state_edge_values():
+    state = domain_state_from_info(XcDomainInfo(domain=0, flags=int(DomainFlags.RUNNING),
+                                                max_vcpu_id=0xFFFFFFFF))
+    assert state.shutdown_reason is None and state.max_vcpu_id is None
+    assert state.shutdown_code is None
+    assert state.xl_state == "r-----"
+    odd = domain_state_from_info(XcDomainInfo(domain=1,
+                                              flags=int(DomainFlags.SHUTDOWN) | (42 << 16)))
+    assert odd.shutdown and odd.shutdown_code == 42 and odd.shutdown_reason is None
+    assert odd.xl_state == "---s?-"
 
 
 def test_running_domain_translation():

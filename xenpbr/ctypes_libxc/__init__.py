@@ -5,7 +5,10 @@
 * :mod:`.xenctrl` / :mod:`.foreignmemory` hold the struct layouts, ``SIGNATURES`` and
   ``ERROR_CHECKERS`` tables and the small owning classes :class:`XenCtrl` and
   :class:`ForeignMemory`;
-* :mod:`.selfcheck` proves the layouts in a real dom0 (see docs/ctypes-bindings.md).
+* no policy and no decoding: a domain's facts come back as the raw ``xc_domaininfo_t``
+  (:class:`XcDomainInfo`), decoded once in :mod:`xenpbr.hypervisor.libxc`; the dom0
+  diagnostic that proves these layouts is :mod:`xenpbr.hypervisor.selfcheck`
+  (see docs/ctypes-bindings.md).
 
 Importing this package loads no library; the first :class:`XenCtrl` or
 :class:`ForeignMemory` does.
@@ -22,13 +25,12 @@ from ._errcheck import (
 )
 from ._loader import LIBDIR_ENV, LibraryInfo, XenLibraryNotFound
 from .foreignmemory import ForeignMemory, Mapping
-from .xenctrl import DomainInfo, XenCtrl
-from .xenctrl_structs import DomainFlags, ShutdownReason, VcpuContextX86_64
+from .xenctrl import XenCtrl
+from .xenctrl_structs import DomainFlags, ShutdownReason, VcpuContextX86_64, XcDomainInfo
 
 __all__ = [
     "LIBDIR_ENV",
     "DomainFlags",
-    "DomainInfo",
     "DomainNotFound",
     "ForeignMemory",
     "FrameMapError",
@@ -43,4 +45,5 @@ __all__ = [
     "XenLibraryNotFound",
     "XenNotRunning",
     "XenUnavailable",
+    "XcDomainInfo",
 ]

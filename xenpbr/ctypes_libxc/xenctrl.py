@@ -3,9 +3,10 @@
 The C types (structs, flag enums, constants) are in
 :mod:`xenpbr.ctypes_libxc.xenctrl_structs`; this module holds what turns them into calls:
 the prototype table written from ``tools/include/xenctrl.h`` (Xen 4.17), the loader, the
-thin :class:`XenCtrl` handle, and :class:`DomainInfo`, the faithful decoded form of one
-``xc_domaininfo_t`` (C field names, unknown shutdown codes kept as ints) that
-:meth:`XenCtrl.domain_getinfolist` returns.
+thin :class:`XenCtrl` handle. No policy and no decoding: :meth:`XenCtrl.domain_getinfolist`
+returns the raw ``xc_domaininfo_t`` structs (:class:`XcDomainInfo`, copied out of the call's
+buffer); :func:`xenpbr.hypervisor.libxc.domain_state_from_info` decodes them once into the
+:class:`~xenpbr.hypervisor.base.DomainState` the rest of xenpbr uses.
 
 The module is import-safe without Xen: nothing is loaded until :func:`libxenctrl` (or a
 :class:`XenCtrl`) is first used.
@@ -18,7 +19,6 @@ import ctypes
 import errno as errno_mod
 import functools
 import logging
-import uuid
 from collections.abc import Iterator
 from ctypes import POINTER, c_int, c_uint, c_uint32, c_void_p
 from dataclasses import dataclass
@@ -39,13 +39,9 @@ from ._loader import (
 )
 from .xenctrl_structs import (
     DOMID_FIRST_RESERVED,
-    XEN_DOMINF_SHUTDOWNMASK,
-    XEN_DOMINF_SHUTDOWNSHIFT,
     XEN_EXTRAVERSION_LEN,
-    XEN_INVALID_MAX_VCPU_ID,
     XENVER_extraversion,
     XENVER_version,
-    DomainFlags,
     ShutdownReason,
     VcpuContextX86_64,
     VcpuGuestContextAny,
@@ -107,119 +103,6 @@ def libxenctrl(libdir: str | None = None) -> LoadedLibrary:
 
 
 @dataclass(frozen=True)
-class ArchConfig:
-    """Decoded ``xen_arch_domainconfig`` (x86)."""
-
-    emulation_flags: int
-    misc_flags: int
-
-
-@dataclass(frozen=True)
-class DomainInfo:
-    """One domain as reported by ``xc_domain_getinfolist`` (a snapshot; may go stale)."""
-
-    domid: int
-    flags: DomainFlags
-    dying: bool
-    shutdown: bool
-    paused: bool
-    blocked: bool
-    running: bool
-    hvm: bool
-    debugged: bool
-    xs_domain: bool
-    hap: bool
-    shutdown_reason: ShutdownReason | int | None
-    tot_pages: int
-    max_pages: int
-    outstanding_pages: int
-    shr_pages: int
-    paged_pages: int
-    shared_info_frame: int
-    cpu_time: int
-    nr_online_vcpus: int
-    max_vcpu_id: int | None
-    ssidref: int
-    handle: uuid.UUID
-    cpupool: int
-    gpaddr_bits: int
-    arch_config: ArchConfig
-
-    @property
-    def crashed(self) -> bool:
-        return self.shutdown and self.shutdown_reason == ShutdownReason.CRASH
-
-    @property
-    def xl_state(self) -> str:
-        """The 6-letter State column of ``xl list``, for cross-checking (see
-        :func:`xl_state_column`)."""
-        reason = self.shutdown_reason
-        return xl_state_column(self.running, self.blocked, self.paused, self.shutdown,
-                               None if reason is None else int(reason), self.dying)
-
-    @classmethod
-    def from_c(cls, raw: XcDomainInfo) -> DomainInfo:
-        """Decode a raw ``xc_domaininfo_t``."""
-        flags = DomainFlags(raw.flags & 0x1FF)
-        shutdown = bool(flags & DomainFlags.SHUTDOWN)
-        return cls(
-            domid=raw.domain,
-            flags=flags,
-            dying=bool(flags & DomainFlags.DYING),
-            shutdown=shutdown,
-            paused=bool(flags & DomainFlags.PAUSED),
-            blocked=bool(flags & DomainFlags.BLOCKED),
-            running=bool(flags & DomainFlags.RUNNING),
-            hvm=bool(flags & DomainFlags.HVM_GUEST),
-            debugged=bool(flags & DomainFlags.DEBUGGED),
-            xs_domain=bool(flags & DomainFlags.XS_DOMAIN),
-            hap=bool(flags & DomainFlags.HAP),
-            shutdown_reason=_shutdown_reason(raw.flags) if shutdown else None,
-            tot_pages=raw.tot_pages,
-            max_pages=raw.max_pages,
-            outstanding_pages=raw.outstanding_pages,
-            shr_pages=raw.shr_pages,
-            paged_pages=raw.paged_pages,
-            shared_info_frame=raw.shared_info_frame,
-            cpu_time=raw.cpu_time,
-            nr_online_vcpus=raw.nr_online_vcpus,
-            max_vcpu_id=None if raw.max_vcpu_id == XEN_INVALID_MAX_VCPU_ID else raw.max_vcpu_id,
-            ssidref=raw.ssidref,
-            handle=uuid.UUID(bytes=bytes(raw.handle)),
-            cpupool=raw.cpupool,
-            gpaddr_bits=raw.gpaddr_bits,
-            arch_config=ArchConfig(raw.arch_config.emulation_flags, raw.arch_config.misc_flags),
-        )
-
-
-#: xl list's fifth State letter per shutdown code (tools/xl/xl_list.c): poweroff "-",
-#: reboot "r", suspend "s", crash "c", watchdog "w", soft_reset "S"; "?" for other codes.
-XL_SHUTDOWN_LETTERS = "-rscwS"
-
-
-def xl_state_column(running: bool, blocked: bool, paused: bool, shutdown: bool,
-                    shutdown_code: int | None, dying: bool) -> str:
-    """``xl list``'s State column exactly as xl prints it: ``r b p s``, then the letter
-    of the shutdown reason (:data:`XL_SHUTDOWN_LETTERS`, ``-`` when not shut down), then
-    ``d``. A crashed domain shows ``---sc-``, a watchdog-killed one ``---sw-``."""
-    if shutdown and shutdown_code is not None:
-        code = shutdown_code
-        letter = XL_SHUTDOWN_LETTERS[code] if 0 <= code < len(XL_SHUTDOWN_LETTERS) else "?"
-    else:
-        letter = "-"
-    flags = ((running, "r"), (blocked, "b"), (paused, "p"), (shutdown, "s"))
-    return "".join(ch if on else "-" for on, ch in flags) + letter + ("d" if dying else "-")
-
-
-def _shutdown_reason(flags: int) -> ShutdownReason | int:
-    code = (flags >> XEN_DOMINF_SHUTDOWNSHIFT) & XEN_DOMINF_SHUTDOWNMASK
-    try:
-        return ShutdownReason(code)
-    except ValueError:  # guest-supplied; keep unknown codes rather than fail
-        return code
-
-
-@dataclass(frozen=True)
 class XenVersion:
     """Hypervisor version from ``xc_version(XENVER_version / XENVER_extraversion)``."""
 
@@ -261,15 +144,17 @@ class XenCtrl(OwnedHandle):
         self._lib.xc_version(self._h(), XENVER_extraversion, extra)
         return XenVersion(raw >> 16, raw & 0xFFFF, extra.value.decode("ascii", "replace"))
 
-    def domain_getinfolist(self, first: int = 0, max: int = 1024) -> list[DomainInfo]:
-        """Info for up to *max* domains with domid >= *first*, in one hypercall."""
+    def domain_getinfolist(self, first: int = 0, max: int = 1024) -> list[XcDomainInfo]:
+        """The raw ``xc_domaininfo_t`` of up to *max* domains with domid >= *first*, in one
+        hypercall. Each is a copy (not a view of the call's buffer): a snapshot that may
+        go stale, but stays valid memory."""
         if not 0 < max <= DOMID_FIRST_RESERVED:
             raise ValueError(f"max must be in 1..{DOMID_FIRST_RESERVED}, not {max}")
         buf = (XcDomainInfo * max)()
         count = self._lib.xc_domain_getinfolist(self._h(), first, max, buf)
-        return [DomainInfo.from_c(buf[i]) for i in range(count)]
+        return [XcDomainInfo.from_buffer_copy(buf[i]) for i in range(count)]
 
-    def domain_getinfo(self, domid: int) -> DomainInfo:
+    def domain_getinfo(self, domid: int) -> XcDomainInfo:
         """Info for exactly *domid*.
 
         getinfolist returns the *next* existing domain at or after *domid*, so a
@@ -278,8 +163,8 @@ class XenCtrl(OwnedHandle):
         infos = self.domain_getinfolist(domid, 1)
         if not infos:
             raise DomainNotFound(domid, "no domain at or above it")
-        if infos[0].domid != domid:
-            raise DomainNotFound(domid, f"hypervisor returned domain {infos[0].domid}")
+        if infos[0].domain != domid:
+            raise DomainNotFound(domid, f"hypervisor returned domain {infos[0].domain}")
         return infos[0]
 
     def _domain_call(self, name: str, domid: int, *args: Any) -> int:

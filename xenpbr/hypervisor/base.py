@@ -28,7 +28,6 @@ from typing import Any
 from uuid import UUID
 
 from xenpbr.ctypes_libxc._errcheck import DomainNotFound, XenCallError
-from xenpbr.ctypes_libxc.xenctrl import xl_state_column
 from xenpbr.ctypes_libxc.xenctrl_structs import (
     DOMID_FIRST_RESERVED,
     ShutdownReason,
@@ -128,6 +127,25 @@ def refuse_control_domain(domid: int, operation: str) -> None:
             "this is a bug in the caller", domid=domid)
 
 
+#: xl list's fifth State letter per shutdown code (tools/xl/xl_list.c): poweroff "-",
+#: reboot "r", suspend "s", crash "c", watchdog "w", soft_reset "S"; "?" for other codes.
+XL_SHUTDOWN_LETTERS = "-rscwS"
+
+
+def xl_state_column(running: bool, blocked: bool, paused: bool, shutdown: bool,
+                    shutdown_code: int | None, dying: bool) -> str:
+    """``xl list``'s State column exactly as xl prints it: ``r b p s``, then the letter
+    of the shutdown reason (:data:`XL_SHUTDOWN_LETTERS`, ``-`` when not shut down), then
+    ``d``. A crashed domain shows ``---sc-``, a watchdog-killed one ``---sw-``."""
+    if shutdown and shutdown_code is not None:
+        code = shutdown_code
+        letter = XL_SHUTDOWN_LETTERS[code] if 0 <= code < len(XL_SHUTDOWN_LETTERS) else "?"
+    else:
+        letter = "-"
+    flags = ((running, "r"), (blocked, "b"), (paused, "p"), (shutdown, "s"))
+    return "".join(ch if on else "-" for on, ch in flags) + letter + ("d" if dying else "-")
+
+
 @dataclass(frozen=True)
 class DomainState:
     """One domain as the hypervisor reports it at one instant (it may go stale at once).
@@ -136,6 +154,13 @@ class DomainState:
     shutdown code Xen does not define (a guest may pass any code), which is then kept in
     ``shutdown_code``. The hypervisor knows no domain *names* (libxl keeps them in
     xenstore), so there is none here.
+
+    This is the one typed record of a domain: :mod:`xenpbr.hypervisor.libxc` decodes
+    Xen's raw ``xc_domaininfo_t`` into it once, :mod:`xenpbr.hypervisor.fake` builds it
+    directly. Fields only a diagnostic needs (``shared_info_frame``, ``cpupool``,
+    ``ssidref``, the HAP/debugged/xs_domain bits, ...) are not here: no caller decides
+    anything on them and the fake could only invent them; the dom0 diagnostic
+    (:mod:`xenpbr.hypervisor.selfcheck`) prints them from the raw struct.
     """
 
     domid: int

@@ -38,7 +38,11 @@ from typing import Any, cast
 
 from xenpbr.ctypes_libxc._errcheck import FrameMapError
 from xenpbr.ctypes_libxc.foreignmemory import XC_PAGE_SIZE, Mapping
-from xenpbr.ctypes_libxc.xenctrl_structs import ArchSharedInfoX86_64, SharedInfoX86_64
+from xenpbr.ctypes_libxc.xenctrl_structs import (
+    ArchSharedInfoX86_64,
+    DomainFlags,
+    SharedInfoX86_64,
+)
 from xenpbr.errors import XenpbrError
 
 log = logging.getLogger(__name__)
@@ -303,7 +307,8 @@ class GuestMemory:
     """Guest-pfn view of a running 64-bit PV domain's memory.
 
     *xc* is a :class:`~xenpbr.ctypes_libxc.xenctrl.XenCtrl` (or anything with
-    ``domain_getinfo``/``domain_guest_width``) and *fmem* a
+    ``domain_getinfo``, answering the raw ``xc_domaininfo_t``, and ``domain_guest_width``)
+    and *fmem* a
     :class:`~xenpbr.ctypes_libxc.foreignmemory.ForeignMemory` (or anything with its
     ``map``). Pause the domain around anything that must be consistent: nothing here does.
     """
@@ -311,7 +316,7 @@ class GuestMemory:
     def __init__(self, xc: Any, fmem: Any, domid: int, *, batch_pages: int = 256,
                  p2m_method: str = "auto") -> None:
         info = xc.domain_getinfo(domid)
-        if info.hvm:
+        if info.flags & DomainFlags.HVM_GUEST:
             raise NotPVGuest(f"domain {domid} is HVM/PVH: map its GFNs directly")
         width = xc.domain_guest_width(domid)
         if width != GUEST_WIDTH:

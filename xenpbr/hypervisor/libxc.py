@@ -1,7 +1,8 @@
 """The :class:`~xenpbr.hypervisor.base.Hypervisor` interface over libxenctrl and
 libxenforeignmemory (the ctypes bindings in :mod:`xenpbr.ctypes_libxc`).
 
-This module is translation only: ``DomainInfo`` -> :class:`DomainState`,
+This module is translation only: the raw ``xc_domaininfo_t`` -> :class:`DomainState`
+(decoded here, once),
 ``vcpu_guest_context`` <-> :class:`VcpuRegisters`, and the errnos a caller must tell
 apart -> specific exceptions (read from Xen 4.17's ``xen/common/domctl.c`` and
 ``domain.c``: EINVAL on unpause below zero, EOVERFLOW past 255 pauses, EINVAL/ENODATA
@@ -13,15 +14,26 @@ wrong machine frames.
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_mod
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from xenpbr.ctypes_libxc._errcheck import XenCallError
 from xenpbr.ctypes_libxc.foreignmemory import ForeignMemory
-from xenpbr.ctypes_libxc.xenctrl import DomainInfo, XenCtrl
-from xenpbr.ctypes_libxc.xenctrl_structs import ShutdownReason, VcpuContextX86_64, VcpuFlags
+from xenpbr.ctypes_libxc.xenctrl import XenCtrl
+from xenpbr.ctypes_libxc.xenctrl_structs import (
+    XEN_DOMINF_SHUTDOWNMASK,
+    XEN_DOMINF_SHUTDOWNSHIFT,
+    XEN_INVALID_MAX_VCPU_ID,
+    DomainFlags,
+    ShutdownReason,
+    VcpuContextX86_64,
+    VcpuFlags,
+    XcDomainInfo,
+)
 from xenpbr.hypervisor.guest_memory import INVALID_MFN, GuestMemory
 from xenpbr.hypervisor.base import (
     MAX_PAUSE_COUNT,
@@ -45,26 +57,43 @@ T = TypeVar("T")
 LIST_BATCH = 1024  # domains per getinfolist hypercall
 
 
-def domain_state_from_info(info: DomainInfo) -> DomainState:
-    """Translate the binding's ``DomainInfo`` (flags already decoded) to a DomainState."""
-    reason = info.shutdown_reason
-    known = reason if isinstance(reason, ShutdownReason) else None
+def shutdown_code_of(flags: int) -> int:
+    """The guest-supplied shutdown code in ``XEN_DOMINF`` flags bits 16-23 (meaningful
+    only while the SHUTDOWN bit is set; a running domain carries 0xff there)."""
+    return (flags >> XEN_DOMINF_SHUTDOWNSHIFT) & XEN_DOMINF_SHUTDOWNMASK
+
+
+def domain_state_from_info(raw: XcDomainInfo) -> DomainState:
+    """Decode a raw ``xc_domaininfo_t`` (what the binding returns) into a DomainState.
+
+    The ``XEN_DOMINF_*`` bits become bools; the shutdown code is read only while the
+    SHUTDOWN bit is set, and one Xen does not define (a guest may pass any) is kept as
+    ``shutdown_code`` with ``shutdown_reason=None``; the UUID is the 16 handle bytes;
+    ``max_vcpu_id`` is ``None`` for a domain without vcpus (``XEN_INVALID_MAX_VCPU_ID``).
+    """
+    flags = DomainFlags(raw.flags & 0x1FF)
+    shutdown = bool(flags & DomainFlags.SHUTDOWN)
+    code = shutdown_code_of(raw.flags) if shutdown else None
+    known: ShutdownReason | None = None
+    if code is not None:
+        with contextlib.suppress(ValueError):  # guest-supplied: keep unknown codes raw
+            known = ShutdownReason(code)
     return DomainState(
-        domid=info.domid,
-        uuid=info.handle,
-        running=info.running,
-        blocked=info.blocked,
-        paused=info.paused,
-        shutdown=info.shutdown,
-        dying=info.dying,
+        domid=raw.domain,
+        uuid=uuid.UUID(bytes=bytes(raw.handle)),
+        running=bool(flags & DomainFlags.RUNNING),
+        blocked=bool(flags & DomainFlags.BLOCKED),
+        paused=bool(flags & DomainFlags.PAUSED),
+        shutdown=shutdown,
+        dying=bool(flags & DomainFlags.DYING),
         shutdown_reason=known,
-        shutdown_code=None if reason is None else int(reason),
-        hvm=info.hvm,
-        memory_pages=info.tot_pages,
-        max_memory_pages=info.max_pages,
-        vcpus_online=info.nr_online_vcpus,
-        max_vcpu_id=info.max_vcpu_id,
-        cpu_time_ns=info.cpu_time,
+        shutdown_code=code,
+        hvm=bool(flags & DomainFlags.HVM_GUEST),
+        memory_pages=raw.tot_pages,
+        max_memory_pages=raw.max_pages,
+        vcpus_online=raw.nr_online_vcpus,
+        max_vcpu_id=None if raw.max_vcpu_id == XEN_INVALID_MAX_VCPU_ID else raw.max_vcpu_id,
+        cpu_time_ns=raw.cpu_time,
     )
 
 
@@ -140,7 +169,7 @@ class LibxcHypervisor(Hypervisor):
             out.extend(domain_state_from_info(info) for info in batch)
             if len(batch) < LIST_BATCH:
                 return out
-            first = batch[-1].domid + 1
+            first = batch[-1].domain + 1
 
     def domain_state(self, domid: int) -> DomainState:
         return domain_state_from_info(self._xc.domain_getinfo(check_domid(domid)))

@@ -1,8 +1,16 @@
-"""Prove the bindings against a real Xen 4.17 dom0: ``python -m xenpbr.ctypes_libxc.selfcheck``.
+"""Prove the bindings against a real Xen 4.17 dom0: ``python -m xenpbr.hypervisor.selfcheck``.
 
 Run as root in dom0 and compare with ``xl list`` / ``xl list -v`` (domid, Mem = mem_mib,
-VCPUs = nr_online_vcpus, State = xl_state, Time(s) = cpu_time_s, UUID = handle). A wrong
+VCPUs = nr_online_vcpus, State = xl_state, Time(s) = cpu_time_s, UUID = uuid). A wrong
 struct layout shows up as nonsense in those columns long before it corrupts anything.
+
+It lives above the bindings (:mod:`xenpbr.ctypes_libxc`) because it uses the layer that
+interprets them: each domain is printed as the raw ``xc_domaininfo_t`` fields (C names,
+including those :class:`~xenpbr.hypervisor.base.DomainState` does not carry:
+``shared_info_frame``, ``cpupool``, ``ssidref``, ``gpaddr_bits``, ``arch_config``, ...)
+plus the DomainState decoded from them by
+:func:`~xenpbr.hypervisor.libxc.domain_state_from_info`; ``--find-marker`` walks the P2M
+with :class:`~xenpbr.hypervisor.guest_memory.GuestMemory`.
 
     --json                   machine-readable output (otherwise a short text summary)
     --vcpu-context DOMID     rip/rsp/cr3 of vcpu0, with the domain paused around the read
@@ -24,10 +32,12 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
+from xenpbr.ctypes_libxc import foreignmemory, xenctrl, xenctrl_structs
+from xenpbr.ctypes_libxc.xenctrl import XenCtrl
+from xenpbr.ctypes_libxc.xenctrl_structs import DomainFlags, XcDomainInfo
 from xenpbr.errors import XenpbrError
-
-from . import foreignmemory, xenctrl, xenctrl_structs
-from .xenctrl import DomainInfo, XenCtrl
+from xenpbr.hypervisor.guest_memory import INVALID_MFN, GuestMemory
+from xenpbr.hypervisor.libxc import domain_state_from_info
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +74,46 @@ def struct_report() -> dict[str, int]:
     }
 
 
-def domain_json(info: DomainInfo) -> dict[str, Any]:
-    """A DomainInfo as JSON, plus the derived columns ``xl list`` prints."""
-    out = asdict(info)
-    out["flags"] = int(info.flags)
-    out["handle"] = str(info.handle)
-    reason = info.shutdown_reason
-    out["shutdown_reason"] = getattr(reason, "name", reason)
-    out["shared_info_frame"] = _hex(info.shared_info_frame)
+def raw_fields(raw: ctypes.Structure) -> dict[str, Any]:
+    """Every field of a C struct by its C name (padding left out): nested structs as
+    dicts, byte arrays as hex."""
+    out: dict[str, Any] = {}
+    for name, *_ in raw._fields_:
+        if name.startswith("pad"):
+            continue
+        value = getattr(raw, name)
+        if isinstance(value, ctypes.Structure):
+            value = raw_fields(value)
+        elif isinstance(value, ctypes.Array):
+            value = bytes(value).hex()
+        out[name] = value
+    return out
+
+
+def domain_json(raw: XcDomainInfo) -> dict[str, Any]:
+    """One domain as JSON: the raw ``xc_domaininfo_t`` (C field names), then the
+    :class:`DomainState` decoded from it and the derived columns ``xl list`` prints."""
+    state = domain_state_from_info(raw)
+    out = raw_fields(raw)
+    out["shared_info_frame"] = _hex(raw.shared_info_frame)
+    reason = state.shutdown_reason
     out.update(
-        xl_state=info.xl_state,
-        mem_mib=info.tot_pages * 4096 // (1 << 20),
-        maxmem_mib=info.max_pages * 4096 // (1 << 20),
-        cpu_time_s=round(info.cpu_time / 1e9, 1),
+        flag_names=[flag.name for flag in DomainFlags if raw.flags & flag],
+        domid=state.domid,
+        uuid=str(state.uuid),
+        running=state.running,
+        blocked=state.blocked,
+        paused=state.paused,
+        shutdown=state.shutdown,
+        dying=state.dying,
+        hvm=state.hvm,
+        shutdown_reason=None if reason is None else reason.name,
+        shutdown_code=state.shutdown_code,
+        max_vcpu_id=state.max_vcpu_id,
+        xl_state=state.xl_state,
+        mem_mib=raw.tot_pages * 4096 // (1 << 20),
+        maxmem_mib=raw.max_pages * 4096 // (1 << 20),
+        cpu_time_s=round(raw.cpu_time / 1e9, 1),
     )
     return out
 
@@ -102,8 +139,6 @@ def vcpu_report(xc: XenCtrl, domid: int, vcpu: int = 0) -> dict[str, Any]:
 
 def _walk(xc: XenCtrl, fmem: Any, domid: int, method: str) -> tuple[dict[str, Any], Any]:
     """Walk the P2M one way; return (summary, GuestMemory or None if unusable)."""
-    from xenpbr.hypervisor.guest_memory import INVALID_MFN, GuestMemory
-
     try:
         memory = GuestMemory(xc, fmem, domid, p2m_method=method)
         table = memory.p2m()
@@ -155,7 +190,7 @@ def collect(xc: XenCtrl, fmem: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m xenpbr.ctypes_libxc.selfcheck",
+        prog="python -m xenpbr.hypervisor.selfcheck",
         description="Check xenpbr's libxenctrl/libxenforeignmemory bindings in dom0.",
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -191,7 +226,7 @@ def _print_text(report: dict[str, Any]) -> None:
     print(f"{'domid':>5} {'mem_mib':>8} {'vcpus':>5} state  {'time_s':>8}  uuid")
     for dom in report["domains"]:
         print(f"{dom['domid']:>5} {dom['mem_mib']:>8} {dom['nr_online_vcpus']:>5} "
-              f"{dom['xl_state']} {dom['cpu_time_s']:>8}  {dom['handle']}")
+              f"{dom['xl_state']} {dom['cpu_time_s']:>8}  {dom['uuid']}")
     for key in ("vcpu_context", "find_marker"):
         if key in report:
             print(f"{key}: {json.dumps(report[key])}")
