@@ -20,12 +20,20 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from xenpbr import __version__, domconfig, settings
 from xenpbr.errors import XenpbrError
 from xenpbr.render import age_of, emit, local_time, table, utc
 from xenpbr.state import StateDir
+
+if TYPE_CHECKING:
+    from xenpbr.images.store import ImageStore
+    from xenpbr.phases import DomainPhases
+    from xenpbr.timeline import Timeline
+
+#: A subcommand: ``xenpbr COMMAND`` runs ``func(args, state)`` and exits with its result.
+Command = Callable[[argparse.Namespace, StateDir], int]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_PIPE = 0, 1, 2, 141
 EXIT_CODES = """exit codes:
@@ -46,7 +54,7 @@ def plain(text: str | None) -> str:
     return textwrap.fill(" ".join(text.split()), 79)
 
 
-def _store(state: StateDir):
+def _store(state: StateDir) -> ImageStore:
     from xenpbr.images.store import ImageStore
     from xenpbr.settings import current
     return ImageStore(state.images_root, default_quota=current().image_quota)
@@ -231,7 +239,7 @@ def _image_failures(state: StateDir, name: str) -> int:
         return HEALTH_DEFAULTS[1]
 
 
-def history_row(timeline: Any) -> dict[str, Any]:
+def history_row(timeline: Timeline) -> dict[str, Any]:
     """A recovery as ``history --json`` and ``reboot --json`` give it: the stored
     timeline plus its start as an ISO time."""
     row = timeline.to_json()
@@ -264,7 +272,7 @@ def cmd_history(args: argparse.Namespace, state: StateDir) -> int:
     return 0
 
 
-def _check_phase(name: str, phases: Any, phase: str | None) -> None:
+def _check_phase(name: str, phases: DomainPhases, phase: str | None) -> None:
     """Refuse a phase the domain does not have: a typo must not read as 'nothing to
     forget' (the operator would believe the images gone)."""
     known = list(phases.phases) or sorted(phases.images)
@@ -404,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="one of these (xenpbr COMMAND --help for its options)")
 
-    def command(name: str, func: Any, help_: str, json: bool = True) -> argparse.ArgumentParser:
+    def command(name: str, func: Command, help_: str,
+                json: bool = True) -> argparse.ArgumentParser:
         doc = plain(func.__doc__)
         p = sub.add_parser(name, help=help_, epilog=EXIT_CODES, description=doc or help_,
                            formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -104,7 +104,8 @@ def _json_value(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not a typed CLI value: {value!r}")
 
 
-def emit(data: Any, as_json: bool, human: Any, out: TextIO | None = None) -> None:
+def emit(data: Any, as_json: bool, human: Callable[[], object],
+         out: TextIO | None = None) -> None:
     """JSON of ``data`` if ``as_json``, else call ``human()`` to print a table."""
     out = out or sys.stdout
     if as_json:

@@ -36,7 +36,7 @@ from typing import Any, ClassVar, TextIO
 
 from xenpbr.errors import XenpbrError
 from xenpbr.hypervisor.base import CONTROL_DOMID, DomainState, Hypervisor, ShutdownReason
-from xenpbr.xenstore.client import WatchEvent
+from xenpbr.xenstore.client import WatchEvent, XenstoreClient
 from xenpbr.xenstore.paths import INTRODUCE_DOMAIN, RELEASE_DOMAIN
 
 log = logging.getLogger(__name__)
@@ -258,7 +258,7 @@ class DomainWatcher:
 
     tick = 1.0  # seconds between stop-flag checks inside events()
 
-    def __init__(self, hypervisor: Hypervisor, xenstore: Any, *,
+    def __init__(self, hypervisor: Hypervisor, xenstore: XenstoreClient, *,
                  ignore_domids: Iterable[int] = (CONTROL_DOMID,),
                  report_existing: bool = True, token: str | None = None,
                  on_other_watch: Callable[[WatchEvent], None] | None = None,
@@ -460,14 +460,13 @@ def _default_hypervisor(libdir: str | None) -> Hypervisor:
     return LibxcHypervisor(libdir=libdir)
 
 
-def _default_xenstore(libdir: str | None) -> Any:
-    from xenpbr.xenstore import XenstoreClient
+def _default_xenstore(libdir: str | None) -> XenstoreClient:
     return XenstoreClient(libdir)
 
 
 def main(argv: list[str] | None = None, *, out: TextIO | None = None,
          make_hypervisor: Callable[[str | None], Hypervisor] = _default_hypervisor,
-         make_xenstore: Callable[[str | None], Any] = _default_xenstore) -> int:
+         make_xenstore: Callable[[str | None], XenstoreClient] = _default_xenstore) -> int:
     """Exit status: 0 done, 1 error (message on stderr), 2 timeout before --count."""
     args = _parser().parse_args(argv)
     out = out or sys.stdout
