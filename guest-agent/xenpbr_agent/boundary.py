@@ -17,7 +17,6 @@ import re
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
-from typing import Any
 
 from xenpbr.guestproto.request import encode_request
 from xenpbr.guestproto.wire import (
@@ -40,7 +39,7 @@ from xenpbr.guestproto.wire import (
     RequestRefused,
     Verdict,
 )
-from xenpbr.xenstore import NoSuchKey, PermissionDenied, XenstoreError
+from xenpbr.xenstore import NoSuchKey, PermissionDenied, XenstoreClient, XenstoreError
 from xenpbr_agent import AgentError, __version__, freeze, hazards
 from xenpbr_agent.config import AgentConfig
 from xenpbr_agent.state import AgentState, StateStore
@@ -49,6 +48,9 @@ log = logging.getLogger(__name__)
 
 MOUNTS = "/proc/self/mounts"
 PROC = "/proc"
+
+#: Opens a xenstore client (``XenstoreClient`` itself; tests pass a ``FakeXenstore``).
+XenstoreFactory = Callable[[], XenstoreClient]
 _OCTAL = re.compile(r"\\([0-7]{3})")
 
 
@@ -98,7 +100,7 @@ def collect_disks(mounts_text: str) -> tuple[DiskState, ...]:
     return tuple(disks)
 
 
-def read_detail(xs: Any) -> str:
+def read_detail(xs: XenstoreClient) -> str:
     """dom0's explanation of its last refusal ('' if none): printable ASCII only."""
     try:
         raw = xs.read_or(DETAIL_KEY, b"") or b""
@@ -107,7 +109,7 @@ def read_detail(xs: Any) -> str:
     return "".join(c for c in raw[:MAX_DETAIL].decode("ascii", "replace") if c.isprintable())
 
 
-def read_ack(xs: Any) -> Ack | None:
+def read_ack(xs: XenstoreClient) -> Ack | None:
     """dom0's current ack, or None if there is none or it is malformed (logged)."""
     raw = xs.read_or(ACK_KEY, None)
     if raw is None:
@@ -128,7 +130,7 @@ def next_seq(state: AgentState, current: Ack | None) -> int:
     return seq
 
 
-def dom0_enabled(xs: Any) -> bool:
+def dom0_enabled(xs: XenstoreClient) -> bool:
     """False if dom0 has not created ``control/xenpbr`` (xenpbr does not manage this
     domain): there is nobody to answer, so do not wait."""
     try:
@@ -140,7 +142,7 @@ def dom0_enabled(xs: Any) -> bool:
     return True
 
 
-def announce(xs: Any) -> None:
+def announce(xs: XenstoreClient) -> None:
     """``data/xenpbr/agent`` = ``"<version> <pid>"`` (informational)."""
     try:
         xs.write(AGENT_KEY, f"{__version__} {os.getpid()}")
@@ -148,7 +150,7 @@ def announce(xs: Any) -> None:
         log.warning("cannot write %s: %s", AGENT_KEY, exc)
 
 
-def report_status(xs_factory: Callable[[], Any], status: GuestStatus) -> None:
+def report_status(xs_factory: XenstoreFactory, status: GuestStatus) -> None:
     """Tell dom0 how far a restored guest got (``acked``/``ready``): the guest_ack and
     service_ready marks of its recovery timeline. Informational: a failure is logged,
     never raised (the guest's recovery matters more than its timeline)."""
@@ -159,7 +161,7 @@ def report_status(xs_factory: Callable[[], Any], status: GuestStatus) -> None:
         log.warning("cannot write %s: %s", STATUS_KEY, exc)
 
 
-def wait_for_ack(xs: Any, seq: int, deadline: float,
+def wait_for_ack(xs: XenstoreClient, seq: int, deadline: float,
                  clock: Callable[[], float] = time.monotonic) -> Verdict | None:
     """Block until ``control/xenpbr/ack`` answers ``seq`` (acks for other seqs are
     ignored) or ``deadline`` (on ``clock``) passes; a watch on the ack must be set."""
@@ -175,7 +177,7 @@ def wait_for_ack(xs: Any, seq: int, deadline: float,
         xs.read_watch(timeout=remaining)
 
 
-def exchange(xs: Any, raw: bytes, seq: int, deadline: float,
+def exchange(xs: XenstoreClient, raw: bytes, seq: int, deadline: float,
              clock: Callable[[], float] = time.monotonic) -> Verdict | None:
     """Write the request and wait for its ack. The watch is set *before* the write, so an
     ack written at once cannot be missed."""
@@ -243,7 +245,7 @@ def build_request(config: AgentConfig, phase: str, seq: int, timeout: float,
     return encode_checked(replace(request, disks=mark_frozen(request.disks, frozen)))
 
 
-def exchange_frozen(xs: Any, request: BoundaryRequest, timeout: float, *,
+def exchange_frozen(xs: XenstoreClient, request: BoundaryRequest, timeout: float, *,
                     clock: Callable[[], float] = time.monotonic,
                     freezer: freeze.Freezer | None = None) -> Verdict | None:
     """Freeze the read-write disks, write ``request`` flagged accordingly, wait for the
@@ -257,7 +259,7 @@ def exchange_frozen(xs: Any, request: BoundaryRequest, timeout: float, *,
         return exchange(xs, raw, request.seq, clock() + timeout, clock)
 
 
-def mark_boundary(xs: Any, config: AgentConfig, phase: str, store: StateStore,
+def mark_boundary(xs: XenstoreClient, config: AgentConfig, phase: str, store: StateStore,
                   timeout: float, *, clock: Callable[[], float] = time.monotonic,
                   mounts_path: str = MOUNTS, proc_path: str = PROC,
                   freezer: freeze.Freezer | None = None) -> BoundaryResult:

@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from xenpbr.guestproto.wire import GENERATION_KEY, GuestStatus, VerdictKind
@@ -58,6 +57,7 @@ from xenpbr_agent.boundary import (
     MOUNTS,
     PROC,
     BoundaryResult,
+    XenstoreFactory,
     mark_boundary,
     read_ack,
     report_status,
@@ -73,8 +73,6 @@ from xenpbr_agent.config import (
 from xenpbr_agent.state import StateStore
 
 log = logging.getLogger("xenpbr_agent")
-
-XenstoreFactory = Callable[[], Any]
 
 #: What an operator can do about some refusals (the rest speak for themselves).
 HINTS = {

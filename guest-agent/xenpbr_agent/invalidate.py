@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
 
 from xenpbr.guestproto.invalidation import (
     ANSWER_KEY,
@@ -22,7 +21,7 @@ from xenpbr.guestproto.invalidation import (
     Invalidation,
     parse_answer,
 )
-from xenpbr.xenstore import XenstoreError
+from xenpbr.xenstore import XenstoreClient, XenstoreError
 from xenpbr_agent import AgentError
 from xenpbr_agent.boundary import dom0_enabled
 from xenpbr_agent.config import AgentConfig
@@ -30,7 +29,7 @@ from xenpbr_agent.config import AgentConfig
 log = logging.getLogger(__name__)
 
 
-def request_invalidation(xs: Any, config: AgentConfig, phase: str, timeout: float,
+def request_invalidation(xs: XenstoreClient, config: AgentConfig, phase: str, timeout: float,
                          clock: Callable[[], float] = time.monotonic) -> Answer | None:
     """Ask dom0 to drop the images of ``phase`` and later phases; its answer, or None if
     none came within ``timeout`` seconds."""
