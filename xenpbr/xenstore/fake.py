@@ -175,6 +175,10 @@ class _TxView:
         self.dirty.add(path)
 
 
+#: Where a node operation reads and writes: the committed tree or a transaction's overlay.
+_View = _GlobalView | _TxView
+
+
 class _FakeConnection:
     """Implements :class:`xenpbr.xenstore.client.XenstoreConnection` against a
     :class:`FakeXenstoreServer`; raises :class:`OSError` with xenstored's errno."""
@@ -462,7 +466,7 @@ class FakeXenstoreServer:
     def _bits(self, conn: _FakeConnection, perms: Perms) -> int:
         return _perm_bits(conn.domid, perms, self._known)
 
-    def _errno_from_parents(self, conn: _FakeConnection, view, path: str, need: int) -> int:
+    def _errno_from_parents(self, conn: _FakeConnection, view: _View, path: str, need: int) -> int:
         p = path
         while p != "/":
             p = _parent(p)
@@ -471,7 +475,7 @@ class FakeXenstoreServer:
                 return errno.ENOENT if self._bits(conn, node.perms) & need else errno.EACCES
         return errno.EACCES  # pragma: no cover - "/" always exists
 
-    def _check(self, conn: _FakeConnection, view, path: str, need: int) -> _Node:
+    def _check(self, conn: _FakeConnection, view: _View, path: str, need: int) -> _Node:
         node = view.get(path)
         if node is None:
             raise _err(self._errno_from_parents(conn, view, path, need), path)
@@ -479,7 +483,7 @@ class FakeXenstoreServer:
             raise _err(errno.EACCES, path)
         return node
 
-    def _emit(self, view, path: str, perms: Perms, exact: bool = False,
+    def _emit(self, view: _View, path: str, perms: Perms, exact: bool = False,
               also: Perms | None = None) -> None:
         perm_sets = (perms,) if also is None else (perms, also)
         if view.events is None:
@@ -487,7 +491,8 @@ class FakeXenstoreServer:
         else:
             view.events.append((path, perm_sets, exact))
 
-    def _create(self, conn: _FakeConnection, view, path: str, value: bytes) -> None:
+    def _create(self, conn: _FakeConnection, view: _View, path: str, value: bytes) -> _Node:
+        """Create ``path`` and its missing parents; a copy of the new node."""
         missing = [path]
         parent = _parent(path)
         pnode = view.get(parent)
@@ -503,16 +508,16 @@ class FakeXenstoreServer:
             view.put(parent, pnode)
             node = _Node(value if p == path else b"", perms)
             view.put(p, node)
-            parent, pnode = p, view.get(p)
+            parent, pnode = p, node.copy()  # what view.get(p) returns now
+        return pnode
 
-    def _write(self, conn: _FakeConnection, view, path: str, value: bytes) -> None:
+    def _write(self, conn: _FakeConnection, view: _View, path: str, value: bytes) -> None:
         node = view.get(path)
         if node is None:
             code = self._errno_from_parents(conn, view, path, _WRITE)
             if code != errno.ENOENT:
                 raise _err(code, path)
-            self._create(conn, view, path, value)
-            node = view.get(path)
+            node = self._create(conn, view, path, value)
         else:
             if self._bits(conn, node.perms) & _WRITE != _WRITE:
                 raise _err(errno.EACCES, path)
@@ -520,7 +525,7 @@ class FakeXenstoreServer:
             view.put(path, node)
         self._emit(view, path, node.perms)
 
-    def _mkdir(self, conn: _FakeConnection, view, path: str) -> None:
+    def _mkdir(self, conn: _FakeConnection, view: _View, path: str) -> None:
         node = view.get(path)
         if node is not None:
             if self._bits(conn, node.perms) & _WRITE != _WRITE:
@@ -529,10 +534,9 @@ class FakeXenstoreServer:
         code = self._errno_from_parents(conn, view, path, _WRITE)
         if code != errno.ENOENT:
             raise _err(code, path)
-        self._create(conn, view, path, b"")
-        self._emit(view, path, view.get(path).perms)
+        self._emit(view, path, self._create(conn, view, path, b"").perms)
 
-    def _rm(self, conn: _FakeConnection, view, path: str) -> None:
+    def _rm(self, conn: _FakeConnection, view: _View, path: str) -> None:
         if path == "/":
             raise _err(errno.EINVAL, "cannot remove /")
         node = view.get(path)
@@ -568,7 +572,7 @@ class FakeXenstoreServer:
             else:
                 self._emit(view, p, perms, exact=True)
 
-    def _set_perms(self, conn: _FakeConnection, view, path: str, perms: Perms) -> None:
+    def _set_perms(self, conn: _FakeConnection, view: _View, path: str, perms: Perms) -> None:
         if not perms:
             raise _err(errno.EINVAL, "empty permission list")
         node = self._check(conn, view, path, _WRITE | _OWNER)
