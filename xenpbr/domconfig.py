@@ -25,6 +25,7 @@ from typing import Union
 
 from xenpbr.errors import XenpbrError
 from xenpbr.phases import HEALTH_DEFAULTS, Fingerprint
+from xenpbr.resurrection.model import MIB, Caps
 
 Value = Union[str, int, float, list["Value"]]
 
@@ -176,6 +177,7 @@ def parse(text: str, path: Path = Path("<config>")) -> DomainConfig:
     crash_loop_policy(DomainConfig(path, settings))  # ConfigError now, not at the crash
     health_policy(DomainConfig(path, settings))
     hot_stream(DomainConfig(path, settings))
+    resurrect_caps(DomainConfig(path, settings))
     if settings.get("type", "pv") != "pv":
         if any(settings.get(k) == XENPBR_ACTION for k in ACTION_KEYS):
             raise ConfigError(f"{path}: phasereboot supports PV guests only "
@@ -287,10 +289,65 @@ def hot_stream(config: DomainConfig) -> bool:
     return bool(value)
 
 
+#: ``xenpbr_resurrect`` caps: name -> (smallest, largest) allowed value. A guest decides
+#: what it registers, so the operator bounds what dom0 reads of a crashed one: regions,
+#: bytes (at most 1 GiB, read while the guest waits to be recovered) and seconds (at most
+#: 30: resurrection must never hold a recovery up for long).
+RESURRECT_BOUNDS: dict[str, tuple[float, float]] = {
+    "regions": (1, 256), "bytes": (4096, 1024 * MIB), "seconds": (0.01, 30.0)}
+_SIZE_UNITS = {"": 1, "k": 1024, "m": MIB, "g": 1024 * MIB}
+_RESURRECT_HELP = ('expected 0 (off), 1 (on, with the default caps regions=8,bytes=16M,'
+                   'seconds=2) or a string of caps such as "regions=8,bytes=16M,seconds=2" '
+                   '(any of them; regions 1..256, bytes 4K..1G with an optional K/M/G '
+                   'suffix, seconds 0.01..30)')
+
+
+def resurrect_caps(config: DomainConfig) -> Caps | None:
+    """``xenpbr_resurrect``: the caps of resurrection for this domain, None if it is off
+    (absent or 0). ``1`` means the defaults of :class:`~xenpbr.resurrection.model.Caps`;
+    a string sets any of ``regions``, ``bytes`` and ``seconds``, the rest default."""
+    value = config.settings.get("xenpbr_resurrect", 0)
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+        return Caps() if value else None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{config.path}: xenpbr_resurrect = {value!r}: {_RESURRECT_HELP}")
+    caps: dict[str, float] = {}
+    for item in value.split(","):
+        name, sep, text = (part.strip() for part in item.partition("="))
+        if not sep or name not in RESURRECT_BOUNDS or name in caps:
+            raise ConfigError(f"{config.path}: xenpbr_resurrect = {value!r}: "
+                              f"{item.strip()!r} is not a cap (or repeats one); "
+                              f"{_RESURRECT_HELP}")
+        caps[name] = _resurrect_cap(config, value, name, text)
+    return Caps(regions=int(caps.get("regions", Caps.regions)),
+                bytes=int(caps.get("bytes", Caps.bytes)),
+                seconds=float(caps.get("seconds", Caps.seconds)))
+
+
+def _resurrect_cap(config: DomainConfig, value: str, name: str, text: str) -> float:
+    """One cap's number, within :data:`RESURRECT_BOUNDS`."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgG]?)", text)
+    number: float | None = None
+    if match is not None:
+        unit = match.group(2).lower()
+        if name == "bytes" and "." not in match.group(1):
+            number = int(match.group(1)) * _SIZE_UNITS[unit]
+        elif name == "seconds" and not unit:
+            number = float(match.group(1))
+        elif name == "regions" and not unit and "." not in match.group(1):
+            number = int(match.group(1))
+    low, high = RESURRECT_BOUNDS[name]
+    if number is None or not low <= number <= high:
+        raise ConfigError(f"{config.path}: xenpbr_resurrect = {value!r}: {name}={text!r} "
+                          f"is out of range or not a number; {_RESURRECT_HELP}")
+    return number
+
+
 #: The ``xenpbr_*`` keys xenpbr reads; any other ``xenpbr_*`` key is a typo that would
 #: otherwise be dropped without a word (``xenpbr_disk`` for ``xenpbr_disks``).
 XENPBR_KEYS = ("xenpbr_disks", "xenpbr_crash_loop_window", "xenpbr_crash_loop_limit",
-               "xenpbr_hot_stream", "xenpbr_healthy_after", "xenpbr_image_failures")
+               "xenpbr_hot_stream", "xenpbr_healthy_after", "xenpbr_image_failures",
+               "xenpbr_resurrect")
 
 
 def check_xenpbr_keys(config: DomainConfig) -> None:

@@ -189,3 +189,46 @@ def test_misspelled_health_keys_name_the_close_match() -> None:
         domconfig.parse('name = "g"\nxenpbr_healty_after = 30\n')
     with pytest.raises(ConfigError, match="did you mean xenpbr_image_failures"):
         domconfig.parse('name = "g"\nxenpbr_image_failure = 2\n')
+
+
+def test_resurrect_is_off_unless_set_and_one_means_the_default_caps() -> None:
+    from xenpbr.resurrection.model import Caps
+    assert domconfig.resurrect_caps(domconfig.parse('name = "g"\n')) is None
+    assert domconfig.resurrect_caps(domconfig.parse('name = "g"\nxenpbr_resurrect = 0\n')) is None
+    assert domconfig.resurrect_caps(domconfig.parse('name = "g"\nxenpbr_resurrect = 1\n')) == Caps()
+
+
+def test_resurrect_caps_set_any_subset_with_size_units() -> None:
+    from xenpbr.resurrection.model import MIB, Caps
+    caps = domconfig.resurrect_caps(domconfig.parse(
+        'name = "g"\nxenpbr_resurrect = "regions=3, bytes=512K"\n'))
+    assert caps == Caps(regions=3, bytes=512 * 1024, seconds=Caps.seconds)
+    caps = domconfig.resurrect_caps(domconfig.parse(
+        'name = "g"\nxenpbr_resurrect = "seconds=0.5,bytes=1G"\n'))
+    assert caps == Caps(regions=Caps.regions, bytes=1024 * MIB, seconds=0.5)
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("2", "expected 0 (off), 1"),
+    ('""', "expected 0 (off), 1"),
+    ('"regions=0"', "regions='0' is out of range"),
+    ('"regions=1000"', "regions='1000' is out of range"),
+    ('"bytes=2G"', "bytes='2G' is out of range"),
+    ('"bytes=1.5M"', "bytes='1.5M' is out of range or not a number"),
+    ('"seconds=60"', "seconds='60' is out of range"),
+    ('"seconds=2M"', "seconds='2M'"),
+    ('"pages=3"', "'pages=3' is not a cap"),
+    ('"regions=2,regions=3"', "repeats one"),
+    ('"regions"', "'regions' is not a cap"),
+])
+def test_resurrect_refuses_bad_values_naming_the_key_and_what_is_allowed(
+        value: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        domconfig.parse(f'name = "g"\nxenpbr_resurrect = {value}\n')
+    assert problem in str(info.value)
+    assert "xenpbr_resurrect" in str(info.value) and "regions 1..256" in str(info.value)
+
+
+def test_resurrect_typo_names_the_key() -> None:
+    with pytest.raises(ConfigError, match="did you mean xenpbr_resurrect"):
+        domconfig.parse('name = "g"\nxenpbr_resurect = 1\n')
