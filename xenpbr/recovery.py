@@ -15,6 +15,12 @@ the CLI prints it) is decided from that, not from callbacks. Only the ack itself
 an injected step: it must be in the restored domain's control dir before the unpause,
 and a failed ack discards that domain and tries the next candidate.
 
+**Resurrection.** For a crash or a watchdog (not an operator's reboot of a running
+guest), an optional :class:`Extractor` reads the applications' resurrection regions out
+of the crashed domain after the plan is made and *before* it is destroyed (the
+``extracted`` mark). Anything it raises is logged and the recovery goes on: resurrection
+never blocks getting the guest back.
+
 **Surviving our own death.** A recovery writes an intent record before it destroys
 anything and removes it when the timeline is saved. If xenpbrd is killed in between,
 :meth:`Recovery.resume_interrupted` (run when xenpbrd starts) finds the record: a domain
@@ -68,6 +74,19 @@ class Acknowledger(Protocol):
     def restored(self, domid: int, seq: int, generation: int) -> None: ...
 
 
+class Extractor(Protocol):
+    """Reads resurrection data out of the crashed domain ``domid`` before it is destroyed,
+    keeps it, and marks ``extracted`` (with the per-application summary) on ``timeline``;
+    it may do nothing (resurrection off). Its exceptions never stop a recovery."""
+
+    def extract(self, name: str, domid: int, timeline: Timeline) -> None: ...
+
+
+#: The triggers whose crashed memory is worth reading (an operator's reboot is of a
+#: running guest; a resumed recovery's domain may be half gone).
+EXTRACTING_TRIGGERS = ("crash", "watchdog")
+
+
 @dataclass(frozen=True)
 class RecoveryResult:
     """What a finished recovery brought back: its domain, the path taken (``phase:<p>``
@@ -95,16 +114,18 @@ class Recovery:
     """Executes recovery plans and records their timelines."""
 
     def __init__(self, state: StateDir, toolstack: Toolstack, restorer: Restorer,
-                 ack: Acknowledger, clock: Callable[[], float] = time.monotonic) -> None:
+                 ack: Acknowledger, clock: Callable[[], float] = time.monotonic,
+                 extractor: Extractor | None = None) -> None:
         self.state, self.toolstack, self.restorer, self.ack = state, toolstack, restorer, ack
-        self.clock = clock
+        self.clock, self.extractor = clock, extractor
 
     def recover(self, name: str, trigger: str, crash_seen: float | None = None,
-                max_phase: str | None = None) -> RecoveryResult:
+                max_phase: str | None = None, domid: int | None = None) -> RecoveryResult:
         """Recover ``name`` after ``trigger`` (crash | watchdog | operator).
 
         ``crash_seen`` is the monotonic time the event was first seen (defaults to now),
-        so the timeline starts at detection, not at the start of this call.
+        so the timeline starts at detection, not at the start of this call. ``domid`` is
+        the crashed domain, whose memory the extractor reads (none: nothing is read).
         """
         timeline = Timeline(name, trigger)
         timeline.mark("crash_seen", now=crash_seen if crash_seen is not None else self.clock())
@@ -119,6 +140,8 @@ class Recovery:
         self._record(name, "its recovery intent", self.state.begin_recovery, name,
                      {"trigger": trigger})
         try:
+            if trigger in EXTRACTING_TRIGGERS and domid is not None:
+                self._extract(name, domid, timeline)
             self._destroy_crashed(name, timeline)
             for candidate in plan.candidates:
                 if self._attempt(name, candidate, phases, timeline):
@@ -212,6 +235,18 @@ class Recovery:
     def _describe(candidate: Candidate) -> str:
         img = candidate.image
         return "normal reboot" if img is None else f"{img.phase} ({img.image_id})"
+
+    def _extract(self, name: str, domid: int, timeline: Timeline) -> None:
+        """Run the extractor on the crashed ``domid``; whatever goes wrong is logged and
+        marked, and the recovery goes on."""
+        if self.extractor is None:
+            return
+        try:
+            self.extractor.extract(name, domid, timeline)
+        except Exception as exc:  # noqa: BLE001 - resurrection must never stop a recovery
+            log.exception("%s: resurrection failed (recovering without it): %s", name, exc)
+            if timeline.at("extracted") is None:
+                timeline.mark("extracted", f"failed: {exc}", now=self.clock())
 
     def _destroy_crashed(self, name: str, timeline: Timeline) -> None:
         try:

@@ -3,8 +3,10 @@
 Each recovery (a crash, a watchdog, or an operator's ``xenpbr reboot``) records named
 marks with both clocks: monotonic time for durations (immune to clock steps) and wall
 time for the operator. The mark names are fixed so tools can compare recoveries:
-``crash_seen``, ``image_chosen``, ``destroyed``, ``restore_started``,
+``crash_seen``, ``image_chosen``, ``extracted``, ``destroyed``, ``restore_started``,
 ``restore_finished``, ``devices_ready``, ``guest_ack``, ``service_ready``.
+``extracted`` (resurrection read the crashed memory, before the destroy) comes with a
+per-application summary, :class:`AppResurrection`, kept in :attr:`Timeline.resurrection`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-MARKS = ("crash_seen", "image_chosen", "destroyed", "restore_started", "restore_finished",
+MARKS = ("crash_seen", "image_chosen", "extracted", "destroyed", "restore_started",
+         "restore_finished",
          "devices_ready", "guest_ack", "service_ready")
 
 
@@ -25,6 +28,27 @@ class Mark:
     monotonic: float
     wall: float
     detail: str = ""
+
+
+@dataclass
+class AppResurrection:
+    """What one recovery's extraction got for one application: regions read and kept
+    (0 or 1: one region per registration), records kept, rejections by reason (the region
+    or its records), bytes read from the crashed memory, seconds spent on it."""
+
+    app: str
+    regions: int = 0
+    records: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def brief(self) -> str:
+        """One line: ``kv: 1 region, 120 records, rejected crc x2, 8192 B, 0.004 s``."""
+        rejected = ", ".join(f"{reason} x{n}" for reason, n in sorted(self.rejected.items()))
+        return (f"{self.app}: {self.regions} region{'s' if self.regions != 1 else ''}, "
+                f"{self.records} records, rejected {rejected or 'none'}, {self.bytes} B, "
+                f"{self.seconds:.3f} s")
 
 
 @dataclass
@@ -40,6 +64,7 @@ class Timeline:
     skipped: list[str] = field(default_factory=list)  # images not used, and why
     generation: int | None = None  # the generation a phase-based reboot acknowledged
     domid: int | None = None  # the domain it brought back (published as the domid)
+    resurrection: list[AppResurrection] = field(default_factory=list)  # per application
 
     def mark(self, name: str, detail: str = "", now: float | None = None) -> Mark:
         """Record ``name`` now (or at monotonic time ``now``)."""
@@ -94,4 +119,5 @@ class Timeline:
         marks = [Mark(**m) for m in data.get("marks", [])]
         fields = {k: data[k] for k in ("domain", "trigger", "method", "outcome", "attempts",
                                        "skipped", "generation", "domid") if k in data}
-        return cls(marks=marks, **fields)
+        apps = [AppResurrection(**a) for a in data.get("resurrection", [])]
+        return cls(marks=marks, resurrection=apps, **fields)

@@ -20,7 +20,7 @@ import pytest
 from xenpbr import cli
 from xenpbr.phases import ImageInfo
 from xenpbr.state import StateDir
-from xenpbr.timeline import Timeline
+from xenpbr.timeline import AppResurrection, Timeline
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "cli-json.md"
 Spec = dict[str, tuple[str, bool]]  # key path -> (type, nullable)
@@ -99,6 +99,7 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for i, mark in enumerate(("crash_seen", "image_chosen", "restore_finished")):
         ok.mark(mark, "detail" if i == 1 else "", now=10.0 + i)
     ok.method, ok.outcome = "phase:kernel", "recovered"
+    ok.resurrection = [AppResurrection("kv", 1, 12, {"crc": 1}, 16384, 0.01)]
     failed = Timeline("web", "operator", outcome="failed", attempts=["normal-reboot failed"])
     state.add_history(failed)
     state.add_history(ok)  # the last one: status shows it
