@@ -17,6 +17,7 @@ from xenpbr.controller.health import GuestHealth
 from xenpbr.controller.invalidation import Invalidations
 from xenpbr.controller.publishing import Publisher
 from xenpbr.controller.recover import Recoveries
+from xenpbr.controller.resurrect import ResurrectionExtractor, frames_opener
 from xenpbr.controller.warmup import WarmUps
 from xenpbr.controller.watches import GuestWatches
 from xenpbr.hypervisor.base import Hypervisor
@@ -54,9 +55,10 @@ class PhaseController:
         self.warm_ups = WarmUps(state, store)
         self.invalidations = Invalidations(state, xs, self.boundaries, self.warm_ups)
         self.health = GuestHealth(state, xs)
+        self.extractor = ResurrectionExtractor(state, xs, frames_opener(hypervisor))
         self.recoveries = Recoveries(state, toolstack, restorer, self.protocol, self.watches,
                                      self.names, self.boundaries, self.publisher,
-                                     self.warm_ups)
+                                     self.warm_ups, self.extractor)
 
     # -- start ---------------------------------------------------------------------------
 

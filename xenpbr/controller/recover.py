@@ -2,7 +2,8 @@
 
 Separate because a crash is the controller's most consequential event: it checks the
 operator asked for a phase-based reboot on this trigger, runs
-:class:`~xenpbr.recovery.Recovery` under the domain's lock, and from its
+:class:`~xenpbr.recovery.Recovery` under the domain's lock (with the crashed domid, whose
+memory the resurrection step reads before the destroy), and from its
 :class:`~xenpbr.recovery.RecoveryResult` adopts the new domid (known by name, its run's
 passed phases set) and publishes it. The ack itself is written during the recovery,
 before the unpause, by :class:`WatchingAcknowledger`.
@@ -20,7 +21,14 @@ from xenpbr.controller.publishing import Publisher
 from xenpbr.controller.warmup import WarmUps
 from xenpbr.controller.watches import GuestWatches
 from xenpbr.guestproto.control import PhaseProtocol
-from xenpbr.recovery import Recovery, RecoveryFailed, RecoveryResult, Restorer, Toolstack
+from xenpbr.recovery import (
+    Extractor,
+    Recovery,
+    RecoveryFailed,
+    RecoveryResult,
+    Restorer,
+    Toolstack,
+)
 from xenpbr.state import StateDir, domain_lock
 from xenpbr.watcher import DomainEvent, DomainWatchdogFired
 
@@ -45,11 +53,12 @@ class Recoveries:
 
     def __init__(self, state: StateDir, toolstack: Toolstack, restorer: Restorer,
                  proto: PhaseProtocol, watches: GuestWatches, names: DomainNames,
-                 boundaries: Boundaries, publisher: Publisher, warm_ups: WarmUps) -> None:
+                 boundaries: Boundaries, publisher: Publisher, warm_ups: WarmUps,
+                 extractor: Extractor | None = None) -> None:
         self.state, self.names, self.boundaries = state, names, boundaries
         self.publisher, self.warm_ups = publisher, warm_ups
         self.recovery = Recovery(state, toolstack, restorer,
-                                 WatchingAcknowledger(proto, watches))
+                                 WatchingAcknowledger(proto, watches), extractor=extractor)
 
     def on_crash(self, event: DomainEvent, name: str) -> bool:
         """Recover ``name`` if its config asks for it; True if it is back up (then its
@@ -62,7 +71,8 @@ class Recoveries:
             self.names.forget(event.domid)
             self.publisher.publish(name, "recovering", event.domid)  # still there, crashed
             try:
-                result = self.recovery.recover(name, trigger, crash_seen=event.seen_at)
+                result = self.recovery.recover(name, trigger, crash_seen=event.seen_at,
+                                               domid=event.domid)
             except RecoveryFailed as exc:
                 log.critical("%s is DOWN: %s", name, exc)
                 self.publisher.publish(name, "down")
