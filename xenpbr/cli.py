@@ -257,8 +257,18 @@ def _recovery_details(row: dict[str, Any]) -> list[str]:
     lines += [f"skipped {text}" for text in row["skipped"]]
     marks = " ".join(f"{k}={v}" for k, v in row["since_crash"].items() if k != "crash_seen")
     lines += [f"s after crash seen: {marks}"] if marks else []
+    lines += _resurrection_details(row)
     return [wrapped for line in lines
             for wrapped in textwrap.wrap(line, 96, subsequent_indent="    ")]
+
+
+def _resurrection_details(row: dict[str, Any]) -> list[str]:
+    """The extraction's lines: its mark's detail, then one line per application."""
+    from xenpbr.timeline import AppResurrection
+    extracted = [m["detail"] for m in row["marks"] if m["name"] == "extracted"]
+    lines = [f"resurrection: {detail}" for detail in extracted]
+    return lines + [f"resurrection {AppResurrection(**app).brief()}"
+                    for app in row["resurrection"]]
 
 
 def cmd_history(args: argparse.Namespace, state: StateDir) -> int:
@@ -270,6 +280,60 @@ def cmd_history(args: argparse.Namespace, state: StateDir) -> int:
         ("outcome", "outcome"), ("downtime_s", "downtime s")], empty="no recoveries yet",
         details=_recovery_details))
     return 0
+
+
+def resurrected_row(held: Any, exported: Path | None) -> dict[str, Any]:
+    """One application's data in the vault, as ``resurrected --json`` gives it."""
+    from xenpbr.resurrection.vault import rejection_to_json
+    lost = [{k: v for k, v in rejection_to_json(r).items() if k in ("reason", "seq", "key")}
+            for r in held.lost]
+    return {"app": held.app, "generation": held.generation, "records": len(held.records),
+            "lost": lost, "bytes": held.bytes, "extracted_at": utc(held.extracted_at),
+            "damaged": None, "exported_to": None if exported is None else str(exported)}
+
+
+def damaged_row(damaged: Any) -> dict[str, Any]:
+    """A vault file that failed its check: listed, never delivered or exported."""
+    return {"app": damaged.app, "generation": None, "records": None, "lost": None,
+            "bytes": None, "extracted_at": None, "damaged": damaged.reason,
+            "exported_to": None}
+
+
+def _lost_cell(row: dict[str, Any]) -> str:
+    if row["damaged"] is not None:
+        return f"DAMAGED: {row['damaged']}"
+    reasons: dict[str, int] = {}
+    for lost in row["lost"]:
+        reasons[lost["reason"]] = reasons.get(lost["reason"], 0) + 1
+    return ", ".join(f"{r} {n}" for r, n in sorted(reasons.items())) or "0"
+
+
+def cmd_resurrected(args: argparse.Namespace, state: StateDir) -> int:
+    """What dom0 holds for a domain's applications from its crashes (xenpbr_resurrect),
+    waiting to be delivered back into the guest: per application the generation of its
+    region, records kept, records lost (with reasons), bytes and when it was extracted.
+    --export DIR writes each application's records to DIR/APP.json (keys and values in
+    base64); exits 1 if a damaged vault file could not be exported."""
+    from xenpbr.resurrection.vault import Vault
+    state.load_record(args.domain)  # UnknownDomain rather than an empty list
+    vault = Vault.in_state(state.root)
+    contents = vault.contents(args.domain)
+    exported: dict[str, Path] = {}
+    if args.export is not None:
+        exported = {p.stem: p for p in vault.export(args.domain, args.export)}
+    rows = [resurrected_row(h, exported.get(h.app)) for h in contents.held]
+    rows += [damaged_row(d) for d in contents.damaged]
+    rows.sort(key=lambda r: r["app"])
+    shown = [{**row, "lost": _lost_cell(row)} for row in rows]
+    emit(rows, args.json, lambda: table(shown, [
+        ("app", "app"), ("generation", "generation"), ("records", "records"),
+        ("lost", "lost"), ("bytes", "bytes"), ("extracted_at", "extracted", local_time)],
+        empty="nothing held"))
+    if contents.damaged and args.export is not None:
+        print(f"xenpbr: error: {len(contents.damaged)} damaged vault file(s) not exported: "
+              f"{', '.join(str(d.path) for d in contents.damaged)}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def _check_phase(name: str, phases: DomainPhases, phase: str | None) -> None:
@@ -443,6 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain", help=domain_help)
     p = command("history", cmd_history, "a domain's recovery timelines")
     p.add_argument("domain", help=domain_help)
+    p = command("resurrected", cmd_resurrected, "what dom0 holds from a domain's "
+                "applications after its crashes (resurrection); export it")
+    p.add_argument("domain", help=domain_help)
+    p.add_argument("--export", type=Path, metavar="DIR",
+                   help="also write each application's records to DIR/APP.json")
     p = command("forget", cmd_forget, "drop images (a phase and all later ones, or all)")
     p.add_argument("domain", help=domain_help)
     p.add_argument("--phase", help="forget this phase's image and every later phase's "

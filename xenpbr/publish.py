@@ -13,6 +13,9 @@ one documented subtree (contract: ``docs/xenstore.md``, "Published state")::
     /xenpbr/domains/<name>/images/<phase>/created  Unix time it was captured
     /xenpbr/domains/<name>/images/<phase>/valid    1, or 0 once it failed verification
     /xenpbr/domains/<name>/last-recovery/{trigger,method,outcome,downtime,finished}
+    /xenpbr/domains/<name>/last-recovery/resurrection/<app>
+                                               regions=1 records=12 rejected=crc:2
+                                               bytes=8192 seconds=0.004
     /xenpbr/domains/<name>/refusals/<reason>   the current domid's refused requests
                                                (reason with ':' as '-')
     /xenpbr/domains/<name>/updated             Unix time of this snapshot
@@ -27,11 +30,13 @@ trouble is logged and never stops a capture or a recovery.
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from xenpbr.errors import XenpbrError
 from xenpbr.phases import DomainPhases
 from xenpbr.state import StateDir
+from xenpbr.timeline import AppResurrection, Timeline
 from xenpbr.xenstore import NoSuchKey
 from xenpbr.xenstore.client import Transaction, XenstoreClient
 
@@ -39,6 +44,10 @@ log = logging.getLogger(__name__)
 
 ROOT = "/xenpbr/domains"
 STATUSES = ("watching", "capturing", "recovering", "down", "stopped")
+#: Application names come from the guest: published only if they follow the region
+#: format's name rule, and at most this many (the rest: ``xenpbr history``).
+_APP = re.compile(r"^[a-z0-9][a-z0-9._-]{0,30}$")
+MAX_PUBLISHED_APPS = 32
 
 
 def domain_root(name: str) -> str:
@@ -73,7 +82,21 @@ def snapshot(state: StateDir, name: str, status: str, domid: int | None,
                      "last-recovery/outcome": last.outcome,
                      "last-recovery/downtime": "" if downtime is None else f"{downtime:.3f}",
                      "last-recovery/finished": f"{finished:.0f}"})
+        keys.update(resurrection_keys(last))
     return keys
+
+
+def resurrection_line(app: AppResurrection) -> str:
+    """One application's extraction in brief, ``key=value`` words (docs/xenstore.md)."""
+    rejected = ",".join(f"{reason}:{n}" for reason, n in sorted(app.rejected.items()))
+    return (f"regions={app.regions} records={app.records} rejected={rejected or '-'} "
+            f"bytes={app.bytes} seconds={app.seconds:.3f}")
+
+
+def resurrection_keys(timeline: Timeline) -> dict[str, str]:
+    """``last-recovery/resurrection/<app>`` of the recovery's extraction."""
+    apps = [a for a in timeline.resurrection if _APP.match(a.app)][:MAX_PUBLISHED_APPS]
+    return {f"last-recovery/resurrection/{a.app}": resurrection_line(a) for a in apps}
 
 
 def publish(xs: XenstoreClient, state: StateDir, name: str, status: str,

@@ -100,6 +100,8 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ok.mark(mark, "detail" if i == 1 else "", now=10.0 + i)
     ok.method, ok.outcome = "phase:kernel", "recovered"
     ok.resurrection = [AppResurrection("kv", 1, 12, {"crc": 1}, 16384, 0.01)]
+    ok.mark("extracted", "1 regions read", now=10.5)
+    keep_resurrected(state)
     failed = Timeline("web", "operator", outcome="failed", attempts=["normal-reboot failed"])
     state.add_history(failed)
     state.add_history(ok)  # the last one: status shows it
@@ -109,16 +111,30 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return state.root
 
 
+def keep_resurrected(state: StateDir) -> None:
+    """The vault holds one good application (with a lost record) and one damaged file."""
+    from xenpbr.resurrection.model import AppExtraction, Extraction, Record, Rejection
+    from xenpbr.resurrection.vault import Vault
+    vault = Vault.in_state(state.root)
+    lost = [Rejection("kv", "crc", slot=3, seq=9, key=b"k9"), Rejection("kv", "torn", slot=4)]
+    vault.keep("web", Extraction(12, [AppExtraction("kv", 2, [Record(b"k", 1, b"v")], lost),
+                                      AppExtraction("db", 1, [Record(b"d", 1, b"x")])]), 1e9)
+    damaged = vault.root / "web" / "db.vault"
+    damaged.write_bytes(damaged.read_bytes() + b"!")
+
+
 def run_json(root: Path, *argv: str, capsys: pytest.CaptureFixture[str]) -> Any:
     assert cli.main(["--state-dir", str(root), *argv, "--json"]) == 0
     return json.loads(capsys.readouterr().out)
 
 
 COMMANDS = {"status": ["status"], "images": ["images", "web"], "history": ["history", "web"],
-            "inject": ["inject", "web"], "gc": ["gc"], "scrub": ["scrub"],
+            "inject": ["inject", "web"], "resurrected": ["resurrected", "web"], "gc": ["gc"], "scrub": ["scrub"],
             "forget": ["forget", "web", "--phase", "app"],  # these last: they change state
             "create": ["create", "{tmp}/api.cfg"], "check": ["check", "{tmp}/api.cfg"],
             "unregister": ["unregister", "web"]}
+#: ``--export`` with a damaged file exits 1: test_resurrected_export covers it (test_cli).
+ALWAYS_NULL_HERE["resurrected"] = {"exported_to"}
 #: Keys the test's fake xl cannot give a value (no domain runs).
 ALWAYS_NULL_HERE["unregister"] = {"domid"}
 NOT_RUN = {"reboot"}  # needs Xen and xenstore; its object is a history entry

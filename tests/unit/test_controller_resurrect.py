@@ -182,3 +182,10 @@ def test_without_the_extract_module_the_failure_is_logged_not_raised(tmp_path: P
     extractor.extract_fn = lambda *a, **k: Extraction(domid=3)
     extractor.extract("web", 3, t)  # no registrations: nothing read, still marked
     assert t.at("extracted") is not None and t.resurrection == []
+
+
+def test_refused_names_are_made_safe_to_show() -> None:
+    extraction = Extraction(7, refused=[Rejection("a\x1b[2Jb", "registration"),
+                                        Rejection("x" * 300, "registration")])
+    names = [a.app for a in summarise(extraction)]
+    assert names == ["a\\x1b[2Jb", "x" * 37 + "..."]

@@ -75,6 +75,14 @@ def _extract_module() -> Any:
     return extract
 
 
+def shown_name(app: str) -> str:
+    """An application name as the guest wrote it, safe for a terminal and a log: at most
+    40 characters, anything unprintable escaped (refused registrations are unvalidated)."""
+    safe = app.encode("ascii", "backslashreplace").decode("ascii")
+    safe = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in safe)
+    return safe if len(safe) <= 40 else safe[:37] + "..."
+
+
 def summarise(extraction: Extraction) -> list[AppResurrection]:
     """One :class:`AppResurrection` per application read or refused, in that order."""
     apps = [AppResurrection(a.app, 1 if a.kept else 0, len(a.records),
@@ -84,7 +92,8 @@ def summarise(extraction: Extraction) -> list[AppResurrection]:
     refused: dict[str, Counter[str]] = {}
     for rejection in extraction.refused:
         refused.setdefault(rejection.app, Counter())[rejection.reason] += 1
-    apps += [AppResurrection(app, 0, 0, dict(reasons)) for app, reasons in refused.items()]
+    apps += [AppResurrection(shown_name(app), 0, 0, dict(reasons))
+             for app, reasons in refused.items()]
     return apps
 
 
