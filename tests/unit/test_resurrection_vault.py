@@ -50,12 +50,15 @@ def test_a_failed_extraction_never_overwrites_good_data(tmp_path: Path) -> None:
     assert held.generation == 1 and held.records == _app("kv", generation=1).records
 
 
-def test_a_newer_good_extraction_replaces_the_older(tmp_path: Path) -> None:
+def test_a_newer_good_extraction_replaces_the_older_and_says_what_it_lost(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     vault = Vault(tmp_path)
     vault.keep("web", _extraction(_app("kv", generation=1, n=5)), at=1.0)
+    assert "replaces" not in caplog.text
     vault.keep("web", _extraction(_app("kv", generation=2, n=2)), at=2.0)
     [held] = vault.held("web")
     assert (held.generation, len(held.records), held.extracted_at) == (2, 2, 2.0)
+    assert "never confirmed delivered (generation 1, 5 records" in caplog.text
 
 
 def test_a_damaged_file_is_reported_and_never_held(tmp_path: Path) -> None:
@@ -127,3 +130,12 @@ def test_bounds_refuse_new_data_and_keep_the_old(tmp_path: Path) -> None:
 
 def test_in_state_is_below_the_state_root(tmp_path: Path) -> None:
     assert Vault.in_state(tmp_path).root == tmp_path / "resurrection"
+
+
+def test_a_write_killed_halfway_leaves_only_a_temp_file_that_is_never_read(
+        tmp_path: Path) -> None:
+    vault = Vault(tmp_path)
+    vault.keep("web", _extraction(_app("kv")), at=1.0)
+    (tmp_path / "web" / ".kv.vault.999.tmp").write_bytes(b"xenpbr-vault 1 sha256=")
+    assert [h.app for h in vault.held("web")] == ["kv"] and vault.contents("web").damaged == []
+    assert (tmp_path / "web" / "kv.vault").stat().st_mode & 0o777 == 0o600

@@ -206,7 +206,21 @@ class Vault:
         body = json.dumps(held_to_json(held), sort_keys=True).encode()
         data = seal(body)
         self._check_bounds(domain, path, len(data))
+        self._warn_if_replacing(domain, path)
         atomic_write(path, data, mode=0o600)
+
+    def _warn_if_replacing(self, domain: str, path: Path) -> None:
+        """Data still in the vault was never confirmed delivered (delivery drops it):
+        replacing it loses it, so say what is lost."""
+        if not path.exists():
+            return
+        try:
+            old = self._read(path, path.name[:-len(SUFFIX)])
+        except (VaultError, OSError, ValueError, KeyError, TypeError):
+            return  # a damaged file: nothing deliverable is lost
+        log.warning("%s: %s: a newer extraction replaces data never confirmed delivered "
+                    "(generation %d, %d records, extracted at %.0f)", domain, old.app,
+                    old.generation, len(old.records), old.extracted_at)
 
     def _check_bounds(self, domain: str, path: Path, size: int) -> None:
         others = [p for p in self._files(domain) if p != path]
