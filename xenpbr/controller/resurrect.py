@@ -63,7 +63,7 @@ def frames_opener(hypervisor: Hypervisor) -> FrameOpener:
 
     def open_frames(domid: int) -> FrameReader:
         if isinstance(hypervisor, LibxcHypervisor):
-            memory = hypervisor._memory(domid)  # noqa: SLF001 - no public accessor yet
+            memory = hypervisor.guest_memory(domid)
             return _extract_module().GuestMemoryFrames(memory)
         return HypervisorFrames(hypervisor, domid)
     return open_frames

@@ -239,16 +239,18 @@ class LibxcHypervisor(Hypervisor):
 
     # -- guest memory ---------------------------------------------------------------------
 
-    def _memory(self, domid: int) -> GuestMemory:
+    def guest_memory(self, domid: int) -> GuestMemory:
+        """One domain's memory by pfn, its P2M walked once (so a caller reading many frames
+        of one domain, as resurrection's extraction does, keeps and reuses it)."""
         return GuestMemory(self._xc, self._fmem, check_domid(domid),
                            batch_pages=self.batch_pages, p2m_method=self.p2m_method)
 
     def populated_pfns(self, domid: int) -> list[int]:
-        table = self._memory(domid).p2m()
+        table = self.guest_memory(domid).p2m()
         return [pfn for pfn, mfn in enumerate(table) if mfn != INVALID_MFN]
 
     def read_pfns(self, domid: int, pfns: Sequence[int]) -> list[bytes]:
-        memory = self._memory(domid)
+        memory = self.guest_memory(domid)
         out: list[bytes] = []
         for start in range(0, len(pfns), self.batch_pages):
             chunk = pfns[start:start + self.batch_pages]
@@ -261,11 +263,11 @@ class LibxcHypervisor(Hypervisor):
     def write_pfn(self, domid: int, pfn: int, data: bytes, offset: int = 0) -> None:
         refuse_control_domain(domid, "write memory of")
         check_page_write(pfn, data, offset)
-        with self._memory(domid).map_pfns([pfn], writable=True) as mapping:
+        with self.guest_memory(domid).map_pfns([pfn], writable=True) as mapping:
             mapping.memoryview[offset:offset + len(data)] = data
 
     def find(self, domid: int, marker: bytes, limit: int | None = None) -> list[tuple[int, int]]:
-        return self._memory(domid).find(marker, limit)
+        return self.guest_memory(domid).find(marker, limit)
 
     # -- errno mapping --------------------------------------------------------------------
 
