@@ -116,6 +116,7 @@ def cmd_unregister(args: argparse.Namespace, state: StateDir) -> int:
 
 def _unregister_text(row: dict[str, Any]) -> str:
     text = (f"{row['name']}: no longer managed by xenpbr ({row['images_dropped']} image(s), "
+            f"{row['resurrected_dropped']} application(s)' resurrected data, "
             f"state{' and published keys' if row['unpublished'] else ''} removed).")
     if row["domid"] is None:
         return text

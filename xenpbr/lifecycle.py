@@ -11,8 +11,9 @@ fails the registration is put back as it was (nothing registered, or the previou
 the UUID xl gives the domain (the config's, or a new one), so xenpbrd never adopts a
 different domain that merely reuses the name.
 
-``unregister`` stops managing a domain: its images, disk snapshots, hot streams, state
-and published xenstore keys go; a running domain is left running, as a plain xl domain.
+``unregister`` stops managing a domain: its images, disk snapshots, hot streams, the
+resurrected data dom0 holds for it, state and published xenstore keys go; a running domain
+is left running, as a plain xl domain.
 """
 
 from __future__ import annotations
@@ -120,13 +121,15 @@ def create(path: Path, state: StateDir, paused: bool = False,
 def unregister(state: StateDir, name: str) -> dict[str, Any]:
     """Stop managing ``name`` (images, snapshots, hot streams, state, published keys),
     under the domain's lock so no capture or recovery is half-way through."""
+    from xenpbr.resurrection.vault import Vault
     from xenpbr.state import domain_lock
     state.load_record(name)  # UnknownDomain before anything is touched
     with domain_lock(state, name):
         dropped = _drop_images(state, name)
+        resurrected = Vault.in_state(state.root).forget(name)
         state.unregister(name)
-    return {"name": name, "images_dropped": dropped, "unpublished": _unpublish(name),
-            "domid": running_domid(name)}
+    return {"name": name, "images_dropped": dropped, "resurrected_dropped": resurrected,
+            "unpublished": _unpublish(name), "domid": running_domid(name)}
 
 
 def _drop_images(state: StateDir, name: str) -> int:

@@ -377,6 +377,19 @@ def test_unregister_drops_images_and_state(registered, xl_log, capsys) -> None:
     assert code == 1 and "not registered" in err
 
 
+def test_unregister_drops_the_resurrected_data_dom0_holds(registered, capsys) -> None:
+    from xenpbr.resurrection.model import AppExtraction, Extraction, Record
+    from xenpbr.resurrection.vault import Vault
+    vault = Vault.in_state(StateDir(registered).root)
+    app = AppExtraction("kv", 1, records=[Record(b"k", 1, b"v")])
+    assert vault.keep("web", Extraction(domid=3, apps=[app]), at=0.0) == ["kv"]
+    code, out, _ = run(registered, "unregister", "web", "--json", capsys=capsys)
+    assert code == 0 and json.loads(out)["resurrected_dropped"] == 1
+    assert vault.held("web") == []
+    code, _, err = run(registered, "remove", "web", capsys=capsys)
+    assert code == 1 and "not registered" in err
+
+
 def test_unregister_of_a_running_domain_says_it_keeps_running(registered, tmp_path,
                                                                capsys, monkeypatch) -> None:
     bindir = tmp_path / "bin2"
@@ -388,8 +401,8 @@ def test_unregister_of_a_running_domain_says_it_keeps_running(registered, tmp_pa
     assert code == 0 and json.loads(out)["domid"] == 7
     run(StateDir(registered).root, "status", capsys=capsys)
     from xenpbr import lifecycle
-    text = cli._unregister_text({"name": "web", "images_dropped": 2, "unpublished": False,
-                                 "domid": 7})
+    text = cli._unregister_text({"name": "web", "images_dropped": 2, "resurrected_dropped": 0,
+                                 "unpublished": False, "domid": 7})
     assert "not destroyed" in text and "on_crash = preserve" in text
     assert lifecycle.running_domid("web") == 7
 

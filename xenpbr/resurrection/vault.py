@@ -27,6 +27,7 @@ import base64
 import hashlib
 import json
 import logging
+import shutil
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +237,15 @@ class Vault:
         """Forget ``app``'s data for ``domain`` (delivered and confirmed, or discarded by
         the operator); nothing happens if there is none."""
         self._path(domain, app).unlink(missing_ok=True)
+
+    def forget(self, domain: str) -> int:
+        """Drop everything held for ``domain`` (``xenpbr unregister``); how many
+        applications' data there was."""
+        files = self._files(domain)
+        for path in files:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self._domain_dir(domain), ignore_errors=True)
+        return len(files)
 
     # -- reading ---------------------------------------------------------------------------
 
