@@ -140,11 +140,11 @@ def write_files(root: str, app: str, generation: int, payload: Payload) -> Path:
     return folder
 
 
-def load_resurrected(app: str, root: str = ROOT) -> dict[bytes, bytes]:
+def load_resurrected(app: str, root: str | None = None) -> dict[bytes, bytes]:
     """The latest value of each key resurrected for ``app`` (deleted keys left out); empty if
     nothing was delivered. For ``xenpbr_agent.resurrect.Region`` users at start-up."""
     try:
-        content = json.loads((Path(root) / app / "records.json").read_text())
+        content = json.loads((Path(root or ROOT) / app / "records.json").read_text())
     except FileNotFoundError:
         return {}
     return {base64.b64decode(r["key"]): base64.b64decode(r["value"])
@@ -159,7 +159,7 @@ def _procedure_runner(folder: Path) -> Runner:
     return functools.partial(run_command, env=env)
 
 
-def hand_over(xs: XenstoreClient, config: AgentConfig, app: str, root: str = ROOT,
+def hand_over(xs: XenstoreClient, config: AgentConfig, app: str, root: str | None = None,
               runner: Runner | None = None) -> Outcome:
     """Receive, verify, write, run the procedure and confirm ``app``'s delivery, unless it
     is not complete yet or was already confirmed for its generation."""
@@ -179,7 +179,7 @@ def hand_over(xs: XenstoreClient, config: AgentConfig, app: str, root: str = ROO
     except DeliveryMalformed as exc:
         log.error("resurrected %s generation %d: %s", app, manifest.generation, exc)
         return _confirm(xs, Outcome(app, Confirmation(False, manifest.generation, exc.reason)))
-    folder = write_files(root, app, manifest.generation, payload)
+    folder = write_files(root or ROOT, app, manifest.generation, payload)
     lost = len(payload.lost) + payload.lost_omitted
     if lost:
         log.warning("resurrected %s: %d records lost (see %s/lost.json)", app, lost, folder)
@@ -231,7 +231,7 @@ def wait_for_deliveries(xs: XenstoreClient, config: AgentConfig, seconds: float,
 
 
 def hand_over_all(xs: XenstoreClient, config: AgentConfig, wait: float = 0.0,
-                  root: str = ROOT, runner: Runner | None = None) -> list[Outcome]:
+                  root: str | None = None, runner: Runner | None = None) -> list[Outcome]:
     """Every delivered application's :func:`hand_over` (after waiting up to ``wait`` s)."""
     wait_for_deliveries(xs, config, wait)
     outcomes = []
