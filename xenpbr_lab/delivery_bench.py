@@ -64,15 +64,30 @@ def xl(*argv):
     return time.monotonic() - start, proc.returncode, (proc.stderr or proc.stdout)[-300:]
 
 subprocess.run(["truncate", "-s", f"{mib * 2}M", "/tmp/delivery-bench.img"], check=True)
-attach, detach, errors = [], [], []
+attach, connected, detach, errors = [], [], [], []
+def frontend_state():
+    proc = subprocess.run(["sh", "-c", f"xenstore-read /local/domain/{domid}/device/vbd/"
+                           f"$(xenstore-list /local/domain/{domid}/device/vbd | tail -1)/state"],
+                          capture_output=True, text=True)
+    return proc.stdout.strip()
 for _ in range(runs):
+    start = time.monotonic()
     t, rc, err = xl("block-attach", str(domid),
                     "format=raw,vdev=xvdz,access=rw,script=/lab/block-lab,"
                     "target=/tmp/delivery-bench.img")
-    (attach.append(t) if rc == 0 else errors.append(f"attach: {err}"))
+    (attach.append(t) if rc == 0 else errors.append(f"attach ({t:.2f} s): {err}"))
+    while frontend_state() != "4" and time.monotonic() - start < 20:
+        time.sleep(0.01)
+    connected.append([time.monotonic() - start, frontend_state()])
     t, rc, err = xl("block-detach", str(domid), "xvdz")
-    (detach.append(t) if rc == 0 else errors.append(f"detach: {err}"))
-out["block"] = {"attach_s": attach, "detach_s": detach, "errors": errors}
+    if rc != 0:
+        errors.append(f"detach ({t:.2f} s): {err}")
+        t2, rc, err = xl("block-detach", "-f", str(domid), "xvdz")
+        t = t + t2
+        errors += [] if rc == 0 else [f"detach -f: {err}"]
+    detach.append(t)
+out["block"] = {"attach_s": attach, "frontend_connected_s_state": connected,
+                "detach_s": detach, "errors": errors}
 
 try:
     from xenpbr.hypervisor.libxc import LibxcHypervisor
