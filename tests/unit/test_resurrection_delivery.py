@@ -178,6 +178,17 @@ def test_corrupt_or_truncated_chunks_are_confirmed_bad(server, tmp_path, change,
         assert deliver.read_confirmation(xs, DOMID, APP) == rd.Confirmation(False, 4, reason)
 
 
+def test_a_new_delivery_of_a_generation_confirmed_bad_is_handed_over(server, tmp_path) -> None:
+    with dom0(server) as xs:
+        deliver.write_delivery(xs, DOMID, APP, 4, records(30), [])
+    corrupt(server, f"/local/domain/{DOMID}/{rd.DELIVERY_DIR}/kv@demo/0", lambda raw: b"!")
+    assert handed(server, tmp_path)[0].confirmation == rd.Confirmation(False, 4, "chunk")
+    with dom0(server) as xs:
+        deliver.write_delivery(xs, DOMID, APP, 4, records(30), [])
+        assert deliver.read_confirmation(xs, DOMID, APP) is None
+    assert handed(server, tmp_path)[0].confirmation == rd.Confirmation(True, 4)
+
+
 def test_a_missing_chunk_is_detected(server, tmp_path) -> None:
     with dom0(server) as xs:
         stats = deliver.write_delivery(xs, DOMID, APP, 4, records(30), [])

@@ -189,6 +189,7 @@ def write_delivery(xs: XenstoreClient, domid: int, app: str, generation: int,
     chunks = encode_chunks(data)
     base = manifest_path(domid, app)
     try:
+        _remove(xs, confirmation_path(domid, app))  # a new delivery: the old answer is void
         xs.run_transaction(lambda t: _start(t, domid, app))
         for first in range(0, len(chunks), CHUNKS_PER_TRANSACTION):
             batch = chunks[first:first + CHUNKS_PER_TRANSACTION]
@@ -226,11 +227,15 @@ def read_confirmation(xs: XenstoreClient, domid: int, app: str) -> Confirmation 
         return None
 
 
+def _remove(xs: XenstoreClient, path: str) -> None:
+    try:
+        xs.rm(path)
+    except NoSuchKey:  # its parent is missing too: nothing to remove
+        pass
+
+
 def clear_delivery(xs: XenstoreClient, domid: int, app: str) -> None:
     """Remove ``app``'s delivery and the guest's confirmation of it (absent is fine)."""
     for path in (manifest_path(domid, app), confirmation_path(domid, app)):
-        try:
-            xs.rm(path)
-        except NoSuchKey:  # its parent is missing too: nothing to remove
-            pass
+        _remove(xs, path)
     log.info("domain %d: delivery of %s cleared", domid, app)
