@@ -168,8 +168,7 @@ def record_size(record: DeliveredRecord) -> int:
 
 
 def lost_size(lost: LostRecord) -> int:
-    return (_LOST.size + len(lost.key or b"") + len(lost.reason)
-            + len(lost.detail.encode("utf-8")[:_MAX_DETAIL]))
+    return len(_encode_lost(lost))
 
 
 def _encode_record(record: DeliveredRecord) -> bytes:
