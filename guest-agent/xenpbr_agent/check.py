@@ -3,7 +3,7 @@
 An operator edits ``/etc/xenpbr/agent.conf`` and wants to know before the next boot
 whether it is right, and what the agent will run when: this reads and validates the
 file and prints the phases in order with their ``start`` commands, the post-restore and
-after-last-phase steps and the timeouts, or every error found at once (with what a boot
+after-last-phase steps, the resurrection procedures and the timeouts, or every error found at once (with what a boot
 would still salvage). It touches neither xenstore nor any command, so it is safe to run
 anywhere, at any time (also in dom0 on a guest's file).
 """
@@ -51,6 +51,8 @@ def summary_lines(config: AgentConfig) -> list[str]:
     lines.append("after-last-phase:" + ("" if last else " nothing"))
     lines += [f"  mount: {_mount_text(m)}" for m in config.after_last_phase_mounts]
     lines += [f"  start: {shlex.join(c)}" for c in config.after_last_phase]
+    lines.append("resurrect:" + ("" if config.resurrect else " nothing"))
+    lines += [f"  {app}: {shlex.join(c)}" for app, c in sorted(config.resurrect.items())]
     return lines
 
 
@@ -63,7 +65,8 @@ def summary_json(config: AgentConfig) -> dict[str, Any]:
             "after_restore": [list(c) for c in config.after_restore],
             "after_last_phase": {
                 "mount": [dataclasses.asdict(m) for m in config.after_last_phase_mounts],
-                "start": [list(c) for c in config.after_last_phase]}}
+                "start": [list(c) for c in config.after_last_phase]},
+            "resurrect": {app: list(c) for app, c in config.resurrect.items()}}
 
 
 def salvage_lines(text: str, path: str) -> list[str]:

@@ -6,6 +6,7 @@
     xenpbr-agent check [--config PATH] [--json]             validate the config only
     xenpbr-agent status [--config PATH] [--json]            what the agent last did
     xenpbr-agent invalidate PHASE [--config PATH]           drop images from PHASE on
+    xenpbr-agent resurrected [--wait S] [--config PATH]     hand over resurrected data
 
 ``phase`` prints one line, ``<phase> <verdict>`` (``captured``, ``skipped``,
 ``refused:<reason>``, ``restored:<generation>``, ``timeout``, or ``not-marked`` when a
@@ -13,6 +14,12 @@
 not validate it marks nothing, yet still runs what validates on its own
 (``[phase:NAME] start``, and ``[after-last-phase]`` for the last phase) so the guest
 comes up: :mod:`xenpbr_agent.salvage`.
+
+``resurrected`` hands each application the records dom0 recovered from the crashed
+kernel's memory (:mod:`xenpbr_agent.resurrected`): one line per delivery,
+``<app> ok <generation> records=<n> lost=<n>``, ``<app> bad <generation> <reason> ...``,
+or ``<app> pending`` / ``<app> already-confirmed ...``. ``phase`` does the same after a
+restore; an init script runs ``resurrected --wait S`` after a normal boot.
 
 ``check`` reads and validates the config and prints what it declares (or every error);
 it touches neither xenstore nor any command.
@@ -39,7 +46,7 @@ import os
 import sys
 from typing import Any
 
-from xenpbr.guestproto.wire import GENERATION_KEY, GuestStatus, VerdictKind
+from xenpbr.guestproto.wire import GENERATION_KEY, MAX_WAIT_SECONDS, GuestStatus, VerdictKind
 from xenpbr.xenstore import XenstoreClient, XenstoreError
 from xenpbr_agent import (
     EXIT_OK,
@@ -122,6 +129,13 @@ def _parser() -> argparse.ArgumentParser:
     _config_option(inv)
     inv.add_argument("--timeout", type=float, metavar="S",
                      help="seconds to wait for dom0's answer (default [agent] ack_timeout)")
+    res = sub.add_parser("resurrected", help="hand resurrected data to the applications and "
+                                             "run their [resurrect] procedures",
+                         epilog=EPILOG)
+    _config_option(res)
+    res.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                     help="wait up to SECONDS for a delivery to every [resurrect] "
+                          "application (default 0: what is there now)")
     status = sub.add_parser("status", help="print the agent's last seq, verdict, generation",
                             epilog=EPILOG)
     _config_option(status)
@@ -250,11 +264,34 @@ def cmd_phase(args: argparse.Namespace, xs_factory: XenstoreFactory, mounts_path
                   and result.verdict.kind is VerdictKind.RESTORED else None)
     if generation is not None:
         report_status(xs_factory, GuestStatus("acked", generation))
-    steps_ok = poststeps.after_boundary(config, args.name, result.verdict)
+    steps_ok = poststeps.after_boundary(
+        config, args.name, result.verdict,
+        resurrect=lambda: _resurrect(config, xs_factory, 0.0) == EXIT_OK)
     if generation is not None:
         report_status(xs_factory, GuestStatus("ready" if steps_ok else "steps-failed",
                                               generation))
     return _exit_code(result, steps_ok)
+
+
+def _resurrect(config: AgentConfig, xs_factory: XenstoreFactory, wait: float) -> int:
+    """Hand over every delivery; print one line each; EXIT_STEP_FAILED if one was bad."""
+    from xenpbr_agent.resurrected import hand_over_all
+    try:
+        with xs_factory() as xs:
+            outcomes = hand_over_all(xs, config, wait)
+    except XenstoreError as exc:
+        log.error("resurrected: %s", exc)
+        return EXIT_USAGE
+    for outcome in outcomes:
+        print(outcome.text(), flush=True)
+    bad = [o for o in outcomes if o.confirmation is not None and not o.confirmation.ok]
+    return EXIT_STEP_FAILED if bad else EXIT_OK
+
+
+def cmd_resurrected(args: argparse.Namespace, xs_factory: XenstoreFactory) -> int:
+    if not (math.isfinite(args.wait) and 0 <= args.wait <= MAX_WAIT_SECONDS):
+        raise ConfigError(f"--wait must be 0 to {MAX_WAIT_SECONDS} seconds, got {args.wait}")
+    return _resurrect(load_config(args.config), xs_factory, args.wait)
 
 
 def cmd_invalidate(args: argparse.Namespace, xs_factory: XenstoreFactory) -> int:
@@ -323,6 +360,8 @@ def main(argv: list[str] | None = None, *, xs_factory: XenstoreFactory | None = 
             return cmd_invalidate(args, factory)
         if args.command == "check":
             return cmd_check(args)
+        if args.command == "resurrected":
+            return cmd_resurrected(args, factory)
         return cmd_status(args, factory)
     except (AgentError, XenstoreError) as exc:
         print(f"xenpbr-agent: error: {exc}", file=sys.stderr, flush=True)

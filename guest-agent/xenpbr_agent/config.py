@@ -31,6 +31,11 @@ without a shell (write ``sh -c '...'`` when you need one)::
     [after-last-phase]
     mount = /dev/xvdb /data ext4 noatime
     start = /etc/init.d/auditd start
+
+    # resurrection procedures: <app> = <command>, run once per delivery of the app's
+    # recovered records, with $XENPBR_RESURRECTED_DIR naming its folder
+    [resurrect]
+    kvdemo = /usr/local/bin/kvdemo --reload
 """
 
 from __future__ import annotations
@@ -41,10 +46,11 @@ import math
 import os
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from xenpbr.guestproto.resurrection_delivery import APP_NAME
 from xenpbr.guestproto.wire import IDENTITY, MAX_PHASES, MAX_WAIT_SECONDS, PHASE_NAME
 from xenpbr_agent import ConfigError
 
@@ -56,7 +62,7 @@ Command = tuple[str, ...]
 
 _AGENT_KEYS = {"identity", "ack_timeout", "step_timeout", "state_dir"}
 _SECTION_KEYS = {"after-restore": {"run"}, "after-last-phase": {"start", "mount"}}
-_FIXED_SECTIONS = ("agent", *_SECTION_KEYS)
+_FIXED_SECTIONS = ("agent", *_SECTION_KEYS, "resurrect")
 _T = TypeVar("_T")
 #: A mount's FSTYPE: a name, never an option (``-o``) in disguise.
 _FSTYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,31}")
@@ -101,6 +107,8 @@ class AgentConfig:
     after_restore: tuple[Command, ...] = ()
     after_last_phase: tuple[Command, ...] = ()
     after_last_phase_mounts: tuple[MountSpec, ...] = ()
+    #: ``[resurrect]``: each application's resurrection procedure (one command)
+    resurrect: dict[str, Command] = field(default_factory=dict)
     path: str | None = None
 
     @property
@@ -273,6 +281,30 @@ def _steps_section(parser: configparser.ConfigParser, name: str,
     return out
 
 
+def _resurrect_section(parser: configparser.ConfigParser, where: str) -> dict[str, Any]:
+    """``[resurrect]``: ``<app> = <command>``, one command per application."""
+    procedures: dict[str, Command] = {}
+    errors = []
+    for app, text in parser["resurrect"].items():
+        what = f"{where} [resurrect] {app}"
+        if not APP_NAME.fullmatch(app):
+            errors.append(f"{what}: application names must match {APP_NAME.pattern!r}")
+            continue
+        try:
+            commands = _commands(text, what)
+        except ConfigError as exc:
+            errors.extend(exc.problems)
+            continue
+        if len(commands) != 1:
+            errors.append(f"{what}: one command per application, got {len(commands)} "
+                          "(write sh -c '...' for several)")
+            continue
+        procedures[app] = commands[0]
+    if errors:
+        raise ConfigError.of(errors)
+    return {"resurrect": procedures}
+
+
 def parse_config(text: str, path: str | None = None) -> AgentConfig:
     """Parse config text (``path`` only names it in messages)."""
     where = path or "agent config"
@@ -291,6 +323,8 @@ def parse_config(text: str, path: str | None = None) -> AgentConfig:
             phases += [phase] if phase is not None else []
         elif name in _SECTION_KEYS:
             extra.update(problems.attempt(_steps_section, parser, name, where) or {})
+        elif name == "resurrect":
+            extra.update(problems.attempt(_resurrect_section, parser, where) or {})
         elif name != "agent":
             problems.errors.append(_unknown_section(name, where))
     declared = sum(name.startswith("phase:") for name in parser.sections())

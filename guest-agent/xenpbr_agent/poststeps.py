@@ -5,7 +5,8 @@ When (docs/phase-protocol.md, "Which steps run when"), for ``xenpbr-agent phase 
 1. ``[phase:P] start``, before the boundary is marked (so P's image contains what they
    start); the first failure stops here: the boundary is not marked;
 2. the boundary (request, ack);
-3. ``[after-restore] run`` if the verdict is ``restored:<g>``;
+3. ``[after-restore] run`` if the verdict is ``restored:<g>``, then the hand-over of
+   resurrected data (``[resurrect]``, :mod:`xenpbr_agent.resurrected`);
 4. ``[after-last-phase]`` if P is the last declared phase, whatever the verdict
    (refused or timed out included: the guest must come up fully either way): first its
    ``mount`` lines (the persistent disks, which dom0 refuses to capture while they are
@@ -85,15 +86,16 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def run_command(command: Command, timeout: float | None) -> StepResult:
-    """Run one command (``timeout`` None: for as long as it takes); never raises for a
-    command that fails, hangs or does not exist."""
+def run_command(command: Command, timeout: float | None,
+                env: dict[str, str] | None = None) -> StepResult:
+    """Run one command (``timeout`` None: for as long as it takes; ``env`` None: the
+    agent's environment); never raises for a command that fails, hangs or does not exist."""
     with tempfile.TemporaryFile() as out:
         start = time.monotonic()
         try:
             proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                    close_fds=True)
+                                    close_fds=True, env=env)
         except OSError as exc:
             return StepResult(command, None, "", f"cannot start: {exc.strerror or exc}")
         try:
@@ -202,13 +204,18 @@ def before_boundary(config: AgentConfig, phase: str, *,
 
 
 def after_boundary(config: AgentConfig, phase: str, verdict: Verdict | None, *,
-                   runner: Runner = run_command, mounts_path: str = MOUNTS) -> bool:
+                   runner: Runner = run_command, mounts_path: str = MOUNTS,
+                   resurrect: Callable[[], bool] | None = None) -> bool:
     """Steps 3 and 4 (``verdict`` None: timed out). Every step runs even if an earlier
-    one failed: bringing the guest up matters more than stopping at the first error."""
+    one failed: bringing the guest up matters more than stopping at the first error.
+    After a restore, ``resurrect`` (the ``[resurrect]`` hand-over,
+    :mod:`xenpbr_agent.resurrected`) runs right after the ``[after-restore]`` steps."""
     ok = True
     limit = StepLimit.of(config)
     if verdict is not None and verdict.kind is VerdictKind.RESTORED:
         ok &= run_steps(config.after_restore, limit, "after-restore", runner=runner)
+        if resurrect is not None:
+            ok &= resurrect()
     if config.is_last(phase):
         ok &= after_last_phase(config, limit, runner=runner, mounts_path=mounts_path)
     return ok

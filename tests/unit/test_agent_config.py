@@ -107,7 +107,7 @@ def test_a_mount_killed_by_the_timeout_names_the_setting(tmp_path: Path,
     ("[phse:app]\n", "c.conf: unknown section [phse:app] (did you mean [phase:app]?)"),
     ("[agnet]\n", "c.conf: unknown section [agnet] (did you mean [agent]?)"),
     ("[zzz]\n", "c.conf: unknown section [zzz] (allowed: [after-last-phase], "
-                "[after-restore], [agent], [phase:NAME])"),
+                "[after-restore], [agent], [phase:NAME], [resurrect])"),
 ])
 def test_unknown_names_come_with_their_close_match(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
