@@ -7,6 +7,7 @@ points at itself, thousands of registrations, a region that changes while read.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 
 import pytest
@@ -18,8 +19,14 @@ from xenpbr.guestproto.resurrection import (
     encode_registration,
     REASONS,
 )
+from xenpbr.ctypes_libxc._errcheck import FrameMapError
 from xenpbr.hypervisor.guest_memory import PfnNotPresent
-from xenpbr.resurrection.extract import GuestMemoryFrames, extract, read_registrations
+from xenpbr.resurrection.extract import (
+    FramesUnreadable,
+    GuestMemoryFrames,
+    extract,
+    read_registrations,
+)
 from xenpbr.resurrection.model import Caps, Registration
 from xenpbr.xenstore.fake import FakeXenstoreServer
 
@@ -255,3 +262,18 @@ def test_guest_memory_frames_maps_the_pfns_in_one_batch() -> None:
     frames = GuestMemoryFrames(memory)  # type: ignore[arg-type]
     assert frames.read_pfns([3, 1]) == [b"\3" * PAGE_SIZE, b"\1" * PAGE_SIZE]
     assert frames.read_pfns([]) == [] and memory.calls == [[3, 1]]
+
+
+def test_a_frame_xen_refuses_to_map_is_a_pfn_rejection_not_a_crash() -> None:
+    class Refusing:
+        domid = DOMID
+
+        def map_pfns(self, pfns: Sequence[int], writable: bool = False) -> object:
+            raise FrameMapError(DOMID, 0x1234, errno.EPERM, index=0, failed=1, pfn=pfns[0])
+
+    raw = encode_registration(Registration("kv", 1, 3, 10, (11,))).encode()
+    frames = GuestMemoryFrames(Refusing())  # type: ignore[arg-type]
+    with pytest.raises(FramesUnreadable):
+        frames.read_pfns([10])
+    result = extract(frames, {"kv": raw}, Caps(), domid=DOMID)
+    assert [r.reason for r in result.apps[0].rejections] == ["pfn"]

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
+from xenpbr.ctypes_libxc._errcheck import XenCallError
 from xenpbr.errors import XenpbrError
 from xenpbr.guestproto.resurrection import (
     APP_NAME,
@@ -45,9 +46,14 @@ class FrameReader(Protocol):
     def read_pfns(self, pfns: Sequence[int]) -> list[bytes]: ...
 
 
+class FramesUnreadable(GuestMemoryError):
+    """Xen refused to map frames the guest's P2M names (the domain vanished, or a frame
+    is not the guest's to give)."""
+
+
 class GuestMemoryFrames:
     """:class:`FrameReader` over :class:`~xenpbr.hypervisor.guest_memory.GuestMemory`:
-    only the domain's own frames (its P2M), mapped in batches."""
+    only the domain's own frames (its P2M), mapped in one batch per call."""
 
     def __init__(self, memory: GuestMemory) -> None:
         self.memory = memory
@@ -55,9 +61,14 @@ class GuestMemoryFrames:
     def read_pfns(self, pfns: Sequence[int]) -> list[bytes]:
         if not pfns:
             return []
-        with self.memory.map_pfns(pfns) as mapping:
-            view = mapping.memoryview
-            return [bytes(view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in range(len(pfns))]
+        try:
+            with self.memory.map_pfns(pfns) as mapping:
+                view = mapping.memoryview
+                return [bytes(view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+                        for i in range(len(pfns))]
+        except XenCallError as exc:
+            raise FramesUnreadable(f"domain {self.memory.domid}: cannot map "
+                                   f"{len(pfns)} frame(s): {exc}") from exc
 
 
 class RegistrationSet(dict[str, bytes]):
