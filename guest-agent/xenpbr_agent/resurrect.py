@@ -53,6 +53,8 @@ COMPACT_UNEVICTABLE = "/proc/sys/vm/compact_unevictable_allowed"
 _PM_PRESENT = 1 << 63
 _PM_PFN_MASK = (1 << 55) - 1
 _EMPTY = b"\0\0\0\0"
+_RECORD_FIELDS = struct.Struct("<QHHI")  # seq, key_len, flags, value_len (bytes 8..23)
+_U32 = struct.Struct("<I")
 
 #: Gives the pfns of ``count`` pages starting at virtual address ``address``.
 PfnLookup = Callable[[int, int], Sequence[int]]
@@ -215,10 +217,10 @@ class Region:
                              "(one is kept for updates): delete keys or use a larger region")
         slot, seq = self._free.pop(), self._seq + 1
         base, memory = self._slot_offset(slot), self._memory
-        body = struct.pack("<QHHI", seq, len(key), FLAG_TOMBSTONE if tombstone else 0,
-                           len(value)) + key + value
+        body = _RECORD_FIELDS.pack(seq, len(key), FLAG_TOMBSTONE if tombstone else 0,
+                                   len(value)) + key + value
         memory[base + 8:base + end] = body
-        memory[base + 4:base + 8] = struct.pack("<I", crc(body))
+        memory[base + 4:base + 8] = _U32.pack(crc(body))
         memory[base:base + 4] = RECORD_MAGIC  # the commit point
         self._seq = seq
         old = self._index.get(key)

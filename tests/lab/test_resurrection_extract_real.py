@@ -14,8 +14,6 @@ from __future__ import annotations
 import base64
 import shlex
 
-import pytest
-
 from xenpbr.resurrection.model import Caps
 
 APP = "labkv"

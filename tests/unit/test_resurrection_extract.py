@@ -11,6 +11,8 @@ import errno
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xenpbr.guestproto.resurrection import (
     PAGE_SIZE,
@@ -277,3 +279,43 @@ def test_a_frame_xen_refuses_to_map_is_a_pfn_rejection_not_a_crash() -> None:
         frames.read_pfns([10])
     result = extract(frames, {"kv": raw}, Caps(), domid=DOMID)
     assert [r.reason for r in result.apps[0].rejections] == ["pfn"]
+
+
+HISTORY = [(seq, b"k%d" % (seq % 7), b"value %d" % seq) for seq in range(1, 40)]
+
+
+def history_region(mem: FakeMemory) -> bytes:
+    pfns = [50, 51, 52, 53]
+    return region(mem, "kv", pfns, {i: encode_record(s, k, v) for i, (s, k, v) in
+                                    enumerate(HISTORY)}, slot_size=64)
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, PAGE_SIZE - 1),
+                          st.integers(1, 255)), min_size=1, max_size=8))
+@settings(max_examples=200, deadline=None)
+def test_corrupted_memory_never_raises_and_never_returns_a_record_not_put(
+        flips: list[tuple[int, int, int]]) -> None:
+    mem = FakeMemory()
+    raw = history_region(mem)
+    for page, offset, mask in flips:
+        data = bytearray(mem.pages[50 + page])
+        data[offset] ^= mask
+        mem.pages[50 + page] = bytes(data)
+    result = extract(mem, {"kv": raw}, Caps(), domid=DOMID)
+    put = {(s, k, v) for s, k, v in HISTORY}
+    for app in result.apps:
+        assert all((r.seq, r.key, r.value) in put for r in app.records)
+        assert all(r.reason in REASONS for r in app.rejections)
+
+
+@given(st.dictionaries(st.text(max_size=8), st.binary(max_size=64), max_size=6),
+       st.lists(st.binary(min_size=PAGE_SIZE, max_size=PAGE_SIZE), max_size=4))
+@settings(max_examples=100, deadline=None)
+def test_arbitrary_registrations_and_pages_never_raise(regs: dict[str, bytes],
+                                                       pages: list[bytes]) -> None:
+    mem = FakeMemory()
+    mem.place(range(1, len(pages) + 1), pages)
+    result = extract(mem, regs, Caps(), domid=DOMID)
+    rejections = result.refused + [r for a in result.apps for r in a.rejections]
+    assert all(r.reason in REASONS for r in rejections)
+    assert len(result.apps) + len(result.refused) == len(regs)
