@@ -45,7 +45,7 @@ struct xpbr_region {
     uint64_t generation, next_seq;
     char app[XPBR_APP_MAX + 1];
     uint64_t *pfns;          /* page_count entries */
-    int32_t *slot_of_key;    /* per slot: 1 if it holds a current record (tiny index) */
+    uint8_t *slot_used;      /* per slot: 1 if it holds a key's current version */
 };
 
 static inline uint32_t xpbr_crc(const void *data, size_t len)
@@ -124,13 +124,22 @@ static inline void xpbr_lay_out(struct xpbr_region *r)
         xpbr_put64(h + XPBR_PAGE_SIZE + (size_t)i * 8, r->pfns[i]);
 }
 
+static inline void xpbr_region_free(struct xpbr_region *r)
+{
+    if (r->base && r->base != MAP_FAILED)
+        munmap(r->base, (size_t)r->page_count * XPBR_PAGE_SIZE);
+    free(r->pfns);
+    free(r->slot_used);
+    memset(r, 0, sizeof(*r));
+}
+
 /* Map, lock and lay out a region. pfns may be NULL: read them from pagemap. */
 static inline int xpbr_region_init(struct xpbr_region *r, const char *app, size_t area_bytes,
                                    uint32_t slot_size, uint64_t generation, const uint64_t *pfns,
                                    int lock)
 {
     size_t bytes;
-    int err;
+    int err = 0;
     memset(r, 0, sizeof(*r));
     if (!xpbr_app_ok(app) || slot_size % 64 || slot_size < 64 || slot_size > 65536)
         return -EINVAL;
@@ -145,18 +154,24 @@ static inline int xpbr_region_init(struct xpbr_region *r, const char *app, size_
     strcpy(r->app, app);
     bytes = (size_t)r->page_count * XPBR_PAGE_SIZE;
     r->base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (r->base == MAP_FAILED)
+    if (r->base == MAP_FAILED) {
+        r->base = NULL;
         return -errno;
+    }
     r->pfns = calloc(r->page_count, sizeof(uint64_t));
-    r->slot_of_key = calloc(r->slot_count, sizeof(int32_t));
-    if (!r->pfns || !r->slot_of_key)
-        return -ENOMEM;
-    if (lock && mlock(r->base, bytes) != 0)
-        return -errno;
-    if (pfns)
+    r->slot_used = calloc(r->slot_count, 1);
+    if (!r->pfns || !r->slot_used)
+        err = -ENOMEM;
+    else if (lock && mlock(r->base, bytes) != 0)
+        err = -errno;
+    else if (pfns)
         memcpy(r->pfns, pfns, r->page_count * sizeof(uint64_t));
-    else if ((err = xpbr_read_pfns(r)) != 0)
+    else
+        err = xpbr_read_pfns(r);
+    if (err != 0) {
+        xpbr_region_free(r);
         return err;
+    }
     xpbr_lay_out(r);
     return 0;
 }
@@ -205,7 +220,7 @@ static inline int64_t xpbr_find(const struct xpbr_region *r, const void *key, ui
     uint32_t i;
     for (i = 0; i < r->slot_count; i++) {
         const unsigned char *s = xpbr_slot(r, i);
-        if (r->slot_of_key[i] && xpbr_get16(s + 16) == key_len &&
+        if (r->slot_used[i] && xpbr_get16(s + 16) == key_len &&
             memcmp(s + XPBR_RECORD_HEADER, key, key_len) == 0)
             return i;
     }
@@ -224,7 +239,7 @@ static inline int64_t xpbr_commit(struct xpbr_region *r, const void *key, uint16
     if (key_len < 1 || key_len > XPBR_MAX_KEY || end > r->slot_size)
         return -EINVAL;
     for (i = 0; i < r->slot_count; i++)
-        if (!r->slot_of_key[i]) {
+        if (!r->slot_used[i]) {
             if (slot < 0)
                 slot = i;
             free_slots++;
@@ -242,11 +257,11 @@ static inline int64_t xpbr_commit(struct xpbr_region *r, const void *key, uint16
     __atomic_thread_fence(__ATOMIC_RELEASE); /* everything above before the magic */
     memcpy(s, "XREC", 4);
     __atomic_thread_fence(__ATOMIC_RELEASE);
-    r->slot_of_key[slot] = 1;
+    r->slot_used[slot] = 1;
     r->next_seq = seq + 1;
     if (old >= 0) {
         memset(xpbr_slot(r, (uint32_t)old), 0, 4);
-        r->slot_of_key[old] = 0;
+        r->slot_used[old] = 0;
     }
     return (int64_t)seq;
 }
@@ -260,15 +275,6 @@ static inline int64_t xpbr_put(struct xpbr_region *r, const void *key, uint16_t 
 static inline int64_t xpbr_delete(struct xpbr_region *r, const void *key, uint16_t key_len)
 {
     return xpbr_commit(r, key, key_len, "", 0, 1);
-}
-
-static inline void xpbr_region_free(struct xpbr_region *r)
-{
-    if (r->base && r->base != MAP_FAILED)
-        munmap(r->base, (size_t)r->page_count * XPBR_PAGE_SIZE);
-    free(r->pfns);
-    free(r->slot_of_key);
-    memset(r, 0, sizeof(*r));
 }
 
 #endif /* XENPBR_RESURRECT_H */
