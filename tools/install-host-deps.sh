@@ -8,7 +8,8 @@
 set -euo pipefail
 
 # systemd: systemd-analyze verifies the xenpbrd unit in the unit tests
-PACKAGES=(qemu-system-x86 e2fsprogs python3-venv python3-pip systemd)
+# gcc, zlib1g-dev: the unit tests compile the C resurrection example (guest-agent/examples)
+PACKAGES=(qemu-system-x86 e2fsprogs python3-venv python3-pip systemd gcc zlib1g-dev)
 # make deb: debhelper + dh-python (pybuild) build debian/, lintian checks the result.
 DEB_PACKAGES=(build-essential debhelper dh-python python3-all python3-setuptools
               pybuild-plugin-pyproject python3-wheel fakeroot lintian)
