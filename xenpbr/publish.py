@@ -34,6 +34,7 @@ import re
 import time
 
 from xenpbr.errors import XenpbrError
+from xenpbr.guestproto.resurrection import APP_NAME
 from xenpbr.phases import DomainPhases
 from xenpbr.state import StateDir
 from xenpbr.timeline import AppResurrection, Timeline
@@ -46,7 +47,7 @@ ROOT = "/xenpbr/domains"
 STATUSES = ("watching", "capturing", "recovering", "down", "stopped")
 #: Application names come from the guest: published only if they follow the region
 #: format's name rule, and at most this many (the rest: ``xenpbr history``).
-_APP = re.compile(r"^[a-z0-9][a-z0-9._-]{0,30}$")
+_APP = APP_NAME
 MAX_PUBLISHED_APPS = 32
 
 
@@ -95,7 +96,7 @@ def resurrection_line(app: AppResurrection) -> str:
 
 def resurrection_keys(timeline: Timeline) -> dict[str, str]:
     """``last-recovery/resurrection/<app>`` of the recovery's extraction."""
-    apps = [a for a in timeline.resurrection if _APP.match(a.app)][:MAX_PUBLISHED_APPS]
+    apps = [a for a in timeline.resurrection if _APP.fullmatch(a.app)][:MAX_PUBLISHED_APPS]
     return {f"last-recovery/resurrection/{a.app}": resurrection_line(a) for a in apps}
 
 

@@ -66,7 +66,7 @@ static inline int xpbr_app_ok(const char *app)
     for (i = 0; i < n; i++) {
         char c = app[i];
         int alnum = (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
-        if (!alnum && (i == 0 || (c != '.' && c != '_' && c != '-')))
+        if (!alnum && (i == 0 || (c != '_' && c != '-')))
             return 0;
     }
     return 1;

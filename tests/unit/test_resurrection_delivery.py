@@ -21,7 +21,7 @@ from xenpbr_agent.config import parse_config
 from xenpbr_agent.resurrected import hand_over_all, load_resurrected
 
 DOMID = 7
-APP = "kv.demo"
+APP = "kv-demo"
 
 
 def records(n: int, size: int = 100, start: int = 1) -> list[Record]:
@@ -109,12 +109,12 @@ def test_confirmations_are_parsed_strictly(raw: bytes) -> None:
         rd.parse_confirmation(raw)
 
 
-def test_app_names_map_to_xenstore_path_components_and_back() -> None:
-    assert rd.app_key("kv.demo") == "kv@demo"
-    assert rd.app_from_key("kv@demo") == "kv.demo"
-    assert rd.app_from_key("Bad") is None
-    with pytest.raises(ValueError):
-        rd.app_key("../x")
+def test_app_names_are_xenstore_path_components_as_they_are() -> None:
+    assert rd.app_key("kv-demo") == "kv-demo" and rd.app_from_key("kv_demo") == "kv_demo"
+    assert rd.app_from_key("Bad") is None and rd.app_from_key("kv.demo") is None
+    for bad in ("../x", "kv.demo", "kv@demo"):  # xenstored refuses "." in a path
+        with pytest.raises(ValueError):
+            rd.app_key(bad)
 
 
 # -- dom0 writes, the agent reads --------------------------------------------------------------
@@ -140,7 +140,7 @@ def test_the_guest_cannot_alter_a_delivery(server) -> None:
     with dom0(server) as xs:
         deliver.write_delivery(xs, DOMID, APP, 1, records(3), [])
     with guest(server) as xs:
-        for path in (f"{rd.DELIVERY_DIR}/kv@demo", f"{rd.DELIVERY_DIR}/kv@demo/0"):
+        for path in (f"{rd.DELIVERY_DIR}/kv-demo", f"{rd.DELIVERY_DIR}/kv-demo/0"):
             assert xs.read(path)
             with pytest.raises(PermissionDenied):
                 xs.write(path, b"forged")
@@ -170,7 +170,7 @@ def corrupt(server: FakeXenstoreServer, path: str, change) -> None:
 def test_corrupt_or_truncated_chunks_are_confirmed_bad(server, tmp_path, change, reason) -> None:
     with dom0(server) as xs:
         deliver.write_delivery(xs, DOMID, APP, 4, records(30), [])
-    corrupt(server, f"/local/domain/{DOMID}/{rd.DELIVERY_DIR}/kv@demo/1", change)
+    corrupt(server, f"/local/domain/{DOMID}/{rd.DELIVERY_DIR}/kv-demo/1", change)
     [outcome] = handed(server, tmp_path)
     assert outcome.confirmation == rd.Confirmation(False, 4, reason)
     assert not (tmp_path / APP).exists()
@@ -181,7 +181,7 @@ def test_corrupt_or_truncated_chunks_are_confirmed_bad(server, tmp_path, change,
 def test_a_new_delivery_of_a_generation_confirmed_bad_is_handed_over(server, tmp_path) -> None:
     with dom0(server) as xs:
         deliver.write_delivery(xs, DOMID, APP, 4, records(30), [])
-    corrupt(server, f"/local/domain/{DOMID}/{rd.DELIVERY_DIR}/kv@demo/0", lambda raw: b"!")
+    corrupt(server, f"/local/domain/{DOMID}/{rd.DELIVERY_DIR}/kv-demo/0", lambda raw: b"!")
     assert handed(server, tmp_path)[0].confirmation == rd.Confirmation(False, 4, "chunk")
     with dom0(server) as xs:
         deliver.write_delivery(xs, DOMID, APP, 4, records(30), [])
@@ -192,21 +192,21 @@ def test_a_new_delivery_of_a_generation_confirmed_bad_is_handed_over(server, tmp
 def test_a_missing_chunk_is_detected(server, tmp_path) -> None:
     with dom0(server) as xs:
         stats = deliver.write_delivery(xs, DOMID, APP, 4, records(30), [])
-        xs.rm(f"/local/domain/{DOMID}/{rd.DELIVERY_DIR}/kv@demo/{stats.chunks - 1}")
+        xs.rm(f"/local/domain/{DOMID}/{rd.DELIVERY_DIR}/kv-demo/{stats.chunks - 1}")
     assert handed(server, tmp_path)[0].confirmation == rd.Confirmation(False, 4, "chunk")
 
 
 def test_a_delivery_without_its_manifest_yet_is_left_pending(server, tmp_path) -> None:
     with dom0(server) as xs:
         deliver.write_delivery(xs, DOMID, APP, 4, records(3), [])
-        xs.write(f"/local/domain/{DOMID}/{rd.DELIVERY_DIR}/kv@demo", b"")
+        xs.write(f"/local/domain/{DOMID}/{rd.DELIVERY_DIR}/kv-demo", b"")
     [outcome] = handed(server, tmp_path)
     assert outcome.confirmation is None and outcome.note == "pending"
 
 
 def test_dom0_ignores_a_malformed_confirmation(server) -> None:
     with guest(server) as xs:
-        xs.write(f"{rd.CONFIRM_DIR}/kv@demo", b"ok 1; rm -rf /")
+        xs.write(f"{rd.CONFIRM_DIR}/kv-demo", b"ok 1; rm -rf /")
     with dom0(server) as xs:
         assert deliver.read_confirmation(xs, DOMID, APP) is None
         assert deliver.read_confirmation(xs, DOMID, "other") is None
@@ -218,7 +218,7 @@ def test_clear_removes_the_delivery_and_the_confirmation(server, tmp_path) -> No
     handed(server, tmp_path)
     with dom0(server) as xs:
         deliver.clear_delivery(xs, DOMID, APP)
-        deliver.clear_delivery(xs, DOMID, "never.delivered")
+        deliver.clear_delivery(xs, DOMID, "never-delivered")
         assert xs.read_or(deliver.manifest_path(DOMID, APP), None) is None
         assert deliver.read_confirmation(xs, DOMID, APP) is None
 

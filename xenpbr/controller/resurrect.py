@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from xenpbr import domconfig
 from xenpbr.controller.context import DomainContext
 from xenpbr.hypervisor.base import Hypervisor
+from xenpbr.resurrection import extract as extract_mod
 from xenpbr.resurrection.model import Caps, Extraction
 from xenpbr.resurrection.vault import Vault
 from xenpbr.state import StateDir
@@ -64,15 +65,9 @@ def frames_opener(hypervisor: Hypervisor) -> FrameOpener:
     def open_frames(domid: int) -> FrameReader:
         if isinstance(hypervisor, LibxcHypervisor):
             memory = hypervisor.guest_memory(domid)
-            return _extract_module().GuestMemoryFrames(memory)
+            return extract_mod.GuestMemoryFrames(memory)
         return HypervisorFrames(hypervisor, domid)
     return open_frames
-
-
-def _extract_module() -> Any:
-    """:mod:`xenpbr.resurrection.extract`, imported when first needed."""
-    from xenpbr.resurrection import extract  # type: ignore[attr-defined,unused-ignore]
-    return extract
 
 
 def shown_name(app: str) -> str:
@@ -143,12 +138,8 @@ class ResurrectionExtractor:
     def _run(self, domid: int, caps: Caps) -> Extraction:
         """The registrations of ``domid`` and their extraction (:mod:`.extract` is
         imported here, when a domain first needs it)."""
-        extract_fn, registrations_fn = self.extract_fn, self.registrations_fn
-        if extract_fn is None or registrations_fn is None:
-            module = _extract_module()
-            extract_fn = extract_fn or module.extract
-            registrations_fn = registrations_fn or module.read_registrations
-        assert extract_fn is not None and registrations_fn is not None
+        extract_fn = self.extract_fn or extract_mod.extract
+        registrations_fn = self.registrations_fn or extract_mod.read_registrations
         registrations: Mapping[str, bytes] = registrations_fn(self.xs, domid, caps.regions)
         if not registrations:
             return Extraction(domid=domid)

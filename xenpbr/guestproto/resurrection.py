@@ -42,7 +42,9 @@ MAX_PFN = (1 << 52) - 1  # x86-64 physical frame numbers have at most 40 signifi
 MAX_U64 = (1 << 64) - 1
 #: Where a guest registers its regions, relative to its own xenstore home.
 REGISTRATION_DIR = "data/xenpbr/resurrect"
-APP_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,30}\Z")
+#: An application name: a path component of xenstore keys too, and xenstored refuses
+#: ``.`` in a path, so there is none.
+APP_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,30}\Z")
 
 _HEADER = struct.Struct("<8sHHIQ32sIII56s")  # up to header_crc (bytes 0..123)
 _CRC = struct.Struct("<I")
@@ -122,7 +124,7 @@ def max_slots(page_count: int, slot_size: int) -> int:
 def _check_app(app: str, reason: str) -> None:
     if not APP_NAME.match(app):
         raise RegionFormatError(reason, f"application name {app[:40]!r} is not "
-                                        "[a-z0-9][a-z0-9._-]{0,30}")
+                                        f"{APP_NAME.pattern[:-2]}")
 
 
 def _check_layout(page_count: int, slot_size: int, slot_count: int) -> None:

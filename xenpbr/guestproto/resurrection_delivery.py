@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from xenpbr.errors import XenpbrError
+from xenpbr.guestproto.resurrection import APP_NAME
 
 __all__ = [
     "APP_NAME",
@@ -72,7 +73,6 @@ MAX_CHUNKS = -(-MAX_PAYLOAD // CHUNK_BYTES)
 MAX_MANIFEST = 80
 MAX_CONFIRMATION = 96
 #: Application names, as in the region header (docs/specs/resurrection-region.md).
-APP_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,30}")
 REASON = re.compile(r"[a-z0-9][a-z0-9:_-]{0,63}")
 
 MAGIC = b"XPBRDLV1"
@@ -101,17 +101,16 @@ class ConfirmationMalformed(XenpbrError):
 
 
 def app_key(app: str) -> str:
-    """The xenstore path component for ``app``: xenstored refuses ``.`` in paths, so it is
-    written as ``@`` (app names never hold ``@``, so the mapping is one-to-one)."""
+    """The xenstore path component for ``app``: the name itself, once checked (the
+    format's names hold only characters xenstored accepts in a path)."""
     if not APP_NAME.fullmatch(app):
         raise ValueError(f"application name {app!r} does not match {APP_NAME.pattern!r}")
-    return app.replace(".", "@")
+    return app
 
 
 def app_from_key(key: str) -> str | None:
     """The application a path component names, or None if it names none."""
-    app = key.replace("@", ".")
-    return app if APP_NAME.fullmatch(app) and "." not in key else None
+    return key if APP_NAME.fullmatch(key) else None
 
 
 @dataclass(frozen=True)

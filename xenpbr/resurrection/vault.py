@@ -27,14 +27,15 @@ import base64
 import hashlib
 import json
 import logging
-import shutil
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from xenpbr.errors import XenpbrError
 from xenpbr.fsutil import atomic_write
+from xenpbr.guestproto.resurrection import APP_NAME
 from xenpbr.resurrection.model import MIB, AppExtraction, Extraction, Record, Rejection
 from xenpbr.state import check_name
 
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 SUFFIX = ".vault"
-_APP = re.compile(r"^[a-z0-9][a-z0-9._-]{0,30}$")
+_APP = APP_NAME
 _HEADER = re.compile(rb"^xenpbr-vault (\d+) sha256=([0-9a-f]{64})\n")
 
 
@@ -152,9 +153,9 @@ def payload_bytes(records: list[Record]) -> int:
 
 def check_app(app: str) -> str:
     """``app`` if it is a valid application name (it becomes a file name)."""
-    if not _APP.match(app):
+    if not _APP.fullmatch(app):
         raise VaultError(f"application name {app!r} is not valid "
-                         "([a-z0-9][a-z0-9._-]{0,30}); not kept")
+                         f"({APP_NAME.pattern[:-2]}); not kept")
     return app
 
 
