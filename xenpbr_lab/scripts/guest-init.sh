@@ -53,6 +53,8 @@ for arg in $(cat /proc/cmdline); do
         lab.invalidate=*) invalidate=${arg#lab.invalidate=} ;;
         lab.agentconf=*) agentconf=${arg#lab.agentconf=} ;;
         lab.flood=*) flood=${arg#lab.flood=} ;;
+        lab.rate=*) rate=${arg#lab.rate=} ;;
+        lab.keys=*) keys=${arg#lab.keys=} ;;
     esac
 done
 echo "XENPBR-GUEST: up uptime=$(cut -d' ' -f1 /proc/uptime) mode=$mode marker=${marker:-none}"
@@ -145,6 +147,24 @@ consist_phases() {
     for p in kernel services app; do
         out=$(python3 -m xenpbr_agent phase "$p")
         echo "XENPBR-AGENT: $out rc=$?"
+    done
+}
+# resurrect (tests/lab/test_resurrection_real.py, xenpbr-lab resurrect): phases kernel,
+# services, app; after the last phase the key-value application (xenpbr_lab.resurrect_app)
+# starts, registers its region and writes lab.rate=N writes/s over lab.keys=K keys,
+# printing each acknowledged write; its [resurrect] procedure announces the hand-over.
+resurrect_phases() {
+    mkdir -p /etc/xenpbr
+    a="python3 -m xenpbr_lab.resurrect_app --keys ${keys:-50} --rate ${rate:-20}"
+    { printf '[phase:kernel]\n[phase:services]\n[phase:app]\n'
+      printf '[resurrect]\nkvdemo = sh -c "echo XENPBR-RESURRECTED: kvdemo >/dev/hvc0"\n'
+      printf '[after-last-phase]\nstart = sh -c "exec %s >/dev/hvc0 2>&1 &"\n' "$a"
+    } > /etc/xenpbr/agent.conf
+    for p in kernel services app; do
+        out=$(python3 -m xenpbr_agent phase "$p"); rc=$?
+        # after a restore the agent also prints one line per hand-over
+        echo "XENPBR-AGENT: $(echo "$out" | head -n 1) rc=$rc"
+        echo "$out" | tail -n +2 | sed 's/^/XENPBR-HANDOVER: /'
     done
 }
 hostile_writes() {
@@ -265,6 +285,8 @@ case "$mode" in
         bench_phases ;;
     consist)
         consist_phases ;;
+    resurrect)
+        resurrect_phases ;;
     count)
         i=0
         while true; do
