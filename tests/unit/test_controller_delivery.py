@@ -174,9 +174,9 @@ def test_a_confirmation_flood_costs_the_same_read_budget_as_requests(world) -> N
     served = []
     on_confirmation = deliveries.on_confirmation
 
-    def counting(domid: int) -> bool:
+    def counting(name: str, domid: int) -> bool:
         served.append(domid)
-        return on_confirmation(domid)
+        return on_confirmation(name, domid)
     deliveries.on_confirmation = counting
     guest = w.server.connect(new)
     for i in range(300):  # a turn after each write: as fast as the guest can write
@@ -271,3 +271,14 @@ def test_status_counts_the_applications_waiting_for_confirmation(tmp_path, capsy
     out = capsys.readouterr().out
     header, line = out.splitlines()[:2]
     assert header.split()[-1] == "RESURRECTED" and line.split()[-1] == "1"
+
+
+def test_books_of_an_earlier_domain_with_the_same_domid_are_not_used(world) -> None:
+    w = world(ON)
+    crash_with_region(w)
+    new = recovered_domid(w)
+    deliveries = w.daemon.controller.deliveries
+    w.server.connect(new).write(f"{CONFIRM_DIR}/kv", b"ok 1")
+    assert not deliveries.on_confirmation("calm", new)  # another domain's name: ignored
+    assert len(held(w)) == 1
+    assert deliveries.on_confirmation("web", new) and held(w) == []

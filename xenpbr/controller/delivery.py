@@ -89,6 +89,8 @@ class Deliveries:
 
     def _deliver(self, name: str, domid: int, keep_complete: bool) -> int:
         held = self._load(name)
+        if self.names.get(domid) != name:  # books of an earlier domain with this domid
+            self.forget(domid)
         self.names[domid] = name
         sent = self.sent.setdefault(domid, {})
         written = 0
@@ -136,12 +138,12 @@ class Deliveries:
 
     # -- the guest's answer --------------------------------------------------------------
 
-    def on_confirmation(self, domid: int) -> bool:
-        """Read the confirmations of what was delivered to ``domid`` (nothing else: a guest
-        writing keys it was not asked for costs dom0 no read). True if something changed
-        (data dropped, or a new ``bad`` to publish)."""
-        name, sent = self.names.get(domid), self.sent.get(domid)
-        if name is None or not sent:
+    def on_confirmation(self, name: str, domid: int) -> bool:
+        """Read the confirmations of what was delivered to ``domid``, running as ``name``
+        (nothing else: a guest writing keys it was not asked for costs dom0 no read). True
+        if something changed (data dropped, or a new ``bad`` to publish)."""
+        sent = self.sent.get(domid)
+        if self.names.get(domid) != name or not sent:
             return False
         changed = False
         for app, generation in sorted(sent.items()):

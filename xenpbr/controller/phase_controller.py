@@ -123,7 +123,7 @@ class PhaseController:
         empties the vault (published at once), a new ``bad`` is published within a
         second (a guest alternating answers cannot make dom0 publish on each)."""
         name = self.names.name_of(domid)
-        if name is None or not self.deliveries.on_confirmation(domid):
+        if name is None or not self.deliveries.on_confirmation(name, domid):
             return
         if self.deliveries.published(name) and self.deliveries.waiting(domid):
             self.publisher.refusals_changed(name, domid)
