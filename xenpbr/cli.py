@@ -149,7 +149,15 @@ def _status_row(state: StateDir, name: str,
             "newest_image_at": utc(newest), "generation": phases.generation,
             "recoveries": len(history), "last_recovery": _last_recovery(history),
             "disk_policies": domconfig.stored_disk_policies(settings),
-            "refusals": refusals or {}}
+            "refusals": refusals or {},
+            "resurrected_waiting": _resurrected_waiting(state, name)}
+
+
+def _resurrected_waiting(state: StateDir, name: str) -> int:
+    """How many applications' resurrected data dom0's vault holds for ``name``, each
+    waiting for the guest to confirm its delivery (``xenpbr resurrected`` shows it)."""
+    from xenpbr.resurrection.vault import Vault
+    return len(Vault.in_state(state.root).held(name))
 
 
 def _published_refusals(names: list[str]) -> dict[str, dict[str, int]]:
@@ -191,7 +199,8 @@ def cmd_status(args: argparse.Namespace, state: StateDir) -> int:
         ("images", "images", lambda v: f"{v['valid']}/{v['phases']}"),
         ("newest_image_at", "newest", age_of), ("generation", "gen"),
         ("recoveries", "recoveries"), ("last_recovery", "last recovery", _recovery_cell),
-        ("disk_policies", "disks"), ("refusals", "refusals", _refusals_cell)],
+        ("disk_policies", "disks"), ("refusals", "refusals", _refusals_cell),
+        ("resurrected_waiting", "resurrected")],
         empty="no domains registered (xenpbr create CONFIG)"))
     return 0
 

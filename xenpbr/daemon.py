@@ -4,7 +4,8 @@ Two xenstore connections feed one ``selectors`` loop, no polling where a watch e
 
 * the domain watcher's (``@introduceDomain`` / ``@releaseDomain``): domains appearing,
   crashing (or whose watchdog fires) and being destroyed;
-* the guests' keys (request, status, invalidate), watched per managed guest.
+* the guests' keys (request, status, invalidate, resurrected: the confirmations of
+  resurrection deliveries), watched per managed guest.
 
 Each event goes to the :class:`~xenpbr.controller.PhaseController`, which decides
 (capture or skip, recover, adopt) and publishes. This module only schedules: guest
@@ -47,7 +48,10 @@ from xenpbr.xenstore import XenstoreClient
 log = logging.getLogger(__name__)
 
 #: Per-domain budgets of the loop (docs/phase-protocol.md, "Budgets and guarantees").
-READ_BUDGET = RateLimit(20, 1.0)  # request reads per domain: burst 20, 20/s
+READ_BUDGET = RateLimit(20, 1.0)  # reads per domain and budgeted kind: burst 20, 20/s
+#: The watch kinds whose service reads guest keys that a guest can rewrite at will: each
+#: has its own READ_BUDGET per domain (the others are coalesced to one read a turn).
+BUDGETED_KINDS = ("request", "resurrected")
 SWEEP_S = 10.0  # every watched domain's request is looked at again this often
 MAX_EVENTS_PER_TURN = 1000  # watch events drained per turn before serving domains
 POLL_S = 0.05  # the loop's timeout while a budget holds some work back
@@ -55,7 +59,8 @@ POLL_S = 0.05  # the loop's timeout while a budget holds some work back
 #: Watch token -> (kind of work, domid): a guest's keys dom0 watches.
 _WATCH_KINDS = (("request", control.domid_from_token),
                 ("status", control.domid_from_status_token),
-                ("invalidate", control.domid_from_invalidation_token))
+                ("invalidate", control.domid_from_invalidation_token),
+                ("resurrected", control.domid_from_resurrected_token))
 
 
 class Daemon:
@@ -71,7 +76,8 @@ class Daemon:
                                           toolstack or XlToolstack(),
                                           restorer or StoreRestorer(store), capture_fn)
         self._dirty: dict[int, set[str]] = {}  # domid -> watch kinds to serve, oldest first
-        self._read_budget: dict[int, TokenBucket] = {}  # domid -> request reads
+        # (domid, kind) -> reads of a BUDGETED_KINDS kind
+        self._read_budget: dict[tuple[int, str], TokenBucket] = {}
         self._swept_at = time.monotonic()
         self._running = True
 
@@ -124,7 +130,8 @@ class Daemon:
     def _on_domain_event(self, event: DomainEvent) -> None:
         if isinstance(event, DomainDestroyed):  # its pending work goes with it
             self._dirty.pop(event.domid, None)
-            self._read_budget.pop(event.domid, None)
+            for kind in BUDGETED_KINDS:
+                self._read_budget.pop((event.domid, kind), None)
         self.controller.on_domain_event(event)
 
     def _collect_watches(self) -> None:
@@ -139,21 +146,27 @@ class Daemon:
                     break
 
     def _sweep(self) -> None:
-        """Look at every watched domain's request again: a request whose watch event was
-        lost (or that came while its domain was out of budget) is answered anyway."""
+        """Look at every watched domain's request again (and the confirmations of a
+        domain given resurrected data): one whose watch event was lost (or that came
+        while its domain was out of budget) is answered anyway."""
         self._swept_at = time.monotonic()
         for domid in self.controller.watches.watching:
             self._dirty.setdefault(domid, set()).add("request")
+            if self.controller.deliveries.waiting(domid):
+                self._dirty[domid].add("resurrected")
 
     def _serve_dirty(self) -> None:
         """One turn of round-robin service: each dirty domain once, oldest first."""
         handlers = {"request": self._on_request, "status": self.controller.on_status,
-                    "invalidate": self.controller.on_invalidate}
+                    "invalidate": self.controller.on_invalidate,
+                    "resurrected": self.controller.on_resurrected}
         for domid in list(self._dirty):
             kinds = self._dirty.pop(domid, set())
-            if "request" in kinds and not self._read_allowed(domid):
-                self._dirty[domid] = {"request"}  # keeps its mark; served when it refills
-                kinds.discard("request")
+            for kind in BUDGETED_KINDS:
+                if kind in kinds and not self._read_allowed(domid, kind):
+                    # keeps its mark; served when its budget refills
+                    self._dirty.setdefault(domid, set()).add(kind)
+                    kinds.discard(kind)
             for kind in sorted(kinds):
                 guard(handlers[kind], domid)
 
@@ -165,10 +178,10 @@ class Daemon:
         if self.controller.on_request(domid):
             self._serve_domain_events(self.watcher.rescan())
 
-    def _read_allowed(self, domid: int) -> bool:
-        bucket = self._read_budget.get(domid)
+    def _read_allowed(self, domid: int, kind: str) -> bool:
+        bucket = self._read_budget.get((domid, kind))
         if bucket is None:
-            bucket = self._read_budget[domid] = TokenBucket(
+            bucket = self._read_budget[(domid, kind)] = TokenBucket(
                 READ_BUDGET, self.controller.protocol.gate.clock)
         return bucket.take()
 

@@ -16,6 +16,10 @@ one documented subtree (contract: ``docs/xenstore.md``, "Published state")::
     /xenpbr/domains/<name>/last-recovery/resurrection/<app>
                                                regions=1 records=12 rejected=crc:2
                                                bytes=8192 seconds=0.004
+    /xenpbr/domains/<name>/resurrected/waiting applications whose resurrected data
+                                               waits for the guest's confirmation
+    /xenpbr/domains/<name>/resurrected/apps/<app>  waiting generation=3 |
+                                               bad generation=3 reason=crc
     /xenpbr/domains/<name>/refusals/<reason>   the current domid's refused requests
                                                (reason with ':' as '-')
     /xenpbr/domains/<name>/updated             Unix time of this snapshot
@@ -58,9 +62,11 @@ def domain_root(name: str) -> str:
 def snapshot(state: StateDir, name: str, status: str, domid: int | None,
              now: float | None = None,
              refusals: dict[str, int] | None = None,
-             phases: DomainPhases | None = None) -> dict[str, str]:
+             phases: DomainPhases | None = None,
+             delivery: dict[str, str] | None = None) -> dict[str, str]:
     """The keys (relative to the domain's root) and values to publish for ``name``;
-    ``phases``: its phase state if the caller holds it current (else read here)."""
+    ``phases``: its phase state if the caller holds it current (else read here);
+    ``delivery``: per application, its resurrected data waiting for confirmation."""
     if status not in STATUSES:
         raise ValueError(f"unknown published status {status!r}; known: {STATUSES}")
     if phases is None:
@@ -74,6 +80,7 @@ def snapshot(state: StateDir, name: str, status: str, domid: int | None,
                      f"images/{phase}/valid": "1" if image.verified else "0"})
     for reason, count in sorted((refusals or {}).items()):
         keys[f"refusals/{refusal_key(reason)}"] = str(count)
+    keys.update(delivery_keys(delivery or {}))
     last = state.latest_history(name)
     if last is not None:
         finished = last.marks[-1].wall if last.marks else 0.0
@@ -100,12 +107,38 @@ def resurrection_keys(timeline: Timeline) -> dict[str, str]:
     return {f"last-recovery/resurrection/{a.app}": resurrection_line(a) for a in apps}
 
 
+def delivery_keys(delivery: dict[str, str]) -> dict[str, str]:
+    """``resurrected/waiting`` (always) and ``resurrected/apps/<app>`` (at most
+    :data:`MAX_PUBLISHED_APPS`, names checked) of the data waiting for confirmation."""
+    apps = [app for app in sorted(delivery) if _APP.match(app)][:MAX_PUBLISHED_APPS]
+    keys = {"resurrected/waiting": str(len(delivery))}
+    keys.update({f"resurrected/apps/{app}": delivery[app] for app in apps})
+    return keys
+
+
+def read_delivery(xs: XenstoreClient, name: str) -> dict[str, str]:
+    """The per-application delivery lines xenpbrd published for ``name`` ({} if none or
+    unreadable): for ``xenpbr status`` and for :func:`refresh`, which must not drop them."""
+    root = f"{domain_root(name)}/resurrected/apps"
+    found: dict[str, str] = {}
+    try:
+        for key in xs.ls(root):
+            if _APP.match(key):
+                found[key] = (xs.read_or(f"{root}/{key}", b"") or b"").decode("ascii",
+                                                                              "replace")
+    except (XenpbrError, OSError) as exc:
+        log.debug("%s: no published deliveries: %s", name, exc)
+    return found
+
+
 def publish(xs: XenstoreClient, state: StateDir, name: str, status: str,
             domid: int | None = None, refusals: dict[str, int] | None = None,
-            phases: DomainPhases | None = None) -> bool:
+            phases: DomainPhases | None = None,
+            delivery: dict[str, str] | None = None) -> bool:
     """Replace ``name``'s published subtree; False (and a log line) if it failed."""
     try:
-        keys = snapshot(state, name, status, domid, refusals=refusals, phases=phases)
+        keys = snapshot(state, name, status, domid, refusals=refusals, phases=phases,
+                        delivery=delivery)
     except XenpbrError as exc:
         log.warning("%s: state not published: %s", name, exc)
         return False
@@ -180,8 +213,9 @@ def read_refusals(xs: XenstoreClient, name: str) -> dict[str, int]:
 def refresh(xs: XenstoreClient, state: StateDir, name: str) -> bool:
     """Republish ``name`` keeping its published status (for the CLI, which changes images
     but does not know what the daemon last saw); the domid is the one running now, not
-    the published one, which could be stale or empty. The refusal counters are kept
-    (refreshing once dropped them until the guest's next refusal)."""
+    the published one, which could be stale or empty. The refusal counters and the
+    deliveries waiting for confirmation are kept (refreshing once dropped the counters
+    until the guest's next refusal)."""
     root = domain_root(name)
     try:
         status = (xs.read_or(f"{root}/status", b"stopped") or b"stopped").decode()
@@ -189,4 +223,5 @@ def refresh(xs: XenstoreClient, state: StateDir, name: str) -> bool:
         log.debug("%s: published state not readable: %s", name, exc)
         return False
     return publish(xs, state, name, status if status in STATUSES else "stopped",
-                   running_domid(xs, name), read_refusals(xs, name))
+                   running_domid(xs, name), read_refusals(xs, name),
+                   delivery=read_delivery(xs, name))

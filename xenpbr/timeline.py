@@ -4,9 +4,11 @@ Each recovery (a crash, a watchdog, or an operator's ``xenpbr reboot``) records 
 marks with both clocks: monotonic time for durations (immune to clock steps) and wall
 time for the operator. The mark names are fixed so tools can compare recoveries:
 ``crash_seen``, ``image_chosen``, ``extracted``, ``destroyed``, ``restore_started``,
-``restore_finished``, ``devices_ready``, ``guest_ack``, ``service_ready``.
+``restore_finished``, ``devices_ready``, ``guest_ack``, ``service_ready``, ``delivered``.
 ``extracted`` (resurrection read the crashed memory, before the destroy) comes with a
-per-application summary, :class:`AppResurrection`, kept in :attr:`Timeline.resurrection`.
+per-application summary, :class:`AppResurrection`, kept in :attr:`Timeline.resurrection`;
+``delivered`` (one per application, detail ``<app> generation <g>``) is added when the
+recovered guest confirmed it received that application's data.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 MARKS = ("crash_seen", "image_chosen", "extracted", "destroyed", "restore_started",
          "restore_finished",
-         "devices_ready", "guest_ack", "service_ready")
+         "devices_ready", "guest_ack", "service_ready", "delivered")
 
 
 @dataclass
@@ -89,6 +91,17 @@ class Timeline:
             self.mark("service_ready", "" if state == "ready" else state, now=now)
             added = True
         return added
+
+    def note_delivered(self, app: str, generation: int, now: float) -> bool:
+        """Mark that the guest confirmed ``app``'s data (``generation``) arrived; True if a
+        mark was added. Only for an application this recovery extracted, once each."""
+        detail = f"{app} generation {generation}"
+        if app not in {a.app for a in self.resurrection}:
+            return False
+        if any(m.name == "delivered" and m.detail.split(" ")[0] == app for m in self.marks):
+            return False
+        self.mark("delivered", detail, now=now)
+        return True
 
     def at(self, name: str) -> float | None:
         """Monotonic time of the first mark ``name``, if recorded."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from xenpbr.controller.adoption import DomainNames
 from xenpbr.controller.boundary import Boundaries, Capture
+from xenpbr.controller.delivery import Deliveries
 from xenpbr.controller.guard import guard
 from xenpbr.controller.health import GuestHealth
 from xenpbr.controller.invalidation import Invalidations
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 
 
 class PhaseController:
-    """Per-domain decisions at a boundary, an invalidation, a status note and a crash."""
+    """Per-domain decisions at a boundary, an invalidation, a status note, a delivery
+    confirmation and a crash."""
 
     def __init__(self, state: StateDir, store: ImageStore, hypervisor: Hypervisor,
                  xs: XenstoreClient, toolstack: Toolstack, restorer: Restorer,
@@ -50,7 +52,9 @@ class PhaseController:
         self.protocol = PhaseProtocol(xs)
         self.watches = GuestWatches(xs)
         self.names = DomainNames(state, hypervisor, xs)
-        self.publisher = Publisher(xs, state, self.protocol)
+        self.deliveries = Deliveries(state, xs)
+        self.publisher = Publisher(xs, state, self.protocol,
+                                   delivery=self.deliveries.published)
         self.boundaries = Boundaries(state, store, hypervisor, capture_fn)
         self.warm_ups = WarmUps(state, store)
         self.invalidations = Invalidations(state, xs, self.boundaries, self.warm_ups)
@@ -58,7 +62,7 @@ class PhaseController:
         self.extractor = ResurrectionExtractor(state, xs, frames_opener(hypervisor))
         self.recoveries = Recoveries(state, toolstack, restorer, self.protocol, self.watches,
                                      self.names, self.boundaries, self.publisher,
-                                     self.warm_ups, self.extractor)
+                                     self.warm_ups, self.extractor, self.deliveries)
 
     # -- start ---------------------------------------------------------------------------
 
@@ -114,6 +118,18 @@ class PhaseController:
         if name is not None and self.health.on_status(name, domid):
             self.publisher.publish(name, "watching", domid)
 
+    def on_resurrected(self, domid: int) -> None:
+        """The guest answered a delivery of resurrected data (:mod:`.delivery`): ``ok``
+        empties the vault (published at once), a new ``bad`` is published within a
+        second (a guest alternating answers cannot make dom0 publish on each)."""
+        name = self.names.name_of(domid)
+        if name is None or not self.deliveries.on_confirmation(name, domid):
+            return
+        if self.deliveries.published(name) and self.deliveries.waiting(domid):
+            self.publisher.refusals_changed(name, domid)
+        else:
+            self.publisher.publish(name, "watching", domid)
+
     # -- domain events -------------------------------------------------------------------
 
     def on_domain_event(self, event: DomainEvent) -> None:
@@ -135,11 +151,13 @@ class PhaseController:
         A domain whose control dir already holds an ack was prepared by whoever restored
         it (this daemon, the CLI's ``xenpbr reboot``) or served by a previous xenpbrd:
         it is adopted as it is (rewriting its generation could contradict the ack its
-        agent is reading, and requests up to the acked seq are replays).
+        agent is reading, and requests up to the acked seq are replays). Resurrected data
+        the vault holds for it is delivered (a delivery already there is kept).
         """
         if not self.names.take_restored(domid) and not self.protocol.adopt(domid):
             self.protocol.register(domid, self.state.phases(name).generation)
         self.watches.watch(domid)
+        self.deliveries.at_adoption(name, domid)  # before a normal reboot's agent waits
         self.publisher.publish(name, "watching", domid)
         log.info("%s (domid %d): watching its phase boundaries", name, domid)
 
@@ -148,6 +166,7 @@ class PhaseController:
         self.boundaries.forget(domid)
         self.protocol.forget(domid)
         self.watches.unwatch(domid)
+        self.deliveries.forget(domid)
         if not self.names.running(name):  # not replaced by a recovery
             self.publisher.publish(name, "stopped")
 

@@ -24,8 +24,10 @@ class Publisher:
     """Publishes statuses now and refusal counters at most once a second."""
 
     def __init__(self, xs: XenstoreClient, state: StateDir, proto: PhaseProtocol,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 delivery: Callable[[str], dict[str, str]] | None = None) -> None:
         self.xs, self.state, self.protocol, self.clock = xs, state, proto, clock
+        self.delivery = delivery  # name -> resurrected data waiting for confirmation
         self._published_at: dict[str, float] = {}  # name -> monotonic time
         self._unpublished: dict[str, int] = {}  # name -> domid with refusals to publish
 
@@ -33,14 +35,16 @@ class Publisher:
                 phases: DomainPhases | None = None) -> None:
         """Publish ``name`` now; ``phases``: its phase state, if the event loaded it."""
         refusals = self.protocol.gate.refusal_counts(domid) if domid is not None else None
-        publish.publish(self.xs, self.state, name, status, domid, refusals, phases)
+        delivery = self.delivery(name) if self.delivery is not None else None
+        publish.publish(self.xs, self.state, name, status, domid, refusals, phases, delivery)
         self._published_at[name] = self.clock()
         # its counters are out now (or, without a domid, the domain is down or stopped:
         # a later flush must not publish it as watching again)
         self._unpublished.pop(name, None)
 
     def refusals_changed(self, name: str, domid: int) -> None:
-        """A request was refused: publish its counters at the next due :meth:`due`."""
+        """A request was refused (or a delivery confirmed bad): publish ``name`` at the
+        next due :meth:`due`."""
         self._unpublished[name] = domid
 
     def due(self) -> list[tuple[str, int]]:

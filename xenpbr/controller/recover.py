@@ -6,16 +6,20 @@ operator asked for a phase-based reboot on this trigger, runs
 memory the resurrection step reads before the destroy), and from its
 :class:`~xenpbr.recovery.RecoveryResult` adopts the new domid (known by name, its run's
 passed phases set) and publishes it. The ack itself is written during the recovery,
-before the unpause, by :class:`WatchingAcknowledger`.
+before the unpause, by :class:`WatchingAcknowledger`, after it delivered the domain's
+resurrected data (:mod:`.delivery`), so the agent finds it when it reads the ack.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from xenpbr.controller.adoption import DomainNames
 from xenpbr.controller.boundary import Boundaries
 from xenpbr.controller.context import DomainContext
+from xenpbr.controller.delivery import Deliveries
 from xenpbr.controller.guard import guard
 from xenpbr.controller.publishing import Publisher
 from xenpbr.controller.warmup import WarmUps
@@ -36,14 +40,29 @@ log = logging.getLogger(__name__)
 
 
 class WatchingAcknowledger:
-    """Recovery's :class:`~xenpbr.recovery.Acknowledger` in the daemon: ack
-    ``restored:<g>`` and watch the guest's keys at once, before the unpause, so its
-    first status note is seen."""
+    """Recovery's :class:`~xenpbr.recovery.Acknowledger` in the daemon: deliver the
+    domain's resurrected data, ack ``restored:<g>`` and watch the guest's keys at once,
+    all before the unpause, so the agent finds its data and its first status note is
+    seen. A delivery that fails is logged by :class:`~.delivery.Deliveries` and never
+    fails the candidate (the data stays in the vault)."""
 
-    def __init__(self, proto: PhaseProtocol, watches: GuestWatches) -> None:
-        self.protocol, self.watches = proto, watches
+    def __init__(self, proto: PhaseProtocol, watches: GuestWatches,
+                 deliveries: Deliveries | None = None) -> None:
+        self.protocol, self.watches, self.deliveries = proto, watches, deliveries
+        self.domain: str | None = None  # the domain being recovered (set by recovering())
+
+    @contextmanager
+    def recovering(self, name: str) -> Iterator[None]:
+        """Acks written meanwhile are for ``name`` (the recovery names only the domid)."""
+        self.domain = name
+        try:
+            yield
+        finally:
+            self.domain = None
 
     def restored(self, domid: int, seq: int, generation: int) -> None:
+        if self.deliveries is not None and self.domain is not None:
+            self.deliveries.before_ack(self.domain, domid)
         self.protocol.restored(domid, seq, generation)
         self.watches.watch(domid)
 
@@ -54,11 +73,13 @@ class Recoveries:
     def __init__(self, state: StateDir, toolstack: Toolstack, restorer: Restorer,
                  proto: PhaseProtocol, watches: GuestWatches, names: DomainNames,
                  boundaries: Boundaries, publisher: Publisher, warm_ups: WarmUps,
-                 extractor: Extractor | None = None) -> None:
+                 extractor: Extractor | None = None,
+                 deliveries: Deliveries | None = None) -> None:
         self.state, self.names, self.boundaries = state, names, boundaries
         self.publisher, self.warm_ups = publisher, warm_ups
-        self.recovery = Recovery(state, toolstack, restorer,
-                                 WatchingAcknowledger(proto, watches), extractor=extractor)
+        self.acknowledger = WatchingAcknowledger(proto, watches, deliveries)
+        self.recovery = Recovery(state, toolstack, restorer, self.acknowledger,
+                                 extractor=extractor)
 
     def on_crash(self, event: DomainEvent, name: str) -> bool:
         """Recover ``name`` if its config asks for it; True if it is back up (then its
@@ -67,7 +88,7 @@ class Recoveries:
         if not DomainContext.load(self.state, name, event.domid).recovers_on(trigger):
             return False
         self.warm_ups.cancel(name)  # the recovery needs dom0's CPU now
-        with domain_lock(self.state, name):
+        with domain_lock(self.state, name), self.acknowledger.recovering(name):
             self.names.forget(event.domid)
             self.publisher.publish(name, "recovering", event.domid)  # still there, crashed
             try:
@@ -85,7 +106,7 @@ class Recoveries:
 
     def resume_interrupted(self, name: str) -> None:
         """Finish the recovery of ``name`` a killed xenpbrd left half-done."""
-        with domain_lock(self.state, name):
+        with domain_lock(self.state, name), self.acknowledger.recovering(name):
             result = self.recovery.resume_interrupted(name)
         if result is not None and result.generation is not None:
             self._restored(result)

@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 
 class GuestWatches:
-    """domid -> the (path, token) watches on its request, status and invalidate keys."""
+    """domid -> the (path, token) watches on its request, status and invalidate keys and
+    its resurrection delivery confirmations."""
 
     def __init__(self, xs: XenstoreClient) -> None:
         self.xs = xs
@@ -27,7 +28,7 @@ class GuestWatches:
         if domid in self.watching:
             return
         watches = [control.request_watch(domid), control.status_watch(domid),
-                   control.invalidation_watch(domid)]
+                   control.invalidation_watch(domid), control.resurrected_watch(domid)]
         for path, token in watches:
             self.xs.watch(path, token)
         self.watching[domid] = watches

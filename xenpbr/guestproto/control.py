@@ -21,6 +21,7 @@ import logging
 
 from xenpbr.errors import XenpbrError
 from xenpbr.guestproto import invalidation
+from xenpbr.guestproto.resurrection_delivery import CONFIRM_DIR
 from xenpbr.guestproto.gate import (
     REFUSAL_ACK_RATE,
     Admission,
@@ -56,6 +57,7 @@ __all__ = [
     "control_path",
     "detail_path",
     "domid_from_invalidation_token",
+    "domid_from_resurrected_token",
     "domid_from_status_token",
     "domid_from_token",
     "generation_path",
@@ -67,6 +69,8 @@ __all__ = [
     "read_request",
     "request_path",
     "request_watch",
+    "resurrected_path",
+    "resurrected_watch",
     "status_path",
     "status_watch",
     "write_ack",
@@ -122,6 +126,11 @@ def invalidation_answer_path(domid: int) -> str:
     return f"{_home(domid)}/{invalidation.ANSWER_KEY}"
 
 
+def resurrected_path(domid: int) -> str:
+    """The guest's directory of resurrection delivery confirmations (one key per app)."""
+    return f"{_home(domid)}/{CONFIRM_DIR}"
+
+
 # --------------------------------------------------------------------------------------------
 # Watch tokens: each names its domid, so one handle can watch every domain
 # --------------------------------------------------------------------------------------------
@@ -129,6 +138,7 @@ def invalidation_answer_path(domid: int) -> str:
 _TOKEN_PREFIX = "xenpbr-request-"
 _STATUS_TOKEN_PREFIX = "xenpbr-status-"
 _INVALIDATION_TOKEN_PREFIX = "xenpbr-invalidate-"
+_RESURRECTED_TOKEN_PREFIX = "xenpbr-resurrected-"
 
 
 def request_watch(domid: int) -> tuple[str, str]:
@@ -145,6 +155,12 @@ def status_watch(domid: int) -> tuple[str, str]:
 def invalidation_watch(domid: int) -> tuple[str, str]:
     """``(path, token)`` for watching a domain's invalidation key."""
     return invalidation_path(domid), f"{_INVALIDATION_TOKEN_PREFIX}{domid}"
+
+
+def resurrected_watch(domid: int) -> tuple[str, str]:
+    """``(path, token)`` for watching a domain's delivery confirmations (the watch fires
+    for every key below the directory)."""
+    return resurrected_path(domid), f"{_RESURRECTED_TOKEN_PREFIX}{domid}"
 
 
 def _domid_after(prefix: str, token: str) -> int | None:
@@ -165,6 +181,11 @@ def domid_from_status_token(token: str) -> int | None:
 def domid_from_invalidation_token(token: str) -> int | None:
     """The domid of an :func:`invalidation_watch` token, or None for other tokens."""
     return _domid_after(_INVALIDATION_TOKEN_PREFIX, token)
+
+
+def domid_from_resurrected_token(token: str) -> int | None:
+    """The domid of a :func:`resurrected_watch` token, or None for other tokens."""
+    return _domid_after(_RESURRECTED_TOKEN_PREFIX, token)
 
 
 # --------------------------------------------------------------------------------------------
