@@ -55,8 +55,8 @@ class FakeXen:
         self.calls.append(("ack", domid, seq, generation))
 
 
-@pytest.fixture
-def setup(tmp_path: Path):
+def domain_with_an_image_per_phase(tmp_path: Path) -> StateDir:
+    """A state dir where domain ``g`` has a valid image of each of :data:`PHASES`."""
     state = StateDir(tmp_path)
     state.register("g", {"name": "g"}, 'name = "g"\n', "g.cfg")
     p = state.phases("g")
@@ -64,6 +64,12 @@ def setup(tmp_path: Path):
     for i, name in enumerate(PHASES):
         p.record_image(ImageInfo(f"img-{name}", name, "F", float(i), seq=i + 1))
     state.save_phases(p)
+    return state
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    state = domain_with_an_image_per_phase(tmp_path)
     xen = FakeXen()
     clock = itertools.count(100.0, 0.5)
     return state, xen, Recovery(state, xen, xen, xen, clock=lambda: next(clock))

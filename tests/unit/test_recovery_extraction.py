@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_recovery import FakeXen, PHASES
-from xenpbr.phases import ImageInfo
+from tests.unit.test_recovery import FakeXen, domain_with_an_image_per_phase
 from xenpbr.recovery import Recovery
-from xenpbr.state import StateDir
 from xenpbr.timeline import Timeline
 
 
@@ -31,13 +29,7 @@ class RecordingExtractor:
 
 @pytest.fixture
 def setup(tmp_path: Path):
-    state = StateDir(tmp_path)
-    state.register("g", {"name": "g"}, 'name = "g"\n', "g.cfg")
-    p = state.phases("g")
-    p.phases, p.fingerprint = PHASES, "F"
-    for i, name in enumerate(PHASES):
-        p.record_image(ImageInfo(f"img-{name}", name, "F", float(i), seq=i + 1))
-    state.save_phases(p)
+    state = domain_with_an_image_per_phase(tmp_path)
     xen = FakeXen()
     clock = itertools.count(100.0, 0.5)
     return state, xen, lambda ex: Recovery(state, xen, xen, xen, clock=lambda: next(clock),
