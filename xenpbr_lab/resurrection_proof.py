@@ -61,8 +61,11 @@ METHODS = ("resurrection", "phasereboot", "normal")
 PANIC = "Kernel panic - not syncing"
 LAST_BOUNDARY = r"XENPBR-AGENT: app .* rc="
 LOADED_COUNT_RE = r"LOADED-COUNT \d+"
-ACK = re.compile(r"^ACK (\d+) (k\d{6}) ([0-9a-f]{16})\r?$", re.M)
-LOADED = re.compile(r"^LOADED (k\d{6}) ([0-9a-f]{16})\r?$", re.M)
+# not anchored at the line's start: the guest's shell prompt leaves an escape sequence
+# ("/ # \x1b[6n") in front of the application's first line
+LINE_START = r"(?:^|\x1b\[[0-9;?]*[A-Za-z])"
+ACK = re.compile(LINE_START + r"ACK (\d+) (k\d{6}) ([0-9a-f]{16})\r?$", re.M)
+LOADED = re.compile(LINE_START + r"LOADED (k\d{6}) ([0-9a-f]{16})\r?$", re.M)
 LOADED_COUNT = re.compile(r"LOADED-COUNT (\d+)")
 DONE = re.compile(r"OVERHEAD (region|plain) (\d+) DONE (\d+) ([\d.]+) ([\d.]+)")
 
@@ -131,6 +134,16 @@ def cycle_outcome(console: str, start: int, crash: int, keys: int) -> dict[str, 
             "loaded": count, "lost_keys": len(lost),
             "lost_acked_writes": sum(key in lost_set for key, _ in acked),
             "lost": lost[:10]}
+
+
+def outcomes_from_console(console: str, keys: int) -> list[dict[str, Any]]:
+    """Every crash's outcome from a whole console log (one per kernel panic): to check a
+    run again from its evidence (lab-artifacts/resurrect-*/<guest>.console.log)."""
+    outcomes, previous = [], 0
+    for panic in (m.start() for m in re.finditer(re.escape(PANIC), console)):
+        outcomes.append(cycle_outcome(console, previous, panic, keys))
+        previous = panic + 1
+    return outcomes
 
 
 def summary(values: list[float]) -> dict[str, Any] | None:
@@ -296,26 +309,40 @@ def _start(host: XenHost, guest: LabDomain, method: str) -> None:
     guest.watch_console([LAST_BOUNDARY, LOADED_COUNT_RE], timeout=900)
 
 
-def _wait_for_acks(guest: LabDomain, after: int, count: int) -> None:
-    guest.wait_for_console(r"(?s)(?:\nACK .*?){%d}" % count, after=after, timeout=600)
+def _wait_for_acks(guest: LabDomain, after: int, count: int, restarted: bool = False) -> None:
+    """Wait (in dom0, nothing copied out) until ``count`` ACK lines follow byte ``after``
+    (``restarted``: and follow the restarted application's ``LOADED-COUNT``)."""
+    acks = r"(?s)(?:\nACK .*?){%d}" % count
+    guest.watch_console([LOADED_COUNT_RE, acks] if restarted else [acks], after=after,
+                        timeout=600)
 
 
-def _cycle(guest: LabDomain, start: int, rng: random.Random) -> tuple[dict[str, Any], int]:
-    """Crash once at a random moment while writes flow; wait for the restarted
-    application's ``LOADED-COUNT``; the outcome and the console offset after it."""
-    _wait_for_acks(guest, start, 2 * KEYS)  # every key written at least once this cycle
+def console_from(guest: LabDomain, offset: int) -> str:
+    """The guest's console from byte ``offset`` on: a cycle's part only, since the
+    control channel copies a whole console of thousands of ACK lines slowly under TCG."""
+    return str(guest.host.run(f"tail -c +{offset + 1} {shlex.quote(guest.console_log)}",
+                              check=False, timeout=300).stdout)
+
+
+def _cycle(guest: LabDomain, start: int, rng: random.Random,
+           restarted: bool) -> tuple[dict[str, Any], int]:
+    """Crash once at a random moment while writes flow (``start``: a console byte offset
+    before the application's run began writing); wait for the restarted application's
+    ``LOADED-COUNT``; the outcome and the next cycle's ``start`` (this crash's offset)."""
+    began = time.monotonic()
+    _wait_for_acks(guest, start, 2 * KEYS, restarted)  # every key written twice this run
+    writing_s = time.monotonic() - began
     delay = rng.uniform(0.0, MAX_DELAY_S)
     time.sleep(delay)
     crash = guest.console_size()
     watched = guest.watch_console([PANIC, LOADED_COUNT_RE], after=crash, timeout=900,
                                   trigger=f"xl sysrq {guest.name} c")
-    console = guest.console()
-    outcome = cycle_outcome(console, start, crash, KEYS)
+    outcome = cycle_outcome(console_from(guest, start), 0, crash - start, KEYS)
     outcome["delay_s"] = round(delay, 3)
+    outcome["wait_for_writes_s"] = round(writing_s, 3)
+    outcome["cycle_s"] = round(time.monotonic() - began, 3)
     outcome["downtime_s"] = round(watched["found"][LOADED_COUNT_RE]["t"] - watched["t0"], 3)
-    panic = console.find(PANIC, crash)
-    end = LOADED_COUNT.search(console, max(panic, crash))
-    return outcome, end.end() if end else len(console)
+    return outcome, crash
 
 
 def _history(host: XenHost, name: str, cycles: int) -> list[dict[str, Any]]:
@@ -326,6 +353,15 @@ def _history(host: XenHost, name: str, cycles: int) -> list[dict[str, Any]]:
         if len(history) >= cycles or time.monotonic() > deadline:
             return list(history)
         time.sleep(1)
+
+
+def _save_console(guest: LabDomain, evidence: Path) -> None:
+    """The guest's whole console, gzipped in dom0 (ACK lines compress well)."""
+    evidence.mkdir(parents=True, exist_ok=True)
+    packed = f"/tmp/{guest.name}.console.log.gz"
+    guest.host.run(f"gzip -c {shlex.quote(guest.console_log)} > {packed}", check=False)
+    (evidence / f"{guest.name}.console.log.gz").write_bytes(guest.host.get(packed))
+    guest.host.run(f"rm -f {packed}", check=False)
 
 
 def _forget(host: XenHost, guest: LabDomain, method: str) -> None:
@@ -344,20 +380,19 @@ def run_method(host: XenHost, method: str, cycles: int, rng: random.Random,
     try:
         _start(host, guest, method)
         progress(f"{method}: {guest.name} up, application writing")
-        first = LOADED_COUNT.search(guest.console())
-        start = first.end() if first else guest.console_size()
+        start = guest.console_size()  # the application has just started: the writes
         for n in range(1, cycles + 1):
-            outcome, start = _cycle(guest, start, rng)
+            outcome, start = _cycle(guest, start, rng, restarted=n > 1)
             outcomes.append(outcome)
             progress(f"{method} cycle {n}/{cycles}: {outcome['acked_writes']} acked, "
                      f"{outcome['loaded']} loaded, {outcome['lost_keys']} keys lost, "
-                     f"back in {outcome['downtime_s']:.2f} s")
+                     f"back in {outcome['downtime_s']:.2f} s (cycle {outcome['cycle_s']:.0f} s)")
         figures = (history_figures(_history(host, guest.name, cycles), cycles)
                    if method != "normal" else {})
     finally:
         if evidence is not None:
             evidence.mkdir(parents=True, exist_ok=True)
-            (evidence / f"{guest.name}.console.log").write_text(guest.console())
+            _save_console(guest, evidence)
         _forget(host, guest, method)
     return outcomes, figures
 
@@ -510,7 +545,7 @@ def probe(host: XenHost, progress: Callable[[str], None], evidence: Path | None
     finally:
         if evidence is not None:
             evidence.mkdir(parents=True, exist_ok=True)
-            (evidence / f"{guest.name}.console.log").write_text(guest.console())
+            _save_console(guest, evidence)
         guest.destroy()
     return rates, corrupt
 

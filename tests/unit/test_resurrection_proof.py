@@ -223,3 +223,20 @@ def test_a_console_line_lost_on_the_way_shifts_nothing() -> None:
     assert proof.lost_keys(acked, back, KEYS) == []
     back["k000002"] = digest(value_for(12, 64))
     assert proof.lost_keys(acked, back, KEYS) == ["k000002"]
+
+
+def test_a_whole_console_is_split_into_one_outcome_per_panic() -> None:
+    back = loaded(LATEST)
+    console = ("LOADED-COUNT 0\r\n" + acks(0, 20) + proof.PANIC + "\r\n" + back + acks(0, 20)
+               + proof.PANIC + "\r\n" + loaded({0: 5, 1: 16, 2: 17, 3: 18, 4: 19}))
+    first, second = proof.outcomes_from_console(console, KEYS)
+    assert (first["acked_writes"], first["lost_keys"]) == (20, 0)
+    assert (second["acked_writes"], second["lost"]) == (20, ["k000000"])
+
+
+def test_the_first_line_after_the_shells_prompt_escape_is_still_read() -> None:
+    console = "/ # \x1b[6n" + loaded({0: 5, 1: 6}) + "/ # \x1b[6n" + acks(0, 1)
+    values, count = proof.loaded_values(console)
+    assert set(values) == {"k000000", "k000001"} and count == 2
+    assert proof.acked_writes(console) == [("k000000", digest(value_for(0, 64)))]
+    assert proof.acked_writes("XACK 1 k000000 " + "0" * 16) == []
