@@ -240,3 +240,13 @@ def test_the_first_line_after_the_shells_prompt_escape_is_still_read() -> None:
     assert set(values) == {"k000000", "k000001"} and count == 2
     assert proof.acked_writes(console) == [("k000000", digest(value_for(0, 64)))]
     assert proof.acked_writes("XACK 1 k000000 " + "0" * 16) == []
+
+
+def test_the_acks_pattern_needs_n_lines_and_fails_fast_with_fewer() -> None:
+    import re
+    import time
+    lines = "\n" + acks(0, 59).replace("\r\n", "\nkernel: noise\n")
+    began = time.monotonic()
+    assert re.search(proof.acks_pattern(60), lines) is None
+    assert time.monotonic() - began < 1.0  # "(?s)(?:\nACK .*?){60}" would not come back
+    assert re.search(proof.acks_pattern(60), lines + acks(59, 60))
