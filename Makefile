@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: help deps venv lab test test-fast test-lab demo bench consistency deb clean
+.PHONY: help deps venv lab test test-fast test-lab demo bench consistency resurrect deb clean
 
 help:
 	@echo "make demo       build the lab, boot real Xen in QEMU, crash a guest, show its recovery"
@@ -17,6 +17,9 @@ help:
 	@echo "                (BENCH_ARGS='--workloads bare --memory 128 --repeats 3' for a quick run)"
 	@echo "make consistency  20 crash/phase-reboot cycles of a guest with a snapshot root disk"
 	@echo "                and a persistent data disk: build/consistency-report.json"
+	@echo "make resurrect  20 crashes of a key-value application's guest with resurrection, beside"
+	@echo "                phase-based reboot alone and a normal reboot: build/resurrection-report.json"
+	@echo "                (RESURRECT_ARGS='--cycles 3' for a quick run)"
 	@echo "make deb        Debian packages xenpbr (dom0) and xenpbr-agent (guests) into build/deb/,"
 	@echo "                checked by lintian (installs debhelper, dh-python, lintian)"
 
@@ -51,6 +54,9 @@ bench: deps venv
 
 consistency: deps venv
 	$(BIN)/xenpbr-lab consistency $(CONSISTENCY_ARGS)
+
+resurrect: deps venv
+	$(BIN)/xenpbr-lab resurrect $(RESURRECT_ARGS)
 
 deb:
 	tools/install-host-deps.sh --deb
