@@ -119,6 +119,18 @@ def test_a_huge_region_is_refused_by_the_byte_cap_without_reading_it() -> None:
     assert result.apps[0].bytes_read <= 1 << 20
 
 
+def test_a_huge_region_leaves_the_byte_cap_to_the_regions_after_it() -> None:
+    mem = FakeMemory()
+    huge = region(mem, "a-huge", list(range(1000, 1000 + 4096)), {})
+    small = region(mem, "b-small", [10, 11, 12], puts((1, b"k", b"v")))
+    result = extract(mem, {"a-huge": huge, "b-small": small}, Caps(bytes=1 << 20),
+                     domid=DOMID)
+    apps = by_app(result)
+    assert [r.reason for r in apps["a-huge"].rejections] == ["cap-bytes"]
+    assert apps["a-huge"].bytes_read == 0 and apps["b-small"].kept
+    assert [r.key for r in apps["b-small"].records] == [b"k"]
+
+
 def test_a_page_count_beyond_the_format_is_a_bad_registration() -> None:
     result = extract(FakeMemory(), {"kv": b"1 1 1000000 5 6"}, Caps(), domid=DOMID)
     assert [r.reason for r in result.refused] == ["registration"] and not result.apps
@@ -229,8 +241,9 @@ def test_read_registrations_is_bounded() -> None:
     found = read_registrations(xs, DOMID, limit=10)
     assert sorted(found) == [f"app{i:02}" for i in range(10)]
     assert found["app03"] == b"1 1 3 3 103"
-    assert [(r.app, r.reason) for r in found.refused] == [("app10", "too-many"),
-                                                          ("app11", "too-many")]
+    (refused,) = found.refused  # one refusal however many there are
+    assert (refused.app, refused.reason) == ("2-more", "too-many")
+    assert "2 registrations past the first 10 (from 'app10')" in refused.detail
     result = extract(FakeMemory(), found, Caps(regions=10), domid=DOMID)
     assert {r.reason for r in result.refused} == {"too-many"}
     assert read_registrations(xs, DOMID + 1, limit=10) == {}

@@ -81,7 +81,8 @@ class RegistrationSet(dict[str, bytes]):
 
 def read_registrations(xs: XenstoreClient, domid: int, limit: int) -> RegistrationSet:
     """The raw registrations under the guest's ``data/xenpbr/resurrect``: at most ``limit``
-    (in name order), the rest refused with reason ``too-many``."""
+    (in name order); the rest are refused together, as one ``too-many`` refusal named
+    ``<n>-more``."""
     base = f"/local/domain/{domid}/{REGISTRATION_DIR}"
     found = RegistrationSet()
     try:
@@ -89,9 +90,11 @@ def read_registrations(xs: XenstoreClient, domid: int, limit: int) -> Registrati
     except XenstoreError as exc:
         log.debug("domain %d: no resurrection registrations (%s)", domid, exc)
         return found
-    for name in names[limit:]:
-        found.refused.append(Rejection(name[:64], "too-many", f"more than {limit} "
-                                                               "registrations"))
+    rest = names[limit:]
+    if rest:  # one refusal for all of them: a guest may hold a thousand names
+        found.refused.append(Rejection(f"{len(rest)}-more", "too-many",
+                                       f"{len(rest)} registrations past the first {limit} "
+                                       f"(from {rest[0][:64]!r}) were not read"))
     for name in names[:limit]:
         try:
             found[name] = xs.read(f"{base}/{name}")
@@ -122,6 +125,15 @@ class _Budget:
         if self.clock() - self.start > self.caps.seconds:
             self.timed_out = True
             raise _Refused(Rejection(app, "timeout", f"over the {self.caps.seconds} s cap"))
+
+    def reserve(self, app: str, pages: int) -> None:
+        """Refuse up front a region whose reading would pass the byte cap, so that a huge
+        region costs nothing and the regions after it still get their share."""
+        wanted = pages * PAGE_SIZE
+        if self.bytes_read + wanted > self.caps.bytes:
+            raise _Refused(Rejection(app, "cap-bytes", f"{wanted} bytes to read would pass "
+                                                       f"the {self.caps.bytes}-byte cap "
+                                                       f"({self.bytes_read} already read)"))
 
     def spend(self, app: str, pages: int) -> None:
         wanted = pages * PAGE_SIZE
@@ -181,6 +193,8 @@ class _RegionReader:
     def extract(self) -> AppExtraction:
         reg = self.reg
         result = AppExtraction(reg.app, reg.generation)
+        # every page once, then the header and directory again (the ``changed`` check)
+        self.budget.reserve(reg.app, reg.page_count + 1 + len(reg.dir_pfns))
         raw_header, header = self.header()
         raw_dir = self.read(list(reg.dir_pfns))
         pfns = parse_directory(raw_dir, header, reg.header_pfn, reg.dir_pfns)
