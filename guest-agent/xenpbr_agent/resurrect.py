@@ -23,6 +23,7 @@ import mmap
 import os
 import struct
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Optional
 
@@ -34,7 +35,6 @@ from xenpbr.guestproto.resurrection import (
     RECORD_MAGIC,
     REGISTRATION_DIR,
     RegionFormatError,
-    crc,
     dir_pages_for,
     encode_directory,
     encode_header,
@@ -216,16 +216,17 @@ class Region:
             raise RegionFull(f"region {self.app}: all {self.slot_count} slots are in use "
                              "(one is kept for updates): delete keys or use a larger region")
         slot, seq = self._free.pop(), self._seq + 1
-        base, memory = self._slot_offset(slot), self._memory
-        body = _RECORD_FIELDS.pack(seq, len(key), FLAG_TOMBSTONE if tombstone else 0,
-                                   len(value)) + key + value
-        memory[base + 8:base + end] = body
-        memory[base + 4:base + 8] = _U32.pack(crc(body))
-        memory[base:base + 4] = RECORD_MAGIC  # the commit point
+        base, memory = self._area + slot * self.slot_size, self._memory
+        body = b"".join((_RECORD_FIELDS.pack(seq, len(key), FLAG_TOMBSTONE if tombstone
+                                             else 0, len(value)), key, value))
+        # the CRC and the body in one store, then the magic: the commit point
+        memory[base + 4:base + end] = _U32.pack(zlib.crc32(body)) + body
+        memory[base:base + 4] = RECORD_MAGIC
         self._seq = seq
         old = self._index.get(key)
         if old is not None:
-            memory[self._slot_offset(old):self._slot_offset(old) + 4] = _EMPTY
+            old_base = self._area + old * self.slot_size
+            memory[old_base:old_base + 4] = _EMPTY
             self._free.append(old)
         self._index[key] = slot
         if tombstone:
