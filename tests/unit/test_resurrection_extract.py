@@ -147,6 +147,14 @@ def test_overlapping_regions_refuse_the_second() -> None:
     assert apps["a"].kept and [r.reason for r in apps["b"].rejections] == ["overlap"]
 
 
+def test_another_regions_frames_are_an_overlap_even_when_the_cap_is_spent() -> None:
+    mem = FakeMemory()
+    raw = region(mem, "a", [10, 11, 12], puts((1, b"k", b"v")))
+    apps = by_app(extract(mem, {"a": raw, "b": raw}, Caps(bytes=5 * 4096), domid=DOMID))
+    assert apps["a"].kept
+    assert [r.reason for r in apps["b"].rejections] == ["overlap"]
+
+
 def test_a_region_registered_twice_under_two_names_is_refused_the_second_time() -> None:
     mem = FakeMemory()
     raw = region(mem, "a", [10, 11, 12], puts((1, b"k", b"v")))

@@ -174,7 +174,6 @@ class _RegionReader:
 
     def header(self) -> tuple[bytes, RegionHeader]:
         reg = self.reg
-        self.claim([reg.header_pfn, *reg.dir_pfns])
         raw = self.read([reg.header_pfn])[0]
         header = parse_header(raw)
         if (header.app, header.generation, header.page_count) != (
@@ -193,7 +192,9 @@ class _RegionReader:
     def extract(self) -> AppExtraction:
         reg = self.reg
         result = AppExtraction(reg.app, reg.generation)
-        # every page once, then the header and directory again (the ``changed`` check)
+        # free checks first: pfns another region holds, then the byte cap for every page
+        # once plus the header and directory again (the ``changed`` check)
+        self.claim([reg.header_pfn, *reg.dir_pfns])
         self.budget.reserve(reg.app, reg.page_count + 1 + len(reg.dir_pfns))
         raw_header, header = self.header()
         raw_dir = self.read(list(reg.dir_pfns))
