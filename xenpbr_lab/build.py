@@ -249,7 +249,29 @@ def _build_site(out: Path) -> None:
             raise LabError(f"installing wheels into the images failed: {proc.stderr[-1500:]}")
         shutil.rmtree(site / "bin", ignore_errors=True)
         _compile_python(site)
+        _c_example(stage / "usr/bin" / C_EXAMPLE)
         write_initramfs(stage, out, with_device_nodes=False)
+
+
+#: The C resurrection example in the images (tests/lab/test_resurrection_extract_real.py).
+C_EXAMPLE = "xenpbr-resurrect-example"
+
+
+def _c_example(dest: Path) -> None:
+    """guest-agent/examples/resurrect-example.c, linked statically (the guest has no zlib
+    library of its own): a C program using xenpbr-resurrect.h, run in a real guest."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    agent = PROJECT_ROOT / "guest-agent"
+    cmd = ["cc", "-static", "-s", "-O2", "-Wall", "-Werror", "-I", str(agent / "include"),
+           str(agent / "examples/resurrect-example.c"), "-lz", "-o", str(dest)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise LabError("no C compiler to build the resurrection example for the images: "
+                       "run tools/install-host-deps.sh (gcc, zlib1g-dev)") from None
+    if proc.returncode != 0:
+        raise LabError(f"building {dest.name} failed (gcc, zlib1g-dev: "
+                       f"tools/install-host-deps.sh): {proc.stderr.strip()[-1500:]}")
 
 
 def _build_lab_files(guest_initrd: Path, out: Path) -> None:

@@ -138,3 +138,46 @@ def test_records_put_before_a_crash_are_extracted_and_a_flipped_byte_is_caught(
     wanted = expected_records()
     del wanted[CORRUPTED]
     assert records_of(flipped) == wanted
+
+
+C_APP = "c-example"
+
+
+def c_expected() -> dict[bytes, tuple[bytes, bool]]:
+    """What guest-agent/examples/resurrect-example.c leaves: 40 puts over key-0..9, then
+    key-3 deleted."""
+    latest = {b"key-%d" % (i % 10): (b"value-%d" % i, False) for i in range(40)}
+    latest[b"key-3"] = (b"", True)
+    return latest
+
+
+def test_a_c_programs_region_is_extracted_from_a_crashed_guest(xen_host, lab_domain,
+                                                                dom0_python) -> None:
+    """The C header (guest-agent/include/xenpbr-resurrect.h) in a real guest: its example,
+    built into the images (xenpbr_lab/build.py), registers, puts and waits; dom0 reads
+    every record back from the crashed memory and catches a flipped byte."""
+    from xenpbr_lab.build import C_EXAMPLE
+    guest = lab_domain("resc", mode="shell", on_crash="preserve")
+    guest.create()
+    guest.wait_for_console("XENPBR-GUEST: up")
+    after = guest.console_size()
+    type_into_console(xen_host, guest.domid, [f"{C_EXAMPLE} &"])
+    guest.wait_for_console(r"resurrect-example: \d+ pages registered; waiting", timeout=90,
+                           after=after)
+    domid = guest.domid
+    xen_host.run(["xl", "sysrq", guest.name, "c"])
+    guest.wait_for_state(lambda e: e.crashed, "crashed")
+
+    code = EXTRACT.replace("APP", repr(C_APP)).replace("DOMID", str(domid)).replace(
+        "CORRUPTED", repr(b"key-5"))
+    result = dom0_python(code, timeout=180)
+    clean = result["clean"]
+    assert not clean["refused"] and clean["apps"][0]["kept"], clean
+    assert clean["apps"][0]["rejections"] == []
+    assert records_of(clean) == c_expected()
+    flipped = result["flipped"]
+    assert [(r[0], bytes.fromhex(r[3])) for r in flipped["apps"][0]["rejections"]] == [
+        ("crc", b"key-5")]
+    wanted = c_expected()
+    del wanted[b"key-5"]
+    assert records_of(flipped) == wanted
