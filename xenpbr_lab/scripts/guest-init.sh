@@ -55,6 +55,7 @@ for arg in $(cat /proc/cmdline); do
         lab.flood=*) flood=${arg#lab.flood=} ;;
         lab.rate=*) rate=${arg#lab.rate=} ;;
         lab.keys=*) keys=${arg#lab.keys=} ;;
+        lab.hostile=*) hostile=${arg#lab.hostile=} ;;
     esac
 done
 echo "XENPBR-GUEST: up uptime=$(cut -d' ' -f1 /proc/uptime) mode=$mode marker=${marker:-none}"
@@ -286,7 +287,12 @@ case "$mode" in
     consist)
         consist_phases ;;
     resurrect)
-        resurrect_phases ;;
+        resurrect_phases
+        # lab.hostile=1 (tests/lab/test_resurrection_hostile_real.py): hostile registrations
+        # beside the application's own, again after every recovery
+        if [ -n "$hostile" ]; then
+            python3 -m xenpbr_lab.hostile_regions >/dev/hvc0 2>&1 &
+        fi ;;
     count)
         i=0
         while true; do
