@@ -19,13 +19,14 @@ from typing import Any
 
 import pytest
 
-from tests.lab.test_resurrection_real import LOADED, acked_writes, crash, lost_keys
+from tests.lab.test_resurrection_real import LOADED, acked_writes, crash
 from tests.lab.xen_real import agent_verdicts
 from xenpbr.guestproto.resurrection import REASONS
 from xenpbr_lab import xenpbrd as xenpbrd_lab
 from xenpbr_lab.hostile_regions import mover_value
 from xenpbr_lab.host import XenHost
 from xenpbr_lab.resurrect_app import APP
+from xenpbr_lab.resurrection_proof import lost_keys
 from xenpbr_lab.xl import LabDomain
 
 KEYS = 30

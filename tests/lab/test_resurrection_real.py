@@ -20,7 +20,8 @@ from tests.lab.test_phasereboot_real import protected_guest, published, wait_for
 from tests.lab.xen_real import agent_verdicts
 from xenpbr_lab import xenpbrd as xenpbrd_lab
 from xenpbr_lab.errors import LabTimeout
-from xenpbr_lab.resurrect_app import APP, digest, value_for
+from xenpbr_lab.resurrect_app import APP
+from xenpbr_lab.resurrection_proof import lost_keys  # shared with make resurrect
 
 KEYS = 30
 # not anchored at a line start: the guest's shell prompt on hvc0 may precede a line
@@ -31,24 +32,6 @@ LOADED = re.compile(r"LOADED (k\d{6}) ([0-9a-f]{16})\b")
 def acked_writes(console: str) -> list[tuple[str, str]]:
     """(key, digest) of every write the application acknowledged, in order."""
     return [(key, dig) for _, key, dig in ACK.findall(console)]
-
-
-def lost_keys(acked: list[tuple[str, str]], loaded: dict[str, str], keys: int,
-              value_size: int = 64) -> list[str]:
-    """Keys whose resurrected value is older than their last acknowledged write.
-
-    Write ``i`` goes to key ``i % keys`` (xenpbr_lab.resurrect_app), so a loaded value
-    may also be a write acknowledged too late for its console line to be seen before the
-    crash: any write ``j >= i`` of the same key counts as not lost."""
-    last: dict[str, int] = {}
-    for i, (key, _) in enumerate(acked):
-        last[key] = i
-    lost = []
-    for key, i in last.items():
-        later = {digest(value_for(j, value_size)) for j in range(i, i + 20 * keys, keys)}
-        if loaded.get(key) not in later:
-            lost.append(key)
-    return sorted(lost)
 
 
 def crash(xen_host, guest, offset: int, attempts: int = 3) -> None:
