@@ -5,6 +5,7 @@
 #
 #   tools/install-host-deps.sh         the lab's packages (make lab, test, demo, bench)
 #   tools/install-host-deps.sh --deb   Debian's packaging tools instead (make deb)
+#   tools/install-host-deps.sh --debian  the Debian dom0's builders instead (make test-debian)
 set -euo pipefail
 
 # systemd: systemd-analyze verifies the xenpbrd unit in the unit tests
@@ -13,11 +14,14 @@ PACKAGES=(qemu-system-x86 e2fsprogs python3-venv python3-pip systemd gcc zlib1g-
 # make deb: debhelper + dh-python (pybuild) build debian/, lintian checks the result.
 DEB_PACKAGES=(build-essential debhelper dh-python python3-all python3-setuptools
               pybuild-plugin-pyproject python3-wheel fakeroot lintian)
+# make test-debian: mmdebstrap builds the Debian dom0's root, qemu-img its session overlay.
+DEBIAN_PACKAGES=(mmdebstrap qemu-utils)
 
 case "${1:-}" in
     "") ;;
     --deb) PACKAGES=("${DEB_PACKAGES[@]}") ;;
-    *) echo "usage: $0 [--deb]" >&2; exit 2 ;;
+    --debian) PACKAGES=("${DEBIAN_PACKAGES[@]}") ;;
+    *) echo "usage: $0 [--deb|--debian]" >&2; exit 2 ;;
 esac
 
 if [[ $(id -u) -ne 0 ]]; then
