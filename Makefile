@@ -4,14 +4,16 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: help deps venv lab test test-fast test-lab demo bench consistency resurrect deb clean
+.PHONY: help deps venv lab test test-fast test-lab test-long test-debian demo bench consistency resurrect deb clean
 
 help:
 	@echo "make demo       build the lab, boot real Xen in QEMU, crash a guest, show its recovery"
 	@echo "                (DEMO_ARGS='--cpu-hog 6' runs it beside 6 busy processes: a loaded machine)"
-	@echo "make test       fast suite + real-Xen lab suite"
+	@echo "make test       fast suite + real-Xen lab suite (without the tests marked long)"
+	@echo "make test-long  the lab tests too long for every CI run (tests marked long)"
 	@echo "make test-fast  unit tests only (no QEMU)"
 	@echo "make test-lab   real-Xen lab tests only"
+	@echo "make test-debian  the lab tests on a Debian 12 dom0 with systemd and the xenpbr .deb"
 	@echo "make lab        build (or reuse) the lab's boot artefacts"
 	@echo "make bench      normal vs phase-based vs xl-restore recovery, into docs/benchmarks/"
 	@echo "                (BENCH_ARGS='--workloads bare --memory 128 --repeats 3' for a quick run)"
@@ -25,6 +27,8 @@ help:
 
 deps:
 	tools/install-host-deps.sh
+	tools/install-host-deps.sh --deb
+	tools/install-host-deps.sh --debian
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,13 +42,19 @@ lab: deps venv
 	$(BIN)/xenpbr-lab build
 
 test: deps venv
-	$(PYTEST)
+	$(PYTEST) -m "not long"
+
+test-long: deps venv
+	$(PYTEST) -m long
 
 test-fast: venv
 	$(PYTEST) -m "not lab"
 
 test-lab: deps venv
-	$(PYTEST) -m lab
+	$(PYTEST) -m "lab and not long"
+
+test-debian: deps venv
+	$(PYTEST) -m debian
 
 demo: deps venv
 	$(BIN)/xenpbr-lab demo $(DEMO_ARGS)

@@ -176,6 +176,7 @@ def measure_verification(xen_host: XenHost, dom0_python, name: str) -> dict:
     """), timeout=1800)
 
 
+@pytest.mark.long  # 3 min: make test-long (CI keeps the hot-stream-off case below)
 @pytest.mark.timeout(3600)  # a boot, two recoveries with re-captures, 8 restores, under TCG
 def test_damage_with_the_hot_stream_on_is_rejected_and_repaired(xen_host, lab_domain,
                                                                   xenpbrd, dom0_python) -> None:
