@@ -85,7 +85,7 @@ class DebianDom0:
     kernel_version: str
 
 
-def _require(tool: str) -> None:
+def require(tool: str) -> None:
     if shutil.which(tool) is None:
         raise MissingHostTool(f"{tool} not found: run tools/install-host-deps.sh")
 
@@ -119,18 +119,19 @@ def _root_login_without_password(root: Path) -> None:
                    capture_output=True)
 
 
-def _mmdebstrap(root: Path, kernel_package: str) -> None:
-    _require("mmdebstrap")
+def mmdebstrap(root: Path, packages: tuple[str, ...]) -> None:
+    """A Debian root at ``root``: minbase plus ``packages``, installed by apt and dpkg."""
+    require("mmdebstrap")
     cmd = ["mmdebstrap", "--variant=minbase", "--mode=root",
-           "--include=" + ",".join((*PACKAGES, kernel_package)), SUITE, str(root)]
-    log.info("building the Debian dom0 root: %s", " ".join(cmd))
+           "--include=" + ",".join(packages), SUITE, str(root)]
+    log.info("building a Debian root: %s", " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise LabError(f"mmdebstrap failed: {proc.stderr.strip()[-2000:]}")
 
 
-def _ext4(tree: Path, image: Path, size: str, label: str) -> None:
-    _require("mke2fs")
+def ext4(tree: Path, image: Path, size: str, label: str) -> None:
+    require("mke2fs")
     proc = subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", label, "-d", str(tree),
                            str(image), size], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -142,7 +143,7 @@ def build_dom0(images: LabImages, cache: Path | None = None) -> DebianDom0:
     cache = cache or cache_root()
     kernel_package = f"linux-image-{images.kernel_version}"
     key = digest(SUITE, " ".join(PACKAGES), kernel_package, "\n".join(MODULES), CTL_UNIT,
-                 CTL_SCRIPT, inspect.getsource(_customize), inspect.getsource(_mmdebstrap))
+                 CTL_SCRIPT, inspect.getsource(_customize))
     folder = cache / "debian-dom0" / key
     built = DebianDom0(folder / "root.ext4", folder / "initrd.img", images.kernel_version)
     with cache_lock(cache):
@@ -151,11 +152,11 @@ def build_dom0(images: LabImages, cache: Path | None = None) -> DebianDom0:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             root = Path(tmp) / "root"
-            _mmdebstrap(root, kernel_package)
+            mmdebstrap(root, (*PACKAGES, kernel_package))
             _customize(root)
             _root_login_without_password(root)
             shutil.copy2(root / f"boot/initrd.img-{images.kernel_version}", built.initrd)
-            _ext4(root, Path(f"{built.root_image}.tmp"), ROOT_SIZE, "xenpbr-dom0")
+            ext4(root, Path(f"{built.root_image}.tmp"), ROOT_SIZE, "xenpbr-dom0")
             os.replace(f"{built.root_image}.tmp", built.root_image)
         (folder / ".complete").touch()
     return built
@@ -176,7 +177,7 @@ def lab_disk(images: LabImages, dest: Path) -> Path:
         shutil.copytree(PROJECT_ROOT / "xenpbr_lab", tree / "python/xenpbr_lab",
                         ignore=shutil.ignore_patterns("__pycache__"))
         size = sum(p.stat().st_size for p in tree.iterdir()) // (1 << 20) + 64
-        _ext4(tree, dest, f"{size}M", LAB_LABEL)
+        ext4(tree, dest, f"{size}M", LAB_LABEL)
     return dest
 
 
@@ -186,19 +187,25 @@ class DebianXenHost(XenHost):
     QEMU on the same overlay)."""
 
     def __init__(self, images: LabImages, dom0: DebianDom0, workdir: Path,
-                 **kwargs: int) -> None:
+                 guest_disks: tuple[Path, ...] = (), **kwargs: int) -> None:
         super().__init__(images, workdir, **kwargs)
         self.dom0 = dom0
         self.overlay = workdir / "dom0-root.qcow2"
         self.lab_image = workdir / "lab.ext4"
+        #: Raw images handed to guests: dom0 sees overlay ``i`` as ``/dev/vd{c+i}``.
+        self.guest_disks = guest_disks
+        self.guest_overlays = tuple(workdir / f"guest-disk{i}.qcow2"
+                                    for i in range(len(guest_disks)))
 
     def prepare_disks(self) -> None:
         """The session's root overlay and /lab disk (once per host object)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if not self.overlay.exists():
-            _require("qemu-img")
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
-                            str(self.dom0.root_image), str(self.overlay)], check=True)
+        for base, overlay in ((self.dom0.root_image, self.overlay),
+                              *zip(self.guest_disks, self.guest_overlays)):
+            if not overlay.exists():
+                require("qemu-img")
+                subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
+                                "-b", str(base), str(overlay)], check=True)
         if not self.lab_image.exists():
             lab_disk(self.images, self.lab_image)
 
@@ -209,7 +216,9 @@ class DebianXenHost(XenHost):
         argv[argv.index("-initrd") + 1] = modules
         return [*argv,
                 "-drive", f"file={self.overlay},if=virtio,format=qcow2",
-                "-drive", f"file={self.lab_image},if=virtio,format=raw"]
+                "-drive", f"file={self.lab_image},if=virtio,format=raw",
+                *(arg for overlay in self.guest_overlays
+                  for arg in ("-drive", f"file={overlay},if=virtio,format=qcow2"))]
 
     def start(self, ready_timeout: float = 900.0) -> "DebianXenHost":
         """Boot (systemd under emulation takes minutes: the wait detects a hang)."""

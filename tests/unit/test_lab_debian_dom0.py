@@ -53,3 +53,15 @@ def test_qemu_boots_the_root_disk_with_its_initrd(tmp_path: Path) -> None:
     assert drives == [f"file={host.overlay},if=virtio,format=qcow2",
                       f"file={host.lab_image},if=virtio,format=raw"]
     assert str(dom0.root_image) not in " ".join(argv)  # the cache is never written
+
+
+def test_guest_disks_reach_dom0_as_overlays_after_its_own_two(tmp_path: Path) -> None:
+    images = LabImages(tmp_path / "xen.elf", tmp_path / "vmlinuz", tmp_path / "System.map",
+                       tmp_path / "dom0.cpio.gz", tmp_path / "guest.cpio.gz", "6.1.0-0", ())
+    dom0 = DebianDom0(tmp_path / "root.ext4", tmp_path / "initrd.img", "6.1.0-0")
+    guest = tmp_path / "guest.ext4"
+    host = DebianXenHost(images, dom0, tmp_path / "work", guest_disks=(guest,))
+    argv = host.qemu_argv()
+    drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
+    assert drives[2:] == [f"file={host.guest_overlays[0]},if=virtio,format=qcow2"]
+    assert str(guest) not in " ".join(argv)  # /dev/vdc in dom0, the image never written
