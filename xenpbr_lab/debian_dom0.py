@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,28 +139,42 @@ def ext4(tree: Path, image: Path, size: str, label: str) -> None:
         raise LabError(f"mke2fs of {image.name} failed: {proc.stderr.strip()[-1500:]}")
 
 
+def build_root_image(folder: Path, packages: tuple[str, ...],
+                     customize: Callable[[Path], None], kernel_version: str, size: str,
+                     label: str, cache: Path) -> tuple[Path, Path]:
+    """A Debian root built once into ``folder`` (under the cache lock): ``packages`` by
+    mmdebstrap, then ``customize``, then kept as an ext4 image and Debian's initrd for
+    ``kernel_version``; their paths."""
+    image, initrd = folder / "root.ext4", folder / "initrd.img"
+    with cache_lock(cache):
+        if (folder / ".complete").exists():
+            return image, initrd
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            root = Path(tmp) / "root"
+            mmdebstrap(root, packages)
+            customize(root)
+            shutil.copy2(root / f"boot/initrd.img-{kernel_version}", initrd)
+            ext4(root, Path(f"{image}.tmp"), size, label)
+            os.replace(f"{image}.tmp", image)
+        (folder / ".complete").touch()
+    return image, initrd
+
+
 def build_dom0(images: LabImages, cache: Path | None = None) -> DebianDom0:
     """Build (or reuse) the Debian dom0 for the lab's kernel."""
     cache = cache or cache_root()
     kernel_package = f"linux-image-{images.kernel_version}"
     key = digest(SUITE, " ".join(PACKAGES), kernel_package, "\n".join(MODULES), CTL_UNIT,
                  CTL_SCRIPT, inspect.getsource(_customize))
-    folder = cache / "debian-dom0" / key
-    built = DebianDom0(folder / "root.ext4", folder / "initrd.img", images.kernel_version)
-    with cache_lock(cache):
-        if (folder / ".complete").exists():
-            return built
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            root = Path(tmp) / "root"
-            mmdebstrap(root, (*PACKAGES, kernel_package))
-            _customize(root)
-            _root_login_without_password(root)
-            shutil.copy2(root / f"boot/initrd.img-{images.kernel_version}", built.initrd)
-            ext4(root, Path(f"{built.root_image}.tmp"), ROOT_SIZE, "xenpbr-dom0")
-            os.replace(f"{built.root_image}.tmp", built.root_image)
-        (folder / ".complete").touch()
-    return built
+
+    def customize(root: Path) -> None:
+        _customize(root)
+        _root_login_without_password(root)
+    image, initrd = build_root_image(cache / "debian-dom0" / key, (*PACKAGES, kernel_package),
+                                     customize, images.kernel_version, ROOT_SIZE,
+                                     "xenpbr-dom0", cache)
+    return DebianDom0(image, initrd, images.kernel_version)
 
 
 def lab_disk(images: LabImages, dest: Path) -> Path:

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import inspect
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .build import LabImages
-from .debian_dom0 import SUITE, ext4, mmdebstrap
-from .paths import cache_lock, cache_root, digest
+from .debian_dom0 import SUITE, build_root_image
+from .paths import cache_root, digest
 
 PACKAGES = ("systemd-sysv", "udev", "kmod", "initramfs-tools", "python3", "libxenstore4",
             "xenstore-utils", "iproute2", "procps")
@@ -61,19 +60,7 @@ def build_guest(images: LabImages, cache: Path | None = None) -> DebianGuest:
     kernel_package = f"linux-image-{images.kernel_version}"
     key = digest(SUITE, " ".join(PACKAGES), kernel_package, DISK_SIZE,
                  inspect.getsource(_customize))
-    folder = cache / "debian-guest" / key
-    built = DebianGuest(folder / "root.ext4", folder / "initrd.img")
-    with cache_lock(cache):
-        if (folder / ".complete").exists():
-            return built
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            root = Path(tmp) / "root"
-            mmdebstrap(root, (*PACKAGES, kernel_package))
-            _customize(root)
-            built.initrd.write_bytes(
-                (root / f"boot/initrd.img-{images.kernel_version}").read_bytes())
-            ext4(root, Path(f"{built.root_image}.tmp"), DISK_SIZE, "debian-guest")
-            Path(f"{built.root_image}.tmp").replace(built.root_image)
-        (folder / ".complete").touch()
-    return built
+    image, initrd = build_root_image(cache / "debian-guest" / key, (*PACKAGES, kernel_package),
+                                     _customize, images.kernel_version, DISK_SIZE,
+                                     "debian-guest", cache)
+    return DebianGuest(image, initrd)
