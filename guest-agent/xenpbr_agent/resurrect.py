@@ -23,7 +23,6 @@ import mmap
 import os
 import struct
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from typing import Optional
 
@@ -35,6 +34,7 @@ from xenpbr.guestproto.resurrection import (
     RECORD_MAGIC,
     REGISTRATION_DIR,
     RegionFormatError,
+    crc,
     dir_pages_for,
     encode_directory,
     encode_header,
@@ -220,7 +220,7 @@ class Region:
         body = b"".join((_RECORD_FIELDS.pack(seq, len(key), FLAG_TOMBSTONE if tombstone
                                              else 0, len(value)), key, value))
         # the CRC and the body in one store, then the magic: the commit point
-        memory[base + 4:base + end] = _U32.pack(zlib.crc32(body)) + body
+        memory[base + 4:base + end] = _U32.pack(crc(body)) + body
         memory[base:base + 4] = RECORD_MAGIC
         self._seq = seq
         old = self._index.get(key)
