@@ -274,15 +274,20 @@ def _c_example(dest: Path) -> None:
                        f"tools/install-host-deps.sh): {proc.stderr.strip()[-1500:]}")
 
 
+def lab_files(guest_initrd: Path, lab: Path) -> None:
+    """Into dom0's ``/lab`` folder ``lab``: the files dom0 hands to guests
+    (``guest.cpio.gz``) and the disk hotplug script (``block-lab``)."""
+    lab.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(guest_initrd, lab / "guest.cpio.gz")
+    shutil.copy2(SCRIPTS / "block-lab", lab / "block-lab")
+    (lab / "block-lab").chmod(0o755)
+
+
 def _build_lab_files(guest_initrd: Path, out: Path) -> None:
-    """The files dom0 hands to guests (``/lab/guest.cpio.gz``) and the disk hotplug
-    script (``/lab/block-lab``)."""
+    """``/lab`` of the busybox dom0, as an archive (see :func:`lab_files`)."""
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         stage = Path(tmp)
-        (stage / "lab").mkdir()
-        shutil.copy2(guest_initrd, stage / "lab/guest.cpio.gz")
-        shutil.copy2(SCRIPTS / "block-lab", stage / "lab/block-lab")
-        (stage / "lab/block-lab").chmod(0o755)
+        lab_files(guest_initrd, stage / "lab")
         write_initramfs(stage, out, with_device_nodes=False, level=0)
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .build import PROJECT_ROOT, LabImages
+from .build import PROJECT_ROOT, LabImages, lab_files
 from .errors import LabError, MissingHostTool
 from .host import XenHost
 from .paths import cache_lock, cache_root, digest
@@ -165,8 +165,8 @@ def build_dom0(images: LabImages, cache: Path | None = None) -> DebianDom0:
     """Build (or reuse) the Debian dom0 for the lab's kernel."""
     cache = cache or cache_root()
     kernel_package = f"linux-image-{images.kernel_version}"
-    key = digest(SUITE, " ".join(PACKAGES), kernel_package, "\n".join(MODULES), CTL_UNIT,
-                 CTL_SCRIPT, inspect.getsource(_customize))
+    key = digest(SUITE, " ".join(PACKAGES), kernel_package, ROOT_SIZE, "\n".join(MODULES),
+                 CTL_UNIT, CTL_SCRIPT, inspect.getsource(_customize))
 
     def customize(root: Path) -> None:
         _customize(root)
@@ -178,15 +178,13 @@ def build_dom0(images: LabImages, cache: Path | None = None) -> DebianDom0:
 
 
 def lab_disk(images: LabImages, dest: Path) -> Path:
-    """The disk mounted on ``/lab``: the guest kernel and images, as the busybox dom0 has
-    them, ``domains/`` for xl configs and ``python/xenpbr_lab`` (the control server) (built per session: the guest images change
-    with the source)."""
+    """The disk mounted on ``/lab``: what the busybox dom0 has there (the guest kernel,
+    images and hotplug script), ``domains/`` for xl configs and ``python/xenpbr_lab`` for
+    the control server. Built per session: the guest images change with the source."""
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         tree = Path(tmp)
         shutil.copy2(images.kernel, tree / "vmlinuz")
-        shutil.copy2(images.guest_initrd, tree / "guest.cpio.gz")
-        shutil.copy2(PROJECT_ROOT / "xenpbr_lab/scripts/block-lab", tree / "block-lab")
-        (tree / "block-lab").chmod(0o755)
+        lab_files(images.guest_initrd, tree)
         (tree / "domains").mkdir()  # the guests' xl configs (xenpbr_lab.xl.DOMAIN_DIR)
         # the lab's dom0 side (control server, console watcher), this tree's version
         shutil.copytree(PROJECT_ROOT / "xenpbr_lab", tree / "python/xenpbr_lab",
