@@ -191,16 +191,22 @@ def _recovery_cell(last: dict[str, Any] | None) -> str:
 
 def cmd_status(args: argparse.Namespace, state: StateDir) -> int:
     """Registered domains: phases, valid images, generation, last recovery, disks."""
+    from xenpbr import why
     names = list(state.domains())
     refusals = _published_refusals(names)
     rows = [_status_row(state, n, refusals.get(n)) for n in names]
+    reasons = why.no_image_reasons([r["name"] for r in rows if not r["images"]["valid"]],
+                                   refusals)
+    for row in rows:
+        row["no_image_why"] = None if row["images"]["valid"] else reasons.get(row["name"])
     emit(rows, args.json, lambda: table(rows, [
         ("name", "domain"), ("on_crash", "on_crash"), ("phases", "phases"),
         ("images", "images", lambda v: f"{v['valid']}/{v['phases']}"),
         ("newest_image_at", "newest", age_of), ("generation", "gen"),
         ("recoveries", "recoveries"), ("last_recovery", "last recovery", _recovery_cell),
         ("disk_policies", "disks"), ("refusals", "refusals", _refusals_cell),
-        ("resurrected_waiting", "resurrected")],
+        ("resurrected_waiting", "resurrected"),
+        ("no_image_why", "why no image", lambda v: v or "-")],
         empty="no domains registered (xenpbr create CONFIG)"))
     return 0
 

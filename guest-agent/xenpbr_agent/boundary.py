@@ -28,11 +28,13 @@ from xenpbr.guestproto.wire import (
     MAX_DETAIL,
     MAX_DISKS,
     MOUNT,
+    PROBLEM_KEY,
     REQUEST_KEY,
     SEQ_LIMIT,
     STATUS_KEY,
     Ack,
     AckMalformed,
+    AgentProblem,
     BoundaryRequest,
     DiskState,
     GuestStatus,
@@ -159,6 +161,17 @@ def report_status(xs_factory: XenstoreFactory, status: GuestStatus) -> None:
             xs.write(STATUS_KEY, status.encode())
     except (XenstoreError, OSError) as exc:
         log.warning("cannot write %s: %s", STATUS_KEY, exc)
+
+
+def report_problem(xs_factory: XenstoreFactory, problem: AgentProblem) -> None:
+    """Tell dom0 why this boot marks no boundary (``data/xenpbr/problem``), so that
+    ``xenpbr status`` can say why the guest has no image. Informational: a failure is
+    logged, never raised (the salvaged boot matters more)."""
+    try:
+        with xs_factory() as xs:
+            xs.write(PROBLEM_KEY, problem.encode())
+    except (XenstoreError, OSError) as exc:
+        log.warning("cannot write %s: %s", PROBLEM_KEY, exc)
 
 
 def wait_for_ack(xs: XenstoreClient, seq: int, deadline: float,

@@ -46,7 +46,13 @@ import os
 import sys
 from typing import Any
 
-from xenpbr.guestproto.wire import GENERATION_KEY, MAX_WAIT_SECONDS, GuestStatus, VerdictKind
+from xenpbr.guestproto.wire import (
+    GENERATION_KEY,
+    MAX_WAIT_SECONDS,
+    AgentProblem,
+    GuestStatus,
+    VerdictKind,
+)
 from xenpbr.xenstore import XenstoreClient, XenstoreError
 from xenpbr_agent import (
     EXIT_OK,
@@ -67,6 +73,7 @@ from xenpbr_agent.boundary import (
     XenstoreFactory,
     mark_boundary,
     read_ack,
+    report_problem,
     report_status,
 )
 from xenpbr_agent.check import cmd_check
@@ -204,11 +211,13 @@ def _timeout(args: argparse.Namespace, config: AgentConfig) -> float:
 
 
 def _salvage(name: str, text: str | None, path: str, error: ConfigError,
-             mounts_path: str) -> int:
-    """The config is broken: mark nothing, say so loudly, and still bring the guest up
-    with whatever validates on its own (:mod:`xenpbr_agent.salvage`)."""
+             mounts_path: str, xs_factory: XenstoreFactory) -> int:
+    """The config is broken: mark nothing, say so loudly (in the log, and to dom0 so that
+    it can say why this guest has no image), and still bring the guest up with whatever
+    validates on its own (:mod:`xenpbr_agent.salvage`)."""
     for problem in error.problems:
         log.error("config error: %s", problem)
+    report_problem(xs_factory, AgentProblem("config", name, error.problems[0]))
     log.error("boundary %s is not marked: no image is taken of a guest whose config is "
               "broken; fix %s (xenpbr-agent check --config %s lists every error)",
               name, path, path)
@@ -234,7 +243,7 @@ def cmd_phase(args: argparse.Namespace, xs_factory: XenstoreFactory, mounts_path
         text = read_config_text(path)
         config = parse_config(text, path)
     except ConfigError as exc:
-        return _salvage(args.name, text, path, exc, mounts_path)
+        return _salvage(args.name, text, path, exc, mounts_path, xs_factory)
     config.phase(args.name)
     timeout = _timeout(args, config)
     if not poststeps.before_boundary(config, args.name):

@@ -16,6 +16,7 @@ import pytest
 
 from tests.unit.test_agent_freeze import FakeFreezer
 from tests.unit.test_guest_agent import DOMID, FakeRunner
+from xenpbr.guestproto.wire import parse_agent_problem
 from xenpbr.xenstore import FakeXenstore, FakeXenstoreServer
 from xenpbr_agent import EXIT_OK, EXIT_USAGE, ConfigError, cli, freeze, poststeps, salvage
 from xenpbr_agent.config import parse_config
@@ -210,6 +211,11 @@ def test_a_misspelled_key_still_starts_the_after_last_phase_services(agent, tmp_
     with agent.server.connect(0) as dom0:  # no request: no image of a broken guest
         assert dom0.read_or(f"/local/domain/{DOMID}/data/xenpbr/request", None) is None
         assert dom0.read_or(f"/local/domain/{DOMID}/data/xenpbr/agent", None) is None
+        problem = dom0.read(f"/local/domain/{DOMID}/data/xenpbr/problem")
+    # ... but dom0 is told why there is none (xenpbr status shows it)
+    told = parse_agent_problem(problem)
+    assert told is not None and (told.kind, told.phase) == ("config", "app")
+    assert "unknown key 'step_timout' in [agent] (did you mean" in told.detail
 
 
 def test_an_unreadable_config_has_nothing_to_salvage(tmp_path, capsys, caplog) -> None:
@@ -267,6 +273,7 @@ def test_check_lists_every_error_and_touches_nothing(agent, tmp_path) -> None:
     assert code == EXIT_USAGE and report["valid"] is False and len(report["errors"]) == 2
     with agent.server.connect(0) as dom0:
         assert dom0.read_or(f"/local/domain/{DOMID}/data/xenpbr/agent", None) is None
+        assert dom0.read_or(f"/local/domain/{DOMID}/data/xenpbr/problem", None) is None
 
 
 def test_check_a_missing_file(tmp_path, capsys) -> None:

@@ -137,6 +137,8 @@ COMMANDS = {"status": ["status"], "images": ["images", "web"], "history": ["hist
 ALWAYS_NULL_HERE["resurrected"] = {"exported_to"}
 #: Keys the test's fake xl cannot give a value (no domain runs).
 ALWAYS_NULL_HERE["unregister"] = {"domid"}
+#: Read from xenstore, which the test has not (tests/unit/test_why.py covers each value).
+ALWAYS_NULL_HERE["status"] = {"no_image_why"}
 NOT_RUN = {"reboot"}  # needs Xen and xenstore; its object is a history entry
 #: An empty store gives empty lists; test_scrub_json_on_a_damaged_store fills them.
 ALWAYS_NULL_HERE["scrub"] = {k for k in contract().get("scrub", (False, {}))[1] if "[]." in k}

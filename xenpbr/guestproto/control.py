@@ -36,13 +36,18 @@ from xenpbr.guestproto.wire import (
     DETAIL_KEY,
     GENERATION_KEY,
     MAX_DETAIL,
+    PROBLEM_KEY,
     REQUEST_KEY,
     SEQ_LIMIT,
     STATUS_KEY,
     Ack,
     AckMalformed,
+    AgentPresence,
+    AgentProblem,
     Verdict,
     is_strict_int,
+    parse_agent_presence,
+    parse_agent_problem,
 )
 from xenpbr.xenstore.client import Transaction, XenstoreClient
 from xenpbr.xenstore.paths import domain_home, validate_domid
@@ -94,6 +99,10 @@ def request_path(domid: int) -> str:
 
 def agent_path(domid: int) -> str:
     return f"{_home(domid)}/{AGENT_KEY}"
+
+
+def problem_path(domid: int) -> str:
+    return f"{_home(domid)}/{PROBLEM_KEY}"
 
 
 def status_path(domid: int) -> str:
@@ -229,6 +238,15 @@ def _write_dom0_key(t: Transaction, domid: int, path: str, value: str | bytes) -
 def read_request(xs: XenstoreClient, domid: int) -> bytes | None:
     """The guest's request bytes, or None if it has written none."""
     return xs.read_or(request_path(domid), None)
+
+
+def read_agent_notes(xs: XenstoreClient, domid: int
+                     ) -> tuple[AgentPresence | None, AgentProblem | None]:
+    """What this boot's agent said about itself: its presence (it ran and spoke) and its
+    problem (why it marks no boundary); each None if absent or malformed (guest text,
+    informational only)."""
+    return (parse_agent_presence(xs.read_or(agent_path(domid), None)),
+            parse_agent_problem(xs.read_or(problem_path(domid), None)))
 
 
 def write_ack(xs: XenstoreClient, domid: int, ack: Ack) -> None:

@@ -45,6 +45,8 @@ __all__ = [
     "MAX_WAIT_SECONDS",
     "MOUNT",
     "PHASE_NAME",
+    "PROBLEM_KEY",
+    "PROBLEM_KINDS",
     "PROTOCOL_VERSION",
     "REFUSAL_REASONS",
     "REQUEST_KEY",
@@ -54,6 +56,7 @@ __all__ = [
     "Ack",
     "AckMalformed",
     "AgentPresence",
+    "AgentProblem",
     "BoundaryRequest",
     "DiskState",
     "GuestStatus",
@@ -64,6 +67,7 @@ __all__ = [
     "escape_for_log",
     "is_strict_int",
     "parse_agent_presence",
+    "parse_agent_problem",
     "parse_guest_status",
 ]
 
@@ -76,6 +80,9 @@ AGENT_KEY = "data/xenpbr/agent"
 #: <generation>`` (or ``steps-failed <generation>``) when its after-restore steps ran:
 #: the guest_ack and service_ready marks of the recovery timeline.
 STATUS_KEY = "data/xenpbr/status"
+#: ``<kind> <phase> <detail>``: why this boot's agent marks no boundary (its config does
+#: not validate, or Python cannot run it), so that dom0 can say why a guest has no image.
+PROBLEM_KEY = "data/xenpbr/problem"
 CONTROL_DIR = "control/xenpbr"
 ACK_KEY = f"{CONTROL_DIR}/ack"
 GENERATION_KEY = f"{CONTROL_DIR}/generation"
@@ -347,6 +354,37 @@ def parse_agent_presence(raw: bytes | None) -> AgentPresence | None:
         return None
     match = _PRESENCE.fullmatch(raw.decode("ascii", "replace"))
     return AgentPresence(match.group(1), int(match.group(2))) if match else None
+
+
+#: ``config``: the agent config does not validate (the agent salvaged the boot);
+#: ``no-python``: the packaged unit found no Python that can run the agent (its shell
+#: fallback salvaged the boot).
+PROBLEM_KINDS = ("config", "no-python")
+_PROBLEM = re.compile(r"(%s) (%s) ([ -~]{1,200})" % ("|".join(PROBLEM_KINDS),
+                                                     PHASE_NAME.pattern))
+
+
+@dataclass(frozen=True)
+class AgentProblem:
+    """``data/xenpbr/problem``: why the agent marks no boundary in this boot."""
+
+    kind: str  # one of PROBLEM_KINDS
+    phase: str
+    detail: str
+
+    def encode(self) -> str:
+        """The key's value; the detail is cut and made printable ASCII to fit."""
+        detail = "".join(c if " " <= c <= "~" else "?" for c in self.detail)[:200] or "?"
+        return f"{self.kind} {self.phase} {detail}"
+
+
+def parse_agent_problem(raw: bytes | None) -> AgentProblem | None:
+    """The agent's problem note, or None if absent or not well-formed (informational: it
+    only explains, to the operator, why no image exists)."""
+    if raw is None or len(raw) > 256:
+        return None
+    match = _PROBLEM.fullmatch(raw.decode("ascii", "replace"))
+    return AgentProblem(*match.groups()) if match else None
 
 
 _STATUS = re.compile(r"(acked|ready|steps-failed) ([1-9][0-9]{0,8})")
