@@ -99,3 +99,15 @@ def _never_freeze_the_test_host(monkeypatch: pytest.MonkeyPatch) -> None:
     except ImportError:
         return
     monkeypatch.setattr(freeze, "KERNEL", _RefusingFreezer())
+
+
+@pytest.fixture(autouse=True)
+def _never_move_the_test_hosts_journal(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Around a freeze the agent asks journald to write to /run (journalctl
+    --relinquish-var): never this machine's journald. Tests of that pass paths or a
+    runner explicitly."""
+    try:
+        from xenpbr_agent import journal
+    except ImportError:
+        return
+    monkeypatch.setattr(journal, "SOCKET", str(tmp_path / "no-journald-socket"))

@@ -42,7 +42,7 @@ from xenpbr.guestproto.wire import (
     Verdict,
 )
 from xenpbr.xenstore import NoSuchKey, PermissionDenied, XenstoreClient, XenstoreError
-from xenpbr_agent import AgentError, __version__, freeze, hazards
+from xenpbr_agent import AgentError, __version__, freeze, hazards, journal
 from xenpbr_agent.config import AgentConfig
 from xenpbr_agent.state import AgentState, StateStore
 
@@ -264,9 +264,12 @@ def exchange_frozen(xs: XenstoreClient, request: BoundaryRequest, timeout: float
     """Freeze the read-write disks, write ``request`` flagged accordingly, wait for the
     ack (``timeout`` s from the moment it is written), thaw. The thaw runs whatever
     happens, and also after a restore: the process restored from the image continues
-    right here, with the file systems still frozen in its memory."""
+    right here, with the file systems still frozen in its memory. journald is moved to
+    /run for the window (:mod:`xenpbr_agent.journal`: a journald blocked on the frozen
+    root keeps the guest from suspending for the capture)."""
     paths = {unescape_mount(d.mount): d.mount for d in request.disks if d.rw}
-    with freeze.frozen(paths, freezer, clock) as done:
+    with journal.off_the_disks(bool(paths) and journal.journald_persistent()), \
+            freeze.frozen(paths, freezer, clock) as done:
         flagged = mark_frozen(request.disks, {paths[p] for p in done})
         raw = encode_checked(replace(request, disks=flagged))
         return exchange(xs, raw, request.seq, clock() + timeout, clock)
