@@ -39,15 +39,17 @@ log = logging.getLogger(__name__)
 
 SUITE = "bookworm"
 #: Debian's packages of the dom0 (plus the lab's kernel package, the same as the busybox
-#: lab boots, so that its modules are in the root).
+#: lab boots, so that its modules are in the root). xfsprogs and the PostgreSQL client are
+#: for the Debian guest's tests: its disks on XFS (reflink snapshots) and queries to its
+#: server over the guest network.
 PACKAGES = ("systemd-sysv", "udev", "kmod", "initramfs-tools", "xen-utils-4.17",
             "xenstore-utils", "python3", "python3-construct", "e2fsprogs", "procps",
-            "iproute2", "util-linux")
+            "iproute2", "util-linux", "xfsprogs", "postgresql-client-15")
 ROOT_SIZE = "4G"
 LAB_LABEL = "xenpbr-lab"
 #: Loaded at boot (Debian's init script loads xenfs, evtchn and gntdev itself).
 MODULES = ("xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xenfs",
-           "xen-blkback")
+           "xen-blkback", "xen-netback")
 
 CTL_UNIT = """\
 [Unit]

@@ -15,7 +15,6 @@ Run: ``make test-debian`` (builds the packages and the Debian dom0 first).
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,20 +23,15 @@ import pytest
 from tests.lab.test_phasereboot_real import published
 from tests.lab.xen_real import agent_verdicts
 from xenpbr_lab import xenpbrd as xenpbrd_lab
-from xenpbr_lab.build import PROJECT_ROOT, build
+from xenpbr_lab.build import build
 from xenpbr_lab.debian_dom0 import DebianXenHost, build_dom0
+from xenpbr_lab.debian_guest_host import build_packages
 from xenpbr_lab.xl import LabDomain
 
 pytestmark = [pytest.mark.lab, pytest.mark.debian]
 THREE = "kernel,services,app"
 
 
-def _package() -> Path:
-    """The xenpbr .deb of this tree (built here: make deb takes seconds)."""
-    subprocess.run([str(PROJECT_ROOT / "tools/build-deb.sh")], check=True,
-                   capture_output=True, cwd=PROJECT_ROOT)
-    (deb,) = (PROJECT_ROOT / "build/deb").glob("xenpbr_*_amd64.deb")
-    return deb
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +48,7 @@ def debian_host(session_artifacts: Path) -> Iterator[DebianXenHost]:
 
 @pytest.fixture(scope="module")
 def installed(debian_host: DebianXenHost) -> DebianXenHost:
-    deb = _package()
+    deb, _ = build_packages(debian_host.workdir / "debs")
     debian_host.put(f"/tmp/{deb.name}", deb.read_bytes())
     result = debian_host.run(["dpkg", "-i", f"/tmp/{deb.name}"], timeout=600, check=False)
     assert result.rc == 0, result.stdout + result.stderr
