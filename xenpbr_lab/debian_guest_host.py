@@ -44,9 +44,10 @@ DISKS = [f"{ROOT_DISK},raw,xvda,w,backendtype=phy,script={HOTPLUG}",
 POLICIES = ["xvda=snapshot", "xvdb=persistent"]
 #: dom0's view of the raw disks handed to QEMU: the guest image, then the blank XFS disk.
 GUEST_IMAGE_DEV, XFS_DEV = "/dev/vdc", "/dev/vdd"
-#: The agent's line under systemd: ``<phase> <verdict>`` on the console.
-VERDICT = re.compile(r"^(kernel|services|app) (captured|skipped|restored:\d+|refused:\S+|"
-                     r"timeout|not-marked)\r?$", re.M)
+#: The agent's line under systemd: ``<phase> <verdict>`` on the console, where journald
+#: forwards it as ``[  97.42] xenpbr-agent[195]: kernel captured``.
+VERDICT = re.compile(r"xenpbr-agent\[\d+\]: (kernel|services|app) (captured|skipped|"
+                     r"restored:\d+|refused:\S+|timeout|not-marked)\r?$", re.M)
 WARM = r"XENPBR-LAB: postgres warm in ([\d.]+) s: (\S+)"
 AUDITD = r"XENPBR-LAB: auditd (\S+) pid=(\d*) log=(\S+) on=(\S*)"
 #: The guest's boot outcome (xenpbr-lab-booted.service): systemd's state, failed units,
@@ -122,7 +123,7 @@ def query(host: DebianXenHost) -> str:
 
 def verdicts(guest: LabDomain, count: int, after: int = 0) -> list[tuple[str, str]]:
     """The first ``count`` agent verdicts on the console after offset ``after``."""
-    guest.wait_for_console(r"(?s)(?:%s.*?){%d}" % (VERDICT.pattern[1:-4], count),
+    guest.wait_for_console(r"(?s)(?:%s.*?){%d}" % (VERDICT.pattern[:-4], count),
                            after=after, timeout=WAIT)
     return VERDICT.findall(guest.console()[after:])[:count]
 
