@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -108,7 +109,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     busybox = [w for w in args.workloads if w != debian_bench.WORKLOAD]
     if busybox:
-        xen = _bench_busybox(args, images, workdir, busybox, samples, facts, not_run)
+        xen = _bench_busybox(args, images, workdir, busybox, samples, facts, not_run,
+                             progress)
     if debian_bench.WORKLOAD in args.workloads:  # its own dom0: Debian's, with systemd
         try:
             more, fact, xen = debian_bench.run(
@@ -141,7 +143,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench_busybox(args: argparse.Namespace, images: LabImages, workdir: Path,
                    workloads: list[str], samples: list, facts: list,
-                   not_run: list[str]) -> str:
+                   not_run: list[str], progress: Callable[[str], None]) -> str:
     """The busybox workloads in one busybox dom0 (into ``samples``, ``facts`` and
     ``not_run``); Xen's version."""
     from . import bench
@@ -156,8 +158,7 @@ def _bench_busybox(args: argparse.Namespace, images: LabImages, workdir: Path,
                         continue
                     try:
                         more, fact = bench.run_config(
-                            host, workload, memory, args.repeats,
-                            lambda line: print(line, file=sys.stderr, flush=True), workdir,
+                            host, workload, memory, args.repeats, progress, workdir,
                             tuple(args.methods))
                     except LabError as exc:  # keep what the other configurations measured
                         why = f"{workload} at {memory} MiB failed: {str(exc)[:300]}"

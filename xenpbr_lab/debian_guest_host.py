@@ -94,7 +94,7 @@ ip link set {BRIDGE} up""", timeout=WAIT)
     host.put(f"/tmp/{dom0_deb.name}", dom0_deb.read_bytes())
     host.run(["dpkg", "-i", f"/tmp/{dom0_deb.name}"], timeout=WAIT)
     host.put("/etc/xenpbr/xenpbr.conf", f"[state]\ndir = {SRV}/xenpbr\n".encode())
-    host.run("systemctl restart xenpbrd && i=0; while [ $i -lt 600 ] && "
+    host.run("systemctl restart xenpbrd; i=0; while [ $i -lt 600 ] && "
              "! systemctl is-active -q xenpbrd; do sleep 1; i=$((i+1)); done; "
              "systemctl is-active -q xenpbrd", timeout=WAIT)
 
