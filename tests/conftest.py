@@ -9,9 +9,11 @@ keep evidence.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,42 +74,21 @@ def test_failed(request: pytest.FixtureRequest) -> bool:
     return any(r.failed for r in reports.values())
 
 
-class _RefusingFreezer:
-    """Stands in for the agent's kernel freezer during tests: it answers questions about
-    devices, but a FIFREEZE/FITHAW ioctl fails the test instead of reaching the kernel."""
-
-    def device(self, mount: str) -> int:
-        return os.stat(mount).st_dev
-
-    def ioctl(self, mount: str, request: int) -> None:
-        raise AssertionError(f"a test reached the real freeze ioctl {request:#x} on {mount}: "
-                             "give it a fake freezer (run as root this would freeze the "
-                             "test host's own file system)")
-
-    def output_devices(self) -> set[int]:
-        return set()
+#: ``FIFREEZE`` and ``FITHAW`` (linux/fs.h): no code of this project may issue them.
+FREEZE_IOCTLS = frozenset({0xC0045877, 0xC0045878})
 
 
 @pytest.fixture(autouse=True)
 def _never_freeze_the_test_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The guest agent freezes every read-write disk at a boundary. A test that reaches it
-    with the real ioctls, run as root, would freeze this machine's own disks (it nearly
-    did): every test starts with a freezer that refuses, and sets a fake where it wants
-    one. Tests that mean the real kernel pass ``KernelFreezer()`` explicitly."""
-    try:
-        from xenpbr_agent import freeze
-    except ImportError:
-        return
-    monkeypatch.setattr(freeze, "KERNEL", _RefusingFreezer())
+    """The guest agent once froze every read-write disk at a boundary, and a test run as
+    root nearly froze this machine's own disks. Nothing freezes now (dom0 snapshots
+    disks while the guest is paused): a freeze ioctl reaching ``fcntl.ioctl`` fails the
+    test instead of the kernel, so the old path cannot come back unnoticed."""
+    real = fcntl.ioctl
 
+    def guarded(fd: Any, request: int, *args: Any) -> Any:
+        if request in FREEZE_IOCTLS:
+            raise AssertionError(f"a test reached a file-system freeze ioctl {request:#x}")
+        return real(fd, request, *args)
 
-@pytest.fixture(autouse=True)
-def _never_move_the_test_hosts_journal(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    """Around a freeze the agent asks journald to write to /run (journalctl
-    --relinquish-var): never this machine's journald. Tests of that pass paths or a
-    runner explicitly."""
-    try:
-        from xenpbr_agent import journal
-    except ImportError:
-        return
-    monkeypatch.setattr(journal, "SOCKET", str(tmp_path / "no-journald-socket"))
+    monkeypatch.setattr(fcntl, "ioctl", guarded)

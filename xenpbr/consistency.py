@@ -10,9 +10,10 @@ taken, except for ``snapshot`` disks, which are reverted with it. So at a bounda
   ``O_APPEND`` is a *hazard* (after a restore it would write at its old offset, over
   newer data: auditd is the classic case). The refusal names the process and the file;
   the operator starts that service after the restore point;
-* a ``snapshot`` disk mounted read-write must have been frozen by the agent for this
-  boundary: dom0 snapshots it between the memory capture and the ack, and only a frozen
-  file system is on disk exactly as the image's kernel believes it is.
+* a ``snapshot`` disk may be mounted read-write: dom0 snapshots it while xl holds the
+  guest paused at the instant its memory was saved (``xl save -c -p``), so the disk is
+  exactly what the image's kernel last wrote; block requests still in flight are
+  re-issued by the restored kernel's blkfront, as after a migration.
 
 Guest input (the request's ``disks`` and ``hazards``) was bounded by the protocol parser;
 here it is only matched against the operator's config, and quoted in messages with
@@ -35,7 +36,7 @@ _PARTITION = re.compile(r"p?[0-9]+")
 class Refusal:
     """Why a capture is refused: a protocol reason token and a message for people."""
 
-    reason: str  # "hazard" | "persistent-disk-rw" | "snapshot-not-frozen"
+    reason: str  # "hazard" | "persistent-disk-rw"
     detail: str
 
 
@@ -68,13 +69,6 @@ def judge(config: DomainConfig, request: BoundaryRequest) -> Refusal | None:
                            "after the last phase ([after-last-phase] in the agent config)")
     for disk in request.disks:
         policy = disk_policy(policies, disk.dev)
-        if disk.rw and policy == "snapshot" and not disk.frozen:
-            return Refusal("snapshot-not-frozen",
-                           f"snapshot disk {disk.dev} is mounted read-write on "
-                           f"{ascii(disk.mount)[1:-1]} but was not frozen for the boundary: "
-                           "a snapshot now could miss writes its kernel believes are on "
-                           "disk; use an agent that freezes (xenpbr-agent >= 0.2) or a "
-                           "file system that supports FIFREEZE")
         if disk.rw and _unsafe(policy, has_persistent):
             return Refusal("persistent-disk-rw",
                            f"persistent disk {disk.dev} is mounted read-write on "

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from xenpbr.errors import XenpbrError
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 #: Exit codes of ``xenpbr-agent`` (docs/phase-protocol.md, "Guest agent").
 EXIT_OK = 0          # captured, skipped, or restored (post-restore steps done)

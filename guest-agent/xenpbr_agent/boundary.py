@@ -15,8 +15,8 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from xenpbr.guestproto.request import encode_request
 from xenpbr.guestproto.wire import (
@@ -42,7 +42,7 @@ from xenpbr.guestproto.wire import (
     Verdict,
 )
 from xenpbr.xenstore import NoSuchKey, PermissionDenied, XenstoreClient, XenstoreError
-from xenpbr_agent import AgentError, __version__, freeze, hazards, journal
+from xenpbr_agent import AgentError, __version__, hazards
 from xenpbr_agent.config import AgentConfig
 from xenpbr_agent.state import AgentState, StateStore
 
@@ -216,9 +216,8 @@ def read_disks(mounts_path: str = MOUNTS) -> tuple[DiskState, ...]:
 
 def prepare_request(config: AgentConfig, phase: str, seq: int, timeout: float,
                     mounts_path: str = MOUNTS, proc_path: str = PROC) -> BoundaryRequest:
-    """The request for ``phase``, nothing frozen yet, checked with dom0's own parser (a
-    request dom0 would refuse as malformed is an agent/config problem: report it here,
-    before anything is frozen)."""
+    """The request for ``phase``, checked with dom0's own parser (a request dom0 would
+    refuse as malformed is an agent/config problem: report it here, before writing)."""
     disks = read_disks(mounts_path)
     found = hazards.scan(proc_path, skip_pids=frozenset({os.getpid()}))
     if found:
@@ -240,48 +239,22 @@ def encode_checked(request: BoundaryRequest) -> bytes:
                          f"{exc.detail}); fix the config or the guest") from None
 
 
-def mark_frozen(disks: tuple[DiskState, ...], frozen: Collection[str]) -> tuple[DiskState, ...]:
-    """``disks`` with ``frozen`` set on the read-write ones whose mount point is in
-    ``frozen``. A mount hidden under a later mount on the same path is left unflagged:
-    the freeze reached the file system on top, not it."""
-    last = {d.mount: i for i, d in enumerate(disks)}
-    return tuple(replace(d, frozen=True) if d.rw and d.mount in frozen and last[d.mount] == i
-                 else d for i, d in enumerate(disks))
-
-
 def build_request(config: AgentConfig, phase: str, seq: int, timeout: float,
-                  mounts_path: str = MOUNTS, proc_path: str = PROC, *,
-                  frozen: Collection[str] = ()) -> bytes:
-    """The request bytes, validated with dom0's own parser; ``frozen``: the mount points
-    whose file system the caller froze."""
-    request = prepare_request(config, phase, seq, timeout, mounts_path, proc_path)
-    return encode_checked(replace(request, disks=mark_frozen(request.disks, frozen)))
-
-
-def exchange_frozen(xs: XenstoreClient, request: BoundaryRequest, timeout: float, *,
-                    clock: Callable[[], float] = time.monotonic,
-                    freezer: freeze.Freezer | None = None) -> Verdict | None:
-    """Freeze the read-write disks, write ``request`` flagged accordingly, wait for the
-    ack (``timeout`` s from the moment it is written), thaw. The thaw runs whatever
-    happens, and also after a restore: the process restored from the image continues
-    right here, with the file systems still frozen in its memory. journald is moved to
-    /run for the window (:mod:`xenpbr_agent.journal`: a journald blocked on the frozen
-    root keeps the guest from suspending for the capture)."""
-    paths = {unescape_mount(d.mount): d.mount for d in request.disks if d.rw}
-    with journal.off_the_disks(bool(paths) and journal.journald_persistent()), \
-            freeze.frozen(paths, freezer, clock) as done:
-        flagged = mark_frozen(request.disks, {paths[p] for p in done})
-        raw = encode_checked(replace(request, disks=flagged))
-        return exchange(xs, raw, request.seq, clock() + timeout, clock)
+                  mounts_path: str = MOUNTS, proc_path: str = PROC) -> bytes:
+    """The request bytes, validated with dom0's own parser."""
+    return encode_checked(prepare_request(config, phase, seq, timeout, mounts_path,
+                                          proc_path))
 
 
 def mark_boundary(xs: XenstoreClient, config: AgentConfig, phase: str, store: StateStore,
                   timeout: float, *, clock: Callable[[], float] = time.monotonic,
-                  mounts_path: str = MOUNTS, proc_path: str = PROC,
-                  freezer: freeze.Freezer | None = None) -> BoundaryResult:
+                  mounts_path: str = MOUNTS, proc_path: str = PROC) -> BoundaryResult:
     """Mark boundary ``phase``: request, wait (at most ``timeout`` s), record the verdict.
-    The read-write file systems stay frozen from before the request is written until the
-    ack is read; the state (in /run) is saved outside that window."""
+
+    Nothing is frozen: dom0 snapshots the ``snapshot`` disks while xl holds the whole
+    guest paused at the instant its memory was saved (docs/consistency.md). A frozen
+    file system used to be the agent's job here, and writers blocked on it kept a busy
+    systemd guest from suspending for the capture at all."""
     config.phase(phase)  # ConfigError if undeclared
     with store.locked():
         if not dom0_enabled(xs):
@@ -293,7 +266,7 @@ def mark_boundary(xs: XenstoreClient, config: AgentConfig, phase: str, store: St
         request = prepare_request(config, phase, seq, timeout, mounts_path, proc_path)
         store.save(AgentState(seq, phase, "pending", state.generation))
         announce(xs)
-        verdict = exchange_frozen(xs, request, timeout, clock=clock, freezer=freezer)
+        verdict = exchange(xs, encode_checked(request), seq, clock() + timeout, clock)
         detail = read_detail(xs) if verdict is not None and verdict.reason else ""
         result = BoundaryResult(phase, seq, verdict, detail=detail)
         generation = verdict.generation if verdict is not None else None

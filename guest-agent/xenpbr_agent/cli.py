@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from typing import Any
 
@@ -63,6 +64,7 @@ from xenpbr_agent import (
     AgentError,
     ConfigError,
     __version__,
+    hazards,
     poststeps,
     salvage,
 )
@@ -95,15 +97,31 @@ HINTS = {
     "out-of-order": "mark the phases in the order the config declares them",
     "persistent-disk-rw": "unmount persistent disks (or mount them read-only) before this "
                           "boundary; mount them with [after-last-phase] mount",
-    "snapshot-not-frozen": "a snapshot disk is mounted read-write but could not be frozen "
-                           "(see the agent's warning above: its file system cannot "
-                           "freeze, or it holds the agent's output file); mount it "
-                           "read-only before this boundary or use one that can freeze",
     "snapshot-failed": "dom0 could not snapshot a disk; see xenpbrd's log in dom0",
     "hazard": "a restartable candidate holds a non-O_APPEND write offset on a disk that is "
               "not reverted; start it in [after-last-phase] instead",
     "rate-limited": "too many boundaries in a short time; mark fewer",
 }
+
+
+#: How dom0's ``persistent-disk-rw`` detail names the disk (xenpbr/consistency.py).
+_PERSISTENT_RW = re.compile(r"^persistent disk ([a-z][a-z0-9_-]{0,31}) is mounted read-write")
+
+
+def _name_persistent_writers(detail: str, proc_path: str) -> None:
+    """After a ``persistent-disk-rw`` refusal, name who writes to that disk (dom0 knows
+    the disk, only the guest knows the processes): the service to move to
+    ``[after-last-phase]``."""
+    match = _PERSISTENT_RW.match(detail)
+    if match is None:
+        return
+    writers = hazards.writers_on(match.group(1), proc_path,
+                                 skip_pids=frozenset({os.getpid()}))
+    if writers:
+        log.warning("writing to %s now: %s; start %s after the last phase "
+                    "([after-last-phase] in the agent config)", match.group(1),
+                    "; ".join(f"pid {w.pid} ({w.comm}) {w.path}" for w in writers[:8]),
+                    "it" if len({w.comm for w in writers}) == 1 else "them")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -263,6 +281,7 @@ def cmd_phase(args: argparse.Namespace, xs_factory: XenstoreFactory, mounts_path
     if result.detail:
         log.warning("boundary %s refused (%s): %s", result.phase, result.verdict.reason
                     if result.verdict else "?", result.detail)
+        _name_persistent_writers(result.detail, proc_path)
     elif result.verdict is not None and result.verdict.reason in HINTS:
         log.warning("boundary %s refused (%s): %s", result.phase, result.verdict.reason,
                     HINTS[result.verdict.reason])

@@ -8,6 +8,10 @@ classic case. Such open files are *hazards*: the agent reports each one in its b
 request and dom0, which knows each disk's policy, refuses the capture and names the
 process and the file (docs/consistency.md).
 
+:func:`writers_on` lists every writer on one device, ``O_APPEND`` or not: when dom0
+refuses a boundary because a ``persistent`` disk is mounted read-write, the agent names
+the processes writing there (auditd, which appends, is the seeds' example).
+
 Read from ``/proc``: ``/proc/PID/fd/N`` (the path) and ``/proc/PID/fdinfo/N`` (``flags:``
 in octal, and ``mnt_id:``), matched to a block device through ``/proc/PID/mountinfo``.
 Processes that vanish while being read are skipped; nothing here needs root beyond what
@@ -27,7 +31,8 @@ O_ACCMODE, O_WRONLY, O_RDWR, O_APPEND = 0o3, 0o1, 0o2, 0o2000
 
 @dataclass(frozen=True)
 class OpenWrite:
-    """A regular file some process has open for writing, without ``O_APPEND``."""
+    """A regular file some process has open for writing (without ``O_APPEND`` when it
+    comes from :func:`scan`)."""
 
     pid: int
     comm: str
@@ -71,8 +76,9 @@ def _fd_flags(fdinfo: str) -> tuple[int, int] | None:
         return None
 
 
-def writes_without_append(pid_dir: Path, devices: dict[int, str]) -> list[OpenWrite]:
-    """The hazards of one process."""
+def writes_without_append(pid_dir: Path, devices: dict[int, str], *,
+                          append_too: bool = False) -> list[OpenWrite]:
+    """The hazards of one process (with ``append_too``, all its files open for writing)."""
     comm = (_read(pid_dir / "comm") or "?").strip()
     found: list[OpenWrite] = []
     try:
@@ -88,7 +94,7 @@ def writes_without_append(pid_dir: Path, devices: dict[int, str]) -> list[OpenWr
         if not target.startswith("/") or target.startswith("/dev/") or info is None:
             continue  # pipes, sockets, devices: no file offset on a disk
         flags, mnt_id = info
-        if flags & O_ACCMODE in (O_WRONLY, O_RDWR) and not flags & O_APPEND:
+        if flags & O_ACCMODE in (O_WRONLY, O_RDWR) and (append_too or not flags & O_APPEND):
             found.append(OpenWrite(int(pid_dir.name), comm, target, devices.get(mnt_id, "")))
     return found
 
@@ -103,6 +109,20 @@ def scan(proc: str = "/proc", skip_pids: frozenset[int] = frozenset()) -> list[O
     for pid in pids:
         if pid not in skip_pids:
             found += [w for w in writes_without_append(root / str(pid), devices) if w.dev]
+    return found
+
+
+def writers_on(dev: str, proc: str = "/proc",
+               skip_pids: frozenset[int] = frozenset()) -> list[OpenWrite]:
+    """Every file on block device ``dev`` open for writing, appending or not, by any
+    process but ``skip_pids``, in pid order."""
+    root = Path(proc)
+    devices = _mount_devices(root / "self")
+    found: list[OpenWrite] = []
+    for pid in sorted(int(n) for n in os.listdir(root) if n.isdigit()):
+        if pid not in skip_pids:
+            found += [w for w in writes_without_append(root / str(pid), devices,
+                                                       append_too=True) if w.dev == dev]
     return found
 
 

@@ -3,7 +3,7 @@ and sections named with their close match, a broken config still brings the gues
 (the salvage), and ``xenpbr-agent check``.
 
 Commands run through a fake runner, or for real only when harmless (``sh -c`` writing
-into tmp_path); freezing goes through the fake of tests/unit/test_guest_agent.py.
+into tmp_path).
 """
 
 from __future__ import annotations
@@ -14,21 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_agent_freeze import FakeFreezer
 from tests.unit.test_guest_agent import DOMID, FakeRunner
 from xenpbr.guestproto.wire import parse_agent_problem
 from xenpbr.xenstore import FakeXenstore, FakeXenstoreServer
-from xenpbr_agent import EXIT_OK, EXIT_USAGE, ConfigError, cli, freeze, poststeps, salvage
+from xenpbr_agent import EXIT_OK, EXIT_USAGE, ConfigError, cli, poststeps, salvage
 from xenpbr_agent.config import parse_config
 from xenpbr_agent.poststeps import StepLimit, StepResult, run_command, run_steps
-
-
-@pytest.fixture(autouse=True)
-def fake_freezer(monkeypatch: pytest.MonkeyPatch) -> FakeFreezer:
-    """Never FIFREEZE the test host's disks."""
-    fake = FakeFreezer()
-    monkeypatch.setattr(freeze, "KERNEL", fake)
-    return fake
 
 
 # -- 1. step_timeout is the operator's opt-in ------------------------------------------------

@@ -51,6 +51,20 @@ def test_the_agent_itself_and_vanished_processes_are_skipped(tmp_path: Path) -> 
     assert hazards.scan(str(proc), skip_pids=frozenset({7})) == []
 
 
+def test_writers_on_a_device_include_appenders_and_only_that_device(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path / "proc", {
+        7: ("agent", [("/data/state", 0o100001, 30)]),              # the agent: skipped
+        100: ("auditd", [("/data/audit.log", 0o102001, 30)]),       # O_APPEND: named
+        101: ("db", [("/data/db", 0o100002, 30)]),                  # O_RDWR: named
+        102: ("reader", [("/data/ro", 0o100000, 30)]),              # read-only: not
+        103: ("cache", [("/run/cache", 0o100002, 31)]),             # another device
+    })
+    assert hazards.writers_on("xvdb", str(proc), skip_pids=frozenset({7})) == [
+        OpenWrite(100, "auditd", "/data/audit.log", "xvdb"),
+        OpenWrite(101, "db", "/data/db", "xvdb")]
+    assert hazards.writers_on("xvdc", str(proc)) == []
+
+
 def test_hazard_strings_respect_the_protocol(tmp_path: Path) -> None:
     many = [OpenWrite(i, "w\x1bi th", "/data/" + "é" * 200, "xvdb") for i in range(40)]
     strings = hazards.hazard_strings(many)

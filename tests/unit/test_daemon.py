@@ -299,7 +299,7 @@ def test_a_crash_during_a_capture_is_recovered(world) -> None:
     server.connect(domid).write("data/xenpbr/request", request(1, "kernel"))
     settle(daemon)  # the kernel image exists now
 
-    def crashing(name, store, phase, seq, fingerprint, crashed):
+    def crashing(name, store, phase, seq, fingerprint, crashed, **_):
         assert not crashed()  # the guard's check: running is not crashed
         hv.crash(domid)  # the guest dies while xl save waits for it to suspend
         assert crashed()  # what makes the capture's guard kill xl at once

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_agent_freeze import FakeFreezer
 from xenpbr.guestproto.control import PhaseProtocol, prepare_domain, request_watch, write_ack
 from xenpbr.guestproto.gate import Outcome, RateLimit, RequestGate
 from xenpbr.guestproto.request import parse_request
@@ -37,11 +36,9 @@ from xenpbr_agent import (
     ConfigError,
     __version__,
     cli,
-    freeze,
 )
-from xenpbr_agent.boundary import collect_disks, mark_boundary, mark_frozen
+from xenpbr_agent.boundary import collect_disks, mark_boundary
 from xenpbr_agent.config import AgentConfig, MountSpec, load_config, parse_config
-from xenpbr_agent.freeze import FIFREEZE
 from xenpbr_agent.poststeps import (
     StepResult,
     after_boundary,
@@ -102,15 +99,6 @@ class Responder(threading.Thread):
         self.join(5)
 
 
-@pytest.fixture(autouse=True)
-def freezer(monkeypatch: pytest.MonkeyPatch) -> FakeFreezer:
-    """Every test here freezes through a fake: the agent must never FIFREEZE the test
-    host's own disks (the mounts it is shown name this machine's "/")."""
-    fake = FakeFreezer()
-    monkeypatch.setattr(freeze, "KERNEL", fake)
-    return fake
-
-
 @pytest.fixture
 def server() -> FakeXenstoreServer:
     srv = FakeXenstoreServer()
@@ -167,7 +155,7 @@ def test_captured(env, server, tmp_path, capsys) -> None:
                                                                ("kernel", "services", "app"),
                                                                "test.1")
     assert [(d.dev, d.mount, d.rw, d.frozen) for d in req.disks] == [
-        ("xvda1", "/", True, True), ("xvdb", "/srv", False, False)]
+        ("xvda1", "/", True, False), ("xvdb", "/srv", False, False)]
     assert req.wait == 10
     assert state(tmp_path)["seq"] == 1 and state(tmp_path)["verdict"] == "captured"
     with server.connect(0) as dom0x:
@@ -477,6 +465,28 @@ def test_a_refusal_shows_dom0s_explanation(env, server, capsys) -> None:
     assert why in err
 
 
+def test_a_persistent_disk_refusal_names_who_writes_there(env, server, tmp_path,
+                                                         capsys) -> None:
+    """dom0 names the disk; the agent names the processes writing to it, appenders too
+    (auditd appends: it is no hazard, but it keeps the persistent disk mounted)."""
+    from tests.unit.test_agent_hazards import fake_proc
+    import shutil
+    shutil.rmtree(tmp_path / "proc")
+    fake_proc(tmp_path / "proc", {405: ("auditd", [("/data/audit.log", 0o102001, 30)]),
+                                  406: ("cron", [("/run/cron.pid", 0o100001, 31)])})
+    why = ("persistent disk xvdb is mounted read-write on /data: mount it after the last "
+           "phase ([after-last-phase] in the agent config), or declare it 'snapshot' in "
+           "xenpbr_disks")
+    plan = {"kernel": lambda proto, req: proto.answer(
+        DOMID, req.seq, Verdict.refused("persistent-disk-rw"), why)}
+    with Responder(server, plan):
+        code, out, err = env(["phase", "kernel"], capsys)
+    assert (code, out) == (EXIT_REFUSED, "kernel refused:persistent-disk-rw\n")
+    assert why in err
+    assert "writing to xvdb now: pid 405 (auditd) /data/audit.log; start it after" in err
+    assert "cron" not in err
+
+
 def test_config_mount_lines() -> None:
     cfg = parse_config("[phase:a]\n[after-last-phase]\nstart = svc start\n"
                        "mount = /dev/xvdb /data ext4 noatime,errors=remount-ro\n"
@@ -492,71 +502,38 @@ def test_config_mount_lines() -> None:
     assert parse_config("[phase:a]\n").after_last_phase_mounts == ()
 
 
-# -- the freeze window -------------------------------------------------------------------------
+# -- nothing is frozen ----------------------------------------------------------------------
+# dom0 snapshots disks while xl holds the guest paused (docs/consistency.md); the conftest
+# fails any test that reaches a freeze ioctl.
 
 
-def test_rw_disks_stay_frozen_from_the_request_to_the_ack(env, server, tmp_path, capsys,
-                                                           freezer) -> None:
+def test_rw_disks_are_reported_unfrozen_and_the_guest_keeps_writing(env, server, tmp_path,
+                                                                     capsys) -> None:
     (tmp_path / "mounts").write_text(
         "/dev/xvda1 / ext4 rw,relatime 0 0\n/dev/xvdb /srv ext4 ro 0 0\n"
-        "/dev/xvdc /data ext4 rw 0 0\n/dev/xvdd /scratch vfat rw 0 0\n")
-    freezer.errors[("/scratch", FIFREEZE)] = errno.EOPNOTSUPP
-    frozen_at_answer: list[set[str]] = []
+        "/dev/xvdc /mnt/my\\040data ext4 rw 0 0\n")
+    written_while_waiting: list[bool] = []
 
     def check(proto: PhaseProtocol, req: BoundaryRequest) -> None:
-        frozen_at_answer.append(set(freezer.frozen))
+        probe = tmp_path / "written-during-the-boundary"
+        probe.write_text("the disks take writes while dom0 decides")
+        written_while_waiting.append(probe.exists())
         proto.answer(DOMID, req.seq, Verdict.captured())
 
     with Responder(server, {"kernel": check}) as dom0:
         code, out, err = env(["phase", "kernel"], capsys)
-    assert (code, out) == (EXIT_OK, "kernel captured\n")
+    assert (code, out) == (EXIT_OK, "kernel captured\n") and written_while_waiting == [True]
     (req,) = dom0.requests
-    assert {d.mount: d.frozen for d in req.disks} == {"/": True, "/srv": False,
-                                                      "/data": True, "/scratch": False}
-    assert frozen_at_answer == [{"/", "/data"}]
-    assert freezer.frozen == set()
-    assert ("freeze", "/srv") not in freezer.calls  # read-only: nothing to freeze
-    assert freezer.calls[-2:] == [("thaw", "/data"), ("thaw", "/")]
-    assert "frozen for this boundary: /, /data" in err and "thawed /data, / after" in err
+    assert [(d.dev, d.mount, d.rw) for d in req.disks] == [
+        ("xvda1", "/", True), ("xvdb", "/srv", False), ("xvdc", "/mnt/my\\040data", True)]
     with server.connect(0) as dom0x:
         wire = json.loads(dom0x.read(f"/local/domain/{DOMID}/data/xenpbr/request"))
-    assert [d.get("frozen") for d in wire["disks"]] == [True, None, True, None]
+    assert all("frozen" not in d for d in wire["disks"]) and "frozen" not in err
 
 
-def test_an_escaped_mount_point_is_frozen_by_its_real_path(env, server, tmp_path, capsys,
-                                                           freezer) -> None:
-    (tmp_path / "mounts").write_text("/dev/xvdb /mnt/my\\040data ext4 rw 0 0\n")
-    with Responder(server, {"kernel": answer(Verdict.captured())}) as dom0:
-        assert env(["phase", "kernel"], capsys)[0] == EXIT_OK
-    assert freezer.calls == [("freeze", "/mnt/my data"), ("thaw", "/mnt/my data")]
-    assert [(d.mount, d.frozen) for d in dom0.requests[0].disks] == [("/mnt/my\\040data", True)]
-
-
-def test_thawed_after_a_timeout(env, tmp_path, capsys, freezer) -> None:
-    assert env(["phase", "kernel", "--timeout", "0.2"], capsys)[0] == EXIT_TIMEOUT
-    assert freezer.calls == [("freeze", "/"), ("thaw", "/")]
-    assert state(tmp_path)["verdict"] == "timeout"
-
-
-def test_thawed_after_a_restore_on_the_same_path(env, server, capsys, freezer) -> None:
-    frozen_at_answer: list[set[str]] = []
-
-    def restore_frozen(proto: PhaseProtocol, req: BoundaryRequest) -> None:
-        frozen_at_answer.append(set(freezer.frozen))
-        proto.restored(DOMID, req.seq, 3)
-
-    with Responder(server, {"kernel": restore_frozen}):
-        assert env(["phase", "kernel"], capsys)[:2] == (EXIT_OK, "kernel restored:3\n")
-    assert frozen_at_answer == [{"/"}] and freezer.frozen == set()
-    assert freezer.calls == [("freeze", "/"), ("thaw", "/")]
-
-
-def test_thawed_when_xenstore_fails_while_frozen(server, tmp_path, freezer) -> None:
-    seen: list[set[str]] = []
-
+def test_state_is_pending_when_xenstore_fails_while_waiting(server, tmp_path) -> None:
     class LostXenstore(FakeXenstore):
         def read_watch(self, timeout: float | None = None) -> None:
-            seen.append(set(freezer.frozen))
             raise XenstoreError("connection to xenstored lost")
 
     mounts = tmp_path / "mounts"
@@ -565,31 +542,8 @@ def test_thawed_when_xenstore_fails_while_frozen(server, tmp_path, freezer) -> N
     config = parse_config(write_config(tmp_path, "").read_text())
     with LostXenstore(server, domid=DOMID) as xs, pytest.raises(XenstoreError, match="lost"):
         mark_boundary(xs, config, "kernel", StateStore(tmp_path / "state"), 5,
-                      mounts_path=str(mounts), proc_path=str(tmp_path / "proc"),
-                      freezer=freezer)
-    assert seen == [{"/", "/data"}]
-    assert freezer.frozen == set() and freezer.calls[-2:] == [("thaw", "/data"), ("thaw", "/")]
-    assert state(tmp_path)["verdict"] == "pending"  # saved before the window, not inside it
-
-
-def test_a_freeze_error_leaves_the_boundary_unmarked_and_thawed(env, server, tmp_path,
-                                                                 capsys, freezer) -> None:
-    (tmp_path / "mounts").write_text("/dev/xvda1 / ext4 rw 0 0\n/dev/xvdb /data ext4 rw 0 0\n")
-    freezer.errors[("/data", FIFREEZE)] = errno.EIO
-    with Responder(server, {"kernel": answer(Verdict.captured())}) as dom0:
-        code, out, err = env(["phase", "kernel"], capsys)
-    assert (code, out) == (EXIT_USAGE, "kernel not-marked\n")
-    assert "cannot freeze the file system on /data" in err and dom0.requests == []
-    assert freezer.frozen == set() and freezer.calls[-1] == ("thaw", "/")
-
-
-def test_mark_frozen_flags_rw_disks_and_not_a_mount_hidden_under_another() -> None:
-    disks = collect_disks("/dev/xvda1 / ext4 rw 0 0\n/dev/xvdb /srv ext4 ro 0 0\n"
-                          "/dev/xvdc /data ext4 rw 0 0\n/dev/xvdd /data ext4 rw 0 0\n")
-    flagged = mark_frozen(disks, {"/", "/srv", "/data"})
-    assert [(d.dev, d.frozen) for d in flagged] == [("xvda1", True), ("xvdb", False),
-                                                    ("xvdc", False), ("xvdd", True)]
-    assert mark_frozen(disks, set()) == disks
+                      mounts_path=str(mounts), proc_path=str(tmp_path / "proc"))
+    assert state(tmp_path)["verdict"] == "pending"
 
 
 # -- [after-last-phase] mount ------------------------------------------------------------------

@@ -92,22 +92,37 @@ CONFIG = 'name = "web"\ntype = "pv"\nmemory = 128\non_crash = "phasereboot"\n'
 
 
 class Capturer:
-    def __init__(self) -> None:
-        self.extra: list[dict | None] = []
+    """Stands in for ``images.capture.capture``: the guest is "paused" while the hook
+    runs, then writes to its disk (``after``) as a running guest would."""
 
-    def __call__(self, name, store, phase, seq, fingerprint, extra=None, **_):
+    def __init__(self, after: Path | None = None) -> None:
+        self.extra: list[dict | None] = []
+        self.after = after
+        self.paused_hooks = 0
+
+    def __call__(self, name, store, phase, seq, fingerprint, extra=None, while_paused=None,
+                 **_):
         self.extra.append(extra)
-        meta = types.SimpleNamespace(image_id=new_image_id(100.0 + seq))
+        image_id = new_image_id(100.0 + seq)
+        try:
+            if while_paused is not None:
+                self.paused_hooks += 1
+                while_paused(image_id)
+        finally:
+            if self.after is not None and self.after.exists():
+                with self.after.open("ab") as f:
+                    f.write(b" and what the guest wrote once unpaused")
+        meta = types.SimpleNamespace(image_id=image_id)
         return types.SimpleNamespace(meta=meta, total_s=0.1, paused_s=0.05)
 
 
-def run_boundary(tmp_path: Path, target: str, frozen: bool = True):
+def run_boundary(tmp_path: Path, target: str, frozen: bool = False):
     server = FakeXenstoreServer()
     hv = FakeHypervisor(server)
     state = StateDir(tmp_path / "state")
     state.register("web", {"name": "web", "on_crash": "phasereboot",
                            "disk": [f"{target},raw,xvda,w"]}, CONFIG, "web.cfg")
-    capturer = Capturer()
+    capturer = Capturer(Path(target.removeprefix("phy:")))
     daemon = Daemon(state, ImageStore(state.images_root), hv, server.connect(0),
                     server.connect(0), capture_fn=capturer)
     daemon.watcher.start()
@@ -126,15 +141,17 @@ def run_boundary(tmp_path: Path, target: str, frozen: bool = True):
     return ack, detail, state, daemon, capturer
 
 
-def test_daemon_snapshots_snapshot_disks_with_each_image(tmp_path: Path) -> None:
+def test_daemon_snapshots_snapshot_disks_while_the_guest_is_paused(tmp_path: Path) -> None:
     root = disk(tmp_path / "root.img", b"kernel boundary")
+    at_the_boundary = root.read_bytes()
     ack, detail, state, daemon, capturer = run_boundary(tmp_path, f"phy:{root}")
-    assert ack == "1 captured" and detail == ""
+    assert ack == "1 captured" and detail == "" and capturer.paused_hooks == 1
     assert capturer.extra == [{disks.EXTRA_KEY: ["xvda"]}]  # the manifest names its disks
     (info,) = state.phases("web").images.values()
     assert info.disk_mechanisms in ("xvda=copy", "xvda=reflink") and info.disks_s is not None
     snap = disks.load(daemon.controller.boundaries.store, "web", info.image_id)[0]
-    assert Path(snap.path).read_bytes() == root.read_bytes() and snap.target == str(root)
+    assert snap.target == str(root)
+    assert Path(snap.path).read_bytes() == at_the_boundary != root.read_bytes()
 
 
 def test_daemon_refuses_a_capture_whose_disk_cannot_be_snapshotted(tmp_path: Path) -> None:
@@ -144,8 +161,8 @@ def test_daemon_refuses_a_capture_whose_disk_cannot_be_snapshotted(tmp_path: Pat
     assert state.phases("web").images == {}
 
 
-def test_daemon_refuses_an_unfrozen_snapshot_disk(tmp_path: Path) -> None:
+def test_an_old_agents_frozen_flag_changes_nothing(tmp_path: Path) -> None:
     root = disk(tmp_path / "root.img", b"z")
-    ack, detail, _, _, capturer = run_boundary(tmp_path, str(root), frozen=False)
-    assert ack == "1 refused:snapshot-not-frozen" and "xvda" in detail
-    assert capturer.extra == []  # nothing captured
+    ack, _, state, _, capturer = run_boundary(tmp_path, str(root), frozen=True)
+    assert ack == "1 captured" and capturer.paused_hooks == 1
+    assert len(state.phases("web").images) == 1

@@ -1,7 +1,8 @@
 """capture() and restore() against a fake ``xl`` (FIFO handling, errors, cleanup).
 
-The fake speaks just enough of xl's command line: ``save -c NAME FILE`` copies a
-prepared stream into FILE, ``restore [-p] [-e] [CFG] FILE`` reads FILE and "creates"
+The fake speaks just enough of xl's command line: ``save -c [-p] NAME FILE`` copies a
+prepared stream into FILE (``-p``: then marks the domain paused, as xl does after a
+complete save; ``unpause NAME`` clears the mark and fails on a domain not paused), ``restore [-p] [-e] [CFG] FILE`` reads FILE and "creates"
 the domain named in the stream's embedded config as soon as the header arrives (as
 libxl does before the pages), ``domid`` and ``destroy`` manage those fake domains.
 Knobs are files in the fake's state directory. Real xl is exercised in
@@ -56,6 +57,13 @@ if cmd == "save":
     if cut:
         sys.stderr.write("libxl: error: domain died during save\n"); sys.exit(3)
     open(path("save_done"), "w").close()
+    if "-p" in args:
+        open(os.path.join(domains, name + ".paused"), "w").close()
+elif cmd == "unpause":
+    mark = os.path.join(domains, args[0] + ".paused")
+    if knob("unpause_fail") is not None or not os.path.exists(mark):
+        sys.stderr.write("libxl: error: unpausing domain: Invalid argument\n"); sys.exit(1)
+    os.unlink(mark)
 elif cmd == "restore":
     src = args[-1]
     got = b""
@@ -103,7 +111,11 @@ class FakeXl:
         (self.state / "domains" / name).write_text("5")
 
     def domains(self) -> list[str]:
-        return sorted(p.name for p in (self.state / "domains").iterdir())
+        return sorted(p.name for p in (self.state / "domains").iterdir()
+                      if p.suffix != ".paused")
+
+    def paused(self, name: str) -> bool:
+        return (self.state / "domains" / f"{name}.paused").exists()
 
     def calls(self) -> list[list[str]]:
         return [json.loads(line) for line in (self.state / "calls.log").read_text().splitlines()]
@@ -171,6 +183,61 @@ def test_capture_timeout_kills_xl(store, fake) -> None:
     with pytest.raises(CaptureFailed, match="timeout"):
         capture("vm1", store, "boot", xl=fake.argv, timeout=1.0)
     assert time.monotonic() - t0 < 30
+
+
+# -- while_paused: xl save -c -p, the hook, the unpause --------------------------------------
+
+
+def test_the_hook_runs_while_xl_holds_the_domain_paused_then_it_is_unpaused(store, fake,
+                                                                           data) -> None:
+    seen: list[tuple[str, bool, list[str]]] = []
+
+    def hook(image_id: str) -> None:
+        seen.append((image_id, fake.paused("vm1"), store.images("vm1")))
+        time.sleep(0.3)  # the disk snapshots take a while
+
+    result = capture("vm1", store, "boot", xl=fake.argv, while_paused=hook)
+    assert fake.calls()[0][:4] == ["save", "-c", "-p", "vm1"]
+    assert fake.calls()[1] == ["unpause", "vm1"] and not fake.paused("vm1")
+    # paused, before anything was published, with the id the image then got:
+    assert seen == [(result.meta.image_id, True, [])]
+    assert store.images("vm1") and result.raw_bytes == len(data)
+    assert result.paused_s is not None and result.paused_s >= 0.3  # the hook counts
+
+
+def test_a_failing_hook_stores_nothing_and_still_unpauses(store, fake) -> None:
+    def hook(image_id: str) -> None:
+        raise CaptureFailed("the snapshot went wrong")
+
+    with pytest.raises(CaptureFailed, match="the snapshot went wrong"):
+        capture("vm1", store, "boot", xl=fake.argv, while_paused=hook)
+    assert store.images("vm1") == [] and not fake.paused("vm1")
+    assert ["unpause", "vm1"] in fake.calls()
+
+
+def test_no_unpause_after_xl_failed_on_its_own(store, fake) -> None:
+    """xl resumes a domain whose save failed without pausing it: an unpause then could
+    undo somebody else's pause (pauses nest)."""
+    fake.knob("truncate", "300000")
+    hooked = []
+    with pytest.raises(CaptureFailed, match="exit status 3"):
+        capture("vm1", store, "boot", xl=fake.argv, while_paused=hooked.append)
+    assert hooked == [] and all(c[0] != "unpause" for c in fake.calls())
+
+
+def test_a_rejected_stream_still_unpauses(store, fake) -> None:
+    store.set_quota("vm1", 100_000)
+    with pytest.raises(QuotaExceeded):
+        capture("vm1", store, "boot", xl=fake.argv, while_paused=lambda _: None)
+    assert not fake.paused("vm1") and ["unpause", "vm1"] in fake.calls()
+
+
+def test_an_unpause_that_fails_is_an_error_naming_the_command(store, fake) -> None:
+    fake.knob("unpause_fail")
+    with pytest.raises(CaptureFailed, match=r"left paused.*run `xl unpause vm1`"):
+        capture("vm1", store, "boot", xl=fake.argv, while_paused=lambda _: None)
+    assert [c for c in fake.calls() if c[0] == "unpause"] == [["unpause", "vm1"]] * 3
+    assert store.images("vm1") == []
 
 
 def test_missing_xl_binary(store, tmp_path) -> None:

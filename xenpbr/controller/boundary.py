@@ -3,7 +3,8 @@
 Separate because it is the controller's one write path into the image store: the
 replacement rules (:meth:`~xenpbr.phases.DomainPhases.replacement`), the disk safety
 rules (:mod:`xenpbr.consistency`), the memory capture (``xl save -c``), the snapshots of
-``snapshot`` disks and the store quota all decide here, under the domain's lock, with
+``snapshot`` disks (taken while xl holds the guest paused at the instant its memory was
+saved) and the store quota all decide here, under the domain's lock, with
 the domain's context loaded once. Every accepted request gets a verdict: a failure in
 dom0 becomes a ``capture-failed`` refusal, never an unanswered guest.
 """
@@ -15,13 +16,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from xenpbr import consistency, domconfig
+from xenpbr import consistency, disksnap, domconfig
 from xenpbr import phases as phases_mod
 from xenpbr.controller.context import DomainContext
 from xenpbr.errors import XenpbrError
 from xenpbr.hypervisor.base import Hypervisor, ShutdownReason
 from xenpbr.images import disks
-from xenpbr.images.capture import CaptureResult, capture
+from xenpbr.images.capture import CaptureResult, WhilePaused, capture
 from xenpbr.images.store import ImageStore
 from xenpbr.phases import DomainPhases, ImageInfo
 from xenpbr.guestproto.wire import BoundaryRequest, Verdict
@@ -34,7 +35,8 @@ class Capture(Protocol):
 
     def __call__(self, domain: str, store: ImageStore, phase: str, *, seq: int = ...,
                  fingerprint: str = ..., extra: dict[str, Any] | None = ...,
-                 crashed: Callable[[], bool] | None = ...) -> CaptureResult: ...
+                 crashed: Callable[[], bool] | None = ...,
+                 while_paused: WhilePaused | None = ...) -> CaptureResult: ...
 
 
 #: A verdict and, for a refusal, why (for the guest's log).
@@ -145,16 +147,22 @@ class Boundaries:
         name, phases = ctx.name, ctx.phases
         log.info("%s: capturing phase %s (seq %d)", name, request.phase, request.seq)
         snap_disks = domconfig.snapshot_disks(ctx.config)
-        extra = {"extra": {disks.EXTRA_KEY: sorted(snap_disks)}} if snap_disks else {}
+        taken: list[disks.DiskSnapshot] = []
         try:
-            result = self.capture(name, self.store, request.phase, seq=request.seq,
-                                  fingerprint=fingerprint,
-                                  crashed=self._crash_check(ctx.domid), **extra)
+            result = self.capture(
+                name, self.store, request.phase, seq=request.seq, fingerprint=fingerprint,
+                crashed=self._crash_check(ctx.domid),
+                extra={disks.EXTRA_KEY: sorted(snap_disks)} if snap_disks else None,
+                while_paused=self._snapshotter(name, snap_disks, taken) if snap_disks
+                else None)
+        except disksnap.SnapshotError as exc:
+            log.error("%s: disk snapshot for phase %s failed: %s", name, request.phase, exc)
+            return Verdict.refused("snapshot-failed"), f"disk snapshot failed in dom0: {exc}"
         except XenpbrError as exc:
             log.error("%s: capture of phase %s failed: %s", name, request.phase, exc)
             return Verdict.refused("capture-failed"), f"capture failed in dom0: {exc}"
         meta = result.meta
-        taken, refusal = self._snapshot_disks(name, meta.image_id, snap_disks)
+        refusal = self._over_quota(name, meta.image_id) if taken else None
         if refusal is not None:
             return refusal
         paused = getattr(result, "paused_s", None)
@@ -185,29 +193,34 @@ class Boundaries:
             return state.crashed or state.shutdown_reason == ShutdownReason.WATCHDOG
         return crashed
 
-    def _snapshot_disks(self, name: str, image_id: str, snap_disks: dict[str, str]
-                        ) -> tuple[list[disks.DiskSnapshot], Judgement | None]:
-        """Snapshot the ``snapshot`` disks for the image just captured (the agent keeps
-        their file systems frozen until our ack). On failure, or past the quota, the image
-        is dropped: a memory image without its disks must never be restored."""
-        if not snap_disks:
-            return [], None
-        try:
-            taken = disks.take(self.store, name, image_id, snap_disks)
-        except (XenpbrError, OSError) as exc:
-            log.error("%s: disk snapshot for image %s failed: %s", name, image_id, exc)
-            self.drop_image(name, image_id)
-            return [], (Verdict.refused("snapshot-failed"),
-                        f"disk snapshot failed in dom0: {exc}")
+    def _snapshotter(self, name: str, snap_disks: dict[str, str],
+                     taken: list[disks.DiskSnapshot]) -> WhilePaused:
+        """The capture's ``while_paused`` hook: snapshot the ``snapshot`` disks into
+        ``taken`` while the guest is held at the instant its memory was saved, so disks
+        and memory match without the guest freezing anything. A failure removes what was
+        taken and raises :class:`~xenpbr.disksnap.SnapshotError`: nothing is stored (a
+        memory image without its disks must never be restored)."""
+        def snapshot(image_id: str) -> None:
+            try:
+                taken.extend(disks.take(self.store, name, image_id, snap_disks))
+            except (disksnap.SnapshotError, OSError) as exc:
+                disks.remove(self.store, name, image_id)
+                if isinstance(exc, disksnap.SnapshotError):
+                    raise
+                raise disksnap.SnapshotError(f"{exc}") from exc
+        return snapshot
+
+    def _over_quota(self, name: str, image_id: str) -> Judgement | None:
+        """Past the quota with its disk snapshots, the image is dropped."""
         usage = self.store.usage(name)
-        if usage.over_quota:
-            self.drop_image(name, image_id)
-            return [], (Verdict.refused("quota"),
-                        f"image with disk snapshots takes {name} to {usage.total} bytes, "
-                        f"over its quota of {usage.quota}: raise [images] default_quota "
-                        "in /etc/xenpbr/xenpbr.conf (or $XENPBR_IMAGE_QUOTA) or use a "
-                        "reflink/thin-capable disk store")
-        return taken, None
+        if not usage.over_quota:
+            return None
+        self.drop_image(name, image_id)
+        return (Verdict.refused("quota"),
+                f"image with disk snapshots takes {name} to {usage.total} bytes, "
+                f"over its quota of {usage.quota}: raise [images] default_quota "
+                "in /etc/xenpbr/xenpbr.conf (or $XENPBR_IMAGE_QUOTA) or use a "
+                "reflink/thin-capable disk store")
 
     def drop_image(self, name: str, image_id: str) -> None:
         """Delete an image with its disk snapshots; failures are logged (GC finishes)."""

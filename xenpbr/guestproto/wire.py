@@ -119,7 +119,7 @@ BAD_REQUEST_FIELDS = ("size", "encoding", "json", "not-object", "duplicate-key",
                       "unknown-key") + FIELDS
 #: Reasons dom0 gives for a well-formed request.
 DECISION_REASONS = ("stale-seq", "unknown-phase", "out-of-order", "rate-limited", "busy",
-                    "hazard", "persistent-disk-rw", "snapshot-not-frozen", "quota",
+                    "hazard", "persistent-disk-rw", "quota",
                     "capture-failed", "snapshot-failed", "disabled")
 REFUSAL_REASONS = frozenset([f"bad-request:{f}" for f in BAD_REQUEST_FIELDS]
                             + list(DECISION_REASONS))
@@ -179,8 +179,9 @@ class AckMalformed(ProtocolError):
 @dataclass(frozen=True)
 class DiskState:
     """A block device mounted in the guest: the guest's device name (``xvda1``), where it
-    is mounted (as ``/proc/mounts`` shows it), whether read-write, and whether the agent
-    froze it (``FIFREEZE``) for this boundary, so a disk snapshot taken now is clean."""
+    is mounted (as ``/proc/mounts`` shows it) and whether read-write. ``frozen`` is what
+    agents before 0.3 sent (they froze the file system for the boundary): still parsed,
+    ignored by dom0, which snapshots disks while the guest is paused."""
 
     dev: str
     mount: str

@@ -15,7 +15,8 @@ Timings (``CaptureResult``): ``total_s`` from xl's start to the manifest being
 published; ``paused_s`` estimates how long the guest was suspended: from the last
 record before the first PAGE_DATA (libxc suspends the domain just before sending
 pages, ``send_domain_memory_nonlive`` in Xen 4.17) to xl's exit (it resumes the
-domain, then exits), so it slightly over-estimates.
+domain, then exits), or with ``while_paused`` to our unpause, so it slightly
+over-estimates.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from xenpbr.images.errors import CaptureFailed, ImageError
 from xenpbr.images.image import ImageMeta, check_name
 from xenpbr.images.store import ImageStore
 from xenpbr.images.writer import CaptureStats, CaptureWriter
+from xenpbr.xl import commands
 from xenpbr.xl.errors import XlError
 from xenpbr.xl.fifo import XlProcess, open_fifo_reader, wait_for_data
 from xenpbr.stream import format as fmt
@@ -43,6 +45,10 @@ from xenpbr.stream.errors import StreamCodecError
 from xenpbr.stream.reader import read_stream
 
 _LOG = logging.getLogger(__name__)
+
+#: Runs while ``xl save -c -p`` holds the domain paused after a complete save; it gets
+#: the id the image will have. If it raises, nothing is stored (the domain is unpaused).
+WhilePaused = Callable[[str], object]
 
 
 @dataclass(frozen=True)
@@ -166,16 +172,54 @@ class _CrashGuard(threading.Thread):
         self._stop.set()
 
 
+class _PausedWindow:
+    """The pause ``xl save -c -p`` leaves behind, released exactly once.
+
+    xl pauses the domain only after a complete save (``save_domain`` in xl_saverestore.c
+    resumes it unpaused when the save fails), so a domain is unpaused when xl exited 0,
+    or when it was killed and may have paused it; never after xl's own failure (that
+    could undo a pause somebody else made: pauses nest)."""
+
+    def __init__(self, domain: str, xl: Sequence[str], proc: XlProcess) -> None:
+        self.domain, self.xl, self.proc = domain, xl, proc
+        self.released_at: float | None = None
+
+    def release(self) -> float:
+        """Unpause (once); the time the guest ran again. :raises CaptureFailed: xl could
+        not unpause it (the message says what the operator must do)."""
+        if self.released_at is not None:
+            return self.released_at
+        self.released_at = time.monotonic()
+        rc = self.proc.proc.returncode
+        if rc is not None and rc > 0 and not self.proc.timed_out:
+            return self.released_at
+        error = None
+        for _ in range(3):
+            error = commands.unpause(self.xl, self.domain)
+            if error is None:
+                self.released_at = time.monotonic()
+                return self.released_at
+        if rc == 0:
+            _LOG.critical("%s: xl save -p left it paused and xl unpause failed: %s; run "
+                          "`xl unpause %s`", self.domain, error, self.domain)
+            raise CaptureFailed(f"{self.domain} was left paused after its capture (xl "
+                                f"unpause: {error}); run `xl unpause {self.domain}`")
+        _LOG.info("%s: no pause to release after xl was stopped (%s)", self.domain, error)
+        return self.released_at
+
+
 def capture(domain: str, store: ImageStore, phase: str, *, seq: int = 0,
             fingerprint: str = "", extra: dict[str, Any] | None = None,
             timeout: float = 600.0, xl: Sequence[str] = ("xl",),
             progress: Callable[[CaptureProgress], None] | None = None,
-            crashed: Callable[[], bool] | None = None) -> CaptureResult:
+            crashed: Callable[[], bool] | None = None,
+            while_paused: WhilePaused | None = None) -> CaptureResult:
     """Save ``domain`` (left running) as a new image of ``phase`` in ``store``.
 
     ``crashed``, polled while xl runs, says whether the domain has crashed (or its
     watchdog fired): then xl is killed at once instead of waiting for a suspend that
-    will never come.
+    will never come. ``while_paused``: see the module docstring; its exceptions pass
+    through, with nothing stored.
 
     :raises CaptureFailed: xl failed or timed out (its message included), or the
         stream it produced was rejected.
@@ -189,16 +233,19 @@ def capture(domain: str, store: ImageStore, phase: str, *, seq: int = 0,
         fifo = Path(tmp) / "stream"
         os.mkfifo(fifo, 0o600)
         fd = open_fifo_reader(fifo)
+        hold = ["-p"] if while_paused is not None else []
         try:
-            proc = XlProcess([*xl, "save", "-c", domain, str(fifo)], timeout)
+            proc = XlProcess([*xl, "save", "-c", *hold, domain, str(fifo)], timeout)
         except XlError as err:
             os.close(fd)
             raise CaptureFailed(f"capture of {domain}: {err}") from err
         guard = _CrashGuard(proc, crashed) if crashed is not None else None
+        window = _PausedWindow(domain, xl, proc) if while_paused is not None else None
         if guard is not None:
             guard.start()
         try:
-            return _run(domain, writer, proc, fd, start, progress)
+            return _run(domain, writer, proc, fd, start, progress,
+                        _Hold(window, while_paused) if window and while_paused else None)
         except CaptureFailed as err:
             if guard is not None and guard.fired:
                 raise CaptureFailed(f"{domain} crashed during the capture of phase {phase}; "
@@ -207,10 +254,37 @@ def capture(domain: str, store: ImageStore, phase: str, *, seq: int = 0,
         finally:
             if guard is not None:
                 guard.stop()
+            if window is not None:
+                _release_quietly(window)
+
+
+@dataclass(frozen=True)
+class _Hold:
+    """The paused window and what runs in it."""
+
+    window: _PausedWindow
+    hook: WhilePaused
+
+    def run(self, image_id: str) -> float:
+        """The hook, then the unpause whatever it did; when the guest ran again."""
+        try:
+            self.hook(image_id)
+        finally:
+            resumed = self.window.release()
+        return resumed
+
+
+def _release_quietly(window: _PausedWindow) -> None:
+    """The unpause on a failure path: logged, never raised over the first error."""
+    try:
+        window.release()
+    except CaptureFailed as err:
+        _LOG.error("%s", err)
 
 
 def _run(domain: str, writer: CaptureWriter, proc: XlProcess, fd: int, start: float,
-         progress: Callable[[CaptureProgress], None] | None) -> CaptureResult:
+         progress: Callable[[CaptureProgress], None] | None,
+         hold: _Hold | None = None) -> CaptureResult:
     try:
         src = wait_for_data(fd, proc)
     except XlError:
@@ -240,6 +314,7 @@ def _run(domain: str, writer: CaptureWriter, proc: XlProcess, fd: int, start: fl
     if rc != 0 or proc.timed_out:
         raise CaptureFailed(f"xl save -c {domain} failed ({proc.describe_exit()}) after "
                             f"sending a complete stream: {proc.message()}; nothing stored")
+    resumed = hold.run(writer.image_id) if hold is not None else proc.ended
     t_commit = time.monotonic()
     meta = writer.commit(stream, stream_bytes=timed.count)
     done = time.monotonic()
@@ -247,7 +322,7 @@ def _run(domain: str, writer: CaptureWriter, proc: XlProcess, fd: int, start: fl
     result = CaptureResult(
         meta=meta, stats=writer.stats, total_s=done - start, connect_s=first - start,
         stream_s=end_of_stream - first,
-        paused_s=(proc.ended - clock.before_pages) if clock.before_pages and proc.ended else None,
+        paused_s=(resumed - clock.before_pages) if clock.before_pages and resumed else None,
         commit_s=done - t_commit, xl_output=proc.output())
     _LOG.info("captured %s phase %s as %s: %d bytes raw, %d new bytes, %.2f s total",
               domain, writer.phase, meta.image_id, meta.stream_bytes, writer.new_bytes,

@@ -29,6 +29,7 @@ __all__ = [
     "failure",
     "run",
     "sysrq",
+    "unpause",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -96,6 +97,14 @@ def domid(xl: Sequence[str], name: str, timeout: float = 60.0) -> int | None:
 def destroy(xl: Sequence[str], name: str, timeout: float = 120.0) -> str | None:
     """``xl destroy name``; return None on success, else xl's message."""
     result = ask(xl, "destroy", name, timeout=timeout)
+    if isinstance(result, str):
+        return result
+    return None if result.returncode == 0 else (result.stderr or result.stdout).strip()
+
+
+def unpause(xl: Sequence[str], name: str, timeout: float = 60.0) -> str | None:
+    """``xl unpause name``; return None on success, else xl's message."""
+    result = ask(xl, "unpause", name, timeout=timeout)
     if isinstance(result, str):
         return result
     return None if result.returncode == 0 else (result.stderr or result.stdout).strip()
