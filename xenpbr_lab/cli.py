@@ -285,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                    default=["bare", "services", "app"],
                    help="bare, services, app: busybox guests at each --memory (the "
                         "default); debian: a Debian 12 guest with systemd and PostgreSQL "
-                        "(512 MiB) on a Debian dom0, not in the default: its captures fail "
-                        "today (docs/consistency.md, 'The freeze window')")
+                        "(512 MiB) on a Debian dom0, not in the default (about 30 min "
+                        "alone; run it with --merge)")
     p.add_argument("--memory", type=_csv(int, (128, 256, 512)), default=[128, 256, 512],
                    help="guest memory sizes in MiB (default 128,256,512)")
     p.add_argument("--repeats", type=int, default=5, help="crashes per method (default 5)")

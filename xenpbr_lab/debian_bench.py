@@ -36,6 +36,7 @@ from .build import LabImages
 from .debian_dom0 import DebianXenHost, build_dom0
 from .debian_guest import DOM0_INITRD, GUEST_IP, QUERY, build_guest
 from .debian_guest_host import (
+    CRASH_GUARD,
     POLICIES,
     SRV,
     WAIT,
@@ -55,10 +56,6 @@ from .xl import LabDomain
 WORKLOAD = "debian"
 MEMORY_MIB = 512
 RUN_ORDER = ("normal", "xl-restore", "phasereboot")
-#: As in the busybox bench: deliberate crashes seconds apart must not trip the crash-loop
-#: guard or abandon the image.
-GUARD = {"xenpbr_crash_loop_window": 1, "xenpbr_healthy_after": 0,
-         "xenpbr_image_failures": 100}
 CHECKPOINT = f"{SRV}/bench.chk"
 
 
@@ -70,7 +67,7 @@ def _start(host: DebianXenHost, method: str) -> tuple[LabDomain, float]:
     guest = debian_domain(host, f"bd-{method}".replace("phasereboot", "pbr"),
                           memory_mib=MEMORY_MIB, on_crash=on_crash)
     if method == "phasereboot":
-        guest.config.update({**GUARD, "xenpbr_disks": POLICIES})
+        guest.config.update({**CRASH_GUARD, "xenpbr_disks": POLICIES})
     start = time.monotonic()
     if method == "phasereboot":
         guest.write_config()

@@ -165,6 +165,10 @@ REPORT = """\
 # the console, once auditd has its log open (the lab waits for this line).
 i=0
 while [ $i -lt 1200 ] && ! pidof auditd >/dev/null; do sleep 0.5; i=$((i + 1)); done
+# a forking unit is "activating" until its parent exits: wait for that too (TCG is slow)
+while [ $i -lt 1200 ] && [ "$(systemctl is-active auditd)" = activating ]; do
+    sleep 0.5; i=$((i + 1))
+done
 log=/var/log/audit/audit.log
 echo "XENPBR-LAB: auditd $(systemctl is-active auditd) pid=$(pidof auditd) \\
 log=$(stat -c %s $log 2>/dev/null || echo none) on=$(findmnt -no SOURCE /var/log/audit)" \\

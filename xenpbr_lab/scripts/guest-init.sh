@@ -10,7 +10,7 @@
 # demo application, lab.mode=shell just waits.
 export PATH=/usr/bin:/usr/sbin:/bin:/sbin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
-# nothing may write byte-code to a root disk the agent freezes at each boundary
+# no byte-code written into the image's root disk: every boot of it starts the same
 export PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/usr/lib/python3/dist-packages
 mount -t proc proc /proc 2>/dev/null
 mount -t sysfs sysfs /sys 2>/dev/null
