@@ -13,7 +13,11 @@ refuses a boundary because a ``persistent`` disk is mounted read-write, the agen
 the processes writing there (auditd, which appends, is the seeds' example).
 
 Read from ``/proc``: ``/proc/PID/fd/N`` (the path) and ``/proc/PID/fdinfo/N`` (``flags:``
-in octal, and ``mnt_id:``), matched to a block device through ``/proc/PID/mountinfo``.
+in octal, and ``mnt_id:``). The block device is the open file's own ``st_dev``, named
+through ``/sys/dev/block/MAJ:MIN``: a service with its own mount namespace (systemd's
+``ProtectSystem=``, ``PrivateTmp=``..., auditd on Debian 12) has mount ids the agent's
+``mountinfo`` does not know, which once hid auditd on the lab's Debian guest. Where the
+file cannot be stat'ed, the ``mnt_id`` is matched through ``/proc/self/mountinfo``.
 Processes that vanish while being read are skipped; nothing here needs root beyond what
 the agent already has. Standard library only.
 """
@@ -27,6 +31,7 @@ from pathlib import Path
 from xenpbr.guestproto.wire import HAZARD, MAX_HAZARDS
 
 O_ACCMODE, O_WRONLY, O_RDWR, O_APPEND = 0o3, 0o1, 0o2, 0o2000
+SYS_DEV_BLOCK = "/sys/dev/block"
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,17 @@ def _mount_devices(proc_pid: Path) -> dict[int, str]:
     return devices
 
 
+def _device_of(fd_path: Path) -> str:
+    """The block device holding the file open at ``fd_path`` (``/proc/PID/fd/N``), from
+    its ``st_dev``; "" if it cannot be told (not on a block device, or gone)."""
+    try:
+        dev = os.stat(fd_path).st_dev
+        link = os.readlink(f"{SYS_DEV_BLOCK}/{os.major(dev)}:{os.minor(dev)}")
+    except OSError:
+        return ""
+    return os.path.basename(link)
+
+
 def _fd_flags(fdinfo: str) -> tuple[int, int] | None:
     """``(flags, mnt_id)`` from an fdinfo text."""
     values = dict(line.split(":", 1) for line in fdinfo.splitlines() if ":" in line)
@@ -95,7 +111,8 @@ def writes_without_append(pid_dir: Path, devices: dict[int, str], *,
             continue  # pipes, sockets, devices: no file offset on a disk
         flags, mnt_id = info
         if flags & O_ACCMODE in (O_WRONLY, O_RDWR) and (append_too or not flags & O_APPEND):
-            found.append(OpenWrite(int(pid_dir.name), comm, target, devices.get(mnt_id, "")))
+            dev = _device_of(pid_dir / "fd" / fd) or devices.get(mnt_id, "")
+            found.append(OpenWrite(int(pid_dir.name), comm, target, dev))
     return found
 
 

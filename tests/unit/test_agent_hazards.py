@@ -65,6 +65,24 @@ def test_writers_on_a_device_include_appenders_and_only_that_device(tmp_path: Pa
     assert hazards.writers_on("xvdc", str(proc)) == []
 
 
+def test_a_writer_in_another_mount_namespace_is_found_by_its_files_device(
+        tmp_path: Path, monkeypatch) -> None:
+    """auditd on Debian 12 runs in its own mount namespace: its fd's mnt_id is unknown to
+    the agent's mountinfo, but the open file's st_dev names the disk."""
+    log = tmp_path / "audit.log"
+    log.write_text("")
+    proc = fake_proc(tmp_path / "proc", {252: ("auditd", [(str(log), 0o102001, 999)])})
+    dev = os.stat(log).st_dev
+    sys_block = tmp_path / "sys-dev-block"
+    sys_block.mkdir()
+    os.symlink("../../devices/vbd-51728/block/xvdb",
+               sys_block / f"{os.major(dev)}:{os.minor(dev)}")
+    monkeypatch.setattr(hazards, "SYS_DEV_BLOCK", str(sys_block))
+    assert hazards.writers_on("xvdb", str(proc)) == [OpenWrite(252, "auditd", str(log),
+                                                               "xvdb")]
+    assert hazards.scan(str(proc)) == []  # it appends: no hazard
+
+
 def test_hazard_strings_respect_the_protocol(tmp_path: Path) -> None:
     many = [OpenWrite(i, "w\x1bi th", "/data/" + "é" * 200, "xvdb") for i in range(40)]
     strings = hazards.hazard_strings(many)
