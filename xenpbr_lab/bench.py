@@ -239,15 +239,13 @@ def summarize(samples: list[Sample]) -> list[dict[str, Any]]:
     return rows
 
 
-def biggest_piece(samples: list[Sample], method: str = "phasereboot") -> dict[str, Any]:
-    """Median duration of each step of xenpbrd's recoveries by ``method``, and the
-    largest one."""
-    samples = [s for s in samples if s.method == method]
+def step_medians(breakdowns: list[dict[str, float]]) -> dict[str, Any]:
+    """Median duration of each step of xenpbrd's recovery timelines, and the largest."""
     order = ("image_chosen", "destroyed", "restore_started", "restore_finished",
              "guest_ack", "service_ready")
     steps: dict[str, list[float]] = {}
-    for s in samples:
-        marks, previous = s.breakdown, "crash_seen"
+    for marks in breakdowns:
+        previous = "crash_seen"
         for mark in order:
             if mark in marks and previous in marks:
                 steps.setdefault(f"{previous}->{mark}", []).append(marks[mark] - marks[previous])
@@ -255,6 +253,11 @@ def biggest_piece(samples: list[Sample], method: str = "phasereboot") -> dict[st
     medians = {k: round(statistics.median(v), 3) for k, v in steps.items()}
     return {"steps_median_s": medians,
             "biggest": max(medians, key=medians.get) if medians else None}
+
+
+def biggest_piece(samples: list[Sample], method: str = "phasereboot") -> dict[str, Any]:
+    """:func:`step_medians` of the recoveries by ``method``."""
+    return step_medians([s.breakdown for s in samples if s.method == method])
 
 
 def machine() -> dict[str, Any]:

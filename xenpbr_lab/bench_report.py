@@ -14,6 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from .bench import step_medians
+
 log = logging.getLogger(__name__)
 
 METHOD_ORDER = ("normal", "phasereboot", "xl-restore", "phasereboot-fifo")
@@ -41,9 +43,9 @@ def markdown(detail: dict[str, Any]) -> str:
           [f"- `{r['command']}`, {r['date']}"
            + (f": {', '.join(r['configs'])}" if r.get("configs") else ": the rest")
            for r in meta["runs"]] + [""]),
-        f"Machine: {meta['machine']['cpu']} ({meta['machine']['cpus']} CPUs), guests under "
-        f"{meta['machine']['accelerator']}: absolute times are roughly ten times native, so "
-        "**compare the ratios**, which were measured back to back in the same dom0.",
+        f"Machine: {_machines(meta)}, guests under {meta['machine']['accelerator']}: "
+        "absolute times are roughly ten times native, so **compare the ratios**, which were "
+        "measured back to back in the same dom0.",
         "",
         "Downtime = crash (`xl sysrq c`) to the guest's service answering again (first "
         "heartbeat after the panic), timed in dom0.",
@@ -66,15 +68,7 @@ def markdown(detail: dict[str, Any]) -> str:
             lines.append(f"| {cfg['workload']} | {cfg['memory_mib']} MiB | {c['phase']} | "
                          f"{_num(c.get('capture_s'))} | {_num(c.get('paused_s'))} | "
                          f"{_mib(c.get('raw_bytes'))} | {_mib(c.get('stored_bytes'))} |")
-    breakdown = detail["breakdown"]
-    lines += ["", "## Where a phase-based reboot spends its time (median of all runs)", ""]
-    lines += [f"- `{step}`: {secs:.3f} s" for step, secs in breakdown["steps_median_s"].items()]
-    if breakdown.get("biggest"):
-        lines += ["", f"Biggest piece: **{breakdown['biggest']}**."]
-    fifo = detail.get("breakdown_fifo") or {}
-    if fifo.get("steps_median_s"):
-        lines += ["", "With the hot stream off (`phasereboot-fifo`):", ""]
-        lines += [f"- `{step}`: {secs:.3f} s" for step, secs in fifo["steps_median_s"].items()]
+    lines += _timelines(detail)
     lines += ["", "## Restore throughput beside a plain memory copy in dom0", "",
               "Raw stream of the deepest image divided by xenpbrd's restore step "
               "(`restore_started` to `restore_finished`: disk reverts, `xl restore`, domid), "
@@ -85,9 +79,49 @@ def markdown(detail: dict[str, Any]) -> str:
     for row in restore_throughput(detail):
         lines.append(f"| {row['workload']} | {row['memory_mib']} MiB | {_num(row['raw_mib'])} | "
                      f"{_num(row['phasereboot'])} | {_num(row['phasereboot-fifo'])} | "
-                     f"{_num(row['dom0_copy_mib_s'])} |")
+                     f"{_num(row['dom0_copy_mib_s'] or None)} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _machines(meta: dict[str, Any]) -> str:
+    """The machine, or each run's when merged runs ran on different ones."""
+    def name(m: dict[str, Any]) -> str:
+        return f"{m['cpu']} ({m['cpus']} CPUs)"
+    groups: dict[str, list[str]] = {}
+    for run in (r for r in meta.get("runs", []) if r.get("machine")):
+        groups.setdefault(name(run["machine"]), []).extend(run.get("configs") or ["the rest"])
+    if len(groups) <= 1:
+        return name(meta["machine"])
+    return "; ".join(f"{m} for {', '.join(configs)}" for m, configs in groups.items())
+
+
+def _timelines(detail: dict[str, Any]) -> list[str]:
+    """Per configuration, the median of each step of xenpbrd's recoveries (the columns
+    are the steps any configuration has), for each phase-based method."""
+    lines: list[str] = []
+    for method, title in (("phasereboot", ""), ("phasereboot-fifo",
+                                                 " with the hot stream off")):
+        per_cfg = []
+        for cfg in detail["configs"]:
+            marks = [s["breakdown"] for s in detail["samples"] if s["method"] == method
+                     and (s["workload"], s["memory_mib"]) == (cfg["workload"],
+                                                               cfg["memory_mib"])]
+            got = step_medians(marks)
+            if got["steps_median_s"]:
+                per_cfg.append((cfg, got))
+        if not per_cfg:
+            continue
+        steps = list(dict.fromkeys(k for _, got in per_cfg for k in got["steps_median_s"]))
+        lines += ["", f"## Where a phase-based reboot spends its time{title} (`{method}`, "
+                  "median s per configuration)", "",
+                  "| workload | memory | " + " | ".join(f"`{s}`" for s in steps)
+                  + " | biggest |", "|---|---:|" + "---:|" * len(steps) + "---|"]
+        for cfg, got in per_cfg:
+            cells = [_num(got["steps_median_s"].get(s)) for s in steps]
+            lines.append(f"| {cfg['workload']} | {cfg['memory_mib']} MiB | "
+                         + " | ".join(cells) + f" | `{got['biggest']}` |")
+    return lines
 
 
 def restore_throughput(detail: dict[str, Any]) -> list[dict[str, Any]]:
@@ -166,8 +200,11 @@ def merge(previous: dict[str, Any], detail: dict[str, Any]) -> dict[str, Any]:
     merged["configs"] = kept(previous["configs"]) + detail["configs"]
     runs = previous["meta"].get("runs") or [
         {k: previous["meta"].get(k) for k in ("command", "date")}]
+    for run in runs:
+        run.setdefault("machine", previous["meta"].get("machine"))
     merged["meta"] = {**detail["meta"], "runs": runs + [
         {"command": detail["meta"]["command"], "date": detail["meta"]["date"],
+         "machine": detail["meta"].get("machine"),
          "configs": sorted(f"{w}-{m}" for w, m in fresh)}]}
     return merged
 

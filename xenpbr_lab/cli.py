@@ -282,11 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("bench", help="recovery downtime: normal vs phase-based vs xl restore")
     p.add_argument("--workloads", type=_csv(str, ("bare", "services", "app", "debian")),
-                   default=["bare", "services", "app"],
-                   help="bare, services, app: busybox guests at each --memory (the "
-                        "default); debian: a Debian 12 guest with systemd and PostgreSQL "
-                        "(512 MiB) on a Debian dom0, not in the default (about 30 min "
-                        "alone; run it with --merge)")
+                   default=["bare", "services", "app", "debian"],
+                   help="bare, services, app: busybox guests at each --memory; debian: a "
+                        "Debian 12 guest with systemd and PostgreSQL (512 MiB) on a Debian "
+                        "dom0 (about 30 min alone); default: all four")
     p.add_argument("--memory", type=_csv(int, (128, 256, 512)), default=[128, 256, 512],
                    help="guest memory sizes in MiB (default 128,256,512)")
     p.add_argument("--repeats", type=int, default=5, help="crashes per method (default 5)")

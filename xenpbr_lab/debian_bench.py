@@ -18,10 +18,9 @@ Downtime is from the crash (``xl sysrq``) to dom0's client getting the answer to
 lab's query again (:mod:`xenpbr_lab.pg_probe`, run in dom0): the service as a client sees
 it, whatever the guest's console says.
 
-State: not run to completion yet. Its first run stopped at the normal reboot's first
-crash (Debian's ``kernel.sysrq = 438`` ignores ``xl sysrq c``; the image now sets 1), and
-the phasereboot method cannot pass today: the guest's captures fail after the kernel
-boundary (docs/consistency.md, "The freeze window"). ``cmd_bench`` reports it as not run.
+A failure here (:class:`LabError`) is reported by ``cmd_bench`` as not run, keeping what
+the busybox workloads measured. Debian's ``kernel.sysrq = 438`` ignores ``xl sysrq c``:
+the lab's image sets 1.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def test_reports_are_written_with_the_required_keys(tmp_path: Path) -> None:
                 "max_s"} <= set(row)
     md = (tmp_path / "results.md").read_text()
     assert "| app | 128 MiB | phasereboot | 3 | 6.00 | 5.00 | 7.00 | 72.7 % less |" in md
-    assert "Biggest piece: **restore_started->restore_finished**" in md
+    assert "| app | 128 MiB | " in md and "| `restore_started->restore_finished` |" in md
     assert {tmp_path / "results.json", tmp_path / "results.md"} <= set(written)
 
 
@@ -128,3 +128,27 @@ def test_merge_replaces_only_the_configurations_measured_again() -> None:
                                                                              ("bare", 1.0)]
     assert [r["command"] for r in merged["meta"]["runs"]] == ["first", "second"]
     assert merged["meta"]["runs"][1]["configs"] == ["app-256"]
+
+
+def test_merged_runs_keep_the_machine_each_ran_on() -> None:
+    def run(workload, cpu):
+        machine = {"cpu": cpu, "cpus": 2, "accelerator": "QEMU TCG (no KVM)"}
+        return {"meta": {"command": workload, "date": "d", "machine": machine},
+                "rows": [], "samples": [], "configs": [{"workload": workload,
+                                                         "memory_mib": 512}]}
+    merged = bench_report.merge(run("bare", "Intel"), run("debian", "AMD"))
+    assert [r["machine"]["cpu"] for r in merged["meta"]["runs"]] == ["Intel", "AMD"]
+    assert bench_report._machines(merged["meta"]) == (
+        "Intel (2 CPUs) for the rest; AMD (2 CPUs) for debian-512")
+
+
+def test_the_timeline_is_per_configuration() -> None:
+    def sample(workload, restore):
+        return {"method": "phasereboot", "workload": workload, "memory_mib": 512,
+                "breakdown": {"crash_seen": 0.0, "destroyed": 0.5,
+                              "restore_finished": 0.5 + restore}}
+    detail = {"configs": [{"workload": w, "memory_mib": 512} for w in ("bare", "debian")],
+              "samples": [sample("bare", 2.0), sample("debian", 16.0), sample("debian", 18.0)]}
+    lines = bench_report._timelines(detail)
+    assert "| bare | 512 MiB | 0.50 | 2.00 | `destroyed->restore_finished` |" in lines
+    assert "| debian | 512 MiB | 0.50 | 17.00 | `destroyed->restore_finished` |" in lines
