@@ -257,6 +257,37 @@ class StateDir:
         return [n for n in self.domains() if self._intent_path(n).exists()]
 
 
+    # -- pauses held for disk snapshots ---------------------------------------------------
+
+    def _pause_path(self, name: str) -> Path:
+        return self._domain_dir(name) / "pause-held.json"
+
+    def begin_held_pause(self, name: str, domid: int) -> None:
+        """Record that a capture of ``name`` (``domid``) may leave it paused (``xl save -c
+        -p``) until its disk snapshots are taken: a xenpbrd killed meanwhile would
+        otherwise leave the guest paused for good."""
+        atomic_write_json(self._pause_path(name), {"domid": domid,
+                                                   "started_wall": time.time()})
+
+    def end_held_pause(self, name: str) -> None:
+        self._pause_path(name).unlink(missing_ok=True)
+
+    def held_pauses(self) -> list[tuple[str, int]]:
+        """``(name, domid)`` of the captures a killed xenpbrd may have left paused (a
+        damaged record is dropped: without its domid nothing can be unpaused safely)."""
+        held = []
+        for name in self.domains():
+            try:
+                held.append((name, int(json.loads(self._pause_path(name).read_text())
+                                       ["domid"])))
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("%s: damaged pause record (%s); dropped", name, exc)
+                self.end_held_pause(name)
+        return held
+
+
 @contextmanager
 def domain_lock(state: StateDir, name: str) -> Iterator[None]:
     """Serialise captures and recoveries of one domain across processes (daemon, CLI):

@@ -206,6 +206,39 @@ def test_xenpbrd_killed_mid_capture_leaves_no_partial_image(xen_host, lab_domain
     assert crash_and_wait_restored(xen_host, guest)[:2] == ("app", "restored:1")
 
 
+@pytest.mark.timeout(600)
+def test_a_pause_held_by_a_killed_xenpbrd_is_released_when_it_starts(
+        xen_host, lab_domain, xenpbrd, dom0_python) -> None:
+    """A capture with ``snapshot`` disks holds the guest paused (``xl save -c -p``) until
+    its disk snapshots are taken: xenpbrd killed there leaves the guest paused and its
+    record says so. Timing a kill into that window is a matter of luck, so the test
+    makes the state it would leave: the pause and the record."""
+    guest = lab_domain("hold", mode="shell", on_crash="phasereboot")
+    guest.write_config()
+    xenpbrd_lab.cli(xen_host, "create", guest.config_path)
+    xenpbrd_lab.kill(xen_host)
+    xen_host.run(["xl", "pause", guest.name])
+    dom0_python(f"""
+        from pathlib import Path
+        from xenpbr.state import StateDir
+        StateDir(Path("{xenpbrd_lab.STATE}")).begin_held_pause("{guest.name}", {guest.domid})
+        print("[]")
+    """)
+    assert "p" in guest.entry().state
+    xenpbrd_lab.start(xen_host, fresh=False)
+    xenpbrd_lab.wait_for_log(xen_host, "unpaused; a previous xenpbrd was stopped while")
+    entry = guest.wait_for_state(lambda e: "p" not in e.state, "unpaused by xenpbrd")
+    assert entry.domid == guest.domid
+    left = dom0_python(f"""
+        import json
+        from pathlib import Path
+        from xenpbr.state import StateDir
+        print(json.dumps(StateDir(Path("{xenpbrd_lab.STATE}")).held_pauses()))
+    """)
+    assert left == []
+    xen_host.run(["xl", "destroy", guest.name])
+
+
 def test_xenpbrd_killed_mid_restore_finishes_the_recovery(xen_host, lab_domain,
                                                           xenpbrd) -> None:
     guest = protected_guest(xen_host, lab_domain, "kres")

@@ -116,13 +116,14 @@ class Capturer:
         return types.SimpleNamespace(meta=meta, total_s=0.1, paused_s=0.05)
 
 
-def run_boundary(tmp_path: Path, target: str, frozen: bool = False):
+def run_boundary(tmp_path: Path, target: str, frozen: bool = False,
+                 capturer: Capturer | None = None):
     server = FakeXenstoreServer()
     hv = FakeHypervisor(server)
     state = StateDir(tmp_path / "state")
     state.register("web", {"name": "web", "on_crash": "phasereboot",
                            "disk": [f"{target},raw,xvda,w"]}, CONFIG, "web.cfg")
-    capturer = Capturer(Path(target.removeprefix("phy:")))
+    capturer = capturer or Capturer(Path(target.removeprefix("phy:")))
     daemon = Daemon(state, ImageStore(state.images_root), hv, server.connect(0),
                     server.connect(0), capture_fn=capturer)
     daemon.watcher.start()
@@ -166,3 +167,40 @@ def test_an_old_agents_frozen_flag_changes_nothing(tmp_path: Path) -> None:
     ack, _, state, _, capturer = run_boundary(tmp_path, str(root), frozen=True)
     assert ack == "1 captured" and capturer.paused_hooks == 1
     assert len(state.phases("web").images) == 1
+
+
+def test_a_pause_left_by_a_killed_xenpbrd_is_released_when_the_next_one_starts(
+        tmp_path: Path) -> None:
+    """xl save -c -p pauses the guest after its save; xenpbrd unpauses it after the disk
+    snapshots. Killed in between, the next xenpbrd finds the record and unpauses."""
+    server = FakeXenstoreServer()
+    hv = FakeHypervisor(server)
+    state = StateDir(tmp_path / "state")
+    state.register("web", {"name": "web", "on_crash": "phasereboot"}, CONFIG, "web.cfg")
+    held = hv.create_domain(name="web")
+    hv.pause(held)  # what xl left behind
+    state.begin_held_pause("web", held)
+    daemon = Daemon(state, ImageStore(state.images_root), hv, server.connect(0),
+                    server.connect(0), capture_fn=Capturer())
+    daemon.controller.resume_interrupted()
+    assert hv.pause_count(held) == 0 and state.held_pauses() == []
+    # xl failed before pausing (not paused): nothing to undo, the record goes
+    state.begin_held_pause("web", held)
+    daemon.controller.resume_interrupted()
+    assert hv.pause_count(held) == 0 and state.held_pauses() == []
+
+
+def test_a_capture_records_its_held_pause_only_while_it_runs(tmp_path: Path) -> None:
+    root = disk(tmp_path / "root.img", b"k")
+    seen: list[list[tuple[str, int]]] = []
+    state_dir = tmp_path / "state"
+
+    class Watching(Capturer):
+        def __call__(self, *args, **kwargs):
+            seen.append(StateDir(state_dir).held_pauses())
+            return super().__call__(*args, **kwargs)
+
+    ack, _, state, _, _ = run_boundary(tmp_path, f"phy:{root}", capturer=Watching(root))
+    assert ack == "1 captured"
+    assert len(seen) == 1 and [name for name, _ in seen[0]] == ["web"]
+    assert state.held_pauses() == []

@@ -148,6 +148,8 @@ class Boundaries:
         log.info("%s: capturing phase %s (seq %d)", name, request.phase, request.seq)
         snap_disks = domconfig.snapshot_disks(ctx.config)
         taken: list[disks.DiskSnapshot] = []
+        if snap_disks:
+            self.state.begin_held_pause(name, ctx.domid)
         try:
             result = self.capture(
                 name, self.store, request.phase, seq=request.seq, fingerprint=fingerprint,
@@ -161,6 +163,8 @@ class Boundaries:
         except XenpbrError as exc:
             log.error("%s: capture of phase %s failed: %s", name, request.phase, exc)
             return Verdict.refused("capture-failed"), f"capture failed in dom0: {exc}"
+        finally:
+            self.state.end_held_pause(name)  # the capture unpaused it, whatever happened
         meta = result.meta
         refusal = self._over_quota(name, meta.image_id) if taken else None
         if refusal is not None:
@@ -221,6 +225,22 @@ class Boundaries:
                 f"over its quota of {usage.quota}: raise [images] default_quota "
                 "in /etc/xenpbr/xenpbr.conf (or $XENPBR_IMAGE_QUOTA) or use a "
                 "reflink/thin-capable disk store")
+
+    def release_held_pause(self, held: tuple[str, int]) -> None:
+        """At start: unpause a guest a killed xenpbrd left paused for its disk snapshots
+        (the record names the domid; a domain that is gone, or not paused because xl
+        failed before pausing it, is left alone)."""
+        name, domid = held
+        try:
+            if self.hv.domain_state(domid).paused:
+                self.hv.unpause(domid)
+                log.warning("%s (domid %d): unpaused; a previous xenpbrd was stopped while "
+                            "its capture held the guest paused (no image was published)",
+                            name, domid)
+        except XenpbrError as exc:
+            log.info("%s (domid %d): no held pause to release (%s)", name, domid, exc)
+        finally:
+            self.state.end_held_pause(name)
 
     def drop_image(self, name: str, image_id: str) -> None:
         """Delete an image with its disk snapshots; failures are logged (GC finishes)."""

@@ -67,7 +67,10 @@ class PhaseController:
     # -- start ---------------------------------------------------------------------------
 
     def resume_interrupted(self) -> None:
-        """Finish the recoveries a killed xenpbrd left half-done (before serving)."""
+        """Finish the recoveries a killed xenpbrd left half-done, and unpause the guests
+        its captures held paused (before serving)."""
+        for held in self.state.held_pauses():
+            guard(self.boundaries.release_held_pause, held)
         for name in self.state.interrupted_recoveries():
             guard(self.recoveries.resume_interrupted, name)
 
