@@ -239,13 +239,6 @@ def encode_checked(request: BoundaryRequest) -> bytes:
                          f"{exc.detail}); fix the config or the guest") from None
 
 
-def build_request(config: AgentConfig, phase: str, seq: int, timeout: float,
-                  mounts_path: str = MOUNTS, proc_path: str = PROC) -> bytes:
-    """The request bytes, validated with dom0's own parser."""
-    return encode_checked(prepare_request(config, phase, seq, timeout, mounts_path,
-                                          proc_path))
-
-
 def mark_boundary(xs: XenstoreClient, config: AgentConfig, phase: str, store: StateStore,
                   timeout: float, *, clock: Callable[[], float] = time.monotonic,
                   mounts_path: str = MOUNTS, proc_path: str = PROC) -> BoundaryResult:

@@ -92,9 +92,10 @@ def _fd_flags(fdinfo: str) -> tuple[int, int] | None:
         return None
 
 
-def writes_without_append(pid_dir: Path, devices: dict[int, str], *,
-                          append_too: bool = False) -> list[OpenWrite]:
-    """The hazards of one process (with ``append_too``, all its files open for writing)."""
+def _open_writes(pid_dir: Path, devices: dict[int, str], *,
+                 append_too: bool) -> list[OpenWrite]:
+    """One process's regular files open for writing: without ``O_APPEND`` only (its
+    hazards), or with ``append_too`` all of them."""
     comm = (_read(pid_dir / "comm") or "?").strip()
     found: list[OpenWrite] = []
     try:
@@ -116,31 +117,29 @@ def writes_without_append(pid_dir: Path, devices: dict[int, str], *,
     return found
 
 
-def scan(proc: str = "/proc", skip_pids: frozenset[int] = frozenset()) -> list[OpenWrite]:
-    """Every regular file on a block device open for writing without ``O_APPEND``, by
-    any process but ``skip_pids`` (the agent itself), in pid order."""
+def _all_open_writes(proc: str, skip_pids: frozenset[int],
+                     append_too: bool) -> list[OpenWrite]:
+    """:func:`_open_writes` of every process but ``skip_pids``, in pid order."""
     root = Path(proc)
     devices = _mount_devices(root / "self")
     found: list[OpenWrite] = []
-    pids = sorted(int(n) for n in os.listdir(root) if n.isdigit())
-    for pid in pids:
+    for pid in sorted(int(n) for n in os.listdir(root) if n.isdigit()):
         if pid not in skip_pids:
-            found += [w for w in writes_without_append(root / str(pid), devices) if w.dev]
+            found += _open_writes(root / str(pid), devices, append_too=append_too)
     return found
+
+
+def scan(proc: str = "/proc", skip_pids: frozenset[int] = frozenset()) -> list[OpenWrite]:
+    """Every regular file on a block device open for writing without ``O_APPEND``, by
+    any process but ``skip_pids`` (the agent itself), in pid order."""
+    return [w for w in _all_open_writes(proc, skip_pids, append_too=False) if w.dev]
 
 
 def writers_on(dev: str, proc: str = "/proc",
                skip_pids: frozenset[int] = frozenset()) -> list[OpenWrite]:
     """Every file on block device ``dev`` open for writing, appending or not, by any
     process but ``skip_pids``, in pid order."""
-    root = Path(proc)
-    devices = _mount_devices(root / "self")
-    found: list[OpenWrite] = []
-    for pid in sorted(int(n) for n in os.listdir(root) if n.isdigit()):
-        if pid not in skip_pids:
-            found += [w for w in writes_without_append(root / str(pid), devices,
-                                                       append_too=True) if w.dev == dev]
-    return found
+    return [w for w in _all_open_writes(proc, skip_pids, append_too=True) if w.dev == dev]
 
 
 def hazard_strings(found: list[OpenWrite]) -> tuple[str, ...]:

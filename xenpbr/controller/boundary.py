@@ -205,13 +205,10 @@ class Boundaries:
         taken and raises :class:`~xenpbr.disksnap.SnapshotError`: nothing is stored (a
         memory image without its disks must never be restored)."""
         def snapshot(image_id: str) -> None:
-            try:
+            try:  # take() removes what it made when it fails
                 taken.extend(disks.take(self.store, name, image_id, snap_disks))
-            except (disksnap.SnapshotError, OSError) as exc:
-                disks.remove(self.store, name, image_id)
-                if isinstance(exc, disksnap.SnapshotError):
-                    raise
-                raise disksnap.SnapshotError(f"{exc}") from exc
+            except OSError as exc:
+                raise disksnap.SnapshotError(str(exc)) from exc
         return snapshot
 
     def _over_quota(self, name: str, image_id: str) -> Judgement | None:

@@ -173,16 +173,26 @@ class _CrashGuard(threading.Thread):
 
 
 class _PausedWindow:
-    """The pause ``xl save -c -p`` leaves behind, released exactly once.
+    """The pause ``xl save -c -p`` leaves behind, what runs in it, and its release,
+    exactly once.
 
     xl pauses the domain only after a complete save (``save_domain`` in xl_saverestore.c
     resumes it unpaused when the save fails), so a domain is unpaused when xl exited 0,
     or when it was killed and may have paused it; never after xl's own failure (that
     could undo a pause somebody else made: pauses nest)."""
 
-    def __init__(self, domain: str, xl: Sequence[str], proc: XlProcess) -> None:
-        self.domain, self.xl, self.proc = domain, xl, proc
+    def __init__(self, domain: str, xl: Sequence[str], proc: XlProcess,
+                 hook: WhilePaused) -> None:
+        self.domain, self.xl, self.proc, self.hook = domain, xl, proc, hook
         self.released_at: float | None = None
+
+    def run(self, image_id: str) -> float:
+        """The hook, then the unpause whatever it did; when the guest ran again."""
+        try:
+            self.hook(image_id)
+        finally:
+            resumed = self.release()
+        return resumed
 
     def release(self) -> float:
         """Unpause (once); the time the guest ran again. :raises CaptureFailed: xl could
@@ -240,12 +250,12 @@ def capture(domain: str, store: ImageStore, phase: str, *, seq: int = 0,
             os.close(fd)
             raise CaptureFailed(f"capture of {domain}: {err}") from err
         guard = _CrashGuard(proc, crashed) if crashed is not None else None
-        window = _PausedWindow(domain, xl, proc) if while_paused is not None else None
+        window = (_PausedWindow(domain, xl, proc, while_paused)
+                  if while_paused is not None else None)
         if guard is not None:
             guard.start()
         try:
-            return _run(domain, writer, proc, fd, start, progress,
-                        _Hold(window, while_paused) if window and while_paused else None)
+            return _run(domain, writer, proc, fd, start, progress, window)
         except CaptureFailed as err:
             if guard is not None and guard.fired:
                 raise CaptureFailed(f"{domain} crashed during the capture of phase {phase}; "
@@ -258,22 +268,6 @@ def capture(domain: str, store: ImageStore, phase: str, *, seq: int = 0,
                 _release_quietly(window)
 
 
-@dataclass(frozen=True)
-class _Hold:
-    """The paused window and what runs in it."""
-
-    window: _PausedWindow
-    hook: WhilePaused
-
-    def run(self, image_id: str) -> float:
-        """The hook, then the unpause whatever it did; when the guest ran again."""
-        try:
-            self.hook(image_id)
-        finally:
-            resumed = self.window.release()
-        return resumed
-
-
 def _release_quietly(window: _PausedWindow) -> None:
     """The unpause on a failure path: logged, never raised over the first error."""
     try:
@@ -284,7 +278,7 @@ def _release_quietly(window: _PausedWindow) -> None:
 
 def _run(domain: str, writer: CaptureWriter, proc: XlProcess, fd: int, start: float,
          progress: Callable[[CaptureProgress], None] | None,
-         hold: _Hold | None = None) -> CaptureResult:
+         window: _PausedWindow | None = None) -> CaptureResult:
     try:
         src = wait_for_data(fd, proc)
     except XlError:
@@ -314,7 +308,7 @@ def _run(domain: str, writer: CaptureWriter, proc: XlProcess, fd: int, start: fl
     if rc != 0 or proc.timed_out:
         raise CaptureFailed(f"xl save -c {domain} failed ({proc.describe_exit()}) after "
                             f"sending a complete stream: {proc.message()}; nothing stored")
-    resumed = hold.run(writer.image_id) if hold is not None else proc.ended
+    resumed = window.run(writer.image_id) if window is not None else proc.ended
     t_commit = time.monotonic()
     meta = writer.commit(stream, stream_bytes=timed.count)
     done = time.monotonic()
