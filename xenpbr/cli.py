@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import re
 import sys
 import textwrap
@@ -397,18 +398,80 @@ def _republish(state: StateDir, name: str) -> None:
 
 
 def cmd_inject(args: argparse.Namespace, state: StateDir) -> int:
-    """Crash a registered domain's kernel on purpose (``xl sysrq DOMAIN c``), to test
-    that its recovery works before a real fault needs it."""
-    from xenpbr.xl import commands as xl_commands
-    state.load_record(args.domain)  # UnknownDomain: only domains xenpbr manages
-    proc = xl_commands.sysrq(args.domain, "c")
-    if proc.returncode != 0:
-        raise XenpbrError(f"xl sysrq {args.domain} c failed: "
-                          f"{(proc.stderr or proc.stdout).strip()[-400:]}")
-    emit({"domain": args.domain, "fault": "crash", "injected_at": utc(time.time())}, args.json,
-         lambda: print(f"{args.domain}: kernel crash injected (sysrq c); follow it with "
-                       f"`xenpbr history {args.domain}`"))
+    """Inject a fault into a registered domain's kernel on purpose, to test that its
+    recovery works before a real fault needs it. ``crash`` is ``xl sysrq DOMAIN c``; the
+    others alter the paused kernel from dom0 (xenpbr.faults) and record what changed."""
+    from xenpbr.faults.inject import InjectionRefused
+    from xenpbr.faults.kinds import FaultKind
+    from xenpbr.state import domain_lock
+    record = state.load_record(args.domain)  # UnknownDomain: only domains xenpbr manages
+    if state.recovery_intent(args.domain) is not None:
+        raise InjectionRefused(f"{args.domain}: a recovery of it is under way; inject "
+                               "after it ends (xenpbr history)")
+    kind = FaultKind(args.fault)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
+    with domain_lock(state, args.domain, wait=False):  # DomainBusy: capture or recovery
+        row = (_inject_crash(args.domain) if not kind.memory else
+               _inject_memory(args, record, kind, seed))
+    state.record_fault(args.domain, row)
+    shown = {**row, "injected_at": utc(row["injected_at"])}
+    emit(shown, args.json, lambda: _print_injection(shown))
     return 0
+
+
+def _inject_crash(domain: str) -> dict[str, Any]:
+    from xenpbr.xl import commands as xl_commands
+    injected_at = time.time()  # the panic may be seen before xl returns
+    proc = xl_commands.sysrq(domain, "c")  # a domain that is not running: xl says so
+    if proc.returncode != 0:
+        raise XenpbrError(f"xl sysrq {domain} c failed: "
+                          f"{(proc.stderr or proc.stdout).strip()[-400:]}")
+    return {"domain": domain, "fault": "crash", "seed": None, "injected_at": injected_at,
+            "paused_s": 0.0, "change": None}
+
+
+def _inject_memory(args: argparse.Namespace, record: dict[str, Any], kind: Any,
+                   seed: int) -> dict[str, Any]:
+    from xenpbr.faults.inject import InjectionRefused, Injector
+    from xenpbr.faults.symbols import KernelSymbols, SymbolMapError, system_map_for
+    from xenpbr.hypervisor.libxc import LibxcHypervisor
+    from xenpbr.xl import commands as xl_commands
+    proc = xl_commands.run(["domid", args.domain])
+    if proc.returncode != 0 or not proc.stdout.strip().isdigit():
+        raise InjectionRefused(f"{args.domain} is not running: nothing to inject into")
+    domid = int(proc.stdout)
+    path = args.system_map
+    if path is None:
+        kernel = record.get("settings", {}).get("kernel")
+        if not kernel:
+            raise SymbolMapError(f"{args.domain} boots no dom0 kernel file (pygrub?): "
+                                 "pass the guest's /proc/kallsyms with --system-map")
+        path = system_map_for(str(kernel))
+    symbols = KernelSymbols.load(path)
+    hypervisor = LibxcHypervisor()
+    try:
+        injection = Injector(hypervisor, hypervisor.machine_frames, symbols).inject(
+            args.domain, domid, kind, seed)
+    finally:
+        hypervisor.close()
+    return injection.to_json()
+
+
+def _print_injection(row: dict[str, Any]) -> None:
+    change = row["change"]
+    if change is None:
+        print(f"{row['domain']}: kernel crash injected (sysrq c); follow it with "
+              f"`xenpbr history {row['domain']}`")
+        return
+    print(f"{row['domain']}: {row['fault']} fault injected (seed {row['seed']}, guest paused "
+          f"{row['paused_s']:.3f} s)")
+    details = [("address", f"{change['address']} ({change['symbol']})"),
+               ("target", change["target"]), ("bytes", f"{change['old']} -> {change['new']}")]
+    if change["before"] or change["after"]:
+        details.append(("instruction", f"{change['before'] or '?'} -> {change['after']}"))
+    for label, value in details:
+        print(f"  {label:<12} {value}")
+    print(f"follow it with `xenpbr history {row['domain']}`")
 
 
 def cmd_reboot(args: argparse.Namespace, state: StateDir) -> int:
@@ -536,8 +599,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("domain", help=domain_help)
     p.add_argument("--phase", help="restore no deeper than this phase (default: the "
                    "deepest valid image)")
-    p = command("inject", cmd_inject, "crash a domain's kernel on purpose (sysrq c)")
+    p = command("inject", cmd_inject, "inject a fault into a domain's kernel on purpose "
+                "(docs/faults.md)")
     p.add_argument("domain", help=domain_help)
+    p.add_argument("--fault", default="crash",
+                   choices=["crash", "stack", "text", "operand", "hang"],
+                   help="crash: sysrq c (default); stack: one bit of a live word on the "
+                   "kernel stack of the thread on a vCPU; text: one bit of an instruction; "
+                   "operand: one operand of an instruction; hang: jmp . at the idle "
+                   "routine's entry")
+    p.add_argument("--seed", type=int, help="choose the target with this seed (default: "
+                   "random; the record says which)")
+    p.add_argument("--system-map", type=Path, metavar="FILE",
+                   help="the guest kernel's symbols: a System.map or a copy of the guest's "
+                   "/proc/kallsyms (default: System.map-VERSION beside the domain's kernel)")
     p = command("gc", cmd_gc, "reclaim store space no image uses (after forget)")
     p.add_argument("--wait", type=float, default=60.0,
                    help="seconds to wait for captures and restores under way (default 60)")

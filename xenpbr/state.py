@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
 import re
 import time
 from contextlib import contextmanager
@@ -225,6 +226,34 @@ class StateDir:
         for path in sorted(hdir.glob("*.json")) if hdir.is_dir() else []:
             yield self._load_timeline(path)
 
+    # -- injected faults ---------------------------------------------------------------
+
+    def _faults_path(self, name: str) -> Path:
+        return self._domain_dir(name) / "faults.jsonl"
+
+    def record_fault(self, name: str, record: dict[str, Any]) -> None:
+        """Append what ``xenpbr inject`` changed in the domain (one JSON line, synced):
+        a recovery after a fault is only explained if the fault is on record."""
+        line = json.dumps(record, sort_keys=True) + "\n"
+        with open(self._faults_path(name), "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def faults(self, name: str) -> list[dict[str, Any]]:
+        """The faults injected into the domain, oldest first (damaged lines skipped)."""
+        try:
+            lines = self._faults_path(name).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                log.warning("%s: damaged fault record skipped", name)
+        return out
+
     # -- recovery intents --------------------------------------------------------------
 
     def _intent_path(self, name: str) -> Path:
@@ -288,14 +317,24 @@ class StateDir:
         return held
 
 
+class DomainBusy(StateError):
+    """A capture or a recovery of the domain holds its lock now."""
+
+
 @contextmanager
-def domain_lock(state: StateDir, name: str) -> Iterator[None]:
+def domain_lock(state: StateDir, name: str, *, wait: bool = True) -> Iterator[None]:
     """Serialise captures and recoveries of one domain across processes (daemon, CLI):
-    an exclusive ``flock`` on ``locks/<name>.lock`` under the state root."""
+    an exclusive ``flock`` on ``locks/<name>.lock`` under the state root. With
+    ``wait=False`` a held lock raises :class:`DomainBusy` at once (the fault injector
+    refuses rather than queue behind a capture)."""
     path = state.root / "locks" / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise DomainBusy(f"{name}: a capture or a recovery of it is running now; "
+                             "try again when `xenpbr status` shows it watching") from None
         try:
             yield
         finally:

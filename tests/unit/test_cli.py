@@ -116,6 +116,7 @@ def test_inject_crashes_the_kernel_with_sysrq(registered, xl_log, capsys) -> Non
     code, out, _ = run(registered, "inject", "web", capsys=capsys)
     assert code == 0 and "crash injected" in out
     assert xl_log.read_text() == "sysrq web c\n"
+    assert [f["fault"] for f in StateDir(registered).faults("web")] == ["crash"]
 
 
 def test_gc_reclaims_what_forget_dropped(tmp_path, capsys) -> None:

@@ -417,3 +417,31 @@ class GuestMemory:
         log.info("domain %d: scanned %d pages (%d unmappable), %d hit(s)",
                  self.domid, scanned, skipped, len(scanner.hits))
         return scanner.hits[:limit] if limit is not None else scanner.hits
+
+
+class MachineFrames:
+    """One PV domain's frames by *machine* frame number, read and written one page at a
+    time: what a walk of the guest's own page tables needs (a PV guest's page-table
+    entries hold MFNs, so its kernel's virtual addresses resolve to MFNs, not pfns).
+
+    Each call maps and unmaps its frame: a fault injector touches a handful of pages
+    and must never leave a writable mapping of a guest behind.
+    """
+
+    def __init__(self, fmem: Any, domid: int) -> None:
+        self._fmem = fmem
+        self.domid = domid
+
+    def read(self, mfn: int) -> bytes:
+        """A copy of machine frame *mfn* of the domain (:class:`FrameMapError` if it is
+        not the domain's)."""
+        with self._fmem.map(self.domid, [mfn]) as mapping:
+            return bytes(mapping.memoryview)
+
+    def write(self, mfn: int, offset: int, data: bytes) -> None:
+        """Write *data* at *offset* of machine frame *mfn* (must fit in the page)."""
+        if offset < 0 or offset + len(data) > PAGE_SIZE:
+            raise ValueError(f"write of {len(data)} bytes at offset {offset} does not fit "
+                             f"in one {PAGE_SIZE}-byte page")
+        with self._fmem.map(self.domid, [mfn], True) as mapping:
+            mapping.memoryview[offset:offset + len(data)] = data

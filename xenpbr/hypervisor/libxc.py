@@ -34,7 +34,7 @@ from xenpbr.ctypes_libxc.xenctrl_structs import (
     VcpuFlags,
     XcDomainInfo,
 )
-from xenpbr.hypervisor.guest_memory import INVALID_MFN, GuestMemory
+from xenpbr.hypervisor.guest_memory import INVALID_MFN, GuestMemory, MachineFrames
 from xenpbr.hypervisor.base import (
     MAX_PAUSE_COUNT,
     PAGE_SIZE,
@@ -244,6 +244,12 @@ class LibxcHypervisor(Hypervisor):
         of one domain, as resurrection's extraction does, keeps and reuses it)."""
         return GuestMemory(self._xc, self._fmem, check_domid(domid),
                            batch_pages=self.batch_pages, p2m_method=self.p2m_method)
+
+    def machine_frames(self, domid: int) -> MachineFrames:
+        """One domain's frames by MFN, for walks of its own page tables (the fault
+        injector's); refuses dom0, whose memory xenpbr never writes."""
+        refuse_control_domain(domid, "map the machine frames of")
+        return MachineFrames(self._fmem, domid)
 
     def populated_pfns(self, domid: int) -> list[int]:
         table = self.guest_memory(domid).p2m()
