@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: help deps venv lab test test-fast test-lab test-long test-debian demo bench consistency resurrect deb clean
+.PHONY: help deps venv lab test test-fast test-lab test-long test-debian demo bench consistency resurrect faults deb clean
 
 help:
 	@echo "make demo       build the lab, boot real Xen in QEMU, crash a guest, show its recovery"
@@ -25,6 +25,9 @@ help:
 	@echo "make resurrect  20 crashes of a key-value application's guest with resurrection, beside"
 	@echo "                phase-based reboot alone and a normal reboot: build/resurrection-report.json"
 	@echo "                (RESURRECT_ARGS='--cycles 3' for a quick run)"
+	@echo "make faults    a fault campaign: 200 faults injected into a guest kernel from dom0"
+	@echo "                (stack, text, operand, hang, crash), each classified and recovered,"
+	@echo "                merged into docs/faults/report.json and .md (FAULTS_ARGS='--count 20')"
 	@echo "make deb        Debian packages xenpbr (dom0) and xenpbr-agent (guests) into build/deb/,"
 	@echo "                checked by lintian (installs debhelper, dh-python, lintian)"
 
@@ -36,7 +39,7 @@ deps:
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet -e '.[test,bench,faults]'
 	touch $@
 
 venv: $(BIN)/.installed
@@ -70,6 +73,9 @@ consistency: deps venv
 
 resurrect: deps venv
 	$(BIN)/xenpbr-lab resurrect $(RESURRECT_ARGS)
+
+faults: deps venv
+	$(BIN)/xenpbr-lab faults $(FAULTS_ARGS)
 
 deb:
 	tools/install-host-deps.sh --deb

@@ -36,7 +36,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 XEN_LIB = "usr/lib/xen-4.17"
 DOM0_MODULES = ["xen_evtchn", "xen_gntdev", "xen_gntalloc", "xen_privcmd", "xenfs",
                 "xen_blkback", "virtio_pci", "virtio_console", "loop", "ext4"]
-GUEST_MODULES = ["xen_blkfront", "crc32c_generic", "ext4"]  # ext4 needs the crc32c algorithm
+# ext4 needs the crc32c algorithm; xen_wdt is /dev/watchdog (xenpbr-lab faults' hangs)
+GUEST_MODULES = ["xen_blkfront", "crc32c_generic", "ext4", "xen_wdt"]
 PYTHON_PRUNE = ("test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
                 "pydoc_data", "config-3.11-x86_64-linux-gnu", "unittest/test", "sqlite3/test")
 #: Guests boot under TCG with every byte of their initramfs: drop what an agent never uses.
@@ -229,7 +230,7 @@ def _wheelhouse(dest: Path) -> None:
     """Build xenpbr from the working tree and fetch its dependencies as wheels (on the host:
     dom0 has no network)."""
     cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest),
-           str(PROJECT_ROOT), *BENCH_WHEELS]
+           f"{PROJECT_ROOT}[faults]", *BENCH_WHEELS]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise LabError(f"building xenpbr wheels failed: {proc.stderr.strip()[-1500:]}")

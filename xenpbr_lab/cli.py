@@ -201,6 +201,40 @@ def cmd_consistency(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_faults(args: argparse.Namespace) -> int:
+    """Inject N faults into a guest kernel, one after another; classify and recover each."""
+    from . import faults
+    kinds = [k for k in args.kinds.split(",") if k]
+    unknown = sorted(set(kinds) - set(faults.KINDS))
+    if unknown or not kinds:
+        print(f"xenpbr-lab faults: unknown kind(s) {unknown or kinds}; choose from "
+              f"{', '.join(faults.KINDS)}", file=sys.stderr)
+        return 2
+    path = Path(args.report)
+    if args.fresh:
+        path.unlink(missing_ok=True)
+    workdir = artifacts_root() / time.strftime("faults-%Y%m%d-%H%M%S")
+    command = (f"xenpbr-lab faults --count {args.count} --kinds {args.kinds} "
+               f"--memory {args.memory} --guests {args.guests}")
+    sizes = {} if args.qemu_memory is None else {"memory_mib": args.qemu_memory}
+    with XenHost(build(), workdir, **sizes) as host:
+        try:
+            report = faults.run_campaign(
+                host, args.count, kinds, memory_mib=args.memory, observe_s=args.observe,
+                guests=args.guests, report_path=path, command=command,
+                progress=lambda line: print(line, file=sys.stderr, flush=True),
+                evidence=workdir)
+        except Exception:
+            host.collect_artifacts(workdir / "failure")
+            raise
+    summary = report["summary"]
+    print(json.dumps(summary, indent=2) if args.json else faults.markdown(report))
+    print(f"written: {path} and {path.with_suffix('.md')}", file=sys.stderr)
+    ok = (summary["service_back"] == summary["injections"] and summary["lost_records"] == 0
+          and summary["fsck_clean_runs"] == summary["checked_runs"])
+    return 0 if ok else 1
+
+
 def cmd_resurrect(args: argparse.Namespace) -> int:
     """Crash a key-value application's guest under three recovery methods; compare."""
     from . import resurrection_proof as proof
@@ -305,6 +339,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", default="build/consistency-report.json")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_consistency)
+    p = sub.add_parser("faults", help="fault campaign: inject N faults into a guest kernel "
+                                      "(docs/faults.md); the report is merged across runs")
+    p.add_argument("--count", type=_at_least(1), default=200)
+    p.add_argument("--kinds", default=",".join(("stack", "text", "operand", "hang", "crash")),
+                   help="comma-separated kinds, injected in turn (default: all)")
+    p.add_argument("--memory", type=_at_least(64), default=192,
+                   help="guest memory in MiB (default 192)")
+    p.add_argument("--guests", type=_at_least(1), default=1,
+                   help="guests injected at once, each in its own thread (default 1)")
+    p.add_argument("--qemu-memory", type=_at_least(512), default=None,
+                   help="memory of the QEMU machine in MiB (for big guests)")
+    p.add_argument("--observe", type=float, default=40.0,
+                   help="seconds without an effect before a fault counts as silent "
+                        "(default 40; must exceed the guest's 20 s watchdog)")
+    p.add_argument("--report", default="docs/faults/report.json",
+                   help="the JSON report, merged with what it holds (a .md beside it)")
+    p.add_argument("--fresh", action="store_true", help="start the report anew")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_faults)
     p = sub.add_parser("resurrect", help="resurrection proof: a key-value application's "
                                          "acknowledged writes over N crashes, against "
                                          "phase-based reboot alone and a normal reboot")

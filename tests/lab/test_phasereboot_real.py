@@ -206,6 +206,7 @@ def test_xenpbrd_killed_mid_capture_leaves_no_partial_image(xen_host, lab_domain
     assert crash_and_wait_restored(xen_host, guest)[:2] == ("app", "restored:1")
 
 
+@pytest.mark.long  # 45 s: make test-long (the release itself is unit-tested in CI)
 @pytest.mark.timeout(600)
 def test_a_pause_held_by_a_killed_xenpbrd_is_released_when_it_starts(
         xen_host, lab_domain, xenpbrd, dom0_python) -> None:

@@ -56,6 +56,8 @@ for arg in $(cat /proc/cmdline); do
         lab.rate=*) rate=${arg#lab.rate=} ;;
         lab.keys=*) keys=${arg#lab.keys=} ;;
         lab.hostile=*) hostile=${arg#lab.hostile=} ;;
+        lab.watchdog=*) watchdog=${arg#lab.watchdog=} ;;
+        lab.kallsyms=*) kallsyms=${arg#lab.kallsyms=} ;;
     esac
 done
 echo "XENPBR-GUEST: up uptime=$(cut -d' ' -f1 /proc/uptime) mode=$mode marker=${marker:-none}"
@@ -130,6 +132,20 @@ bench_phases() {
 # the record writer starts, and with lab.hazard=after the non-O_APPEND logger too;
 # lab.hazard=candidate starts the logger inside the app phase, with the data disk
 # mounted: dom0 must refuse that boundary, naming the logger.
+# xenpbr-lab faults adds lab.watchdog=S (busybox watchdog keeps Xen's watchdog, xen_wdt,
+# from expiring while the kernel schedules: a hung kernel stops it and Xen shuts the
+# domain down with reason watchdog within S seconds) and lab.kallsyms=1 (the kernel's
+# symbols, once, to /data/kallsyms: Debian's System.map is a placeholder).
+consist_extras() {
+    if [ -n "$watchdog" ]; then
+        printf '  sh -c "exec watchdog -F -T %s -t 2 /dev/watchdog >/dev/hvc0 2>&1 &"\n' \
+            "$watchdog"
+    fi
+    if [ -n "$kallsyms" ]; then
+        ks="[ -s /data/kallsyms ] || { awk 'NF==3' /proc/kallsyms > /data/kallsyms; sync; }"
+        printf '  sh -c "%s; echo XENPBR-KALLSYMS: $(wc -l < /data/kallsyms) >/dev/hvc0"\n' "$ks"
+    fi
+}
 consist_phases() {
     mkdir -p /etc/xenpbr
     w="python3 -m xenpbr_lab.disk_workload"
@@ -144,6 +160,7 @@ consist_phases() {
       if [ "$hazard" = after ]; then
           printf '  sh -c "exec %s logger /data/logger.log >/dev/hvc0 2>&1 &"\n' "$w"
       fi
+      consist_extras
     } > /etc/xenpbr/agent.conf
     for p in kernel services app; do
         out=$(python3 -m xenpbr_agent phase "$p")

@@ -1,0 +1,402 @@
+"""The fault campaign of docs/faults.md on real Xen (``make faults``, ``xenpbr-lab faults``).
+
+One guest (the consistency proof's: ext4 root disk ``snapshot``, ext4 data disk
+``persistent`` with the acknowledging record writer, phases kernel, services, app) also
+runs busybox's ``watchdog`` on Xen's watchdog (``xen_wdt``, ``on_watchdog =
+"phasereboot"``) and boots with ``oops=panic``. Each injection:
+
+1. ``xenpbr inject GUEST --fault KIND --seed N`` in dom0 (the record says what changed);
+2. waits up to ``observe_s`` for xenpbrd to record a recovery: its trigger (``crash`` or
+   ``watchdog``) is the outcome class, the time from the injection to xenpbrd seeing it
+   the detection time;
+3. if none comes, the outcome is ``silent`` (the console lines the kernel printed, if
+   any, explain it) and the guest is rejuvenated (``xenpbr reboot``), so faults never
+   pile up;
+4. the service must come back: the writer resumes after the highest record on the disk
+   and acknowledges a new one.
+
+At the end of a run the guest is stopped cleanly and both disks are checked (``e2fsck``,
+every acknowledged record on the data disk). Each injection is written to the report as
+soon as it is classified, so a run that dies keeps what it measured; the next run adds to
+the same report (seeds continue), and the summary is recomputed over all of them.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import logging
+import re
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import consistency, disks, xenpbrd
+from .errors import LabTimeout
+from .xl import LabDomain
+
+if TYPE_CHECKING:
+    from .host import XenHost
+
+log = logging.getLogger(__name__)
+
+#: Guests are named f-1, f-2, ...: with ``guests > 1`` each runs its own injections in a
+#: thread (an injection is mostly waiting out its observation window, so several guests
+#: multiply the rate while xenpbrd serves them one event at a time).
+GUEST_PREFIX = "f-"
+MEMORY_MIB = 192
+KINDS = ("stack", "text", "operand", "hang", "crash")
+#: Seconds Xen's watchdog waits for the guest's next kick (busybox kicks every 2 s: a
+#: kernel that schedules no process for 10 kicks in a row has stopped).
+WATCHDOG_S = 20
+#: A fault with no effect this long after the injection is classified silent. It must
+#: exceed the watchdog (a hang is noticed only after WATCHDOG_S) with room to spare.
+OBSERVE_S = 40.0
+#: A hang detector, not a deadline: the writer is back within seconds when all is well.
+SERVICE_WAIT_S = 600.0
+KALLSYMS = "/run/xenpbr-lab-kallsyms"
+KALLSYMS_LINE = r"XENPBR-KALLSYMS: \d+"
+ACK = r"XENPBR-WRITER: acked \d+"
+#: What a kernel prints about a fault it survived (it kept running: the outcome is
+#: still silent, but explained).
+KERNEL_SAID = re.compile(r"(BUG: .*|Oops.*|general protection fault.*|WARNING: .*|"
+                         r"watchdog: .*|INFO: task .* blocked.*|Kernel panic.*)")
+FIRST_SEED = 1000
+
+
+def _guest(host: XenHost, name: str, memory_mib: int) -> LabDomain:
+    made = disks.make_disks(host, name)
+    return LabDomain(host, name, memory_mib=memory_mib, mode="consist",
+                     on_crash="phasereboot", on_watchdog="phasereboot",
+                     extra=(f"lab.root=/dev/xvda lab.hazard=none lab.watchdog={WATCHDOG_S} "
+                            "lab.kallsyms=1 oops=panic"),
+                     disk=made.specs, xenpbr_disks=["xvda=snapshot", "xvdb=persistent"],
+                     # faults crash the guest again and again, on purpose: never let the
+                     # crash-loop guard abandon the app image for them
+                     xenpbr_crash_loop_window=1, xenpbr_healthy_after=0,
+                     xenpbr_image_failures=100)
+
+
+def _boot(host: XenHost, guest: LabDomain) -> None:
+    """Create the guest under xenpbr; wait for its last phase, its writer and its
+    symbols; copy the symbols into dom0 for the injector (every guest runs the same
+    kernel: the first one's serve all)."""
+    guest.write_config()
+    xenpbrd.cli(host, "create", guest.config_path)
+    for pattern in (consistency.LAST_BOUNDARY, consistency.WRITER_START, KALLSYMS_LINE):
+        guest.watch_console([pattern], timeout=SERVICE_WAIT_S)  # in any order
+    if host.run(["test", "-s", KALLSYMS], check=False).rc == 0:
+        return
+    data = f"{disks.DISK_DIR}/{guest.name}-data.img"
+    host.run(["debugfs", "-R", f"dump /kallsyms {KALLSYMS}", data], timeout=300)
+    lines = int(host.run(["wc", "-l", KALLSYMS]).stdout.split()[0])
+    log.info("guest kernel symbols: %d lines in dom0's %s", lines, KALLSYMS)
+
+
+def _history(host: XenHost, name: str) -> list[dict[str, Any]]:
+    return list(xenpbrd.cli(host, "history", name))
+
+
+def _wall(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def _inject(host: XenHost, name: str, kind: str, seed: int) -> dict[str, Any]:
+    args = ["inject", name, "--fault", kind]
+    if kind != "crash":
+        args += ["--seed", str(seed), "--system-map", KALLSYMS]
+    return dict(xenpbrd.cli(host, *args))
+
+
+def _await_recovery(host: XenHost, name: str, seen: int,
+                    observe_s: float) -> dict[str, Any] | None:
+    """The first recovery xenpbrd records after the *seen* ones, or None if none starts
+    within *observe_s* (one that has started is waited for, however long it takes)."""
+    deadline = time.monotonic() + observe_s
+    while True:
+        history = _history(host, name)
+        if len(history) > seen and history[seen].get("outcome") != "in-progress":
+            return history[seen]
+        if (time.monotonic() > deadline and len(history) == seen
+                and not _recovering(host, name)):
+            return None
+        time.sleep(1.0)
+
+
+def _recovering(host: XenHost, name: str) -> bool:
+    status = xenpbrd.cli(host, "status")
+    return any(row.get("name") == name
+               and (row.get("last_recovery") or {}).get("outcome") == "in-progress"
+               for row in status)
+
+
+def _kernel_said(console: str) -> list[str]:
+    return [m.group(1).strip()[:160] for m in KERNEL_SAID.finditer(console)][:5]
+
+
+def _service_back(guest: LabDomain, after: int) -> bool:
+    """Whether the writer started again after console offset *after* (the restore) and
+    acknowledged a record after that (waits up to SERVICE_WAIT_S: a hang detector)."""
+    try:
+        guest.watch_console([consistency.WRITER_START, ACK], after=after,
+                            timeout=SERVICE_WAIT_S)
+    except LabTimeout:
+        return False
+    return True
+
+
+def inject_once(host: XenHost, guest: LabDomain, n: int, kind: str, seed: int,
+                observe_s: float) -> dict[str, Any]:
+    """One injection, classified, with the guest back in service (or said not to be)."""
+    offset, seen = guest.console_size(), len(_history(host, guest.name))
+    record = _inject(host, guest.name, kind, seed)
+    injected = _wall(record["injected_at"])
+    recovery = _await_recovery(host, guest.name, seen, observe_s)
+    console = guest.console()[offset:]
+    row: dict[str, Any] = {"n": n, "guest": guest.name, "kind": kind, "seed": record["seed"],
+                           "change": record["change"], "paused_s": record["paused_s"],
+                           "kernel_said": _kernel_said(console)}
+    if recovery is None:
+        row["outcome"] = "silent"
+        row["detected_s"] = None
+        rebooted = xenpbrd.cli(host, "reboot", guest.name, timeout=SERVICE_WAIT_S)
+        row["recovered_by"] = f"rejuvenated: {rebooted.get('method')}"
+        row["recovery_outcome"] = rebooted.get("outcome")
+        row["downtime_s"] = rebooted.get("downtime_s")
+    else:
+        row["outcome"] = "hang" if recovery.get("trigger") == "watchdog" else recovery.get(
+            "trigger")
+        row["detected_s"] = round(recovery["marks"][0]["wall"] - injected, 3)
+        row["recovered_by"] = recovery.get("method")
+        row["recovery_outcome"] = recovery.get("outcome")
+        row["downtime_s"] = recovery.get("downtime_s")
+    row["service_back"] = _service_back(guest, offset)
+    return row
+
+
+def _stop_and_check(host: XenHost, guest: LabDomain) -> dict[str, Any]:
+    """Stop the guest as a clean shutdown would leave its disks; check them."""
+    console = guest.console()
+    consistency._stop_cleanly(host, guest)
+    root, data = (f"{disks.DISK_DIR}/{guest.name}-{kind}.img" for kind in ("root", "data"))
+    root_clean, root_said = disks.fsck(host, root)
+    data_clean, data_said = disks.fsck(host, data)
+    acked = {int(n) for n in consistency.ACKED.findall(console)}
+    on_disk = [int(n) for n in consistency.RECORD.findall(disks.read_file(host, data,
+                                                                           "/records"))]
+    return {"acked_records": len(acked), "lost_records": len(acked - set(on_disk)),
+            "duplicate_records": len(on_disk) - len(set(on_disk)),
+            "fsck_root_clean": root_clean, "fsck_data_clean": data_clean,
+            "fsck_root": root_said.splitlines()[-1:], "fsck_data": data_said.splitlines()[-1:]}
+
+
+def load_report(path: Path | None) -> dict[str, Any]:
+    if path is None or not path.exists():
+        return {"runs": [], "injections": []}
+    report = json.loads(path.read_text())
+    report.setdefault("runs", [])
+    report.setdefault("injections", [])
+    return dict(report)
+
+
+def run_campaign(host: XenHost, count: int, kinds: Sequence[str] = KINDS, *,
+                 memory_mib: int = MEMORY_MIB, observe_s: float = OBSERVE_S, guests: int = 1,
+                 report_path: Path | None = None, command: str = "",
+                 progress: Callable[[str], None] = lambda line: None,
+                 evidence: Path | None = None) -> dict[str, Any]:
+    """Run *count* injections (kinds in turn) in a booted lab, spread over *guests*
+    guests, adding them to the report at *report_path* (written after each one);
+    return the report."""
+    from .bench import machine
+    report = load_report(report_path)
+    run: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                           "command": command, "guest_memory_mib": memory_mib,
+                           "guests": guests, "observe_s": observe_s, "watchdog_s": WATCHDOG_S,
+                           "machine": machine(), "injections": 0, "checks": {}}
+    report["runs"].append(run)
+    numbers = _Numbers(len(report["injections"]), count)
+    lock = threading.Lock()
+
+    def record(row: dict[str, Any]) -> None:
+        with lock:
+            row.update(run=len(report["runs"]), guest_memory_mib=memory_mib)
+            report["injections"].append(row)
+            run["injections"] += 1
+            _save(report, report_path)
+        progress(_line(row))
+
+    xenpbrd.start(host)
+    made: list[LabDomain] = []
+    try:
+        for i in range(1, guests + 1):
+            made.append(_guest(host, f"{GUEST_PREFIX}{i}", memory_mib))
+            _boot(host, made[-1])
+        _in_threads([functools.partial(_inject_until_done, host, g, numbers, kinds,
+                                       observe_s, record) for g in made])
+        for guest in made:
+            run["checks"][guest.name] = _stop_and_check(host, guest)
+    finally:
+        for guest in made:
+            if evidence is not None:
+                evidence.mkdir(parents=True, exist_ok=True)
+                (evidence / f"{guest.name}.console.log").write_text(guest.console())
+            guest.destroy()
+        log_text = xenpbrd.stop(host)
+        if evidence is not None:
+            (evidence / "xenpbrd.log").write_text(log_text)
+        host.run(f"rm -rf {xenpbrd.STATE} {disks.DISK_DIR}/{GUEST_PREFIX}* {KALLSYMS}",
+                 check=False)
+        with lock:
+            _save(report, report_path)
+    return report
+
+
+class _Numbers:
+    """Hands out the report's next injection numbers to the guests' threads."""
+
+    def __init__(self, done: int, count: int) -> None:
+        self._next, self._last = done + 1, done + count
+        self._lock = threading.Lock()
+
+    def take(self) -> int | None:
+        with self._lock:
+            if self._next > self._last:
+                return None
+            self._next += 1
+            return self._next - 1
+
+
+def _inject_until_done(host: XenHost, guest: LabDomain, numbers: _Numbers,
+                       kinds: Sequence[str], observe_s: float,
+                       record: Callable[[dict[str, Any]], None]) -> None:
+    while (n := numbers.take()) is not None:
+        record(inject_once(host, guest, n, kinds[(n - 1) % len(kinds)], FIRST_SEED + n,
+                           observe_s))
+
+
+def _in_threads(jobs: list[Callable[[], None]]) -> None:
+    """Run *jobs* at once; re-raise the first failure once all have ended."""
+    errors: list[BaseException] = []
+
+    def wrap(job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wrap, args=(job,)) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _line(row: dict[str, Any]) -> str:
+    change = row["change"] or {}
+    where = f" at {change['symbol']}" if change else ""
+    detected = f" detected in {row['detected_s']:.1f} s" if row["detected_s"] else ""
+    return (f"#{row['n']} {row['kind']}{where}: {row['outcome']}{detected}, "
+            f"recovered by {row['recovered_by']}, service "
+            f"{'back' if row['service_back'] else 'NOT BACK'}")
+
+
+def summarise(report: dict[str, Any]) -> dict[str, Any]:
+    """Counts over every injection of every run: by kind and outcome, recovery methods,
+    detection times, service and data checks."""
+    rows = report["injections"]
+    by_kind: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for row in rows:
+        by_kind[row["kind"]][row["outcome"]] += 1
+    detected = collections.defaultdict(list)
+    for row in rows:
+        if row["detected_s"] is not None:
+            detected[row["outcome"]].append(row["detected_s"])
+    checks = [c for r in report["runs"] for c in _run_checks(r)]
+    return {
+        "injections": len(rows),
+        "by_memory_mib": dict(collections.Counter(str(r["guest_memory_mib"]) for r in rows)),
+        "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
+        "outcomes": dict(collections.Counter(r["outcome"] for r in rows)),
+        "recovered_by": dict(collections.Counter(r["recovered_by"] for r in rows)),
+        "service_back": sum(r["service_back"] for r in rows),
+        "detection_s": {k: {"n": len(v), "median": round(statistics.median(v), 2),
+                            "max": max(v)} for k, v in sorted(detected.items())},
+        "silent_with_kernel_message": sum(1 for r in rows
+                                          if r["outcome"] == "silent" and r["kernel_said"]),
+        "acked_records": sum(c["acked_records"] for c in checks),
+        "lost_records": sum(c["lost_records"] for c in checks),
+        "duplicate_records": sum(c["duplicate_records"] for c in checks),
+        "fsck_clean_runs": sum(c["fsck_root_clean"] and c["fsck_data_clean"] for c in checks),
+        "checked_runs": len(checks),
+    }
+
+
+def _run_checks(run: dict[str, Any]) -> list[dict[str, Any]]:
+    checks = run.get("checks") or {}
+    return [checks] if "lost_records" in checks else list(checks.values())
+
+
+def _save(report: dict[str, Any], path: Path | None) -> None:
+    report["summary"] = summarise(report)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+    path.with_suffix(".md").write_text(markdown(report))
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as docs/faults/report.md shows it."""
+    s = report["summary"]
+    lines = ["# Fault campaign (generated by `xenpbr-lab faults`; do not edit)", "",
+             f"{s['injections']} injections over {len(report['runs'])} run(s); guest "
+             f"memory (MiB: injections) {s['by_memory_mib']}.", "",
+             f"- back in service: **{s['service_back']} of {s['injections']}**",
+             f"- acknowledged records: {s['acked_records']}, lost: **{s['lost_records']}**, "
+             f"duplicated: {s['duplicate_records']}",
+             f"- guests whose two disks passed e2fsck at the end of their run: "
+             f"{s['fsck_clean_runs']} of {s['checked_runs']} checked", "",
+             "| kind | " + " | ".join(("crash", "hang", "silent")) + " |", "|---|---|---|---|"]
+    for kind, counts in s["by_kind"].items():
+        lines.append(f"| {kind} | " + " | ".join(str(counts.get(o, 0))
+                                                for o in ("crash", "hang", "silent")) + " |")
+    lines += ["", "Recovered by: " + ", ".join(f"{k} {v}" for k, v in
+                                              sorted(s["recovered_by"].items(),
+                                                     key=lambda kv: str(kv[0]))), "",
+              "Detection time, injection to xenpbrd seeing it (s): " + ", ".join(
+                  f"{k}: median {v['median']}, max {v['max']} (n={v['n']})"
+                  for k, v in s["detection_s"].items()), "",
+              "## Injections", "",
+              "| # | guest | kind | where | bytes | outcome | detected s | recovered by | "
+              "downtime s | service back | kernel said |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["injections"]:
+        c = r["change"] or {}
+        lines.append(f"| {r['n']} | {r.get('guest', 'f-main')} | {r['kind']} | "
+                     f"{c.get('symbol', 'sysrq c')} | "
+                     f"{c.get('old', '')}→{c.get('new', '')} | {r['outcome']} | "
+                     f"{r['detected_s'] if r['detected_s'] is not None else '-'} | "
+                     f"{r['recovered_by']} | {r.get('downtime_s')} | "
+                     f"{'yes' if r['service_back'] else 'NO'} | "
+                     f"{'; '.join(r['kernel_said'])[:120].replace('|', '/')} |")
+    lines += ["", "## Runs", ""]
+    for i, run in enumerate(report["runs"], 1):
+        m = run.get("machine", {})
+        checks = _run_checks(run)
+        verdict = (f"lost records {sum(c['lost_records'] for c in checks)}, e2fsck clean "
+                   f"{sum(c['fsck_root_clean'] and c['fsck_data_clean'] for c in checks)} of "
+                   f"{len(checks)} guests" if checks else "disks not checked (run ended early)")
+        lines.append(f"{i}. {run['started']} `{run['command']}`: {run['injections']} "
+                     f"injections into {run.get('guests', 1)} guest(s) of "
+                     f"{run['guest_memory_mib']} MiB; {verdict}; machine {m.get('cpu')}, "
+                     f"{m.get('cpus')} CPUs, {m.get('accelerator')}")
+    return "\n".join(lines) + "\n"
