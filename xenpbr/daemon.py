@@ -53,6 +53,7 @@ READ_BUDGET = RateLimit(20, 1.0)  # reads per domain and budgeted kind: burst 20
 #: has its own READ_BUDGET per domain (the others are coalesced to one read a turn).
 BUDGETED_KINDS = ("request", "resurrected")
 SWEEP_S = 10.0  # every watched domain's request is looked at again this often
+LIVENESS_S = 1.0  # heartbeats of domains with a liveness check are judged this often
 MAX_EVENTS_PER_TURN = 1000  # watch events drained per turn before serving domains
 POLL_S = 0.05  # the loop's timeout while a budget holds some work back
 
@@ -78,7 +79,7 @@ class Daemon:
         self._dirty: dict[int, set[str]] = {}  # domid -> watch kinds to serve, oldest first
         # (domid, kind) -> reads of a BUDGETED_KINDS kind
         self._read_budget: dict[tuple[int, str], TokenBucket] = {}
-        self._swept_at = time.monotonic()
+        self._swept_at = self._liveness_at = time.monotonic()
         self._running = True
 
     def run(self) -> None:
@@ -120,6 +121,9 @@ class Daemon:
             self._collect_watches()
         if time.monotonic() - self._swept_at >= SWEEP_S:
             self._sweep()
+        if time.monotonic() - self._liveness_at >= LIVENESS_S:
+            self._liveness_at = time.monotonic()
+            self.controller.check_liveness()
         self._serve_dirty()
         self.controller.flush()
 

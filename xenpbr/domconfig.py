@@ -278,6 +278,22 @@ def health_policy(config: DomainConfig) -> tuple[float, int]:
     return float(after), failures
 
 
+def liveness_timeout(config: DomainConfig) -> float | None:
+    """``xenpbr_liveness_timeout`` (seconds; unset or 0: off): dom0's liveness check for
+    a guest without a watchdog of its own. Once the guest's agent has written a
+    heartbeat (``xenpbr-agent heartbeat``), a heartbeat that stops changing for this
+    long while the guest runs is a hang: xenpbrd shuts the domain down with reason
+    ``watchdog``, and its ``on_watchdog`` decides what follows (``phasereboot``). At least
+    10 s: a busy guest must not be taken for a hung one."""
+    value = config.settings.get("xenpbr_liveness_timeout", 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not (value == 0 or 10 <= value <= 86400):
+        raise ConfigError(f"{config.path}: xenpbr_liveness_timeout = {value!r}: expected 0 "
+                          "(off) or the seconds, between 10 and 86400, a running guest's "
+                          "heartbeat may stand still before it is treated as hung")
+    return float(value) or None
+
+
 def hot_stream(config: DomainConfig) -> bool:
     """``xenpbr_hot_stream`` (1, default, or 0): keep the newest image's stream ready as a
     file for ``xl restore`` (:mod:`xenpbr.images.hotcache`): one raw image of space for a
@@ -347,7 +363,7 @@ def _resurrect_cap(config: DomainConfig, value: str, name: str, text: str) -> fl
 #: otherwise be dropped without a word (``xenpbr_disk`` for ``xenpbr_disks``).
 XENPBR_KEYS = ("xenpbr_disks", "xenpbr_crash_loop_window", "xenpbr_crash_loop_limit",
                "xenpbr_hot_stream", "xenpbr_healthy_after", "xenpbr_image_failures",
-               "xenpbr_resurrect")
+               "xenpbr_resurrect", "xenpbr_liveness_timeout")
 
 
 def check_xenpbr_keys(config: DomainConfig) -> None:

@@ -161,6 +161,12 @@ def _parser() -> argparse.ArgumentParser:
     res.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                      help="wait up to SECONDS for a delivery to every [resurrect] "
                           "application (default 0: what is there now)")
+    beat = sub.add_parser("heartbeat", help="keep a heartbeat for dom0's liveness check "
+                                            "(xenpbr_liveness_timeout); runs until killed",
+                          epilog=EPILOG)
+    beat.add_argument("--interval", type=float, default=2.0, metavar="S",
+                      help="seconds between beats (default 2)")
+    beat.add_argument("--count", type=int, metavar="N", help="stop after N beats")
     status = sub.add_parser("status", help="print the agent's last seq, verdict, generation",
                             epilog=EPILOG)
     _config_option(status)
@@ -360,6 +366,17 @@ def _status(args: argparse.Namespace, xs_factory: XenstoreFactory) -> dict[str, 
     return out
 
 
+def cmd_heartbeat(args: argparse.Namespace, xs_factory: XenstoreFactory) -> int:
+    from xenpbr_agent.heartbeat import MAX_INTERVAL, MIN_INTERVAL, beat
+    if not (math.isfinite(args.interval) and MIN_INTERVAL <= args.interval <= MAX_INTERVAL):
+        raise ConfigError(f"--interval must be {MIN_INTERVAL} to {MAX_INTERVAL} seconds, "
+                          f"got {args.interval}")
+    if args.count is not None and args.count < 1:
+        raise ConfigError(f"--count must be at least 1, got {args.count}")
+    beat(xs_factory, args.interval, args.count)
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace, xs_factory: XenstoreFactory) -> int:
     out = _status(args, xs_factory)
     if args.json:
@@ -390,6 +407,8 @@ def main(argv: list[str] | None = None, *, xs_factory: XenstoreFactory | None = 
             return cmd_check(args)
         if args.command == "resurrected":
             return cmd_resurrected(args, factory)
+        if args.command == "heartbeat":
+            return cmd_heartbeat(args, factory)
         return cmd_status(args, factory)
     except (AgentError, XenstoreError) as exc:
         print(f"xenpbr-agent: error: {exc}", file=sys.stderr, flush=True)

@@ -16,6 +16,7 @@ from xenpbr.controller.delivery import Deliveries
 from xenpbr.controller.guard import guard
 from xenpbr.controller.health import GuestHealth
 from xenpbr.controller.invalidation import Invalidations
+from xenpbr.controller.liveness import Liveness
 from xenpbr.controller.publishing import Publisher
 from xenpbr.controller.recover import Recoveries
 from xenpbr.controller.resurrect import ResurrectionExtractor, frames_opener
@@ -24,6 +25,7 @@ from xenpbr.controller.watches import GuestWatches
 from xenpbr.hypervisor.base import Hypervisor
 from xenpbr.images.capture import capture
 from xenpbr.images.store import ImageStore
+from xenpbr.guestproto import control
 from xenpbr.guestproto.control import PhaseProtocol
 from xenpbr.guestproto.gate import Outcome
 from xenpbr.guestproto.wire import Verdict
@@ -51,6 +53,7 @@ class PhaseController:
         self.state = state
         self.protocol = PhaseProtocol(xs)
         self.watches = GuestWatches(xs)
+        self.liveness = Liveness(hypervisor, lambda domid: control.read_heartbeat(xs, domid))
         self.names = DomainNames(state, hypervisor, xs)
         self.deliveries = Deliveries(state, xs)
         self.publisher = Publisher(xs, state, self.protocol,
@@ -163,15 +166,35 @@ class PhaseController:
         self.deliveries.at_adoption(name, domid)  # before a normal reboot's agent waits
         self.publisher.publish(name, "watching", domid)
         log.info("%s (domid %d): watching its phase boundaries", name, domid)
+        timeout = self._liveness_timeout(name)
+        if timeout is not None:
+            self.liveness.watch(domid, name, timeout)
+
+    def _liveness_timeout(self, name: str) -> float | None:
+        """The domain's ``xenpbr_liveness_timeout``; None (off) if unset or unusable."""
+        from xenpbr import domconfig
+        settings = self.state.load_record(name).get("settings", {})
+        try:
+            return domconfig.liveness_timeout(
+                domconfig.DomainConfig(self.state.xl_config_path(name), settings))
+        except domconfig.ConfigError as exc:
+            log.error("%s: %s; no liveness check", name, exc)
+            return None
 
     def _destroyed(self, domid: int, name: str) -> None:
         self.names.forget(domid)
         self.boundaries.forget(domid)
         self.protocol.forget(domid)
         self.watches.unwatch(domid)
+        self.liveness.forget(domid)
         self.deliveries.forget(domid)
         if not self.names.running(name):  # not replaced by a recovery
             self.publisher.publish(name, "stopped")
+
+    def check_liveness(self) -> None:
+        """Heartbeats of the domains with a liveness check (a hung one is shut down with
+        reason watchdog; the watcher's event then recovers it)."""
+        guard(lambda _: self.liveness.check(), None)
 
     # -- pacing --------------------------------------------------------------------------
 

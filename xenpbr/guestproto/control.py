@@ -35,6 +35,7 @@ from xenpbr.guestproto.wire import (
     CONTROL_DIR,
     DETAIL_KEY,
     GENERATION_KEY,
+    HEARTBEAT_KEY,
     MAX_DETAIL,
     PROBLEM_KEY,
     REQUEST_KEY,
@@ -66,11 +67,13 @@ __all__ = [
     "domid_from_status_token",
     "domid_from_token",
     "generation_path",
+    "heartbeat_path",
     "invalidation_answer_path",
     "invalidation_path",
     "invalidation_watch",
     "last_invalidation_answered",
     "prepare_domain",
+    "read_heartbeat",
     "read_request",
     "request_path",
     "request_watch",
@@ -107,6 +110,15 @@ def problem_path(domid: int) -> str:
 
 def status_path(domid: int) -> str:
     return f"{_home(domid)}/{STATUS_KEY}"
+
+
+def heartbeat_path(domid: int) -> str:
+    return f"{_home(domid)}/{HEARTBEAT_KEY}"
+
+
+def read_heartbeat(xs: XenstoreClient, domid: int) -> bytes | None:
+    """The guest's heartbeat as it wrote it (compared, never parsed), or None."""
+    return xs.read_or(heartbeat_path(domid), None)
 
 
 def control_path(domid: int) -> str:

@@ -32,6 +32,7 @@ __all__ = [
     "DEVICE",
     "FIELDS",
     "GENERATION_KEY",
+    "HEARTBEAT_KEY",
     "GUEST_STATES",
     "HAZARD",
     "IDENTITY",
@@ -80,6 +81,9 @@ AGENT_KEY = "data/xenpbr/agent"
 #: <generation>`` (or ``steps-failed <generation>``) when its after-restore steps ran:
 #: the guest_ack and service_ready marks of the recovery timeline.
 STATUS_KEY = "data/xenpbr/status"
+#: A counter the guest's ``xenpbr-agent heartbeat`` rewrites every few seconds; dom0 only
+#: looks at whether it changes (docs/faults.md, "Hangs").
+HEARTBEAT_KEY = "data/xenpbr/heartbeat"
 #: ``<kind> <phase> <detail>``: why this boot's agent marks no boundary (its config does
 #: not validate, or Python cannot run it), so that dom0 can say why a guest has no image.
 PROBLEM_KEY = "data/xenpbr/problem"
