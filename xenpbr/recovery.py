@@ -201,25 +201,15 @@ class Recovery:
 
     def _crash_loop_policy(self, name: str) -> tuple[float, int] | None:
         from xenpbr import domconfig
-        settings = self.state.load_record(name).get("settings", {})
-        try:
-            return domconfig.crash_loop_policy(
-                domconfig.DomainConfig(self.state.xl_config_path(name), settings))
-        except domconfig.ConfigError as exc:
-            log.error("%s: %s; using the default crash-loop guard", name, exc)
-            return None
+        return self.state.domain_setting(name, domconfig.crash_loop_policy,
+                                         "using the default crash-loop guard")
 
     def _health_policy(self, name: str) -> tuple[float, int] | None:
         """The domain's ``(healthy_after_s, image_failures)``; None (the defaults) if its
         config is unusable: a recovery must not fail over a setting."""
         from xenpbr import domconfig
-        settings = self.state.load_record(name).get("settings", {})
-        try:
-            return domconfig.health_policy(
-                domconfig.DomainConfig(self.state.xl_config_path(name), settings))
-        except domconfig.ConfigError as exc:
-            log.error("%s: %s; using the default image health policy", name, exc)
-            return None
+        return self.state.domain_setting(name, domconfig.health_policy,
+                                         "using the default image health policy")
 
     @staticmethod
     def _undeclared(phases: DomainPhases) -> list[str]:

@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from xenpbr.errors import XenpbrError
 from xenpbr.fsutil import atomic_write, atomic_write_json
@@ -36,6 +36,7 @@ DEFAULT_ROOT = Path("/var/lib/xenpbr")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 HISTORY_KEEP = 100
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StateError(XenpbrError):
@@ -142,6 +143,19 @@ class StateDir:
         base = self.root / "domains"
         return sorted(p.name for p in base.iterdir()
                       if (p / "domain.json").exists()) if base.is_dir() else []
+
+    def domain_setting(self, name: str, read: Callable[[Any], T],
+                       fallback: str) -> T | None:
+        """One setting of a registered domain, read by *read* (a :mod:`xenpbr.domconfig`
+        policy function) from its recorded config; None, logged with *fallback*, when
+        the config is unusable: a recovery or a check must not fail over a setting."""
+        from xenpbr import domconfig
+        settings = self.load_record(name).get("settings", {})
+        try:
+            return read(domconfig.DomainConfig(self.xl_config_path(name), settings))
+        except domconfig.ConfigError as exc:
+            log.error("%s: %s; %s", name, exc, fallback)
+            return None
 
     def load_record(self, name: str) -> dict[str, Any]:
         path = self._domain_dir(name) / "domain.json"

@@ -173,13 +173,7 @@ class PhaseController:
     def _liveness_timeout(self, name: str) -> float | None:
         """The domain's ``xenpbr_liveness_timeout``; None (off) if unset or unusable."""
         from xenpbr import domconfig
-        settings = self.state.load_record(name).get("settings", {})
-        try:
-            return domconfig.liveness_timeout(
-                domconfig.DomainConfig(self.state.xl_config_path(name), settings))
-        except domconfig.ConfigError as exc:
-            log.error("%s: %s; no liveness check", name, exc)
-            return None
+        return self.state.domain_setting(name, domconfig.liveness_timeout, "no liveness check")
 
     def _destroyed(self, domid: int, name: str) -> None:
         self.names.forget(domid)
