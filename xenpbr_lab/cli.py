@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -216,7 +217,16 @@ def cmd_faults(args: argparse.Namespace) -> int:
     workdir = artifacts_root() / time.strftime("faults-%Y%m%d-%H%M%S")
     command = (f"xenpbr-lab faults --count {args.count} --kinds {args.kinds} "
                f"--memory {args.memory} --guests {args.guests}")
-    sizes = {} if args.qemu_memory is None else {"memory_mib": args.qemu_memory}
+    def stop(signum: int, _frame: object) -> None:
+        print(f"xenpbr-lab faults: signal {signum}: no new injection; finishing the ones "
+              "under way and the disk checks", file=sys.stderr, flush=True)
+        faults.STOP.set()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    sizes = {key: value for key, value in (("memory_mib", args.qemu_memory),
+                                           ("dom0_memory_mib", args.dom0_memory))
+             if value is not None}
     with XenHost(build(), workdir, **sizes) as host:
         try:
             report = faults.run_campaign(
@@ -349,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guests", type=_at_least(1), default=1,
                    help="guests injected at once, each in its own thread (default 1)")
     p.add_argument("--qemu-memory", type=_at_least(512), default=None,
-                   help="memory of the QEMU machine in MiB (for big guests)")
+                   help="memory of the QEMU machine in MiB (for big guests; default 4096)")
+    p.add_argument("--dom0-memory", type=_at_least(512), default=None,
+                   help="dom0's memory in MiB (it holds the image store; default 2048)")
     p.add_argument("--observe", type=float, default=40.0,
                    help="seconds without an effect before a fault counts as silent "
                         "(default 40; must exceed the guest's 20 s watchdog)")

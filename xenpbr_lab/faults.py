@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import consistency, disks, xenpbrd
 from .errors import LabTimeout
-from .xl import LabDomain
+from .xl import LabDomain, xl_list
 
 if TYPE_CHECKING:
     from .host import XenHost
@@ -54,6 +54,9 @@ KINDS = ("stack", "text", "operand", "hang", "crash")
 #: Seconds Xen's watchdog waits for the guest's next kick (busybox kicks every 2 s: a
 #: kernel that schedules no process for 10 kicks in a row has stopped).
 WATCHDOG_S = 20
+#: With ``liveness=True`` the guest has no watchdog: the agent beats every second and
+#: xenpbrd's liveness check (xenpbr_liveness_timeout) declares a hang after this long.
+LIVENESS_TIMEOUT_S = 15
 #: A fault with no effect this long after the injection is classified silent. It must
 #: exceed the watchdog (a hang is noticed only after WATCHDOG_S) with room to spare.
 OBSERVE_S = 40.0
@@ -69,12 +72,16 @@ KERNEL_SAID = re.compile(r"(BUG: .*|Oops.*|general protection fault.*|WARNING: .
 FIRST_SEED = 1000
 
 
-def _guest(host: XenHost, name: str, memory_mib: int) -> LabDomain:
+def _guest(host: XenHost, name: str, memory_mib: int, liveness: bool) -> LabDomain:
+    """The campaign's guest: hangs caught by Xen's watchdog, or with *liveness* by
+    xenpbrd's liveness check on the agent's heartbeat (and no watchdog at all)."""
     made = disks.make_disks(host, name)
+    hang_detector = ({"xenpbr_liveness_timeout": LIVENESS_TIMEOUT_S} if liveness else {})
     return LabDomain(host, name, memory_mib=memory_mib, mode="consist",
                      on_crash="phasereboot", on_watchdog="phasereboot",
-                     extra=(f"lab.root=/dev/xvda lab.hazard=none lab.watchdog={WATCHDOG_S} "
-                            "lab.kallsyms=1 oops=panic"),
+                     extra=("lab.root=/dev/xvda lab.hazard=none lab.kallsyms=1 oops=panic "
+                            + ("lab.heartbeat=1" if liveness else f"lab.watchdog={WATCHDOG_S}")),
+                     **hang_detector,
                      disk=made.specs, xenpbr_disks=["xvda=snapshot", "xvdb=persistent"],
                      # faults crash the guest again and again, on purpose: never let the
                      # crash-loop guard abandon the app image for them
@@ -123,9 +130,16 @@ def _await_recovery(host: XenHost, name: str, seen: int,
         if len(history) > seen and history[seen].get("outcome") != "in-progress":
             return history[seen]
         if (time.monotonic() > deadline and len(history) == seen
-                and not _recovering(host, name)):
+                and not _recovering(host, name) and not _down(host, name)):
             return None
         time.sleep(1.0)
+
+
+def _down(host: XenHost, name: str) -> bool:
+    """The domain crashed or its watchdog fired and xenpbrd has not started on it yet
+    (it serves one recovery at a time: another guest's may hold it up)."""
+    entry = xl_list(host).get(name)
+    return entry is None or "s" in entry.state
 
 
 def _recovering(host: XenHost, name: str) -> bool:
@@ -206,6 +220,7 @@ def load_report(path: Path | None) -> dict[str, Any]:
 
 def run_campaign(host: XenHost, count: int, kinds: Sequence[str] = KINDS, *,
                  memory_mib: int = MEMORY_MIB, observe_s: float = OBSERVE_S, guests: int = 1,
+                 liveness: bool = False,
                  report_path: Path | None = None, command: str = "",
                  progress: Callable[[str], None] = lambda line: None,
                  evidence: Path | None = None) -> dict[str, Any]:
@@ -216,7 +231,9 @@ def run_campaign(host: XenHost, count: int, kinds: Sequence[str] = KINDS, *,
     report = load_report(report_path)
     run: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                            "command": command, "guest_memory_mib": memory_mib,
-                           "guests": guests, "observe_s": observe_s, "watchdog_s": WATCHDOG_S,
+                           "guests": guests, "observe_s": observe_s,
+                           "hang_detector": (f"xenpbrd liveness check, {LIVENESS_TIMEOUT_S} s"
+                                             if liveness else f"Xen watchdog, {WATCHDOG_S} s"),
                            "machine": machine(), "injections": 0, "checks": {}}
     report["runs"].append(run)
     numbers = _Numbers(len(report["injections"]), count)
@@ -234,7 +251,7 @@ def run_campaign(host: XenHost, count: int, kinds: Sequence[str] = KINDS, *,
     made: list[LabDomain] = []
     try:
         for i in range(1, guests + 1):
-            made.append(_guest(host, f"{GUEST_PREFIX}{i}", memory_mib))
+            made.append(_guest(host, f"{GUEST_PREFIX}{i}", memory_mib, liveness))
             _boot(host, made[-1])
         _in_threads([functools.partial(_inject_until_done, host, g, numbers, kinds,
                                        observe_s, record) for g in made])
@@ -256,6 +273,11 @@ def run_campaign(host: XenHost, count: int, kinds: Sequence[str] = KINDS, *,
     return report
 
 
+#: Set (``xenpbr-lab faults`` does on SIGINT/SIGTERM) to start no further injection: the
+#: ones under way finish, and the run ends with its disk checks, as after its count.
+STOP = threading.Event()
+
+
 class _Numbers:
     """Hands out the report's next injection numbers to the guests' threads."""
 
@@ -265,7 +287,7 @@ class _Numbers:
 
     def take(self) -> int | None:
         with self._lock:
-            if self._next > self._last:
+            if self._next > self._last or STOP.is_set():
                 return None
             self._next += 1
             return self._next - 1

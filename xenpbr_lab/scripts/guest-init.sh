@@ -58,6 +58,7 @@ for arg in $(cat /proc/cmdline); do
         lab.hostile=*) hostile=${arg#lab.hostile=} ;;
         lab.watchdog=*) watchdog=${arg#lab.watchdog=} ;;
         lab.kallsyms=*) kallsyms=${arg#lab.kallsyms=} ;;
+        lab.heartbeat=*) heartbeat=${arg#lab.heartbeat=} ;;
     esac
 done
 echo "XENPBR-GUEST: up uptime=$(cut -d' ' -f1 /proc/uptime) mode=$mode marker=${marker:-none}"
@@ -135,8 +136,13 @@ bench_phases() {
 # xenpbr-lab faults adds lab.watchdog=S (busybox watchdog keeps Xen's watchdog, xen_wdt,
 # from expiring while the kernel schedules: a hung kernel stops it and Xen shuts the
 # domain down with reason watchdog within S seconds) and lab.kallsyms=1 (the kernel's
-# symbols, once, to /data/kallsyms: Debian's System.map is a placeholder).
+# symbols, once, to /data/kallsyms: Debian's System.map is a placeholder) and
+# lab.heartbeat=S (the agent's heartbeat every S seconds, for dom0's liveness check).
 consist_extras() {
+    if [ -n "$heartbeat" ]; then
+        printf '  sh -c "exec python3 -m xenpbr_agent heartbeat --interval %s >/dev/hvc0 2>&1 &"\n' \
+            "$heartbeat"
+    fi
     if [ -n "$watchdog" ]; then
         printf '  sh -c "exec watchdog -F -T %s -t 2 /dev/watchdog >/dev/hvc0 2>&1 &"\n' \
             "$watchdog"

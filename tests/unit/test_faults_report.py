@@ -1,0 +1,65 @@
+"""The fault campaign's bookkeeping (xenpbr_lab/faults.py) without the lab: numbering
+across runs and threads, the stop signal, the summary and the markdown."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from xenpbr_lab import faults
+
+
+def row(n: int, kind: str, outcome: str, detected: float | None = None,
+        back: bool = True) -> dict:
+    change = None if kind == "crash" else {"symbol": "f+0x1", "old": "00", "new": "01"}
+    return {"n": n, "guest": "f-1", "kind": kind, "seed": 1000 + n, "change": change,
+            "paused_s": 0.01, "kernel_said": [], "outcome": outcome, "detected_s": detected,
+            "recovered_by": "phase:app" if outcome != "silent" else "rejuvenated: phase:app",
+            "recovery_outcome": "recovered", "downtime_s": 2.0, "service_back": back,
+            "run": 1, "guest_memory_mib": 192}
+
+
+CHECKS = {"acked_records": 50, "lost_records": 0, "duplicate_records": 0,
+          "fsck_root_clean": True, "fsck_data_clean": True}
+
+
+@pytest.fixture(autouse=True)
+def no_stop():
+    faults.STOP.clear()
+    yield
+    faults.STOP.clear()
+
+
+def test_numbers_continue_the_report_and_stop_on_request() -> None:
+    numbers = faults._Numbers(done=7, count=3)
+    assert [numbers.take(), numbers.take()] == [8, 9]
+    faults.STOP.set()
+    assert numbers.take() is None
+
+
+def test_summary_counts_every_run_and_guest() -> None:
+    report = {"runs": [{"checks": {"f-1": CHECKS, "f-2": {**CHECKS, "lost_records": 1}}},
+                       {"checks": CHECKS}],  # an older report's single-guest checks
+              "injections": [row(1, "stack", "silent"), row(2, "hang", "hang", 21.5),
+                             row(3, "crash", "crash", 0.2), row(4, "text", "crash", 3.0,
+                                                                back=False)]}
+    s = faults.summarise(report)
+    assert s["injections"] == 4 and s["service_back"] == 3
+    assert s["by_kind"]["text"] == {"crash": 1} and s["outcomes"]["crash"] == 2
+    assert s["detection_s"]["crash"] == {"n": 2, "median": 1.6, "max": 3.0}
+    assert (s["lost_records"], s["acked_records"], s["checked_runs"]) == (1, 150, 3)
+
+
+def test_the_report_is_written_and_merged(tmp_path) -> None:
+    path = tmp_path / "report.json"
+    report = {"runs": [{"started": "t", "command": "c", "injections": 1,
+                        "guest_memory_mib": 192, "machine": {}, "checks": {"f-1": CHECKS}}],
+              "injections": [row(1, "hang", "hang", 20.0)]}
+    faults._save(report, path)
+    again = faults.load_report(path)
+    assert again["injections"] == report["injections"] and "summary" in json.loads(
+        path.read_text())
+    md = path.with_suffix(".md").read_text()
+    assert "back in service: **1 of 1**" in md and "| 1 | f-1 | hang | f+0x1 |" in md
+    assert faults.load_report(tmp_path / "none.json") == {"runs": [], "injections": []}
