@@ -216,7 +216,8 @@ def cmd_faults(args: argparse.Namespace) -> int:
         path.unlink(missing_ok=True)
     workdir = artifacts_root() / time.strftime("faults-%Y%m%d-%H%M%S")
     command = (f"xenpbr-lab faults --count {args.count} --kinds {args.kinds} "
-               f"--memory {args.memory} --guests {args.guests}")
+               f"--memory {args.memory} --guests {args.guests}"
+               f"{' --liveness' if args.liveness else ''}")
     def stop(signum: int, _frame: object) -> None:
         print(f"xenpbr-lab faults: signal {signum}: no new injection; finishing the ones "
               "under way and the disk checks", file=sys.stderr, flush=True)
@@ -231,7 +232,8 @@ def cmd_faults(args: argparse.Namespace) -> int:
         try:
             report = faults.run_campaign(
                 host, args.count, kinds, memory_mib=args.memory, observe_s=args.observe,
-                guests=args.guests, report_path=path, command=command,
+                guests=args.guests, liveness=args.liveness, report_path=path,
+                command=command,
                 progress=lambda line: print(line, file=sys.stderr, flush=True),
                 evidence=workdir)
         except Exception:
@@ -358,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="guest memory in MiB (default 192)")
     p.add_argument("--guests", type=_at_least(1), default=1,
                    help="guests injected at once, each in its own thread (default 1)")
+    p.add_argument("--liveness", action="store_true",
+                   help="guests without Xen's watchdog: hangs are left to xenpbrd's "
+                        "liveness check on the agent's heartbeat")
     p.add_argument("--qemu-memory", type=_at_least(512), default=None,
                    help="memory of the QEMU machine in MiB (for big guests; default 4096)")
     p.add_argument("--dom0-memory", type=_at_least(512), default=None,
