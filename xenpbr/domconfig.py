@@ -178,6 +178,7 @@ def parse(text: str, path: Path = Path("<config>")) -> DomainConfig:
     health_policy(DomainConfig(path, settings))
     hot_stream(DomainConfig(path, settings))
     resurrect_caps(DomainConfig(path, settings))
+    liveness_timeout(DomainConfig(path, settings))
     if settings.get("type", "pv") != "pv":
         if any(settings.get(k) == XENPBR_ACTION for k in ACTION_KEYS):
             raise ConfigError(f"{path}: phasereboot supports PV guests only "
@@ -291,6 +292,11 @@ def liveness_timeout(config: DomainConfig) -> float | None:
         raise ConfigError(f"{config.path}: xenpbr_liveness_timeout = {value!r}: expected 0 "
                           "(off) or the seconds, between 10 and 86400, a running guest's "
                           "heartbeat may stand still before it is treated as hung")
+    if value and config.settings.get("on_watchdog") != XENPBR_ACTION:
+        raise ConfigError(f"{config.path}: xenpbr_liveness_timeout needs on_watchdog = "
+                          f"\"{XENPBR_ACTION}\": a guest found hung is shut down with reason "
+                          "watchdog, and xl's own on_watchdog actions would destroy or "
+                          "restart it instead of restoring its image")
     return float(value) or None
 
 

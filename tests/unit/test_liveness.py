@@ -84,12 +84,17 @@ def test_a_vanished_domain_is_forgotten(setup) -> None:
 
 def test_the_timeout_setting_is_checked() -> None:
     assert domconfig.liveness_timeout(domconfig.parse('name = "g"\n')) is None
-    cfg = domconfig.parse('name = "g"\nxenpbr_liveness_timeout = 45\n')
+    ok = 'name = "g"\non_watchdog = "phasereboot"\n'
+    cfg = domconfig.parse(ok + 'xenpbr_liveness_timeout = 45\n')
     assert domconfig.liveness_timeout(cfg) == 45.0
+    with pytest.raises(domconfig.ConfigError, match='needs on_watchdog = "phasereboot"'):
+        domconfig.parse('name = "g"\nxenpbr_liveness_timeout = 45\n')
     for bad in ("5", '"30"', "-1", "100000"):
         with pytest.raises(domconfig.ConfigError, match="xenpbr_liveness_timeout"):
             domconfig.liveness_timeout(
-                domconfig.parse(f'name = "g"\nxenpbr_liveness_timeout = {bad}\n'))
+                domconfig.parse(f'{ok}xenpbr_liveness_timeout = {bad}\n'))
+    with pytest.raises(domconfig.ConfigError, match="xenpbr_liveness_timeout = 5"):
+        domconfig.parse(ok + 'xenpbr_liveness_timeout = 5\n')  # at create/check
     with pytest.raises(domconfig.ConfigError, match="did you mean xenpbr_liveness_timeout"):
         domconfig.parse('name = "g"\nxenpbr_liveness_timout = 30\n')
 
