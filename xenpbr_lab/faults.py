@@ -130,7 +130,8 @@ def _await_recovery(host: XenHost, name: str, seen: int,
         if len(history) > seen and history[seen].get("outcome") != "in-progress":
             return history[seen]
         if (time.monotonic() > deadline and len(history) == seen
-                and not _recovering(host, name) and not _down(host, name)):
+                and not _recovering(host, name) and not _down(host, name)
+                and len(_history(host, name)) == seen):  # none ended while we looked
             return None
         time.sleep(1.0)
 
@@ -143,10 +144,11 @@ def _down(host: XenHost, name: str) -> bool:
 
 
 def _recovering(host: XenHost, name: str) -> bool:
-    status = xenpbrd.cli(host, "status")
-    return any(row.get("name") == name
-               and (row.get("last_recovery") or {}).get("outcome") == "in-progress"
-               for row in status)
+    """A recovery of *name* is under way: its intent is on record (from before the
+    destroy until after its timeline is in the history; the restored guest runs a
+    moment before that, longer on a loaded machine)."""
+    intent = f"{xenpbrd.STATE}/domains/{name}/recovering.json"
+    return host.run(["test", "-e", intent], check=False).rc == 0
 
 
 def _kernel_said(console: str) -> list[str]:

@@ -93,7 +93,10 @@ class XenHost:
         start = time.monotonic()
         with open(self.qemu_log, "wb") as qlog:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog,
-                                         stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                                         stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                                         # its own session: a Ctrl-C or a signal to
+                                         # our process group must not kill the lab
+                                         start_new_session=True)
         try:
             self._wait_for_socket(start + 30)
             self.channel = ControlChannel.connect_unix(self.ctl_socket)
