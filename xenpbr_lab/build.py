@@ -222,26 +222,29 @@ def _build_guest_base(sysroot: Path, kernel_version: str, out: Path) -> None:
         write_initramfs(stage, out)
 
 
-#: Extra wheels for dom0 only, to measure alternatives beside ours (docs/xenstore.md).
-BENCH_WHEELS = ["pyxs==0.4.1"]
+#: Wheels for dom0 only: Capstone for the fault injector (setup.cfg's ``faults`` extra;
+#: 22 MB unpacked, more than a 128 MiB guest's initramfs has room for) and pyxs, to
+#: measure an alternative beside ours (docs/xenstore.md).
+DOM0_WHEELS = ["capstone>=4.0.2,<6", "pyxs==0.4.1"]
 
 
-def _wheelhouse(dest: Path) -> None:
-    """Build xenpbr from the working tree and fetch its dependencies as wheels (on the host:
-    dom0 has no network)."""
+def _wheelhouse(dest: Path, requirements: list[str]) -> None:
+    """Build or fetch *requirements* and their dependencies as wheels (on the host: dom0
+    has no network)."""
     cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(dest),
-           f"{PROJECT_ROOT}[faults]", *BENCH_WHEELS]
+           *requirements]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise LabError(f"building xenpbr wheels failed: {proc.stderr.strip()[-1500:]}")
 
 
-def _build_site(out: Path) -> None:
-    """xenpbr and its dependencies installed as a dist-packages tree (dom0 and guests)."""
+def _build_site(out: Path, requirements: list[str], *, with_example: bool = True) -> None:
+    """*requirements* installed as a dist-packages tree: xenpbr and its dependencies
+    for dom0 and guests, or the dom0-only wheels."""
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         stage = Path(tmp) / "stage"
         wheels = Path(tmp) / "wheels"
-        _wheelhouse(wheels)
+        _wheelhouse(wheels, requirements)
         site = stage / "usr/lib/python3/dist-packages"
         cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
                "--no-compile", "--target", str(site), *map(str, sorted(wheels.glob("*.whl")))]
@@ -250,7 +253,8 @@ def _build_site(out: Path) -> None:
             raise LabError(f"installing wheels into the images failed: {proc.stderr[-1500:]}")
         shutil.rmtree(site / "bin", ignore_errors=True)
         _compile_python(site)
-        _c_example(stage / "usr/bin" / C_EXAMPLE)
+        if with_example:
+            _c_example(stage / "usr/bin" / C_EXAMPLE)
         write_initramfs(stage, out, with_device_nodes=False)
 
 
@@ -311,9 +315,9 @@ def _source_digest() -> str:
     return digest(*parts)
 
 
-def _timed(timings: dict[str, float], name: str, fn, *args) -> None:
+def _timed(timings: dict[str, float], name: str, fn, *args, **kwargs) -> None:
     start = time.monotonic()
-    fn(*args)
+    fn(*args, **kwargs)
     timings[name] = round(time.monotonic() - start, 2)
     log.info("built %s in %.1f s", name, timings[name])
 
@@ -386,12 +390,14 @@ def _build(cache: Path) -> LabImages:
     overlay_dir = cache / "overlays" / digest(base_dir.name, _source_digest())
     overlay_dir.mkdir(parents=True, exist_ok=True)
     site, guest = overlay_dir / "site.cpio.gz", overlay_dir / "guest.cpio.gz"
+    dom0_site = overlay_dir / "dom0-site.cpio.gz"
     lab_files, dom0 = overlay_dir / "lab.cpio", overlay_dir / "dom0.cpio.gz"
     if not dom0.exists():
-        _timed(timings, "site", _build_site, site)
+        _timed(timings, "site", _build_site, site, [str(PROJECT_ROOT)])
+        _timed(timings, "dom0-site", _build_site, dom0_site, DOM0_WHEELS, with_example=False)
         _concatenate([guest_base, site], guest)
         _build_lab_files(guest, lab_files)
-        _concatenate([dom0_base, site, lab_files], dom0)
+        _concatenate([dom0_base, site, dom0_site, lab_files], dom0)
     for folder in ("overlays", "images", "sysroots"):
         _prune(cache / folder, {overlay_dir, base_dir, sysroot})
     timings["total"] = round(time.monotonic() - start, 2)

@@ -63,3 +63,18 @@ def test_the_report_is_written_and_merged(tmp_path) -> None:
     md = path.with_suffix(".md").read_text()
     assert "back in service: **1 of 1**" in md and "| 1 | f-1 | hang | f+0x1 |" in md
     assert faults.load_report(tmp_path / "none.json") == {"runs": [], "injections": []}
+
+
+def test_dom0_gets_the_faults_extra_and_guests_do_not() -> None:
+    """Capstone is dom0's alone (a 128 MiB guest's initramfs has no room for it): the
+    lab's dom0-only wheels pin it as setup.cfg's ``faults`` extra does."""
+    import configparser
+    from pathlib import Path
+
+    from xenpbr_lab import build
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[2] / "setup.cfg")
+    faults_extra = [line.strip() for line in cfg["options.extras_require"]["faults"].splitlines()
+                    if line.strip() and not line.strip().startswith("#")]
+    assert faults_extra and set(faults_extra) <= set(build.DOM0_WHEELS)
+    assert not any("capstone" in r for r in cfg["options"]["install_requires"].splitlines())
