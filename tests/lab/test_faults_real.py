@@ -63,7 +63,9 @@ def test_a_hang_without_a_watchdog_is_caught_by_the_liveness_check(
     (row,) = report["injections"]
     assert row["outcome"] == "hang" and row["recovered_by"] == "phase:app", row
     assert row["service_back"], row
-    assert faults.LIVENESS_TIMEOUT_S < row["detected_s"] < 10 * faults.LIVENESS_TIMEOUT_S
+    # the clock starts at the last heartbeat, which may precede the injection by up to
+    # one beat (1 s), and xenpbrd judges once a second
+    assert faults.LIVENESS_TIMEOUT_S - 2 < row["detected_s"] < 10 * faults.LIVENESS_TIMEOUT_S
     log_text = (session_artifacts / "liveness" / "xenpbrd.log").read_text()
     assert "no heartbeat for" in log_text and "a hang; shutting it down" in log_text
     checks = report["runs"][-1]["checks"]["f-1"]
