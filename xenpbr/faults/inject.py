@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from xenpbr.errors import XenpbrError
@@ -54,14 +54,12 @@ class Injection:
     injected_at: float  # wall clock, when the guest was unpaused with the fault in it
     change: Change | None = None
     paused_s: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"domain": self.domain, "fault": self.kind.value,
                 "seed": self.seed, "injected_at": self.injected_at,
                 "paused_s": round(self.paused_s, 6),
-                "change": None if self.change is None else self.change.to_json(),
-                **self.extra}
+                "change": None if self.change is None else self.change.to_json()}
 
 
 def check_running(state: DomainState, name: str) -> None:

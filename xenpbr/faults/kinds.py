@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from xenpbr.errors import XenpbrError
 from xenpbr.faults.decode import Decoder, Instruction
-from xenpbr.faults.kernel_memory import KernelMemory, NotMapped
+from xenpbr.faults.kernel_memory import KernelMemory
 from xenpbr.faults.symbols import KernelSymbols
 from xenpbr.hypervisor.base import VcpuRegisters
 
@@ -199,5 +199,5 @@ def choose_vcpu(vcpus: Sequence[VcpuRegisters], rng: random.Random) -> VcpuRegis
     return rng.choice(in_kernel)
 
 
-__all__ = ["Change", "FaultKind", "NoTarget", "NotMapped", "choose_vcpu", "hang_fault",
+__all__ = ["Change", "FaultKind", "NoTarget", "choose_vcpu", "hang_fault",
            "operand_fault", "stack_fault", "text_fault"]
