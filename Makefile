@@ -48,7 +48,7 @@ lab: deps venv
 	$(BIN)/xenpbr-lab build
 
 test: deps venv
-	$(PYTEST) -m "not long"
+	$(PYTEST) -m "not long" --durations=40
 
 test-long: deps venv
 	$(PYTEST) -m long
