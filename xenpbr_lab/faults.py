@@ -13,7 +13,14 @@ runs busybox's ``watchdog`` on Xen's watchdog (``xen_wdt``, ``on_watchdog =
    any, explain it) and the guest is rejuvenated (``xenpbr reboot``), so faults never
    pile up;
 4. the service must come back: the writer resumes after the highest record on the disk
-   and acknowledges a new one.
+   and acknowledges a new one;
+5. the second checked workload, the resurrection proof's key-value application
+   (``xenpbr_resurrect = 1``), restarts and loads what dom0 read out of the crashed
+   memory: after a crash or a hang every key must come back with its last acknowledged
+   value (or a later one), and records dom0 rejected (checksums) are counted as
+   *detected* corruption of application data. A rejuvenation (``xenpbr reboot`` of the
+   running guest) extracts nothing by design (docs/resurrection.md), so after a silent
+   fault the application starts empty: counted, not checked.
 
 At the end of a run the guest is stopped cleanly and both disks are checked (``e2fsck``,
 every acknowledged record on the data disk). Each injection is written to the report as
@@ -38,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import consistency, disks, xenpbrd
 from .errors import LabTimeout
+from .resurrection_proof import LOADED_COUNT_RE, console_from, cycle_outcome
 from .xl import LabDomain, xl_list
 
 if TYPE_CHECKING:
@@ -70,6 +78,10 @@ ACK = r"XENPBR-WRITER: acked \d+"
 KERNEL_SAID = re.compile(r"(BUG: .*|Oops.*|general protection fault.*|WARNING: .*|"
                          r"watchdog: .*|INFO: task .* blocked.*|Kernel panic.*)")
 FIRST_SEED = 1000
+#: The key-value application's load: writes/s over this many keys (each write one console
+#: line: the console is read from an offset, never whole).
+APP_KEYS = 20
+APP_RATE = 5
 
 
 def _guest(host: XenHost, name: str, memory_mib: int, liveness: bool) -> LabDomain:
@@ -80,8 +92,9 @@ def _guest(host: XenHost, name: str, memory_mib: int, liveness: bool) -> LabDoma
     return LabDomain(host, name, memory_mib=memory_mib, mode="consist",
                      on_crash="phasereboot", on_watchdog="phasereboot",
                      extra=("lab.root=/dev/xvda lab.hazard=none lab.kallsyms=1 oops=panic "
+                            f"lab.keys={APP_KEYS} lab.rate={APP_RATE} "
                             + ("lab.heartbeat=1" if liveness else f"lab.watchdog={WATCHDOG_S}")),
-                     **hang_detector,
+                     xenpbr_resurrect=1, **hang_detector,
                      disk=made.specs, xenpbr_disks=["xvda=snapshot", "xvdb=persistent"],
                      # faults crash the guest again and again, on purpose: never let the
                      # crash-loop guard abandon the app image for them
@@ -95,7 +108,8 @@ def _boot(host: XenHost, guest: LabDomain) -> None:
     kernel: the first one's serve all)."""
     guest.write_config()
     xenpbrd.cli(host, "create", guest.config_path)
-    for pattern in (consistency.LAST_BOUNDARY, consistency.WRITER_START, KALLSYMS_LINE):
+    for pattern in (consistency.LAST_BOUNDARY, consistency.WRITER_START, KALLSYMS_LINE,
+                    LOADED_COUNT_RE):
         guest.watch_console([pattern], timeout=SERVICE_WAIT_S)  # in any order
     if host.run(["test", "-s", KALLSYMS], check=False).rc == 0:
         return
@@ -166,15 +180,37 @@ def _service_back(guest: LabDomain, after: int) -> bool:
     return True
 
 
+def _app_outcome(guest: LabDomain, since: int, injected: int,
+                 recovery: dict[str, Any] | None) -> dict[str, Any]:
+    """The key-value application after this injection's recovery: its acknowledged writes
+    (console from *since*, before its current run started, to the injection at
+    *injected*) against what it loaded when it started again, and what dom0's extraction
+    kept and rejected (the recovery's history entry; none for a rejuvenation)."""
+    try:
+        guest.watch_console([LOADED_COUNT_RE], after=injected, timeout=SERVICE_WAIT_S)
+    except LabTimeout:
+        return {"restarted": False}
+    outcome = cycle_outcome(console_from(guest, since), 0, injected - since, APP_KEYS)
+    extracted = [a for a in (recovery or {}).get("resurrection", []) if a.get("app") == "kvdemo"]
+    return {"restarted": True, "expected": recovery is not None,
+            "acked_writes": outcome["acked_writes"], "loaded": outcome["loaded"],
+            "lost_keys": outcome["lost_keys"], "lost": outcome["lost"],
+            "kept_records": sum(a.get("records", 0) for a in extracted),
+            "rejected": {k: v for a in extracted for k, v in a.get("rejected", {}).items()}}
+
+
 def inject_once(host: XenHost, guest: LabDomain, n: int, kind: str, seed: int,
-                observe_s: float) -> dict[str, Any]:
-    """One injection, classified, with the guest back in service (or said not to be)."""
+                observe_s: float, since: int = 0) -> dict[str, Any]:
+    """One injection, classified, with the guest back in service (or said not to be).
+    *since*: a console offset before the key-value application's current run (the
+    previous injection's)."""
     offset, seen = guest.console_size(), len(_history(host, guest.name))
     record = _inject(host, guest.name, kind, seed)
     injected = _wall(record["injected_at"])
     recovery = _await_recovery(host, guest.name, seen, observe_s)
-    console = guest.console()[offset:]
+    console = console_from(guest, offset)
     row: dict[str, Any] = {"n": n, "guest": guest.name, "kind": kind, "seed": record["seed"],
+                           "console_offset": offset,
                            "change": record["change"], "paused_s": record["paused_s"],
                            "kernel_said": _kernel_said(console)}
     if recovery is None:
@@ -192,17 +228,19 @@ def inject_once(host: XenHost, guest: LabDomain, n: int, kind: str, seed: int,
         row["recovery_outcome"] = recovery.get("outcome")
         row["downtime_s"] = recovery.get("downtime_s")
     row["service_back"] = _service_back(guest, offset)
+    row["app"] = _app_outcome(guest, since, offset, recovery)
     return row
 
 
 def _stop_and_check(host: XenHost, guest: LabDomain) -> dict[str, Any]:
     """Stop the guest as a clean shutdown would leave its disks; check them."""
-    console = guest.console()
+    said = host.run(f"grep -ao 'XENPBR-WRITER: acked [0-9]*' {guest.console_log}",
+                    check=False, timeout=300).stdout
     consistency._stop_cleanly(host, guest)
     root, data = (f"{disks.DISK_DIR}/{guest.name}-{kind}.img" for kind in ("root", "data"))
     root_clean, root_said = disks.fsck(host, root)
     data_clean, data_said = disks.fsck(host, data)
-    acked = {int(n) for n in consistency.ACKED.findall(console)}
+    acked = {int(n) for n in consistency.ACKED.findall(said)}
     on_disk = [int(n) for n in consistency.RECORD.findall(disks.read_file(host, data,
                                                                            "/records"))]
     return {"acked_records": len(acked), "lost_records": len(acked - set(on_disk)),
@@ -298,9 +336,12 @@ class _Numbers:
 def _inject_until_done(host: XenHost, guest: LabDomain, numbers: _Numbers,
                        kinds: Sequence[str], observe_s: float,
                        record: Callable[[dict[str, Any]], None]) -> None:
+    since = 0
     while (n := numbers.take()) is not None:
-        record(inject_once(host, guest, n, kinds[(n - 1) % len(kinds)], FIRST_SEED + n,
-                           observe_s))
+        row = inject_once(host, guest, n, kinds[(n - 1) % len(kinds)], FIRST_SEED + n,
+                          observe_s, since)
+        since = row["console_offset"]
+        record(row)
 
 
 def _in_threads(jobs: list[Callable[[], None]]) -> None:
@@ -343,6 +384,8 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         if row["detected_s"] is not None:
             detected[row["outcome"]].append(row["detected_s"])
     checks = [c for r in report["runs"] for c in _run_checks(r)]
+    apps = [r["app"] for r in rows if "app" in r]  # rows of runs with the application
+    carried = [a for a in apps if a.get("expected")]
     return {
         "injections": len(rows),
         "by_memory_mib": dict(collections.Counter(str(r["guest_memory_mib"]) for r in rows)),
@@ -359,7 +402,27 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         "duplicate_records": sum(c["duplicate_records"] for c in checks),
         "fsck_clean_runs": sum(c["fsck_root_clean"] and c["fsck_data_clean"] for c in checks),
         "checked_runs": len(checks),
+        "app_injections": len(apps),
+        "app_restarted": sum(bool(a.get("restarted")) for a in apps),
+        "app_checked": len(carried),
+        "app_all_keys_back": sum(bool(a.get("restarted")) and a["lost_keys"] == 0
+                                 for a in carried),
+        "app_keys_lost": sum(a.get("lost_keys", 0) for a in carried),
+        "app_detected_corruption": sum(bool(a.get("rejected")) for a in carried),
     }
+
+
+def _app_cell(row: dict[str, Any]) -> str:
+    app = row.get("app")
+    if app is None:
+        return "-"
+    if not app.get("restarted"):
+        return "NOT RESTARTED"
+    if not app.get("expected"):
+        return f"not carried (rejuvenation), {app['acked_writes']} acked"
+    rejected = ", ".join(f"{k} x{v}" for k, v in sorted(app.get("rejected", {}).items()))
+    return (f"{app['acked_writes']} acked, {app['loaded']} loaded, "
+            f"**{app['lost_keys']}** keys lost" + (f", rejected {rejected}" if rejected else ""))
 
 
 def _run_checks(run: dict[str, Any]) -> list[dict[str, Any]]:
@@ -388,7 +451,14 @@ def markdown(report: dict[str, Any]) -> str:
              f"- acknowledged records: {s['acked_records']}, lost: **{s['lost_records']}**, "
              f"duplicated: {s['duplicate_records']}",
              f"- guests whose two disks passed e2fsck at the end of their run: "
-             f"{s['fsck_clean_runs']} of {s['checked_runs']} checked", "",
+             f"{s['fsck_clean_runs']} of {s['checked_runs']} checked",
+             f"- key-value application (resurrection; {s.get('app_injections', 0)} "
+             f"injections ran it): restarted after {s.get('app_restarted', 0)}; after the "
+             f"{s.get('app_checked', 0)} crashes and hangs, every key back with its last "
+             f"acknowledged value after **{s.get('app_all_keys_back', 0)}**, keys lost "
+             f"**{s.get('app_keys_lost', 0)}**, records rejected by dom0 (detected "
+             f"corruption) after {s.get('app_detected_corruption', 0)}; after silent faults "
+             "the rejuvenation carries nothing (by design)", "",
              "| kind | " + " | ".join(("crash", "hang", "silent")) + " |", "|---|---|---|---|"]
     for kind, counts in s["by_kind"].items():
         lines.append(f"| {kind} | " + " | ".join(str(counts.get(o, 0))
@@ -401,8 +471,8 @@ def markdown(report: dict[str, Any]) -> str:
                   for k, v in s["detection_s"].items()), "",
               "## Injections", "",
               "| # | guest | kind | where | bytes | outcome | detected s | recovered by | "
-              "downtime s | service back | kernel said |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "downtime s | service back | application data | kernel said |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["injections"]:
         c = r["change"] or {}
         lines.append(f"| {r['n']} | {r.get('guest', 'f-main')} | {r['kind']} | "
@@ -410,7 +480,7 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{c.get('old', '')}→{c.get('new', '')} | {r['outcome']} | "
                      f"{r['detected_s'] if r['detected_s'] is not None else '-'} | "
                      f"{r['recovered_by']} | {r.get('downtime_s')} | "
-                     f"{'yes' if r['service_back'] else 'NO'} | "
+                     f"{'yes' if r['service_back'] else 'NO'} | {_app_cell(r)} | "
                      f"{'; '.join(r['kernel_said'])[:120].replace('|', '/')} |")
     lines += ["", "## Runs", ""]
     for i, run in enumerate(report["runs"], 1):

@@ -2,8 +2,8 @@
 
 The suite (and so CI) runs a named subset: ``CI_COUNT`` injections, the memory kinds in
 turn (stack, text, operand, hang; crashes are every other lab test's), each classified,
-recovered and followed by
-the writer's service check, then the disk checks. ``make faults`` adds to the committed
+recovered and followed by the writer's service check and the key-value application's
+data check (every key back after a crash or a hang), then the disk checks. ``make faults`` adds to the committed
 report (docs/faults/report.json). The refusals run against a plain registered guest.
 """
 
@@ -43,6 +43,11 @@ def test_a_mixed_campaign_brings_the_guest_back_every_time(
         change = row["change"]
         assert change["old"] != change["new"] and change["address"].startswith("0xffff")
         assert "+0x" in change["symbol"] and row["paused_s"] > 0
+    assert all(r["app"]["restarted"] for r in rows), rows
+    for row in rows:  # after each crash or hang, every key of the application is back
+        if row["outcome"] != "silent":
+            assert row["app"]["expected"] and row["app"]["lost_keys"] == 0, row
+            assert row["app"]["acked_writes"] > 0 and row["app"]["kept_records"] > 0, row
     hang = next(r for r in rows if r["kind"] == "hang")
     assert hang["outcome"] == "hang" and hang["recovered_by"] == "phase:app", hang
     assert 0 < hang["detected_s"] < 10 * faults.WATCHDOG_S

@@ -78,3 +78,63 @@ def test_dom0_gets_the_faults_extra_and_guests_do_not() -> None:
                     if line.strip() and not line.strip().startswith("#")]
     assert faults_extra and set(faults_extra) <= set(build.DOM0_WHEELS)
     assert not any("capstone" in r for r in cfg["options"]["install_requires"].splitlines())
+
+
+class _Console:
+    """A guest whose console is a string (what ``console_from`` and the watcher read)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def watch_console(self, patterns, after=0, timeout=0.0):
+        import re
+        if not all(re.search(p, self.text[after:]) for p in patterns):
+            raise faults.LabTimeout("not there")
+        return {}
+
+
+def _ack_lines(first: int, last: int) -> str:
+    from xenpbr_lab.resurrect_app import digest, value_for
+    return "".join(f"ACK {i + 1} k{i % faults.APP_KEYS:06d} {digest(value_for(i, 64))}\n"
+                   for i in range(first, last))
+
+
+def _loaded(last: int) -> str:
+    """What the application loads when dom0 resurrected writes up to *last* - 1."""
+    from xenpbr_lab.resurrect_app import digest, value_for
+    newest = {i % faults.APP_KEYS: i for i in range(last)}
+    return "".join(f"LOADED k{k:06d} {digest(value_for(i, 64))}\n"
+                   for k, i in sorted(newest.items())) + f"LOADED-COUNT {len(newest)}\n"
+
+
+@pytest.mark.parametrize("loaded_up_to, lost", [(45, 0), (30, 15)])
+def test_the_application_check_finds_keys_that_did_not_come_back(monkeypatch, loaded_up_to,
+                                                                  lost) -> None:
+    before = "boot\nLOADED-COUNT 0\n" + _ack_lines(0, 45)
+    text = before + "Kernel panic - not syncing: x\n" + _loaded(loaded_up_to)
+    monkeypatch.setattr(faults, "console_from", lambda guest, offset: text[offset:])
+    recovery = {"resurrection": [{"app": "kvdemo", "records": 20, "rejected": {"crc": 1}}]}
+    app = faults._app_outcome(_Console(text), 0, len(before), recovery)
+    assert app["restarted"] and app["expected"] and app["acked_writes"] == 45
+    assert app["lost_keys"] == min(lost, faults.APP_KEYS), app
+    assert app["rejected"] == {"crc": 1} and app["kept_records"] == 20
+
+
+def test_a_rejuvenation_is_not_expected_to_carry_the_application_data(monkeypatch) -> None:
+    before = "LOADED-COUNT 0\n" + _ack_lines(0, 10)
+    text = before + "LOADED-COUNT 0\n"
+    monkeypatch.setattr(faults, "console_from", lambda guest, offset: text[offset:])
+    app = faults._app_outcome(_Console(text), 0, len(before), None)
+    assert app["restarted"] and not app["expected"] and app["rejected"] == {}
+    s = faults.summarise({"runs": [], "injections": [
+        {**row(1, "stack", "silent"), "app": app},
+        {**row(2, "hang", "hang", 20.0), "app": {**app, "expected": True, "lost_keys": 0}}]})
+    assert (s["app_injections"], s["app_checked"], s["app_all_keys_back"]) == (2, 1, 1)
+    assert "not carried (rejuvenation)" in faults._app_cell({"app": app})
+
+
+def test_an_application_that_never_restarts_is_said(monkeypatch) -> None:
+    monkeypatch.setattr(faults, "console_from", lambda guest, offset: "")
+    app = faults._app_outcome(_Console("ACK 1 k000000 x\n"), 0, 0, {})
+    assert app == {"restarted": False}
+    assert faults._app_cell({"app": app}) == "NOT RESTARTED"

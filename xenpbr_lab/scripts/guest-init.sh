@@ -137,7 +137,9 @@ bench_phases() {
 # from expiring while the kernel schedules: a hung kernel stops it and Xen shuts the
 # domain down with reason watchdog within S seconds) and lab.kallsyms=1 (the kernel's
 # symbols, once, to /data/kallsyms: Debian's System.map is a placeholder) and
-# lab.heartbeat=S (the agent's heartbeat every S seconds, for dom0's liveness check).
+# lab.heartbeat=S (the agent's heartbeat every S seconds, for dom0's liveness check);
+# lab.keys=K (with lab.rate=N) also starts the resurrection proof's key-value application
+# after the last phase (its region resurrected by dom0 after a crash: xenpbr_resurrect).
 consist_extras() {
     if [ -n "$heartbeat" ]; then
         printf '  sh -c "exec python3 -m xenpbr_agent heartbeat --interval %s >/dev/hvc0 2>&1 &"\n' \
@@ -161,16 +163,25 @@ consist_phases() {
           printf '  sh -c "exec %s logger /data/logger.log >/dev/hvc0 2>&1 &"\n' "$w"
           printf '  sh -c "while [ ! -s /data/logger.log ]; do sleep 0.1; done"\n'
       fi
+      if [ -n "$keys" ]; then
+          printf '[resurrect]\nkvdemo = sh -c "echo XENPBR-RESURRECTED: kvdemo >/dev/hvc0"\n'
+      fi
       printf '[after-last-phase]\nmount = /dev/xvdb /data ext4 noatime\n'
       printf 'start = sh -c "exec %s writer /data/records >/dev/hvc0 2>&1 &"\n' "$w"
+      if [ -n "$keys" ]; then
+          printf '  sh -c "exec python3 -m xenpbr_lab.resurrect_app --keys %s --rate %s >/dev/hvc0 2>&1 &"\n' \
+              "$keys" "${rate:-5}"
+      fi
       if [ "$hazard" = after ]; then
           printf '  sh -c "exec %s logger /data/logger.log >/dev/hvc0 2>&1 &"\n' "$w"
       fi
       consist_extras
     } > /etc/xenpbr/agent.conf
     for p in kernel services app; do
-        out=$(python3 -m xenpbr_agent phase "$p")
-        echo "XENPBR-AGENT: $out rc=$?"
+        out=$(python3 -m xenpbr_agent phase "$p"); rc=$?
+        # after a restore with resurrection the agent also prints one line per hand-over
+        echo "XENPBR-AGENT: $(echo "$out" | head -n 1) rc=$rc"
+        echo "$out" | tail -n +2 | sed 's/^/XENPBR-HANDOVER: /'
     done
 }
 # resurrect (tests/lab/test_resurrection_real.py, xenpbr-lab resurrect): phases kernel,
