@@ -59,6 +59,50 @@ if cmd == "save":
     open(path("save_done"), "w").close()
     if "-p" in args:
         open(os.path.join(domains, name + ".paused"), "w").close()
+elif cmd == "migrate":  # migrate -s "" NAME RUNE: the rune is the receiver (xl_migrate.c)
+    import subprocess
+    name, rune = args[-2], args[-1]
+    if not os.path.exists(os.path.join(domains, name)):
+        sys.stderr.write(f"libxl: error: domain {name} not found\n"); sys.exit(1)
+    child = subprocess.Popen(["sh", "-c", rune], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    banner = b"xl migration receiver ready, send binary domain data.\n"
+    if child.stdout.read(len(banner)) != banner:
+        sys.stderr.write("migration receiver stream contained unexpected data instead of banner\n")
+        sys.exit(1)
+    data = open(path("stream.xl"), "rb").read()
+    if knob("no_logdirty") is not None:  # Debian 12's Xen: no shadow paging, no log-dirty
+        child.stdin.write(data[:2795]); child.stdin.close(); child.wait()
+        sys.stderr.write("xc: error: Failed to enable logdirty: 95,22,0 (22 = Invalid argument)"
+                         ": Internal error\nmigration sender: libxl_domain_suspend failed "
+                         "(rc=-8)\nMigration failed, failed to suspend at sender.\n")
+        sys.exit(1)
+    cut = knob("truncate")
+    suspended = os.path.join(domains, name + ".suspended")
+    try:
+        if cut:
+            child.stdin.write(data[:int(cut)])
+            raise BrokenPipeError
+        child.stdin.write(data[:len(data) // 2])
+        child.stdin.flush()
+        open(suspended, "w").close()  # the last pass: the guest is suspended
+        child.stdin.write(data[len(data) // 2:])
+        if knob("trailing") is not None:
+            child.stdin.write(b"more")
+        child.stdin.flush()
+        got = child.stdout.read(1)  # the receiver's "ready" message, or EOF
+    except BrokenPipeError:  # xl's failed_resume: close the stream, then wait 2 s at most
+        sys.stderr.write("migration sender: libxl_domain_suspend failed (rc=-3)\n")
+        got = b"(not read)"
+    child.stdin.close()
+    try:
+        child.wait(2)
+    except subprocess.TimeoutExpired:
+        sys.stderr.write("migration child not exiting, no longer waiting\n")
+    open(path("migrate_done"), "w").write(repr(got))
+    if knob("stay_suspended") is None and os.path.exists(suspended):
+        os.unlink(suspended)
+    sys.stderr.write("Migration failed, resuming at sender.\n")
+    sys.exit(1)
 elif cmd == "unpause":
     mark = os.path.join(domains, args[0] + ".paused")
     if knob("unpause_fail") is not None or not os.path.exists(mark):
@@ -112,7 +156,10 @@ class FakeXl:
 
     def domains(self) -> list[str]:
         return sorted(p.name for p in (self.state / "domains").iterdir()
-                      if p.suffix != ".paused")
+                      if p.suffix not in (".paused", ".suspended"))
+
+    def suspended(self, name: str) -> bool:
+        return (self.state / "domains" / f"{name}.suspended").exists()
 
     def paused(self, name: str) -> bool:
         return (self.state / "domains" / f"{name}.paused").exists()
@@ -441,3 +488,108 @@ def test_a_new_image_frees_the_old_stream_before_it_needs_the_room(store, fake, 
     monkeypatch.setattr(hotcache.shutil, "disk_usage", disk_usage)
     assert hotcache.warm(store, "vm1", new.meta.image_id) is not None
     assert seen == [None]
+
+
+# -- live: xl migrate to the recorder ------------------------------------------------------
+
+
+@pytest.fixture
+def live_data() -> bytes:
+    spec = synth.PvStreamSpec(dirty_passes=[[5, 6, 7, 1400], [6]])
+    return b"".join(synth.iter_pv_stream(spec))
+
+
+@pytest.fixture
+def live_fake(tmp_path, live_data, monkeypatch) -> FakeXl:
+    import importlib
+    monkeypatch.setattr(importlib.import_module("xenpbr.images.capture"), "_live_unsupported",
+                        None)
+    xl = FakeXl(tmp_path, live_data)
+    monkeypatch.setenv("FAKE_XL_STATE", str(xl.state))
+    xl.add_domain("vm1")
+    return xl
+
+
+def test_a_live_capture_keeps_the_stream_byte_for_byte_and_snapshots_while_suspended(
+        store, live_fake, live_data) -> None:
+    fake = live_fake
+    seen: list[tuple[str, bool, list[str]]] = []
+
+    def hook(image_id: str) -> None:
+        seen.append((image_id, fake.suspended("vm1"), store.images("vm1")))
+        time.sleep(0.3)  # the disk snapshots take a while
+
+    result = capture("vm1", store, "boot", xl=fake.argv, while_paused=hook, live=True,
+                     frozen=lambda: fake.suspended("vm1"))
+    call = fake.calls()[0]
+    assert call[:4] == ["migrate", "-s", "", "vm1"] and len(call) == 5
+    assert seen == [(result.meta.image_id, True, [])]  # suspended, nothing published yet
+    assert not fake.suspended("vm1") and result.live
+    assert (fake.state / "migrate_done").read_text() == "b''"  # released: no "ready" sent
+    assert result.raw_bytes == len(live_data)
+    assert result.meta.pfns == 1500 + 5  # the dirtied pages are kept as they were sent
+    out = io.BytesIO()
+    store.regenerate(store.load("vm1", result.meta.image_id), out)
+    assert out.getvalue() == live_data
+    # measured by polling the domain: the hook's 0.3 s, suspended, counts
+    assert result.paused_s is not None and 0.25 <= result.paused_s < result.total_s
+    assert result.to_json()["live"] is True
+
+
+def test_a_live_capture_whose_save_failed_stores_nothing(store, live_fake) -> None:
+    live_fake.knob("truncate", "300000")
+    hooked: list[str] = []
+    with pytest.raises(CaptureFailed, match="libxl_domain_suspend failed"):
+        capture("vm1", store, "boot", xl=live_fake.argv, while_paused=hooked.append,
+                live=True)
+    assert hooked == [] and store.images("vm1") == []
+
+
+def test_a_failing_hook_still_releases_the_live_guest(store, live_fake) -> None:
+    def hook(image_id: str) -> None:
+        raise CaptureFailed("the snapshot went wrong")
+
+    with pytest.raises(CaptureFailed, match="the snapshot went wrong"):
+        capture("vm1", store, "boot", xl=live_fake.argv, while_paused=hook, live=True)
+    assert store.images("vm1") == [] and not live_fake.suspended("vm1")
+
+
+def test_a_live_stream_refused_by_the_store_still_releases_the_guest(store, live_fake) -> None:
+    store.set_quota("vm1", 100_000)
+    with pytest.raises(QuotaExceeded):
+        capture("vm1", store, "boot", xl=live_fake.argv, live=True)
+    assert not live_fake.suspended("vm1") and (live_fake.state / "migrate_done").exists()
+
+
+def test_bytes_after_the_live_streams_end_are_refused(store, live_fake) -> None:
+    live_fake.knob("trailing")
+    with pytest.raises(CaptureFailed, match="4 bytes followed the stream's END"):
+        capture("vm1", store, "boot", xl=live_fake.argv, live=True)
+    assert store.images("vm1") == []
+
+
+def test_a_guest_left_suspended_after_a_live_capture_is_an_error(store, live_fake) -> None:
+    live_fake.knob("stay_suspended")
+    with pytest.raises(CaptureFailed, match="still suspended or paused"):
+        capture("vm1", store, "boot", xl=live_fake.argv, live=True,
+                frozen=lambda: live_fake.suspended("vm1"))
+    assert store.images("vm1") == []
+
+
+def test_a_live_capture_of_a_missing_domain_reports_xl_message(store, live_fake) -> None:
+    with pytest.raises(CaptureFailed, match="domain ghost not found"):
+        capture("ghost", store, "boot", xl=live_fake.argv, live=True)
+
+
+def test_without_log_dirty_the_capture_falls_back_to_xl_save_for_good(store, live_fake,
+                                                                     live_data, caplog) -> None:
+    """Debian 12's Xen is built without shadow paging: no PV log-dirty mode, no live
+    migration. The capture is taken with xl save -c instead, and no later capture of the
+    process tries xl migrate again."""
+    live_fake.knob("no_logdirty")
+    first = capture("vm1", store, "boot", xl=live_fake.argv, live=True)
+    second = capture("vm1", store, "later", xl=live_fake.argv, live=True)
+    assert [c[0] for c in live_fake.calls()] == ["migrate", "save", "save"]
+    assert not first.live and not second.live and first.raw_bytes == len(live_data)
+    assert "live capture is not possible on this Xen" in caplog.text
+    assert "CONFIG_SHADOW_PAGING" in caplog.text

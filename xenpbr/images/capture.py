@@ -1,4 +1,5 @@
-"""Capture a running domain into the store: ``xl save -c`` -> FIFO -> parser -> store.
+"""Capture a running domain into the store: ``xl save -c`` (or, live, ``xl migrate`` to
+a local recorder: :mod:`xenpbr.xl.migrate`) -> FIFO -> parser -> store.
 
 Nothing of the stream touches the disk except what the store keeps (new pages, the
 manifest): xl writes into a FIFO in a private temporary directory, the codec parses
@@ -11,16 +12,25 @@ the rest of the FIFO is drained so xl finishes and resumes the guest, and only t
 is the error raised. xl is killed at the deadline (the guest may then stay
 suspended: the error says so).
 
+A *live* capture copies memory while the guest runs and suspends it only for the pages
+it dirtied meanwhile; the stream then carries those pages more than once (later copies
+win), and the image keeps the stream as it came, byte for byte. ``while_paused`` runs
+while the guest is still suspended after the last record, before the recorder lets xl
+resume it.
+
 Timings (``CaptureResult``): ``total_s`` from xl's start to the manifest being
-published; ``paused_s`` estimates how long the guest was suspended: from the last
-record before the first PAGE_DATA (libxc suspends the domain just before sending
-pages, ``send_domain_memory_nonlive`` in Xen 4.17) to xl's exit (it resumes the
-domain, then exits), or with ``while_paused`` to our unpause, so it slightly
-over-estimates.
+published; ``paused_s`` is how long the guest was frozen (suspended or paused), measured
+by polling the domain's state (``frozen``) every 50 ms; without a probe it is estimated
+from the stream: from the last record before the first PAGE_DATA (libxc suspends the
+domain just before sending pages, ``send_domain_memory_nonlive`` in Xen 4.17) to xl's
+exit (it resumes the domain, then exits), or with ``while_paused`` to our unpause, so it
+slightly over-estimates.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import io
 import logging
 import os
@@ -32,16 +42,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xenpbr.images.errors import CaptureFailed, ImageError
+from xenpbr.images.errors import CaptureFailed, ImageError, LiveCaptureUnsupported
 from xenpbr.images.image import ImageMeta, check_name
 from xenpbr.images.store import ImageStore
 from xenpbr.images.writer import CaptureStats, CaptureWriter
-from xenpbr.xl import commands
+from xenpbr.xl import commands, migrate
 from xenpbr.xl.errors import XlError
 from xenpbr.xl.fifo import XlProcess, open_fifo_reader, wait_for_data
 from xenpbr.stream import format as fmt
 from xenpbr.stream.codec import Record
-from xenpbr.stream.errors import StreamCodecError
+from xenpbr.stream.errors import StreamCodecError, StreamError
 from xenpbr.stream.reader import read_stream
 
 _LOG = logging.getLogger(__name__)
@@ -69,9 +79,10 @@ class CaptureResult:
     total_s: float
     connect_s: float  # xl start -> first stream byte
     stream_s: float  # first byte -> end of stream
-    paused_s: float | None  # estimate, see the module docstring
+    paused_s: float | None  # see the module docstring
     commit_s: float  # sealing packs + publishing the manifest
     xl_output: str
+    live: bool = False
 
     @property
     def raw_bytes(self) -> int:
@@ -91,7 +102,7 @@ class CaptureResult:
                 "stored_bytes_alone": self.meta.stored_bytes, **self.stats.__dict__,
                 "total_s": self.total_s, "connect_s": self.connect_s,
                 "stream_s": self.stream_s, "paused_s": self.paused_s,
-                "commit_s": self.commit_s}
+                "commit_s": self.commit_s, "live": self.live}
 
 
 class _Timed:
@@ -172,6 +183,62 @@ class _CrashGuard(threading.Thread):
         self._stop.set()
 
 
+class _FreezeClock(threading.Thread):
+    """Measures how long the domain is frozen (suspended or paused) while it is captured,
+    polling ``frozen`` (an error counts as no change: a probe must never fail a capture)."""
+
+    def __init__(self, frozen: Callable[[], bool], interval: float = 0.05) -> None:
+        super().__init__(name="capture-freeze-clock", daemon=True)
+        self.frozen, self.interval = frozen, interval
+        self.total = 0.0
+        self._since: float | None = None
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            self._sample()
+
+    def _sample(self) -> None:
+        try:
+            frozen = self.frozen()
+        except Exception as exc:  # noqa: BLE001 - see the class docstring
+            _LOG.debug("freeze clock: %s", exc)
+            return
+        now = time.monotonic()
+        if frozen and self._since is None:
+            self._since = now
+        elif not frozen and self._since is not None:
+            self.total += now - self._since
+            self._since = None
+
+    def stop(self) -> float:
+        """Stop polling (after one last look); the seconds the domain was frozen."""
+        self._done.set()
+        self.join()
+        self._sample()
+        if self._since is not None:  # still frozen: counted up to now
+            self.total += time.monotonic() - self._since
+            self._since = None
+        return self.total
+
+
+class _LiveWindow:
+    """The end of a live capture: the guest is still suspended after the stream's END; the
+    hook runs, then the recorder lets xl resume the guest (whatever the hook did)."""
+
+    def __init__(self, recorder: migrate.Recorder, hook: WhilePaused | None,
+                 frozen: Callable[[], bool] | None) -> None:
+        self.recorder, self.hook, self.frozen = recorder, hook, frozen
+
+    def run(self, image_id: str) -> float:
+        try:
+            if self.hook is not None:
+                self.hook(image_id)
+        finally:
+            self.recorder.release()
+        return time.monotonic()
+
+
 class _PausedWindow:
     """The pause ``xl save -c -p`` leaves behind, what runs in it, and its release,
     exactly once.
@@ -218,54 +285,114 @@ class _PausedWindow:
         return self.released_at
 
 
+#: Why live captures are not tried any more in this process (the hypervisor cannot do
+#: them, see :data:`xenpbr.xl.migrate.LOGDIRTY_UNSUPPORTED`); None until one failed so.
+_live_unsupported: str | None = None
+
+
 def capture(domain: str, store: ImageStore, phase: str, *, seq: int = 0,
             fingerprint: str = "", extra: dict[str, Any] | None = None,
             timeout: float = 600.0, xl: Sequence[str] = ("xl",),
             progress: Callable[[CaptureProgress], None] | None = None,
             crashed: Callable[[], bool] | None = None,
-            while_paused: WhilePaused | None = None) -> CaptureResult:
+            frozen: Callable[[], bool] | None = None,
+            while_paused: WhilePaused | None = None, live: bool = False) -> CaptureResult:
     """Save ``domain`` (left running) as a new image of ``phase`` in ``store``.
 
     ``crashed``, polled while xl runs, says whether the domain has crashed (or its
     watchdog fired): then xl is killed at once instead of waiting for a suspend that
-    will never come. ``while_paused``: see the module docstring; its exceptions pass
-    through, with nothing stored.
+    will never come. ``frozen`` says whether it is suspended or paused (for
+    ``paused_s``). ``while_paused``: see the module docstring; its exceptions pass
+    through, with nothing stored. ``live``: copy memory while the guest runs
+    (``xl migrate`` to a recorder) instead of suspending it for the whole copy; on a
+    Xen that cannot (no log-dirty mode for PV guests) this and every later capture of
+    the process use ``xl save -c`` (``CaptureResult.live`` says which ran).
 
     :raises CaptureFailed: xl failed or timed out (its message included), or the
         stream it produced was rejected.
     :raises QuotaExceeded, InvalidName, StoreBusy: from the store; nothing published.
     """
+    global _live_unsupported
+    once = functools.partial(_capture_once, domain, store, phase, seq=seq,
+                             fingerprint=fingerprint, extra=extra, timeout=timeout, xl=xl,
+                             progress=progress, crashed=crashed, frozen=frozen,
+                             while_paused=while_paused)
+    if live and _live_unsupported is None:
+        try:
+            return once(live=True)
+        except LiveCaptureUnsupported as err:
+            _live_unsupported = str(err)
+            _LOG.warning("live capture is not possible on this Xen: %s; %s and every later "
+                         "capture use xl save -c, which suspends the guest for the whole "
+                         "copy", err, domain)
+    return once(live=False)
+
+
+def _capture_once(domain: str, store: ImageStore, phase: str, *, seq: int,
+                  fingerprint: str, extra: dict[str, Any] | None, timeout: float,
+                  xl: Sequence[str], progress: Callable[[CaptureProgress], None] | None,
+                  crashed: Callable[[], bool] | None, frozen: Callable[[], bool] | None,
+                  while_paused: WhilePaused | None, live: bool) -> CaptureResult:
+    """One attempt of :func:`capture`, live or not."""
     check_name(domain, "domain")
     start = time.monotonic()
     writer = store.begin_capture(domain, phase, seq=seq, fingerprint=fingerprint,
                                  extra=extra)
     with writer, tempfile.TemporaryDirectory(prefix="xenpbr-capture-") as tmp:
-        fifo = Path(tmp) / "stream"
-        os.mkfifo(fifo, 0o600)
+        recorder = migrate.Recorder(Path(tmp)) if live else None
+        if recorder is not None:
+            fifo = recorder.stream
+            argv = [*xl, "migrate", "-s", "", domain, recorder.rune()]
+        else:
+            fifo = Path(tmp) / "stream"
+            os.mkfifo(fifo, 0o600)
+            hold = ["-p"] if while_paused is not None else []
+            argv = [*xl, "save", "-c", *hold, domain, str(fifo)]
         fd = open_fifo_reader(fifo)
-        hold = ["-p"] if while_paused is not None else []
         try:
-            proc = XlProcess([*xl, "save", "-c", *hold, domain, str(fifo)], timeout)
+            proc = XlProcess(argv, timeout)
         except XlError as err:
             os.close(fd)
+            if recorder is not None:
+                recorder.release()
             raise CaptureFailed(f"capture of {domain}: {err}") from err
         guard = _CrashGuard(proc, crashed) if crashed is not None else None
-        window = (_PausedWindow(domain, xl, proc, while_paused)
-                  if while_paused is not None else None)
-        if guard is not None:
-            guard.start()
+        clock = _FreezeClock(frozen) if frozen is not None else None
+        window: _PausedWindow | _LiveWindow | None = (
+            _LiveWindow(recorder, while_paused, frozen) if recorder is not None else
+            _PausedWindow(domain, xl, proc, while_paused) if while_paused is not None else None)
+        for thread in (guard, clock):
+            if thread is not None:
+                thread.start()
         try:
-            return _run(domain, writer, proc, fd, start, progress, window)
+            result = _run(domain, writer, proc, fd, start, progress, window)
+            if clock is not None:
+                result = dataclasses.replace(result, paused_s=clock.stop())
+            return result
         except CaptureFailed as err:
             if guard is not None and guard.fired:
                 raise CaptureFailed(f"{domain} crashed during the capture of phase {phase}; "
-                                    f"xl save was stopped ({err})") from err
+                                    f"xl {argv[len(xl)]} was stopped ({err})") from err
             raise
         finally:
             if guard is not None:
                 guard.stop()
-            if window is not None:
+            if clock is not None:
+                clock.stop()
+            if isinstance(window, _PausedWindow):
                 _release_quietly(window)
+            if recorder is not None:
+                recorder.release()
+
+
+def _check_resumed(domain: str, frozen: Callable[[], bool] | None) -> None:
+    """After a live capture xl has resumed the guest; say so loudly if it has not."""
+    if frozen is None or not frozen():
+        return
+    _LOG.critical("%s is still suspended or paused after its live capture; check "
+                  "`xl list` (and `xl unpause %s` if it only shows p)", domain, domain)
+    raise CaptureFailed(f"{domain} is still suspended or paused after its live capture "
+                        f"(see `xl list`); nothing stored")
 
 
 def _release_quietly(window: _PausedWindow) -> None:
@@ -278,69 +405,119 @@ def _release_quietly(window: _PausedWindow) -> None:
 
 def _run(domain: str, writer: CaptureWriter, proc: XlProcess, fd: int, start: float,
          progress: Callable[[CaptureProgress], None] | None,
-         window: _PausedWindow | None = None) -> CaptureResult:
+         window: _PausedWindow | _LiveWindow | None = None) -> CaptureResult:
+    live = isinstance(window, _LiveWindow)
+    verb = "migrate (live capture)" if live else "save -c"
     try:
         src = wait_for_data(fd, proc)
     except XlError:
         proc.wait()
-        raise CaptureFailed(f"xl save -c {domain} failed ({proc.describe_exit()}) before "
+        if live and migrate.LOGDIRTY_UNSUPPORTED in proc.output():
+            raise _failure(domain, proc, StreamError("no stream"), verb) from None
+        raise CaptureFailed(f"xl {verb} {domain} failed ({proc.describe_exit()}) before "
                             f"sending anything: {proc.message()}") from None
     with src:
         timed = _Timed(src)
         clock = _RecordClock(timed, start, progress)
-        _LOG.info("capturing %s (phase %s) from xl save -c", domain, writer.phase)
+        _LOG.info("capturing %s (phase %s) from xl %s", domain, writer.phase, verb)
         try:
+            # live: xl waits, the guest suspended, until we release it after END
             stream = read_stream(timed, on_page=writer.on_page,  # type: ignore[arg-type]
-                                 on_record=clock)
+                                 on_record=clock, require_eof=not live)
         except (StreamCodecError, ImageError, OSError) as err:
+            if isinstance(window, _LiveWindow):
+                window.recorder.release()
             _drain(timed)
             proc.wait()
-            failure = _failure(domain, proc, err)
+            failure = _failure(domain, proc, err, verb)
             if failure is err:
                 raise
             raise failure from err
         except BaseException:  # a bug or an interrupt: closing the FIFO makes xl fail,
             src.close()         # and xl's own error path resumes the guest
+            if isinstance(window, _LiveWindow):
+                window.recorder.release()
             proc.wait(30)
             raise
         end_of_stream = time.monotonic()
+        resumed = _end_live(window, writer.image_id, timed, proc) if live else None
+        trailing = _drain(timed) if live else 0
     rc = proc.wait()
-    if rc != 0 or proc.timed_out:
-        raise CaptureFailed(f"xl save -c {domain} failed ({proc.describe_exit()}) after "
-                            f"sending a complete stream: {proc.message()}; nothing stored")
-    resumed = window.run(writer.image_id) if window is not None else proc.ended
+    _check_exit(domain, proc, rc, live, trailing)
+    if isinstance(window, _LiveWindow):
+        _check_resumed(domain, window.frozen)
+    if resumed is None:
+        resumed = window.run(writer.image_id) if window is not None else proc.ended
     t_commit = time.monotonic()
-    meta = writer.commit(stream, stream_bytes=timed.count)
+    meta = writer.commit(stream, stream_bytes=timed.count - trailing)
     done = time.monotonic()
     first = timed.first or end_of_stream
     result = CaptureResult(
         meta=meta, stats=writer.stats, total_s=done - start, connect_s=first - start,
         stream_s=end_of_stream - first,
         paused_s=(resumed - clock.before_pages) if clock.before_pages and resumed else None,
-        commit_s=done - t_commit, xl_output=proc.output())
-    _LOG.info("captured %s phase %s as %s: %d bytes raw, %d new bytes, %.2f s total",
-              domain, writer.phase, meta.image_id, meta.stream_bytes, writer.new_bytes,
-              result.total_s)
+        commit_s=done - t_commit, xl_output=proc.output(), live=live)
+    _LOG.info("captured %s phase %s as %s%s: %d bytes raw, %d new bytes, %.2f s total",
+              domain, writer.phase, meta.image_id, " (live)" if live else "",
+              meta.stream_bytes, writer.new_bytes, result.total_s)
     return result
 
 
-def _drain(src: _Timed) -> None:
+def _end_live(window: _PausedWindow | _LiveWindow | None, image_id: str, src: _Timed,
+              proc: XlProcess) -> float:
+    """Run the live window (hook, release); if the hook fails, xl still resumes the guest
+    before the error goes up (drained, waited for)."""
+    assert isinstance(window, _LiveWindow)
+    try:
+        return window.run(image_id)
+    except BaseException:
+        _drain(src)
+        proc.wait()
+        raise
+
+
+def _check_exit(domain: str, proc: XlProcess, rc: int, live: bool, trailing: int) -> None:
+    """xl's exit after a complete stream: 0 for ``xl save``; for a live capture the
+    resume-at-sender path (:func:`xenpbr.xl.migrate.check_outcome`) and nothing after
+    the stream's END."""
+    if live:
+        why = (f"{trailing} bytes followed the stream's END" if trailing else
+               migrate.check_outcome(None if proc.timed_out else rc, proc.output()))
+        if why is not None:
+            raise CaptureFailed(f"xl migrate (live capture) of {domain}: {why} "
+                                f"({proc.describe_exit()}): {proc.message()}; nothing stored")
+        return
+    if rc != 0 or proc.timed_out:
+        raise CaptureFailed(f"xl save -c {domain} failed ({proc.describe_exit()}) after "
+                            f"sending a complete stream: {proc.message()}; nothing stored")
+
+
+def _drain(src: _Timed) -> int:
     """Read the FIFO to EOF so a suspended guest is resumed by xl (bounded by xl's
-    watchdog: killing xl closes the FIFO)."""
+    watchdog: killing xl closes the FIFO); the bytes read."""
+    before = src.count
     try:
         while src.read(1 << 20):
             pass
     except OSError:
         pass
+    return src.count - before
 
 
-def _failure(domain: str, proc: XlProcess, err: Exception) -> Exception:
-    """The error to raise once xl has exited: xl's own failure wins over ours."""
-    if proc.proc.returncode != 0 or proc.timed_out:
+def _failure(domain: str, proc: XlProcess, err: Exception, verb: str) -> Exception:
+    """The error to raise once xl has exited: xl's own failure wins over ours (for a live
+    capture, exit status 1 after resuming the guest is xl's normal end here)."""
+    live = verb.startswith("migrate")
+    failed = (migrate.check_outcome(proc.proc.returncode, proc.output()) is not None
+              if live else proc.proc.returncode != 0)
+    if live and migrate.LOGDIRTY_UNSUPPORTED in proc.output():
+        return LiveCaptureUnsupported(f"xl migrate (live capture) of {domain}: "
+                                      f"{migrate.check_outcome(proc.proc.returncode, proc.output())}")
+    if failed or proc.timed_out:
         hint = " (the domain may be left suspended: check `xl list`)" if proc.timed_out else ""
-        return CaptureFailed(f"xl save -c {domain} failed ({proc.describe_exit()}): "
+        return CaptureFailed(f"xl {verb} {domain} failed ({proc.describe_exit()}): "
                              f"{proc.message()}{hint}; stream error: {err}; nothing stored")
     if isinstance(err, ImageError):
         return err  # the store refused (quota ...): xl finished and resumed the guest
-    return CaptureFailed(f"xl save -c {domain} succeeded but its stream was rejected: {err}; "
+    return CaptureFailed(f"xl {verb} {domain} succeeded but its stream was rejected: {err}; "
                          "nothing stored (the domain kept running)")

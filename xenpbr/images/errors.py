@@ -55,6 +55,11 @@ class CaptureFailed(ImageError):
     """``xl save`` failed, timed out, or produced a stream we reject."""
 
 
+class LiveCaptureUnsupported(CaptureFailed):
+    """Xen cannot copy this guest's memory while it runs (no log-dirty mode for PV guests
+    without shadow paging); the guest was never suspended and nothing was stored."""
+
+
 class RestoreFailed(ImageError):
     """``xl restore`` failed or timed out; any partial domain was destroyed."""
 

@@ -75,6 +75,11 @@ def page_content(pfn: int) -> bytes:
     return hashlib.sha256(pfn.to_bytes(8, "little")).digest() * (PAGE // 32)
 
 
+def dirtied(pfn: int, n: int) -> bytes:
+    """Page ``pfn`` as the guest left it after live pass ``n`` (differs from each earlier)."""
+    return hashlib.sha256(b"dirty %d %d" % (pfn, n)).digest() * (PAGE // 32)
+
+
 def has_data(page_type: int) -> bool:
     return page_type not in (BROKEN, XALLOC, XTAB)
 
@@ -135,6 +140,9 @@ class PvStreamSpec:
     content: Callable[[int], bytes] = page_content
     extra_libxc: list[bytes] = field(default_factory=list)  # raw records before END
     extra_libxl: list[bytes] = field(default_factory=list)  # raw records before END
+    # a live migration's later passes: the pfns the guest dirtied during each pass, sent
+    # again (new contents) after the full first pass, as send_memory_live does
+    dirty_passes: list[list[int]] = field(default_factory=list)
 
 
 def cpuid_policy() -> bytes:
@@ -188,6 +196,10 @@ def iter_pv_stream(spec: PvStreamSpec, layout: Layout | None = None) -> Iterator
         entries = [(pfn, spec.page_type(pfn, spec.nr_pfns))
                    for pfn in range(start, min(start + spec.batch, spec.nr_pfns))]
         for i, chunk in enumerate(page_data_record(entries, spec.content)):
+            yield emit(chunk, "libxc" if i == 0 else None)
+    for n, dirty in enumerate(spec.dirty_passes, 1):
+        entries = [(pfn, spec.page_type(pfn, spec.nr_pfns)) for pfn in dirty]
+        for i, chunk in enumerate(page_data_record(entries, lambda pfn: dirtied(pfn, n))):
             yield emit(chunk, "libxc" if i == 0 else None)
     for rec in tail_records(spec.nr_vcpus) + spec.extra_libxc + [record(END)]:
         yield emit(rec, "libxc")
