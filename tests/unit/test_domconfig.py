@@ -117,6 +117,14 @@ def test_hot_stream_setting_defaults_on_and_refuses_other_values() -> None:
         domconfig.hot_stream(domconfig.parse('name = "a"\nxenpbr_hot_stream = 2\n'))
 
 
+
+def test_live_capture_is_opt_in_and_a_bad_value_is_refused_when_parsed() -> None:
+    assert not domconfig.live_capture(domconfig.parse('name = "a"\n'))
+    assert domconfig.live_capture(domconfig.parse('name = "a"\nxenpbr_live_capture = 1\n'))
+    for bad in ('2', '"yes"', '1.0'):
+        with pytest.raises(ConfigError, match="xenpbr_live_capture = .*: expected 1"):
+            cfg(f'name = "g"\nxenpbr_live_capture = {bad}\n')
+
 # -- issue 12 points 2 and 3: explicit disk policies, unknown xenpbr_* keys -------------
 
 PBR_DISKS = ('name = "g"\non_crash = "phasereboot"\n'

@@ -36,7 +36,8 @@ class Capture(Protocol):
     def __call__(self, domain: str, store: ImageStore, phase: str, *, seq: int = ...,
                  fingerprint: str = ..., extra: dict[str, Any] | None = ...,
                  crashed: Callable[[], bool] | None = ...,
-                 while_paused: WhilePaused | None = ...) -> CaptureResult: ...
+                 frozen: Callable[[], bool] | None = ...,
+                 while_paused: WhilePaused | None = ..., live: bool = ...) -> CaptureResult: ...
 
 
 #: A verdict and, for a refusal, why (for the guest's log).
@@ -153,7 +154,8 @@ class Boundaries:
         try:
             result = self.capture(
                 name, self.store, request.phase, seq=request.seq, fingerprint=fingerprint,
-                crashed=self._crash_check(ctx.domid),
+                crashed=self._crash_check(ctx.domid), frozen=self._frozen_check(ctx.domid),
+                live=ctx.live_capture_wanted(),
                 extra={disks.EXTRA_KEY: sorted(snap_disks)} if snap_disks else None,
                 while_paused=self._snapshotter(name, snap_disks, taken) if snap_disks
                 else None)
@@ -196,6 +198,14 @@ class Boundaries:
             state = self.hv.domain_state(domid)
             return state.crashed or state.shutdown_reason == ShutdownReason.WATCHDOG
         return crashed
+
+    def _frozen_check(self, domid: int) -> Callable[[], bool]:
+        """For the capture's pause measurement: is ``domid`` suspended or paused?"""
+        def frozen() -> bool:
+            state = self.hv.domain_state(domid)
+            return state.paused or (state.shutdown
+                                    and state.shutdown_reason == ShutdownReason.SUSPEND)
+        return frozen
 
     def _snapshotter(self, name: str, snap_disks: dict[str, str],
                      taken: list[disks.DiskSnapshot]) -> WhilePaused:

@@ -55,6 +55,15 @@ class DomainContext:
             log.error("%s: %s; no hot stream", self.name, exc)
             return False
 
+    def live_capture_wanted(self) -> bool:
+        """Whether captures copy memory while the guest runs; no (the proven ``xl save
+        -c``) if the config is unusable."""
+        try:
+            return domconfig.live_capture(self.config)
+        except domconfig.ConfigError as exc:
+            log.error("%s: %s; capturing with xl save -c", self.name, exc)
+            return False
+
     def recovers_on(self, trigger: str) -> bool:
         """True if the operator asked for a phase-based reboot on ``trigger``
         (``crash`` | ``watchdog``)."""
