@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import debian, elfdeps, kmod
@@ -356,6 +356,24 @@ def _unpacked_sysroot(cache: Path) -> tuple[Path, str, list[debian.DebPackage]]:
     debs = debian.download(packages, cache / "debs")
     return (debian.unpack(debs, cache / "sysroots"), kernel_pkg.removeprefix("linux-image-"),
             packages)
+
+
+def with_shadow_paging(images: LabImages, cache: Path | None = None) -> LabImages:
+    """``images`` with a Debian 12 hypervisor built with shadow paging (log-dirty mode
+    for PV guests, which live capture needs and Debian's current Xen lacks:
+    debian.hypervisor_with_shadow_paging), uncompressed for QEMU, cached by version."""
+    cache = cache or cache_root()
+    with cache_lock(cache):
+        xen_gz, version = debian.hypervisor_with_shadow_paging(cache / "debs",
+                                                               cache / "sysroots")
+        xen = cache / "images" / f"xen-shadow-{digest(version)}.elf"
+        if not xen.exists():
+            xen.parent.mkdir(parents=True, exist_ok=True)
+            with gzip.open(xen_gz) as src, open(f"{xen}.tmp", "wb") as dest:
+                shutil.copyfileobj(src, dest)
+            os.replace(f"{xen}.tmp", xen)
+    log.info("lab hypervisor with shadow paging: Debian's %s", version)
+    return replace(images, xen=xen)
 
 
 def build(cache: Path | None = None) -> LabImages:

@@ -125,3 +125,49 @@ def unpack(debs: list[Path], sysroots_dir: Path) -> Path:
     (tmp / ".complete").write_text("\n".join(d.name for d in debs) + "\n")
     tmp.rename(root)
     return root
+
+
+#: The hypervisor package whose config decides whether Xen has log-dirty mode for PV
+#: guests (``CONFIG_SHADOW_PAGING``): live migration and xenpbr's live capture need it.
+HYPERVISOR_PACKAGE = "xen-hypervisor-4.17-amd64"
+SHADOW_PAGING = "CONFIG_SHADOW_PAGING=y"
+
+
+def versions(name: str) -> list[DebPackage]:
+    """Every version of ``name`` the mirrors serve, newest first (``apt-cache show``)."""
+    out = _run(["apt-cache", "show", name], f"listing the versions of {name}")
+    found = []
+    for stanza in out.split("\n\n"):
+        fields = dict(re.findall(r"^([A-Za-z-]+): (.*)$", stanza, re.M))
+        if fields.get("Package") == name:
+            version = fields["Version"]
+            found.append(DebPackage(name, version, f"{name}_{version.replace(':', '%3a')}_"
+                                                   f"{fields['Architecture']}.deb"))
+    return sorted(found, key=lambda p: _VersionKey(p.version), reverse=True)
+
+
+def hypervisor_with_shadow_paging(debs_dir: Path, sysroots_dir: Path) -> tuple[Path, str]:
+    """The newest Debian 12 Xen 4.17 hypervisor built with shadow paging: its ``xen.gz``
+    and version. Debian's security update 4.17.7 turned shadow paging off (upstream
+    deprecated it), so PV guests cannot be live-migrated on it; the 4.17.5 of bookworm's
+    point release still has it, and within 4.17 any hypervisor runs with 4.17's tools.
+    The lab boots it only for the tests of live capture."""
+    for package in versions(HYPERVISOR_PACKAGE):
+        (deb,) = download([package], debs_dir)
+        root = unpack([deb], sysroots_dir)
+        config = root / "boot/xen-4.17-amd64.config"
+        if config.exists() and SHADOW_PAGING in config.read_text().splitlines():
+            return root / "boot/xen-4.17-amd64.gz", package.version
+    raise PackageError(f"no version of {HYPERVISOR_PACKAGE} on the mirrors is built with "
+                       f"{SHADOW_PAGING} (needed for live capture of PV guests)")
+
+
+class _VersionKey:
+    """Orders Debian version strings as ``dpkg --compare-versions`` does."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+    def __lt__(self, other: "_VersionKey") -> bool:
+        return subprocess.run(["dpkg", "--compare-versions", self.version, "lt",
+                               other.version], check=False).returncode == 0
