@@ -69,17 +69,20 @@ def markdown(detail: dict[str, Any]) -> str:
                          f"{_num(c.get('capture_s'))} | {_num(c.get('paused_s'))} | "
                          f"{_mib(c.get('raw_bytes'))} | {_mib(c.get('stored_bytes'))} |")
     lines += _timelines(detail)
-    lines += ["", "## Restore throughput beside a plain memory copy in dom0", "",
+    lines += ["", "## Restore throughput beside dom0's memory bandwidth", "",
               "Raw stream of the deepest image divided by xenpbrd's restore step "
               "(`restore_started` to `restore_finished`: disk reverts, `xl restore`, domid), "
-              "median of the runs; the yardstick is a plain copy of the guest's memory size "
-              "in dom0's Python.", "",
+              "median of the runs. The yardstick is the fastest native copy of the guest's "
+              "memory size in dom0 (libc `memcpy` through ctypes, or `dd` from /dev/zero "
+              "into tmpfs, best of three each); the last column is phasereboot's restore "
+              "throughput as a fraction of it.", "",
               "| workload | memory | raw MiB | phasereboot MiB/s | phasereboot-fifo MiB/s "
-              "| dom0 memory copy MiB/s |", "|---|---:|---:|---:|---:|---:|"]
+              "| dom0 native copy MiB/s | fraction |", "|---|---:|---:|---:|---:|---:|---:|"]
     for row in restore_throughput(detail):
         lines.append(f"| {row['workload']} | {row['memory_mib']} MiB | {_num(row['raw_mib'])} | "
                      f"{_num(row['phasereboot'])} | {_num(row['phasereboot-fifo'])} | "
-                     f"{_num(row['dom0_copy_mib_s'] or None)} |")
+                     f"{_num(row['dom0_copy_mib_s'] or None)} | "
+                     f"{_num(row['fraction_of_copy'], 3)} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -139,12 +142,15 @@ def restore_throughput(detail: dict[str, Any]) -> list[dict[str, Any]]:
                     and s["memory_mib"] == cfg["memory_mib"]
                     and {"restore_started", "restore_finished"} <= set(s["breakdown"])]
             row[method] = raw / 2**20 / statistics.median(took) if raw and took else None
+        copy = row["dom0_copy_mib_s"]
+        row["fraction_of_copy"] = (row["phasereboot"] / copy
+                                   if row["phasereboot"] and copy else None)
         rows.append(row)
     return rows
 
 
-def _num(value: Any) -> str:
-    return "-" if value is None else f"{float(value):.2f}"
+def _num(value: Any, digits: int = 2) -> str:
+    return "-" if value is None else f"{float(value):.{digits}f}"
 
 
 def _mib(value: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,16 @@ def test_restore_throughput_is_the_raw_stream_over_the_restore_step() -> None:
     (row,) = bench_report.restore_throughput(detail)
     assert row["phasereboot"] == 64.0 and row["phasereboot-fifo"] == 32.0
     assert row["raw_mib"] == 128 and row["dom0_copy_mib_s"] == 70.0
+    assert row["fraction_of_copy"] == 64.0 / 70.0
+
+
+def test_the_native_copy_yardstick_runs_and_reports_both_methods() -> None:
+    """NATIVE_COPY is what dom0 runs; here it runs on this machine, against its libc."""
+    class Local:
+        def run(self, argv):
+            return subprocess.run(argv, check=True, capture_output=True, text=True)
+    rates = bench._dom0_copy_rates(Local(), 8)
+    assert set(rates) == {"memcpy", "dd_tmpfs"} and min(rates.values()) > 0
 
 
 def test_merge_replaces_only_the_configurations_measured_again() -> None:
