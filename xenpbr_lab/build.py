@@ -364,8 +364,10 @@ def with_shadow_paging(images: LabImages, cache: Path | None = None) -> LabImage
     debian.hypervisor_with_shadow_paging), uncompressed for QEMU, cached by version."""
     cache = cache or cache_root()
     with cache_lock(cache):
+        # Not under sysroots/: a hypervisor-only unpack is no sysroot, and
+        # cached_sysroot (the newest there) must never hand it to the tests.
         xen_gz, version = debian.hypervisor_with_shadow_paging(cache / "debs",
-                                                               cache / "sysroots")
+                                                               cache / "hypervisors")
         xen = cache / "images" / f"xen-shadow-{digest(version)}.elf"
         if not xen.exists():
             xen.parent.mkdir(parents=True, exist_ok=True)
