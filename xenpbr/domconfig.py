@@ -317,8 +317,8 @@ def live_capture(config: DomainConfig) -> bool:
     guest runs (``xl migrate`` to a recorder in dom0: the guest is suspended only for the
     pages it dirtied during the copy, and for the disk snapshots); 0 uses ``xl save -c``,
     which suspends it for the whole copy of its memory (:mod:`xenpbr.xl.migrate`). Off by
-    default: the live path has not yet run to the end on real Xen (the lab's Debian Xen
-    has no log-dirty mode for PV guests, where capture() falls back to ``xl save -c``)."""
+    default: it needs a Xen with shadow paging (log-dirty mode for PV guests), which
+    Debian 12's current hypervisor lacks (capture() then falls back to ``xl save -c``)."""
     value = config.settings.get("xenpbr_live_capture", 0)
     if value not in (0, 1) or isinstance(value, float):
         raise ConfigError(f"{config.path}: xenpbr_live_capture = {value!r}: expected 1 (copy "

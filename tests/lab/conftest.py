@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import pytest
 
 from tests.conftest import test_failed
-from xenpbr_lab.build import LabImages, build
+from xenpbr_lab.build import LabImages, build, with_shadow_paging
 from xenpbr_lab.errors import LabError
 from xenpbr_lab.host import XenHost
 from xenpbr_lab.paths import artifacts_root
@@ -42,20 +42,34 @@ def session_artifacts() -> Path:
     return path
 
 
+def _booted(images: LabImages, workdir: Path, request: pytest.FixtureRequest,
+            artifacts: Path) -> Iterator[XenHost]:
+    host = XenHost(images, workdir)
+    try:
+        host.start()
+    except LabError:
+        host.collect_artifacts(artifacts / "boot-failure")
+        raise
+    yield host
+    if request.session.testsfailed:
+        host.collect_artifacts(artifacts / "end-of-session")
+    host.kill()
+
+
 @pytest.fixture(scope="session")
 def xen_host(lab_images: LabImages, session_artifacts: Path,
              request: pytest.FixtureRequest) -> Iterator[XenHost]:
     """Xen + dom0 booted in QEMU, shared by every lab test of the session."""
-    host = XenHost(lab_images, session_artifacts / "host")
-    try:
-        host.start()
-    except LabError:
-        host.collect_artifacts(session_artifacts / "boot-failure")
-        raise
-    yield host
-    if request.session.testsfailed:
-        host.collect_artifacts(session_artifacts / "end-of-session")
-    host.kill()
+    yield from _booted(lab_images, session_artifacts / "host", request, session_artifacts)
+
+
+@pytest.fixture(scope="session")
+def shadow_xen_host(lab_images: LabImages, session_artifacts: Path,
+                    request: pytest.FixtureRequest) -> Iterator[XenHost]:
+    """A second host booting a Debian hypervisor built with shadow paging (log-dirty
+    mode for PV guests: live capture), the same dom0 and tools otherwise."""
+    shadow = session_artifacts / "shadow"
+    yield from _booted(with_shadow_paging(lab_images), shadow / "host", request, shadow)
 
 
 @pytest.fixture
@@ -81,25 +95,28 @@ def lab_domain(xen_host: XenHost, session_artifacts: Path,
             log.warning("could not destroy %s: %s", domain.name, exc)
 
 
-@pytest.fixture(scope="session")
-def dom0_python(xen_host: XenHost) -> Callable[..., object]:
-    """Run a Python snippet in dom0 (as root) and return the JSON it prints last.
-
-    The snippet runs with xenpbr importable (installed into the dom0 image from the
-    working tree). ``user`` drops to that uid first, to test non-root behaviour.
-    """
+def dom0_python_on(host: XenHost) -> Callable[..., object]:
+    """Run a Python snippet in ``host``'s dom0 (as root) and return the JSON it prints
+    last. The snippet runs with xenpbr importable (installed into the dom0 image from
+    the working tree). ``user`` drops to that uid first, to test non-root behaviour."""
     import json
     import textwrap
 
     def run(code: str, timeout: float = 120.0, user: int | None = None) -> object:
         prologue = f"import os; os.setgid({user}); os.setuid({user})\n" if user else ""
-        result = xen_host.run(["python3", "-"], stdin=(prologue + textwrap.dedent(code)).encode(),
-                              timeout=timeout, check=False)
+        result = host.run(["python3", "-"], stdin=(prologue + textwrap.dedent(code)).encode(),
+                          timeout=timeout, check=False)
         if result.rc != 0:
             raise AssertionError(f"dom0 python failed ({result.rc}):\n{result.stderr}")
         return json.loads(result.stdout.strip().splitlines()[-1])
 
     return run
+
+
+@pytest.fixture(scope="session")
+def dom0_python(xen_host: XenHost) -> Callable[..., object]:
+    """dom0_python_on(xen_host)."""
+    return dom0_python_on(xen_host)
 
 
 #: Where lab tests leave big files in dom0 (its root is a RAM-backed tmpfs): image
