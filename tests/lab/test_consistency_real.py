@@ -22,10 +22,10 @@ from xenpbr_lab import consistency
 from xenpbr_lab.host import XenHost
 
 REPORT = Path(__file__).resolve().parents[2] / "build" / "consistency-report-ci.json"
-CI_CYCLES = int(os.environ.get("XENPBR_CONSISTENCY_CYCLES", "4"))
+CI_CYCLES = int(os.environ.get("XENPBR_CONSISTENCY_CYCLES", "2"))
 
 
-@pytest.mark.timeout(1800)  # 4 cycles of about 15 s (up to 5x that), two boots, fsck
+@pytest.mark.timeout(1800)  # 2 cycles of about 15 s (up to 5x that), two boots, fsck
 def test_crashes_lose_no_acknowledged_record_and_leave_clean_disks(
         xen_host: XenHost, session_artifacts: Path) -> None:
     cycles = CI_CYCLES

@@ -71,7 +71,8 @@ def wait_for_history(xen_host: XenHost, name: str, done: Callable[[list[dict]], 
 
 
 @pytest.mark.timeout(600)  # several boots and recoveries under TCG
-def test_crash_is_recovered_from_the_deepest_phase(xen_host, lab_domain, xenpbrd) -> None:
+def test_a_crash_is_recovered_from_the_deepest_phase_an_operator_from_an_earlier_one(
+        xen_host, lab_domain, xenpbrd) -> None:
     guest = protected_guest(xen_host, lab_domain, "pbr")
     images = xenpbrd_lab.cli(xen_host, "images", guest.name)
     assert [row["phase"] for row in images if row["valid"]] == ["kernel", "services", "app"]
@@ -107,15 +108,15 @@ def test_crash_is_recovered_from_the_deepest_phase(xen_host, lab_domain, xenpbrd
     assert [(p, v) for p, v, _ in rebooted] == [("kernel", "skipped"), ("services", "skipped"),
                                                 ("app", "skipped")], rebooted
 
-
-def test_operator_reboot_to_an_earlier_phase(xen_host, lab_domain, xenpbrd) -> None:
-    guest = protected_guest(xen_host, lab_domain, "opr")
+    # An operator sends it back to an earlier phase (one guest for both: a protected
+    # guest's boot and three captures cost a minute under TCG)
     offset = guest.console_size()
     timeline = xenpbrd_lab.cli(xen_host, "reboot", guest.name, "--phase", "services")
     assert timeline["method"] == "phase:services" and timeline["trigger"] == "operator"
     after = agent_verdicts(guest, 2, after=offset)
     # restored at the services boundary, the guest goes on to its app boundary: skipped
-    assert [(p, v) for p, v, _ in after] == [("services", "restored:1"), ("app", "skipped")]
+    assert [(p, v.split(":")[0]) for p, v, _ in after] == [("services", "restored"),
+                                                           ("app", "skipped")], after
 
 
 @pytest.mark.timeout(600)  # several boots and recoveries under TCG

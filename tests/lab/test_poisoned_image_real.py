@@ -11,6 +11,7 @@ create`` and after every recovery (read with ``xenstore-read`` in dom0).
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -22,7 +23,9 @@ from xenpbr_lab.host import XenHost
 from xenpbr_lab.xl import LabDomain
 
 WINDOW = 5  # s: the crash-loop window; every crash below comes later than this
-FAILURES = 2
+#: xenpbr_image_failures: 1 in CI (three recoveries); the count itself is unit-tested
+#: (tests/unit/test_phases.py), and XENPBR_POISON_FAILURES=2 runs the five-recovery case
+FAILURES = int(os.environ.get("XENPBR_POISON_FAILURES", "1"))
 
 
 def published_domid(xen_host: XenHost, name: str) -> str:
@@ -56,7 +59,7 @@ def crash_after_ready(xen_host: XenHost, guest: LabDomain, recoveries: int,
     return [(p, v) for p, v, _ in found]
 
 
-@pytest.mark.timeout(2400)  # five recoveries and two boots under TCG, on a loaded host
+@pytest.mark.timeout(2400)  # up to five recoveries and two boots under TCG, on a loaded host
 def test_an_image_crashing_before_healthy_is_abandoned_then_a_normal_reboot(
         xen_host, lab_domain, xenpbrd) -> None:
     start = time.monotonic()
@@ -66,30 +69,34 @@ def test_an_image_crashing_before_healthy_is_abandoned_then_a_normal_reboot(
     assert_published_domid(xen_host, guest)
     booted = time.monotonic() - start
 
-    # app restored twice, both crashed before healthy: abandoned; services twice (its
-    # resumed boot skips the abandoned app phase: no fresh image from a fallback run)
-    assert crash_after_ready(xen_host, guest, 0, 1) == [("app", "restored:1")]
-    assert_published_domid(xen_host, guest)
-    assert crash_after_ready(xen_host, guest, 1, 1) == [("app", "restored:2")]
-    assert crash_after_ready(xen_host, guest, 2, 2) == [("services", "restored:3"),
-                                                         ("app", "skipped")]
-    assert_published_domid(xen_host, guest)
-    assert crash_after_ready(xen_host, guest, 3, 2) == [("services", "restored:4"),
-                                                         ("app", "skipped")]
+    # the app image restored FAILURES times, each crashing before healthy: abandoned;
+    # then services as often (its resumed boot skips the abandoned app phase: no fresh
+    # image from a fallback run)
+    done = 0
+    for phase, tail in (("app", []), ("services", [("app", "skipped")])):
+        for _ in range(FAILURES):
+            lines = 1 + len(tail)
+            assert crash_after_ready(xen_host, guest, done, lines) == [
+                (phase, f"restored:{done + 1}"), *tail]
+            done += 1
+            assert_published_domid(xen_host, guest)
     # both abandoned: a normal reboot, whose fresh boot re-images both phases
-    assert crash_after_ready(xen_host, guest, 4, 2) == [("services", "captured"),
-                                                         ("app", "captured")]
+    assert crash_after_ready(xen_host, guest, done, 2) == [("services", "captured"),
+                                                            ("app", "captured")]
     assert_published_domid(xen_host, guest)
 
     history = xenpbrd_lab.cli(xen_host, "history", guest.name)
-    assert [h["method"] for h in history] == ["phase:app", "phase:app", "phase:services",
-                                              "phase:services", "normal-reboot"]
+    assert [h["method"] for h in history] == (["phase:app"] * FAILURES
+                                              + ["phase:services"] * FAILURES
+                                              + ["normal-reboot"])
     skipped = [" | ".join(h["skipped"]) for h in history]
     assert not any("crash loop" in s for s in skipped), skipped
-    assert f"(app): abandoned: {FAILURES} restores crashed before healthy" in skipped[2]
-    assert f"(app): restore {FAILURES} of {FAILURES} crashed before healthy" in skipped[2]
+    assert f"(app): abandoned: {FAILURES} restores crashed before healthy" \
+        in skipped[FAILURES]
+    assert f"(app): restore {FAILURES} of {FAILURES} crashed before healthy" \
+        in skipped[FAILURES]
     assert f"(services): abandoned: {FAILURES} restores crashed before healthy" \
-        in skipped[4]
+        in skipped[2 * FAILURES]
     images = xenpbrd_lab.cli(xen_host, "images", guest.name)
     assert [(r["phase"], r["valid"], r["failures"]) for r in images] == [
         ("services", True, 0), ("app", True, 0)], images
