@@ -649,3 +649,32 @@ def test_a_skipped_boundary_does_not_hash_the_kernel_again(tmp_path, monkeypatch
     assert len(hashed) == 1
     kernel.write_bytes(b"K" * 4096)  # a new kernel: hashed again
     assert domconfig.file_digest(str(kernel)) != first and len(hashed) == 2
+
+
+@pytest.mark.parametrize("setting, live", [({}, False), ({"xenpbr_live_capture": 1}, True)])
+def test_a_domain_asking_for_live_capture_is_captured_live_and_the_log_says_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, setting: dict, live: bool) -> None:
+    server = FakeXenstoreServer()
+    hv = FakeHypervisor(server)
+    state = StateDir(tmp_path)
+    state.register("web", {"name": "web", "on_crash": "phasereboot", **setting}, CONFIG,
+                   "web.cfg")
+    asked: list[object] = []
+
+    def capture(name, store, phase, seq, fingerprint, **kwargs):
+        asked.append(kwargs.get("live"))
+        meta = types.SimpleNamespace(image_id=f"img-{phase}-{seq}")
+        return types.SimpleNamespace(meta=meta, total_s=0.1, paused_s=0.01,
+                                     live=kwargs.get("live"))
+    daemon = Daemon(state, ImageStore(state.images_root), hv, server.connect(0),
+                    server.connect(0), capture_fn=capture)
+    daemon.watcher.start()
+    domid = hv.create_domain(name="web")
+    settle(daemon)
+    caplog.set_level("INFO")
+    server.connect(domid).write("data/xenpbr/request", request(1, "kernel"))
+    settle(daemon)
+    assert server.connect(0).read(control.ack_path(domid)) == b"1 captured"
+    assert asked == [live]
+    said = [r.getMessage() for r in caplog.records if "captured phase kernel" in r.getMessage()]
+    assert len(said) == 1 and ("(img-kernel-1) live in" in said[0]) is live, said

@@ -185,8 +185,9 @@ class Boundaries:
             log.warning("%s: image %s replaces %s as phase %s's image (%s); the old one "
                         "is deleted", name, meta.image_id, replaced, request.phase, why)
             self.drop_image(name, replaced)  # never planned again: only its bytes remain
-        log.info("%s: captured phase %s (%s) in %.2f s, guest paused ~%s s%s", name,
-                 request.phase, meta.image_id, result.total_s,
+        log.info("%s: captured phase %s (%s) %sin %.2f s, guest paused ~%s s%s", name,
+                 request.phase, meta.image_id,
+                 "live " if getattr(result, "live", False) else "", result.total_s,
                  "?" if paused is None else f"{paused:.2f}",
                  "".join(f", disk {t.vdev} by {t.mechanism} in {t.seconds:.2f} s"
                          for t in taken))
