@@ -52,8 +52,12 @@ RECORD = re.compile(r"^rec (\d+) ", re.M)
 REVERTED = re.compile(r"disk (\S+) \(\S+\) of \S+ reverted to image \S+ by (\S+) in ([\d.]+) s")
 
 
-def _guest(host: XenHost, name: str, hazard: str) -> LabDomain:
+def _guest(host: XenHost, name: str, hazard: str, live_capture: bool = False) -> LabDomain:
+    """The proof's guest; with ``live_capture`` xenpbrd captures it while it runs
+    (``xenpbr_live_capture = 1``: the disk snapshots move into the live copy's last
+    suspension, which the same checks then judge)."""
     made = disks.make_disks(host, name)
+    live = {"xenpbr_live_capture": 1} if live_capture else {}
     return LabDomain(host, name, memory_mib=MEMORY_MIB, mode="consist",
                      on_crash="phasereboot", extra=f"lab.root=/dev/xvda lab.hazard={hazard}",
                      disk=made.specs, xenpbr_disks=["xvda=snapshot", "xvdb=persistent"],
@@ -62,7 +66,7 @@ def _guest(host: XenHost, name: str, hazard: str) -> LabDomain:
                      # and a restore that reported ready is healthy at once (these
                      # crashes are the proof's, not the image's: never abandon it)
                      xenpbr_crash_loop_window=1, xenpbr_healthy_after=0,
-                     xenpbr_image_failures=100)
+                     xenpbr_image_failures=100, **live)
 
 
 def _create(host: XenHost, guest: LabDomain) -> None:
@@ -70,10 +74,10 @@ def _create(host: XenHost, guest: LabDomain) -> None:
     xenpbrd.cli(host, "create", guest.config_path)
 
 
-def hazard_refusal(host: XenHost) -> str | None:
+def hazard_refusal(host: XenHost, live_capture: bool = False) -> str | None:
     """Boot a guest whose app phase starts the logger on the mounted data disk; return
     dom0's refusal as the guest's agent logged it (None if the boundary was accepted)."""
-    guest = _guest(host, "c-hazard", "candidate")
+    guest = _guest(host, "c-hazard", "candidate", live_capture)
     _create(host, guest)
     try:
         guest.watch_console([LAST_BOUNDARY], timeout=600)
@@ -134,14 +138,15 @@ def _timings(log_text: str, images: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_proof(host: XenHost, cycles: int = CYCLES,
               progress: Callable[[str], None] = lambda line: None,
-              evidence: Path | None = None) -> dict[str, Any]:
-    """Run the whole proof in a booted lab; return the report."""
+              evidence: Path | None = None, live_capture: bool = False) -> dict[str, Any]:
+    """Run the whole proof in a booted lab; return the report. ``live_capture``: the
+    guests' phases are captured live (needs a hypervisor with shadow paging)."""
     xenpbrd.start(host)
     guest: LabDomain | None = None
     try:
-        refused = hazard_refusal(host)
+        refused = hazard_refusal(host, live_capture)
         progress(f"hazard inside the app phase: {'refused: ' + refused if refused else 'ACCEPTED'}")
-        guest = _guest(host, "c-main", "after")
+        guest = _guest(host, "c-main", "after", live_capture)
         _create(host, guest)
         guest.watch_console([LAST_BOUNDARY, WRITER_START, LOGGER], timeout=600)
         images = xenpbrd.cli(host, "images", guest.name)
