@@ -5,7 +5,10 @@ test_images_xl; real Xen: tests/lab/test_store_corruption_real.py.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -69,6 +72,43 @@ def test_hot_mode_file_verifies_the_whole_file_before_xl(store, fake, data) -> N
     with pytest.raises(CorruptObject, match="checksum mismatch"):
         restore(store, image, xl=fake.argv, hot_mode="file")
     assert not any(c[0] == "restore" for c in fake.calls()[calls:])
+
+
+def _rewrite_sums(path: Path, **changes: object) -> dict:
+    """Rewrite a hot stream's .sums with ``changes`` and a valid checksum of its own."""
+    where = hotcache.sums_of(path)
+    doc = json.loads(where.read_bytes())
+    body = {k: v for k, v in doc.items() if k != "checksum"} | changes
+    body = {k: v for k, v in body.items() if v is not None}
+    where.write_text(json.dumps({**body, "checksum": hotcache._checksum(body)}))
+    return body
+
+
+def test_new_hot_streams_are_checked_by_crc32_and_version_1_sha256_sums_still_are(
+        store, fake, data) -> None:
+    image = captured(store, fake)
+    path = hotcache.warm(store, "vm1", image.meta.image_id)
+    doc = json.loads(hotcache.sums_of(path).read_bytes())
+    assert (doc["version"], doc["algorithm"]) == (2, "crc32")
+    chunks = [data[i:i + doc["chunk"]] for i in range(0, len(data), doc["chunk"])]
+    assert doc["sums"] == [zlib.crc32(c).to_bytes(4, "big").hex() for c in chunks]
+    # a stream warmed by an older xenpbr (version 1: SHA-256 per chunk) is still used
+    _rewrite_sums(path, version=1, algorithm=None, sums=None,
+                  sha256=[hashlib.sha256(c).hexdigest() for c in chunks])
+    hot = hotcache.lookup(store, image)
+    assert hot is not None and hot.algorithm == "sha256"
+    assert hotcache.verify_file(hot, "vm1") >= 0
+    flip(path, 100)
+    with pytest.raises(CorruptObject, match="chunk #0 .*checksum mismatch"):
+        hotcache.verify_file(hot, "vm1")
+
+
+def test_a_sums_file_naming_an_unknown_check_is_not_used(store, fake) -> None:
+    image = captured(store, fake)
+    path = hotcache.warm(store, "vm1", image.meta.image_id)
+    _rewrite_sums(path, algorithm="md4")
+    assert hotcache.lookup(store, image) is None
+    assert not path.exists() and not hotcache.sums_of(path).exists()
 
 
 def test_a_flipped_stored_page_rejects_the_image_even_with_a_hot_stream(store, fake) -> None:

@@ -15,14 +15,20 @@ and by GC), and a background pass after each capture.
 
 Trust: the file is written from pages verified against their SHA-256 as they are read,
 fsync'd, and renamed into place only when complete, so it is either whole or absent.
-Beside it, ``<image_id>.sums`` (itself checksummed) holds the SHA-256 of every 1 MiB
-chunk and the stamps (:func:`~.pagestore.file_stamp`) of the packs the image's pages
+Beside it, ``<image_id>.sums`` (itself checksummed) holds the CRC-32 of every 1 MiB
+chunk (SHA-256 in version 1 files, still read) and the stamps (:func:`~.pagestore.file_stamp`) of the packs the image's pages
 were read from. A restore checks every chunk right before ``xl restore FILE``
 (:func:`verify_file`; or as it copies them into xl's FIFO with ``hot_mode="stream"``):
 a flipped byte is refused before the guest ever runs. A pack whose stamp changed since (someone wrote to it) makes
 :func:`lookup` refuse the stream, so the restore regenerates from the page store and
 verifies every page, and a damaged page rejects the image as it would without the
-cache. ``xenpbr_hot_stream = 0`` in a domain's
+cache. Why CRC-32 for the chunks: the check guards the restore's critical path against
+accidental damage after the file was written (a flipped bit, a torn or stale block),
+which CRC-32 catches (every burst up to 32 bits, anything else but 1 in 2**32), as file
+systems' block checksums do; it is 6x faster than SHA-256 under the lab's emulation
+(646 against 107 MiB/s in dom0), and SHA-256 would add nothing against someone who can
+write the file: the ``.sums`` beside it carries no key. The page store keeps SHA-256,
+which names its pages. ``xenpbr_hot_stream = 0`` in a domain's
 config (or ``[hot-stream] enabled = no`` in /etc/xenpbr/xenpbr.conf, ``XENPBR_HOT_CACHE=0``,
 for the whole xenpbrd) restores that domain every time from verified pages instead.
 ``[hot-stream] dir`` (``XENPBR_HOT_STREAM_DIR``) puts the streams on another file system
@@ -42,6 +48,7 @@ import os
 import shutil
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -97,6 +104,25 @@ def sums_of(path: Path) -> Path:
     return path.with_name(path.name[:-len(SUFFIX)] + SUMS_SUFFIX)
 
 
+class _Crc32:
+    """zlib's CRC-32 with hashlib's update/digest shape (4 bytes, big-endian)."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self._crc = zlib.crc32(data)
+
+    def update(self, data: Any) -> None:
+        self._crc = zlib.crc32(data, self._crc)
+
+    def digest(self) -> bytes:
+        return self._crc.to_bytes(4, "big")
+
+
+#: The chunk checks a ``.sums`` file may name: version 1 files hold "sha256" (read
+#: still), version 2 name theirs in "algorithm". New files use :data:`ALGORITHM`.
+CHECKS: dict[str, Any] = {"crc32": _Crc32, "sha256": hashlib.sha256}
+ALGORITHM = "crc32"
+
+
 @dataclass(frozen=True)
 class HotStream:
     """A hot stream and what it must hash to, chunk by chunk."""
@@ -106,6 +132,7 @@ class HotStream:
     chunk: int
     sums: list[bytes]
     packs: dict[str, Stamp]
+    algorithm: str = ALGORITHM
 
 
 def lookup(store: HasLayout, image: Image) -> HotStream | None:
@@ -142,7 +169,8 @@ def read_sums(path: Path, image_id: str, stream_bytes: int) -> HotStream:
         doc = json.loads(where.read_bytes())
         body = {k: v for k, v in doc.items() if k != "checksum"}
         ok = doc["checksum"] == _checksum(body)
-        sums = [bytes.fromhex(h) for h in body["sha256"]]
+        algorithm, listed = _listed_sums(body)
+        sums = [bytes.fromhex(h) for h in listed]
         size, chunk = int(body["stream_bytes"]), int(body["chunk"])
         packs = {str(k): (int(v[0]), int(v[1]), int(v[2])) for k, v in body["packs"].items()}
         actual = path.stat().st_size
@@ -153,7 +181,17 @@ def read_sums(path: Path, image_id: str, stream_bytes: int) -> HotStream:
     if size != stream_bytes or actual != size or len(sums) != -(-size // chunk):
         raise CorruptObject(f"hot stream {path} has {actual} bytes, its checksums cover "
                             f"{size}, the image {stream_bytes}")
-    return HotStream(path, size, chunk, sums, packs)
+    return HotStream(path, size, chunk, sums, packs, algorithm)
+
+
+def _listed_sums(body: dict[str, Any]) -> tuple[str, list[str]]:
+    """The chunk check a ``.sums`` body names and its list of hex digests."""
+    if body.get("version") == 1:
+        return "sha256", body["sha256"]
+    if body.get("version") == 2 and body.get("algorithm") in CHECKS:
+        return body["algorithm"], body["sums"]
+    raise ValueError(f"version {body.get('version')!r} with check "
+                     f"{body.get('algorithm')!r} is not one this xenpbr reads")
 
 
 def _checksum(body: dict[str, Any]) -> str:
@@ -173,10 +211,11 @@ def stream_verified(hot: HotStream, sink: BinaryIO, what: str) -> int:
     :raises CorruptObject: names the file, the chunk and its offset.
     """
     written = 0
+    check = CHECKS[hot.algorithm]
     with open(hot.path, "rb", buffering=0) as f:
         for number, expected in enumerate(hot.sums):
             data = f.read(hot.chunk)
-            if hashlib.sha256(data).digest() != expected or not data:
+            if check(data).digest() != expected or not data:
                 err = CorruptObject(f"{what}: hot stream {hot.path} chunk #{number} (offset "
                                     f"{number * hot.chunk}, {len(data)} bytes): checksum "
                                     "mismatch; the stream is not used")
@@ -207,7 +246,7 @@ class _CancellableFile:
     def __init__(self, f: BinaryIO, cancel: threading.Event | None) -> None:
         self.f, self.cancel = f, cancel
         self.sums: list[bytes] = []
-        self._hash = hashlib.sha256()
+        self._hash = CHECKS[ALGORITHM]()
         self._fill = 0
 
     def write(self, data: Any) -> int:
@@ -226,7 +265,7 @@ class _CancellableFile:
 
     def _close_chunk(self) -> None:
         self.sums.append(self._hash.digest())
-        self._hash = hashlib.sha256()
+        self._hash = CHECKS[ALGORITHM]()
         self._fill = 0
 
     def finish(self) -> list[bytes]:
@@ -266,8 +305,9 @@ def warm(store: WarmSource, domain: str, image_id: str,
         if not _is_newest(store, domain, image_id):
             tmp.unlink()
             return None
-        body = {"version": 1, "image_id": image_id, "stream_bytes": written, "chunk": CHUNK,
-                "sha256": [h.hex() for h in summer.finish()], "packs": packs}
+        body = {"version": 2, "image_id": image_id, "stream_bytes": written, "chunk": CHUNK,
+                "algorithm": ALGORITHM, "sums": [h.hex() for h in summer.finish()],
+                "packs": packs}
         atomic_write(sums_of(dest), json.dumps({**body, "checksum": _checksum(body)}).encode(),
                      mode=0o600)
         os.replace(tmp, dest)
