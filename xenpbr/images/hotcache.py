@@ -16,8 +16,8 @@ and by GC), and a background pass after each capture.
 Trust: the file is written from pages verified against their SHA-256 as they are read,
 fsync'd, and renamed into place only when complete, so it is either whole or absent.
 Beside it, ``<image_id>.sums`` (itself checksummed) holds the CRC-32 of every 1 MiB
-chunk (SHA-256 in version 1 files, still read) and the stamps (:func:`~.pagestore.file_stamp`) of the packs the image's pages
-were read from. A restore checks every chunk right before ``xl restore FILE``
+chunk (SHA-256 in version 1 files, still read) and the stamps
+(:func:`~.pagestore.file_stamp`) of the packs the image's pages were read from. A restore checks every chunk right before ``xl restore FILE``
 (:func:`verify_file`; or as it copies them into xl's FIFO with ``hot_mode="stream"``):
 a flipped byte is refused before the guest ever runs. A pack whose stamp changed since (someone wrote to it) makes
 :func:`lookup` refuse the stream, so the restore regenerates from the page store and
