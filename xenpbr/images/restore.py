@@ -28,6 +28,12 @@ faster in two of three lab runs, docs/images.md), or chunk by chunk as it is cop
 the FIFO (``hot_mode="stream"``, which also closes the second between hashing and xl's
 read).
 
+**Another name.** ``as_name`` restores the domain under another name with everything
+else the saved config says (its UUID included): the name in the stream's xl header is
+rewritten on its way into xl (:mod:`xenpbr.stream.rename`), so the stream goes through
+the FIFO even when a hot stream is ready. A standby domain (:mod:`.standby`) is restored
+this way beside the guest it will replace.
+
 **Monitoring.** ``-e`` is passed unless ``monitor=True``: xenpbrd watches domains
 itself, so no ``xl`` process is left behind to act on the guest's shutdown. With
 ``monitor=True``, xl's background process handles on_poweroff/on_reboot as after
@@ -49,6 +55,8 @@ from xenpbr.images import disks, hotcache, skeleton
 from xenpbr.images.errors import ImageInvalid, RestoreFailed
 from xenpbr.images.image import Image, ImageMeta, check_name
 from xenpbr.images.store import ImageStore
+from xenpbr.stream import rename
+from xenpbr.stream.errors import StreamError
 from xenpbr.xl.commands import destroy, domid
 from xenpbr.xl.errors import XlError
 from xenpbr.xl.fifo import XlProcess, open_fifo_writer
@@ -77,18 +85,24 @@ def restore(store: ImageStore, image: Image, paused: bool = True, *,
             config_file: Path | str | None = None, name: str | None = None,
             monitor: bool = False, verify_first: bool = False, timeout: float = 600.0,
             xl: Sequence[str] = ("xl",), use_hot: bool = True,
-            hot_mode: str = "file") -> RestoreResult:
+            hot_mode: str = "file", as_name: str | None = None,
+            revert_disks: bool = True) -> RestoreResult:
     """Create a domain from ``image``; it stays paused unless ``paused=False``.
 
     Every byte xl reads is verified first: pages against the manifest's SHA-256, a hot
     stream chunk by chunk (``hot_mode="file"``, the default: the whole file hashed, then
     ``xl restore FILE``, faster in two of three lab runs; ``"stream"``: each chunk checked
     as it is copied into xl's FIFO; docs/images.md). A failure marks the image invalid in
-    the store (or drops a bad hot stream) before it is raised.
+    the store (or drops a bad hot stream) before it is raised. ``as_name`` renames the
+    domain (see the module's doc); ``revert_disks=False`` leaves the image's disk
+    snapshots where they are (a standby's are put back when it takes over).
 
     :raises CorruptObject, MissingObject: the image is damaged (nothing left behind).
     :raises RestoreFailed: xl failed or timed out (its message included).
     """
+    if as_name is not None:
+        _renameable(image)
+        name = as_name
     name = check_name(name or skeleton.embedded_name_uuid(image.stream)[0]
                       or image.meta.domain, "domain")
     start = time.monotonic()
@@ -103,25 +117,48 @@ def restore(store: ImageStore, image: Image, paused: bool = True, *,
         raise
     # no domain of that name runs on the disks now: put the image's snapshots back
     # before xl attaches them (DiskSnapshotMissing: this image is not used)
-    disks_s = disks.revert(store, image)
+    disks_s = disks.revert(store, image) if revert_disks else {}
     argv = [*xl, "restore", *(["-p"] if paused else []), *([] if monitor else ["-e"]),
             *([str(config_file)] if config_file is not None else [])]
     hot = hotcache.lookup(store, image) if use_hot and not verify_first else None
     try:
-        if hot is not None and hot_mode == "file":
+        if hot is not None and hot_mode == "file" and as_name is None:
             verify_s = hotcache.verify_file(hot, image.describe())
             return _restore_file(image, name, argv, hot.path, start, disks_s, timeout, xl,
                                  verify_s)
         if hot is not None:
             return _restore_fifo(image, name, argv, start, disks_s, timeout, xl, verify_s,
-                                 lambda sink: hotcache.stream_verified(hot, sink, image.describe()),
+                                 _renaming(as_name, lambda sink: hotcache.stream_verified(
+                                     hot, sink, image.describe())),
                                  hot=True, paused=paused)
         with store.reader(image) as pages:
             return _restore_fifo(image, name, argv, start, disks_s, timeout, xl, verify_s,
-                                 pages.write_to, hot=False, paused=paused)
+                                 _renaming(as_name, pages.write_to), hot=False, paused=paused)
     except ImageInvalid as err:
         _reject(store, image, err)
         raise
+
+
+def _renameable(image: Image) -> None:
+    """Refuse ``as_name`` before xl starts if the stream's header cannot be rewritten."""
+    try:
+        rename.check_renameable(image.stream.xl_header)
+    except StreamError as exc:
+        raise RestoreFailed(f"cannot restore {image.describe()} under another name: "
+                            f"{exc}") from exc
+
+
+def _renaming(as_name: str | None,
+              source: Callable[[BinaryIO], int]) -> Callable[[BinaryIO], int]:
+    """``source`` writing through a :class:`~xenpbr.stream.rename.RenamingSink`."""
+    if as_name is None:
+        return source
+
+    def renamed(sink: BinaryIO) -> int:
+        renaming = rename.RenamingSink(sink, as_name)
+        source(renaming)  # type: ignore[arg-type]
+        return renaming.written
+    return renamed
 
 
 def _reject(store: ImageStore, image: Image, err: ImageInvalid) -> None:
