@@ -74,7 +74,7 @@ class Daemon:
         self.state, self.xs = state, xs_requests
         self.watcher = DomainWatcher(hypervisor, xs_domains)
         self.controller = PhaseController(state, store, hypervisor, xs_requests,
-                                          toolstack or XlToolstack(),
+                                          toolstack or XlToolstack(hypervisor=hypervisor),
                                           restorer or StoreRestorer(store), capture_fn)
         self._dirty: dict[int, set[str]] = {}  # domid -> watch kinds to serve, oldest first
         # (domid, kind) -> reads of a BUDGETED_KINDS kind

@@ -122,3 +122,24 @@ def domain_state(xl: Sequence[str], name: str, timeout: float = 60.0) -> str | N
         if len(fields) >= 5 and fields[0] == name and len(fields[4]) == 6:
             return fields[4]
     return None
+
+
+def rename(xl: Sequence[str], old: str, new: str, timeout: float = 60.0) -> str | None:
+    """``xl rename old new``; return None on success, else xl's message."""
+    result = ask(xl, "rename", old, new, timeout=timeout)
+    if isinstance(result, str):
+        return result
+    return None if result.returncode == 0 else (result.stderr or result.stdout).strip()
+
+
+def free_memory_mib(xl: Sequence[str], timeout: float = 60.0) -> int | None:
+    """Xen's free memory in MiB (``xl info``'s ``free_memory``), None if xl could not
+    say."""
+    result = ask(xl, "info", timeout=timeout)
+    if isinstance(result, str) or result.returncode != 0:
+        return None
+    for line in result.stdout.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "free_memory" and value.strip().isdigit():
+            return int(value.strip())
+    return None

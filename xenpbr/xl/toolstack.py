@@ -4,12 +4,19 @@ Separate from :mod:`xenpbr.xl.commands` because it adapts xl to recovery's
 ``Toolstack`` protocol (:class:`xenpbr.recovery.Toolstack`): failures become
 :class:`~xenpbr.recovery.CandidateFailed`, which recovery answers by trying its next
 candidate.
+
+The unpause that hands a recovered guest back goes through libxc when xenpbrd has a
+hypervisor handle: for a PV guest ``xl unpause`` does nothing else (libxl resumes a
+device model first only for HVM), and it saves starting a process on the path to
+service (0.2-0.3 s under TCG, measured in the lab's recovery timelines).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from xenpbr.errors import XenpbrError
+from xenpbr.hypervisor.base import Hypervisor
 from xenpbr.recovery import CandidateFailed
 from xenpbr.xl import commands
 
@@ -19,8 +26,9 @@ __all__ = ["XlToolstack"]
 class XlToolstack:
     """:class:`~xenpbr.recovery.Toolstack` over the ``xl`` command."""
 
-    def __init__(self, xl: tuple[str, ...] = commands.XL, timeout: float = 300.0) -> None:
-        self.xl, self.timeout = xl, timeout
+    def __init__(self, xl: tuple[str, ...] = commands.XL, timeout: float = 300.0,
+                 hypervisor: Hypervisor | None = None) -> None:
+        self.xl, self.timeout, self.hypervisor = xl, timeout, hypervisor
 
     def _run(self, *args: str) -> str:
         proc = commands.call(self.xl, *args, timeout=self.timeout)
@@ -43,7 +51,13 @@ class XlToolstack:
         return found
 
     def unpause(self, domid: int) -> None:
-        self._run("unpause", str(domid))
+        if self.hypervisor is None:
+            self._run("unpause", str(domid))
+            return
+        try:
+            self.hypervisor.unpause(domid)
+        except XenpbrError as exc:
+            raise CandidateFailed(f"could not unpause domain {domid}: {exc}") from exc
 
     def state(self, name: str) -> str | None:
         """xl's six state letters for ``name`` (``-b----``), or None if no such domain."""
