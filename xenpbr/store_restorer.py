@@ -17,8 +17,14 @@ class StoreRestorer:
         self.store = store
 
     def restore(self, domain: str, image_id: str) -> int:
-        """Create ``domain`` paused from its stored image ``image_id``; its domid."""
+        """Create ``domain`` paused from its stored image ``image_id``; its domid. A
+        standby of that image (:mod:`xenpbr.images.standby`) takes over if there is one:
+        no memory is copied then."""
+        from xenpbr.images import standby
         from xenpbr.images.restore import restore
+        taken = standby.take_over(self.store, domain, image_id)
+        if taken is not None:
+            return taken
         # monitor: xl stays behind as for `xl create`, to act on the restored guest's own
         # reboot or poweroff (on_reboot/on_poweroff of the config saved in the image).
         return restore(self.store, self.store.load(domain, image_id), paused=True,

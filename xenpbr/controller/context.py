@@ -64,6 +64,15 @@ class DomainContext:
             log.error("%s: %s; capturing with xl save -c", self.name, exc)
             return False
 
+    def standby_wanted(self) -> bool:
+        """Whether a paused standby of the newest image is kept ready; no if the config
+        is unusable (it costs memory the operator did not grant)."""
+        try:
+            return domconfig.standby(self.config)
+        except domconfig.ConfigError as exc:
+            log.error("%s: %s; no standby", self.name, exc)
+            return False
+
     def recovers_on(self, trigger: str) -> bool:
         """True if the operator asked for a phase-based reboot on ``trigger``
         (``crash`` | ``watchdog``)."""

@@ -169,6 +169,7 @@ class PhaseController:
         timeout = self._liveness_timeout(name)
         if timeout is not None:
             self.liveness.watch(domid, name, timeout)
+        guard(lambda n: self.warm_ups.warm_newest(n, with_standby=True), name)
 
     def _liveness_timeout(self, name: str) -> float | None:
         """The domain's ``xenpbr_liveness_timeout``; None (off) if unset or unusable."""
@@ -184,6 +185,7 @@ class PhaseController:
         self.deliveries.forget(domid)
         if not self.names.running(name):  # not replaced by a recovery
             self.publisher.publish(name, "stopped")
+            guard(self.warm_ups.discard_standby, name)
 
     def check_liveness(self) -> None:
         """Heartbeats of the domains with a liveness check (a hung one is shut down with

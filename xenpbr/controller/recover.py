@@ -101,7 +101,8 @@ class Recoveries:
         self._take_over(name, result)
         log.info("%s recovered via %s, downtime %.2f s", name, result.path,
                  result.timeline.downtime() or -1)
-        guard(self.warm_ups.warm_newest, name)  # a warm-up the crash cancelled is done now
+        # a warm-up the crash cancelled is done now, and a standby used is replaced
+        guard(lambda n: self.warm_ups.warm_newest(n, with_standby=True), name)
         return True
 
     def resume_interrupted(self, name: str) -> None:
