@@ -1,0 +1,91 @@
+"""Standby domains on real Xen (``xenpbr_standby = 1``, :mod:`xenpbr.images.standby`).
+
+xenpbrd restores the newest image paused beside the running guest as ``NAME--standby``;
+a crash is recovered by destroying the crashed domain, renaming the standby and
+unpausing it. Checked here: the standby exists paused with the guest's UUID, two crashes
+in a row are each recovered by a standby (a new one is prepared after each), xl's
+monitor reboots the renamed guest under its own name, and the standby goes with the
+guest. The downtime against a restore is measured by ``make bench``
+(``phasereboot-standby``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.lab.test_phasereboot_real import (
+    crash_and_wait_restored,
+    protected_guest,
+    wait_for_history,
+)
+from tests.lab.xen_real import agent_verdicts
+from xenpbr_lab import xenpbrd as xenpbrd_lab
+from xenpbr_lab.host import XenHost
+
+READY = r"standby of {name}/\S+ ready as {name}--standby \(domid [0-9]+"
+TAKES_OVER = r"{name}: standby of image \S+ takes over \(domid [0-9]+\)"
+
+
+def xl_row(xen_host: XenHost, name: str) -> list[str] | None:
+    """``xl list NAME``'s row split in fields, None if there is no such domain."""
+    out = xen_host.run(["xl", "list", name], check=False)
+    rows = out.stdout.splitlines()[1:] if out.rc == 0 else []
+    return rows[0].split() if rows else None
+
+
+def uuid_of(xen_host: XenHost, name: str) -> str:
+    """The domain's UUID, from ``xl list -l``'s JSON."""
+    listed = json.loads(xen_host.run(["xl", "list", "-l", name]).stdout)
+    return str(listed[0]["config"]["c_info"]["uuid"])
+
+
+@pytest.mark.timeout(900)  # a protected boot, two recoveries and a guest reboot under TCG
+def test_a_standby_takes_over_each_crash_and_leaves_with_its_guest(
+        xen_host, lab_domain, xenpbrd) -> None:
+    # crashed again seconds after its recovery on purpose: the crash-loop guard, which
+    # would (rightly) pick an earlier phase, only looks one second back here
+    guest = protected_guest(xen_host, lab_domain, "sby", phases="kernel,app",
+                            xenpbr_standby=1, xenpbr_crash_loop_window=1,
+                            xenpbr_healthy_after=0)
+    name = guest.name
+    try:
+        xenpbrd_lab.wait_for_log(xen_host, READY.format(name=name), timeout=600)
+        row = xl_row(xen_host, f"{name}--standby")
+        assert row is not None and "p" in row[4], row  # restored paused, never ran
+        assert uuid_of(xen_host, f"{name}--standby") == uuid_of(xen_host, name)
+
+        for crash in (1, 2):
+            standby_domid = int(xl_row(xen_host, f"{name}--standby")[1])  # type: ignore[index]
+            phase, verdict, took = crash_and_wait_restored(xen_host, guest)
+            assert (phase, verdict) == ("app", f"restored:{crash}")
+            assert guest.domid == standby_domid  # the standby itself, renamed
+            xenpbrd_lab.wait_for_log(xen_host, TAKES_OVER.format(name=name), count=crash)
+            history = wait_for_history(xen_host, name, lambda h, n=crash: len(h) >= n and
+                                       "service_ready" in h[-1]["since_crash"])
+            marks = history[-1]["since_crash"]
+            print(f"crash {crash}: agent saw 'restored' {took:.2f} s after the crash "
+                  f"(host clock); restore step "
+                  f"{marks['restore_finished'] - marks['restore_started']:.2f} s; {marks}")
+            # the next standby, for the next crash
+            xenpbrd_lab.wait_for_log(xen_host, READY.format(name=name), count=crash + 1,
+                                     timeout=600)
+
+        # xl's monitor follows the rename: the guest's own reboot keeps its name
+        offset = guest.console_size()
+        xen_host.run(["xl", "sysrq", name, "b"])
+        rebooted = agent_verdicts(guest, 2, after=offset)
+        assert [(p, v) for p, v, _ in rebooted] == [("kernel", "skipped"),
+                                                    ("app", "skipped")], rebooted
+        assert xl_row(xen_host, name) is not None
+    finally:
+        xen_host.run(["xl", "destroy", name], check=False)
+    # the guest is gone, so is its standby (xenpbrd discards it)
+    deadline = time.monotonic() + 120
+    while xl_row(xen_host, f"{name}--standby") is not None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    leftover = xl_row(xen_host, f"{name}--standby")
+    xen_host.run(["xl", "destroy", f"{name}--standby"], check=False)
+    assert leftover is None, "the standby outlived its guest"
