@@ -9,6 +9,10 @@ For each workload (``bare`` kernel, kernel + ``services``, an ``app`` with a rea
 * ``xl-restore``: the obvious hand-made alternative: one ``xl save -c`` after the boot,
   and on a crash a script that waits for xl to show the domain crashed, destroys it and
   ``xl restore``s the checkpoint;
+* ``phasereboot-standby``: phase-based reboot with ``xenpbr_standby = 1``: xenpbrd keeps
+  the newest image restored and paused beside the guest, and a crash is recovered by a
+  rename and an unpause (:mod:`xenpbr.images.standby`); each crash waits until the
+  standby replacing the one used is ready (it is prepared in the background);
 * ``phasereboot-fifo`` (on request, ``--methods``): phase-based reboot with the hot stream
   off (``xenpbr_hot_stream = 0``): the stream is regenerated from the page store into
   xl, every page verified. Run beside ``phasereboot`` it measures what the hot stream
@@ -42,12 +46,13 @@ from .xl import LabDomain
 log = logging.getLogger(__name__)
 
 WORKLOADS = ("bare", "services", "app")
-METHODS = ("normal", "phasereboot", "xl-restore", "phasereboot-fifo")
-DEFAULT_METHODS = ("normal", "phasereboot", "xl-restore")
+METHODS = ("normal", "phasereboot", "xl-restore", "phasereboot-fifo", "phasereboot-standby")
+DEFAULT_METHODS = ("normal", "phasereboot", "xl-restore", "phasereboot-standby")
 #: Run order within a configuration: xl-restore's checkpoint is deleted before xenpbrd's
 #: store fills up, since dom0's root file system (RAM) cannot hold both at 512 MiB.
-RUN_ORDER = ("normal", "xl-restore", "phasereboot-fifo", "phasereboot")
+RUN_ORDER = ("normal", "xl-restore", "phasereboot-fifo", "phasereboot-standby", "phasereboot")
 HOT_READY = r"hot stream of {name}/{image} ready"
+STANDBY_READY = r"standby of {name}/\S+ ready as "
 MEMORY_MIB = (128, 256, 512)
 PANIC = r"Kernel panic - not syncing"
 ALIVE = r"XENPBR-APP: alive"
@@ -109,8 +114,8 @@ class ConfigFacts:
 
 
 def _guest(host: XenHost, workload: str, memory_mib: int, method: str) -> LabDomain:
-    on_crash = {"normal": "restart", "phasereboot": "phasereboot",
-                "phasereboot-fifo": "phasereboot", "xl-restore": "preserve"}[method]
+    on_crash = "phasereboot" if method.startswith("phasereboot") else {
+        "normal": "restart", "xl-restore": "preserve"}[method]
     name = f"b-{workload}-{memory_mib}-{method}".replace("phasereboot", "pbr")
     # The bench crashes a guest again seconds after its recovery, on purpose: the
     # crash-loop guard would (rightly) answer that with earlier phases and normal
@@ -122,6 +127,8 @@ def _guest(host: XenHost, workload: str, memory_mib: int, method: str) -> LabDom
                                 if method.startswith("phasereboot") else {})
     if method == "phasereboot-fifo":
         guard["xenpbr_hot_stream"] = 0
+    if method == "phasereboot-standby":
+        guard["xenpbr_standby"] = 1
     return LabDomain(host, name, memory_mib=memory_mib, mode="bench", on_crash=on_crash,
                      extra=f"lab.workload={workload} lab.docs={documents(memory_mib)}", **guard)
 
@@ -143,10 +150,17 @@ def _start(host: XenHost, guest: LabDomain, method: str, workload: str) -> float
                       if r.get("image")), default="")
         xenpbrd.wait_for_log(host, HOT_READY.format(name=guest.name, image=newest),
                              timeout=600)
+    if method == "phasereboot-standby":
+        wait_for_standby(host, guest.name, 1)
     if method == "xl-restore":
         host.run(["mkdir", "-p", CHECKPOINT_DIR])
         guest.save_checkpoint(f"{CHECKPOINT_DIR}/{guest.name}.chk", timeout=600)
     return round(took, 2)
+
+
+def wait_for_standby(host: XenHost, name: str, count: int) -> None:
+    """Until xenpbrd has prepared ``count`` standbys of ``name`` in all."""
+    xenpbrd.wait_for_log(host, STANDBY_READY.format(name=name), timeout=600, count=count)
 
 
 def _crash_and_time(host: XenHost, guest: LabDomain, method: str) -> float:
@@ -215,6 +229,8 @@ def run_config(host: XenHost, workload: str, memory_mib: int, repeats: int,
             guests.append(guest)
             facts.first_boot_s[method] = _start(host, guest, method, workload)
             for run in range(1, repeats + 1):
+                if method == "phasereboot-standby":  # the one replacing the last used
+                    wait_for_standby(host, guest.name, run)
                 downtime = _crash_and_time(host, guest, method)
                 breakdown: dict[str, float] = {}
                 if method.startswith("phasereboot"):
@@ -254,8 +270,10 @@ def _settled_breakdown(host: XenHost, name: str, run: int) -> dict[str, float]:
 
 
 def summarize(samples: list[Sample]) -> list[dict[str, Any]]:
-    """One row per (workload, memory, method): runs, median, min, max, spread and the
-    reduction of the median against the normal reboot of the same configuration."""
+    """One row per (workload, memory, method): runs, median, min, max, spread, the
+    reduction of the median against the normal reboot of the same configuration and, for
+    the phase-based methods, the median's ratio to the hand-made ``xl-restore``'s (below
+    1: faster than it)."""
     groups: dict[tuple[str, int, str], list[float]] = {}
     for s in samples:
         groups.setdefault((s.workload, s.memory_mib, s.method), []).append(s.downtime_s)
@@ -265,11 +283,14 @@ def summarize(samples: list[Sample]) -> list[dict[str, Any]]:
         normal = groups.get((workload, memory, "normal"))
         reduction = (round(100 * (1 - median / statistics.median(normal)), 1)
                      if normal and method != "normal" else None)
+        by_hand = groups.get((workload, memory, "xl-restore"))
+        vs_xl_restore = (round(median / statistics.median(by_hand), 3)
+                         if by_hand and method.startswith("phasereboot") else None)
         rows.append({"workload": workload, "memory_mib": memory, "method": method,
                      "runs": len(values), "median_s": round(median, 3),
                      "min_s": min(values), "max_s": max(values),
                      "stdev_s": round(statistics.stdev(values), 3) if len(values) > 1 else 0.0,
-                     "reduction_pct": reduction})
+                     "reduction_pct": reduction, "vs_xl_restore": vs_xl_restore})
     return rows
 
 

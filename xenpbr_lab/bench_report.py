@@ -18,7 +18,8 @@ from .bench import step_medians
 
 log = logging.getLogger(__name__)
 
-METHOD_ORDER = ("normal", "phasereboot", "xl-restore", "phasereboot-fifo")
+METHOD_ORDER = ("normal", "phasereboot", "phasereboot-standby", "xl-restore",
+                "phasereboot-fifo")
 
 
 def _sorted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -50,15 +51,16 @@ def markdown(detail: dict[str, Any]) -> str:
         "Downtime = crash (`xl sysrq c`) to the guest's service answering again (first "
         "heartbeat after the panic), timed in dom0.",
         "",
-        "| workload | memory | method | runs | median s | min s | max s | vs normal reboot |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| workload | memory | method | runs | median s | min s | max s | vs normal reboot "
+        "| vs xl restore |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         reduction = "" if r.get("reduction_pct") is None else f"{r['reduction_pct']:+.1f} % less" \
             if r["reduction_pct"] >= 0 else f"{-r['reduction_pct']:.1f} % more"
         lines.append(f"| {r['workload']} | {r['memory_mib']} MiB | {r['method']} | {r['runs']} "
                      f"| {r['median_s']:.2f} | {r['min_s']:.2f} | {r['max_s']:.2f} "
-                     f"| {reduction.replace('+', '')} |")
+                     f"| {reduction.replace('+', '')} | {_ratio(r.get('vs_xl_restore'))} |")
     lines += [f"\nNot run: {why}." for why in meta.get("not_run", [])]
     lines += ["", "## Capture cost (phase-based reboot)", "",
               "| workload | memory | phase | capture s | guest paused s | raw MiB | stored MiB |",
@@ -99,12 +101,17 @@ def _machines(meta: dict[str, Any]) -> str:
     return "; ".join(f"{m} for {', '.join(configs)}" for m, configs in groups.items())
 
 
+def _ratio(value: float | None) -> str:
+    """A downtime ratio to xl restore's, e.g. ``0.42x``; empty where there is none."""
+    return "" if value is None else f"{value:.2f}x"
+
+
 def _timelines(detail: dict[str, Any]) -> list[str]:
     """Per configuration, the median of each step of xenpbrd's recoveries (the columns
     are the steps any configuration has), for each phase-based method."""
     lines: list[str] = []
-    for method, title in (("phasereboot", ""), ("phasereboot-fifo",
-                                                 " with the hot stream off")):
+    for method, title in (("phasereboot", ""), ("phasereboot-standby", " with a standby"),
+                          ("phasereboot-fifo", " with the hot stream off")):
         per_cfg = []
         for cfg in detail["configs"]:
             marks = [s["breakdown"] for s in detail["samples"] if s["method"] == method

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from . import bench as bench_methods
 from .build import LabImages, build
 from .demo import render, run_demo, write_report
 from .errors import LabError
@@ -335,11 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory", type=_csv(int, (128, 256, 512)), default=[128, 256, 512],
                    help="guest memory sizes in MiB (default 128,256,512)")
     p.add_argument("--repeats", type=int, default=5, help="crashes per method (default 5)")
-    p.add_argument("--methods", type=_csv(str, ("normal", "phasereboot", "xl-restore",
-                                                "phasereboot-fifo")),
-                   default=["normal", "phasereboot", "xl-restore"],
-                   help="recovery methods (default normal,phasereboot,xl-restore; add "
-                        "phasereboot-fifo to measure the hot stream)")
+    p.add_argument("--methods", type=_csv(str, bench_methods.METHODS),
+                   default=list(bench_methods.DEFAULT_METHODS),
+                   help="recovery methods (default normal,phasereboot,xl-restore,"
+                        "phasereboot-standby; add phasereboot-fifo to measure the hot "
+                        "stream)")
     p.add_argument("--out", default="docs/benchmarks", help="where the results go")
     p.add_argument("--merge", action="store_true",
                    help="keep the configurations of the results already in --out that "

@@ -21,7 +21,11 @@ def samples() -> list[Sample]:
                        {"crash_seen": 0.0, "image_chosen": 0.1, "destroyed": 0.4,
                         "restore_started": 0.5, "restore_finished": 5.0 + run / 10,
                         "guest_ack": 5.2 + run / 10, "service_ready": 5.3 + run / 10}),
-                Sample("app", 128, "xl-restore", run, xlr)]
+                Sample("app", 128, "xl-restore", run, xlr),
+                Sample("app", 128, "phasereboot-standby", run, pbr / 2,
+                       {"crash_seen": 0.0, "image_chosen": 0.1, "destroyed": 0.4,
+                        "restore_started": 0.5, "restore_finished": 0.7,
+                        "guest_ack": 0.9, "service_ready": 1.0})]
     return out
 
 
@@ -31,6 +35,9 @@ def test_summary_medians_spread_and_reduction_against_normal() -> None:
     assert (rows["phasereboot"]["min_s"], rows["phasereboot"]["max_s"]) == (5.0, 7.0)
     assert rows["phasereboot"]["reduction_pct"] == round(100 * (1 - 6 / 22), 1)
     assert rows["xl-restore"]["runs"] == 3 and rows["xl-restore"]["median_s"] == 9.0
+    assert rows["phasereboot"]["vs_xl_restore"] == round(6 / 9, 3)
+    assert rows["phasereboot-standby"]["vs_xl_restore"] == round(3 / 9, 3)
+    assert rows["normal"]["vs_xl_restore"] is None and rows["xl-restore"]["vs_xl_restore"] is None
 
 
 def test_biggest_piece_of_the_timeline_is_named() -> None:
@@ -54,7 +61,9 @@ def test_reports_are_written_with_the_required_keys(tmp_path: Path) -> None:
         assert {"workload", "memory_mib", "method", "runs", "median_s", "min_s",
                 "max_s"} <= set(row)
     md = (tmp_path / "results.md").read_text()
-    assert "| app | 128 MiB | phasereboot | 3 | 6.00 | 5.00 | 7.00 | 72.7 % less |" in md
+    assert ("| app | 128 MiB | phasereboot | 3 | 6.00 | 5.00 | 7.00 | 72.7 % less | 0.67x |"
+            in md)
+    assert "with a standby (`phasereboot-standby`" in md
     assert "| app | 128 MiB | " in md and "| `restore_started->restore_finished` |" in md
     assert {tmp_path / "results.json", tmp_path / "results.md"} <= set(written)
 
