@@ -151,7 +151,16 @@ def _status_row(state: StateDir, name: str,
             "recoveries": len(history), "last_recovery": _last_recovery(history),
             "disk_policies": domconfig.stored_disk_policies(settings),
             "refusals": refusals or {},
-            "resurrected_waiting": _resurrected_waiting(state, name)}
+            "resurrected_waiting": _resurrected_waiting(state, name),
+            "standby": _standby(state, name)}
+
+
+def _standby(state: StateDir, name: str) -> dict[str, Any] | None:
+    """The standby domain xenpbrd prepared for ``name`` (``xenpbr_standby = 1``)."""
+    from xenpbr.images import standby
+    held = standby.held(state.images_root, name)
+    return None if held is None else {"name": held.name, "domid": held.domid,
+                                      "image": held.image_id, "memory_mib": held.memory_mib}
 
 
 def _resurrected_waiting(state: StateDir, name: str) -> int:
@@ -207,6 +216,7 @@ def cmd_status(args: argparse.Namespace, state: StateDir) -> int:
         ("recoveries", "recoveries"), ("last_recovery", "last recovery", _recovery_cell),
         ("disk_policies", "disks"), ("refusals", "refusals", _refusals_cell),
         ("resurrected_waiting", "resurrected"),
+        ("standby", "standby", lambda v: f"{v['name']} ({v['domid']})" if v else "-"),
         ("no_image_why", "why no image", lambda v: v or "-")],
         empty="no domains registered (xenpbr create CONFIG)"))
     return 0

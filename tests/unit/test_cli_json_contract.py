@@ -105,6 +105,10 @@ def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     failed = Timeline("web", "operator", outcome="failed", attempts=["normal-reboot failed"])
     state.add_history(failed)
     state.add_history(ok)  # the last one: status shows it
+    (state.images_root / "standby").mkdir(parents=True)
+    (state.images_root / "standby" / "web.json").write_text(json.dumps({
+        "domain": "web", "image_id": "20261123T201535.123456Z-3fa9c2", "name": "web--standby",
+        "domid": 14, "snapshot_disks": ["xvda"], "memory_mib": 128, "prepared_s": 2.5}))
     (tmp_path / "api.cfg").write_text(
         'name = "api"\non_crash = "phasereboot"\nuuid = "5a4c5e6b-1111-2222-3333-444455556666"\n'
         'disk = ["vdev=xvda, target=/img/api"]\nxenpbr_disks = ["xvda=snapshot"]\n')

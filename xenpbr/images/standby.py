@@ -42,7 +42,7 @@ from xenpbr.fsutil import atomic_write_json
 from xenpbr.images import disks, skeleton
 from xenpbr.images.errors import ImageInvalid, RestoreFailed
 from xenpbr.images.image import Image, check_name
-from xenpbr.images.layout import HasLayout
+from xenpbr.images.layout import HasLayout, StoreLayout
 from xenpbr.images.restore import restore
 from xenpbr.images.store import ImageStore
 from xenpbr.xl import commands, consoled
@@ -92,6 +92,19 @@ def load(store: HasLayout, domain: str) -> Standby | None:
     except (OSError, ValueError, TypeError) as exc:
         _LOG.warning("%s: standby record %s unreadable (%s); not used", domain, path, exc)
         return None
+
+
+@dataclass(frozen=True)
+class _StoreAt:
+    """Just the layout of the store at a root: what reading a record needs."""
+
+    layout: StoreLayout
+
+
+def held(images_root: Path, domain: str) -> Standby | None:
+    """The standby record of ``domain`` in the store at ``images_root`` (``xenpbr
+    status``: without opening the store)."""
+    return load(_StoreAt(StoreLayout(images_root)), domain)
 
 
 def memory_mib(image: Image) -> int:
