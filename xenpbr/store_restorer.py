@@ -7,14 +7,17 @@ the store: the daemon's phase controller and the CLI's ``xenpbr reboot`` both us
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from xenpbr.images.store import ImageStore
 
 
 class StoreRestorer:
     """:class:`~xenpbr.recovery.Restorer` over the image store and ``xl restore``."""
 
-    def __init__(self, store: ImageStore) -> None:
-        self.store = store
+    def __init__(self, store: ImageStore,
+                 rename: Callable[[str, str], str | None] | None = None) -> None:
+        self.store, self.rename = store, rename  # rename: a standby's (None: xl rename)
 
     def restore(self, domain: str, image_id: str) -> int:
         """Create ``domain`` paused from its stored image ``image_id``; its domid. A
@@ -22,7 +25,7 @@ class StoreRestorer:
         no memory is copied then."""
         from xenpbr.images import standby
         from xenpbr.images.restore import restore
-        taken = standby.take_over(self.store, domain, image_id)
+        taken = standby.take_over(self.store, domain, image_id, rename=self.rename)
         if taken is not None:
             return taken
         # monitor: xl stays behind as for `xl create`, to act on the restored guest's own

@@ -97,7 +97,9 @@ def _serve(conf: settings.Settings) -> int:
     """Open Xen and xenstore with ``conf`` (:class:`~xenpbr.settings.Settings`) and
     serve until SIGTERM/SIGINT."""
     from xenpbr.hypervisor.libxc import LibxcHypervisor
+    from xenpbr.store_restorer import StoreRestorer
     from xenpbr.xenstore import XenstoreClient
+    from xenpbr.xl.inprocess import InProcessXl
 
     state = StateDir(_usable_state_dir(conf.state_dir))
     store = ImageStore(state.images_root, default_quota=conf.image_quota)
@@ -110,7 +112,9 @@ def _serve(conf: settings.Settings) -> int:
         except OSError as exc:  # /dev/xen/privcmd, xenstored's socket ...
             raise DaemonStartError(f"cannot open Xen (run xenpbrd in dom0, as root, with "
                                    f"xenstored running): {exc}") from exc
-        Daemon(state, store, hv, xs_dom, xs_req).run()
+        in_process = stack.enter_context(InProcessXl(libdir))
+        Daemon(state, store, hv, xs_dom, xs_req,
+               restorer=StoreRestorer(store, rename=in_process.rename)).run()
     return 0
 
 

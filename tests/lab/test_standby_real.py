@@ -53,6 +53,8 @@ def test_a_standby_takes_over_each_crash_and_leaves_with_its_guest(
     name = guest.name
     try:
         xenpbrd_lab.wait_for_log(xen_host, READY.format(name=name), timeout=600)
+        # the rename on the path to service goes through libxl in xenpbrd's process
+        assert "libxl not opened in xenpbrd" not in xenpbrd_lab.log_text(xen_host)
         row = xl_row(xen_host, f"{name}--standby")
         assert row is not None and "p" in row[4], row  # restored paused, never ran
         assert uuid_of(xen_host, f"{name}--standby") == uuid_of(xen_host, name)

@@ -34,7 +34,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -148,11 +149,14 @@ def prepare(store: ImageStore, image: Image, xl: Sequence[str] = commands.XL) ->
 
 
 def take_over(store: ImageStore, domain: str, image_id: str,
-              xl: Sequence[str] = commands.XL) -> int | None:
+              xl: Sequence[str] = commands.XL,
+              rename: Callable[[str, str], str | None] | None = None) -> int | None:
     """Make the standby of ``image_id`` the domain ``domain`` (still paused); its domid.
 
     None if there is no usable standby for that image (any other standby is destroyed):
     the caller restores. The crashed domain must be gone already (the name is free).
+    ``rename(old, new)`` renames a domain (None, or why not): xenpbrd's goes through
+    libxl in-process (:mod:`xenpbr.xl.inprocess`); by default ``xl rename``.
     """
     standby = load(store, domain)
     if standby is None:
@@ -165,7 +169,7 @@ def take_over(store: ImageStore, domain: str, image_id: str,
     record_path(store, domain).unlink(missing_ok=True)  # used or gone: never again
     # by name: a standby destroyed meanwhile fails here (no `xl domid` round trip on the
     # path to service; a wrong domid would fail the ack, and recovery would restore)
-    problem = commands.rename(xl, standby.name, domain)
+    problem = (rename or partial(commands.rename, xl))(standby.name, domain)
     if problem:
         _LOG.warning("%s: standby %s (domid %d) not used: %s; restoring instead", domain,
                      standby.name, standby.domid, problem)
