@@ -16,8 +16,10 @@ class StoreRestorer:
     """:class:`~xenpbr.recovery.Restorer` over the image store and ``xl restore``."""
 
     def __init__(self, store: ImageStore,
-                 rename: Callable[[str, str], str | None] | None = None) -> None:
-        self.store, self.rename = store, rename  # rename: a standby's (None: xl rename)
+                 rename: Callable[[str, str], str | None] | None = None,
+                 domid_of: Callable[[str], int | None] | None = None) -> None:
+        # a standby's rename and a restored domain's lookup (None: the xl commands)
+        self.store, self.rename, self.domid_of = store, rename, domid_of
 
     def restore(self, domain: str, image_id: str) -> int:
         """Create ``domain`` paused from its stored image ``image_id``; its domid. A
@@ -31,4 +33,4 @@ class StoreRestorer:
         # monitor: xl stays behind as for `xl create`, to act on the restored guest's own
         # reboot or poweroff (on_reboot/on_poweroff of the config saved in the image).
         return restore(self.store, self.store.load(domain, image_id), paused=True,
-                       monitor=True).domid
+                       monitor=True, domid_of=self.domid_of).domid

@@ -114,7 +114,8 @@ def _serve(conf: settings.Settings) -> int:
                                    f"xenstored running): {exc}") from exc
         in_process = stack.enter_context(InProcessXl(libdir))
         Daemon(state, store, hv, xs_dom, xs_req,
-               restorer=StoreRestorer(store, rename=in_process.rename)).run()
+               restorer=StoreRestorer(store, rename=in_process.rename,
+                                      domid_of=in_process.domid)).run()
     return 0
 
 

@@ -602,3 +602,16 @@ def test_without_log_dirty_the_capture_falls_back_to_xl_save_for_good(store, liv
     assert not first.live and not second.live and first.raw_bytes == len(live_data)
     assert "live capture is not possible on this Xen" in caplog.text
     assert "CONFIG_SHADOW_PAGING" in caplog.text
+
+
+def test_a_given_lookup_replaces_both_xl_domid_calls(store, fake) -> None:
+    image = captured(store, fake)
+    (fake.state / "domains" / "vm1").unlink()
+    asked = []
+
+    def lookup(name: str) -> int | None:
+        asked.append(name)
+        return None if len(asked) == 1 else 42
+    result = restore(store, image, xl=fake.argv, domid_of=lookup)
+    assert result.domid == 42 and asked == ["pbr-guest", "pbr-guest"]
+    assert not any(c[0] == "domid" for c in fake.calls())

@@ -84,3 +84,15 @@ def test_a_rename_through_libxl_names_what_went_wrong() -> None:
                                                "(INVAL)")
     del context.names["a"]
     assert names.rename("a--standby", "a") is None and context.names == {"a": 7}
+
+
+def test_a_lookup_through_libxl_and_through_xl_when_libxl_fails(monkeypatch) -> None:
+    context = FakeContext()
+    names = in_process_with(context)
+    assert names.domid("a--standby") == 7 and names.domid("nobody") is None
+
+    def broken(name: str) -> int | None:
+        raise libxl.LibxlCallFailed("libxl_name_to_domid", -3, "fail")
+    context.domid = broken  # type: ignore[method-assign]
+    monkeypatch.setattr(inprocess.commands, "domid", lambda xl, name: 9)
+    assert names.domid("a") == 9

@@ -47,6 +47,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -86,7 +87,8 @@ def restore(store: ImageStore, image: Image, paused: bool = True, *,
             monitor: bool = False, verify_first: bool = False, timeout: float = 600.0,
             xl: Sequence[str] = ("xl",), use_hot: bool = True,
             hot_mode: str = "file", as_name: str | None = None,
-            revert_disks: bool = True) -> RestoreResult:
+            revert_disks: bool = True,
+            domid_of: Callable[[str], int | None] | None = None) -> RestoreResult:
     """Create a domain from ``image``; it stays paused unless ``paused=False``.
 
     Every byte xl reads is verified first: pages against the manifest's SHA-256, a hot
@@ -96,6 +98,8 @@ def restore(store: ImageStore, image: Image, paused: bool = True, *,
     the store (or drops a bad hot stream) before it is raised. ``as_name`` renames the
     domain (see the module's doc); ``revert_disks=False`` leaves the image's disk
     snapshots where they are (a standby's are put back when it takes over).
+    ``domid_of(name)`` looks a domain up (xenpbrd's asks libxl in its own process,
+    :mod:`xenpbr.xl.inprocess`); by default ``xl domid``.
 
     :raises CorruptObject, MissingObject: the image is damaged (nothing left behind).
     :raises RestoreFailed: xl failed or timed out (its message included).
@@ -106,7 +110,8 @@ def restore(store: ImageStore, image: Image, paused: bool = True, *,
     name = check_name(name or skeleton.embedded_name_uuid(image.stream)[0]
                       or image.meta.domain, "domain")
     start = time.monotonic()
-    existing = domid(xl, name)
+    lookup = domid_of or partial(domid, xl)
+    existing = lookup(name)
     if existing is not None:
         raise RestoreFailed(f"cannot restore {image.describe()}: a domain named {name} "
                             f"already exists (domid {existing}); destroy it first")
@@ -125,15 +130,16 @@ def restore(store: ImageStore, image: Image, paused: bool = True, *,
         if hot is not None and hot_mode == "file" and as_name is None:
             verify_s = hotcache.verify_file(hot, image.describe())
             return _restore_file(image, name, argv, hot.path, start, disks_s, timeout, xl,
-                                 verify_s)
+                                 verify_s, lookup)
         if hot is not None:
             return _restore_fifo(image, name, argv, start, disks_s, timeout, xl, verify_s,
                                  _renaming(as_name, lambda sink: hotcache.stream_verified(
                                      hot, sink, image.describe())),
-                                 hot=True, paused=paused)
+                                 hot=True, paused=paused, lookup=lookup)
         with store.reader(image) as pages:
             return _restore_fifo(image, name, argv, start, disks_s, timeout, xl, verify_s,
-                                 _renaming(as_name, pages.write_to), hot=False, paused=paused)
+                                 _renaming(as_name, pages.write_to), hot=False, paused=paused,
+                                 lookup=lookup)
     except ImageInvalid as err:
         _reject(store, image, err)
         raise
@@ -178,7 +184,7 @@ def _reject(store: ImageStore, image: Image, err: ImageInvalid) -> None:
 def _restore_fifo(image: Image, name: str, argv: list[str], start: float,
                   disks_s: dict[str, float], timeout: float, xl: Sequence[str],
                   verify_s: float, source: Callable[[BinaryIO], int], *, hot: bool,
-                  paused: bool) -> RestoreResult:
+                  paused: bool, lookup: Callable[[str], int | None]) -> RestoreResult:
     """``xl restore`` reading a FIFO that ``source`` fills with verified bytes; any
     verification failure kills xl and destroys the partial domain before it can run."""
     with tempfile.TemporaryDirectory(prefix="xenpbr-restore-") as tmp:
@@ -218,7 +224,7 @@ def _restore_fifo(image: Image, name: str, argv: list[str], start: float,
         if rc != 0 or proc.timed_out:
             raise RestoreFailed(_xl_failed(image, name, proc, "after the whole image was sent",
                                            _cleanup(xl, proc, name)))
-    new_domid = _new_domid(xl, image, name, proc)
+    new_domid = _new_domid(lookup, image, name, proc)
     done = time.monotonic()
     _LOG.info("restored %s as domain %s (domid %d%s) from %s in %.2f s: before xl %.2f s "
               "(disk reverts %.2f s), stream %.2f s (%.0f MiB/s, verified), xl after the "
@@ -234,7 +240,8 @@ def _restore_fifo(image: Image, name: str, argv: list[str], start: float,
 
 def _restore_file(image: Image, name: str, argv: list[str], path: Path, start: float,
                   disks_s: dict[str, float], timeout: float,
-                  xl: Sequence[str], verify_s: float) -> RestoreResult:
+                  xl: Sequence[str], verify_s: float,
+                  lookup: Callable[[str], int | None]) -> RestoreResult:
     """``xl restore FILE`` of the image's hot stream, verified whole just beforehand
     (``hot_mode="file"``, the default: measured against streaming, docs/images.md)."""
     try:
@@ -245,7 +252,7 @@ def _restore_file(image: Image, name: str, argv: list[str], path: Path, start: f
     if rc != 0 or proc.timed_out:
         raise RestoreFailed(_xl_failed(image, name, proc, f"reading {path}",
                                        _cleanup(xl, proc, name)))
-    new_domid = _new_domid(xl, image, name, proc)
+    new_domid = _new_domid(lookup, image, name, proc)
     done = time.monotonic()
     xl_s = (proc.ended or done) - proc.started
     _LOG.info("restored %s as domain %s (domid %d) from its hot stream in %.2f s: before xl "
@@ -256,9 +263,10 @@ def _restore_file(image: Image, name: str, argv: list[str], path: Path, start: f
                          image.meta.stream_bytes, proc.output(), disks_s, hot=True)
 
 
-def _new_domid(xl: Sequence[str], image: Image, name: str, proc: XlProcess) -> int:
+def _new_domid(lookup: Callable[[str], int | None], image: Image, name: str,
+               proc: XlProcess) -> int:
     """The domid of the domain xl just restored (it exited 0, so there must be one)."""
-    new_domid = domid(xl, name)
+    new_domid = lookup(name)
     if new_domid is None:
         raise RestoreFailed(f"xl restore of {image.describe()} exited successfully but no "
                             f"domain named {name} exists; xl said: {proc.message()}")

@@ -1,5 +1,5 @@
-""":class:`InProcessXl`: what xenpbrd would ask ``xl`` on a recovery's path to service,
-asked of libxl in its own process instead.
+""":class:`InProcessXl`: what xenpbrd would ask ``xl`` on a recovery's path to service
+(a standby's rename, a restored domain's domid), asked of libxl in its own process.
 
 Why: under the lab's TCG an ``xl`` process costs more to start than its call (``xl
 rename`` of a standby: about 0.4 s of a 1 s recovery). libxl is the library xl calls, so
@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class InProcessXl:
-    """``rename`` through one :class:`~xenpbr.ctypes_libxc.libxl.LibxlContext`, or ``xl``."""
+    """``rename`` and ``domid`` through one
+    :class:`~xenpbr.ctypes_libxc.libxl.LibxlContext`, or ``xl``."""
 
     def __init__(self, libdir: str | None = None,
                  xl: Sequence[str] = commands.XL) -> None:
@@ -45,6 +46,16 @@ class InProcessXl:
         except XenpbrError as exc:
             return str(exc)
         return None
+
+    def domid(self, name: str) -> int | None:
+        """The domid of domain ``name``, None if there is none (as
+        :func:`xenpbr.xl.commands.domid`; a libxl failure asks xl)."""
+        if self.context is not None:
+            try:
+                return self.context.domid(name)
+            except XenpbrError as exc:
+                log.warning("libxl_name_to_domid(%s) failed (%s); asking xl", name, exc)
+        return commands.domid(self.xl, name)
 
     def close(self) -> None:
         if self.context is not None:
