@@ -34,3 +34,10 @@ class StoreRestorer:
         # reboot or poweroff (on_reboot/on_poweroff of the config saved in the image).
         return restore(self.store, self.store.load(domain, image_id), paused=True,
                        monitor=True, domid_of=self.domid_of).domid
+
+    def standby_image(self, domain: str) -> str | None:
+        """The image ``domain``'s standby holds (recovery's
+        :class:`~xenpbr.recovery.Standbys`), None without one."""
+        from xenpbr.images import standby
+        held = standby.load(self.store, domain)
+        return None if held is None else held.image_id

@@ -100,6 +100,7 @@ def _serve(conf: settings.Settings) -> int:
     from xenpbr.store_restorer import StoreRestorer
     from xenpbr.xenstore import XenstoreClient
     from xenpbr.xl.inprocess import InProcessXl
+    from xenpbr.xl.toolstack import XlToolstack
 
     state = StateDir(_usable_state_dir(conf.state_dir))
     store = ImageStore(state.images_root, default_quota=conf.image_quota)
@@ -114,6 +115,7 @@ def _serve(conf: settings.Settings) -> int:
                                    f"xenstored running): {exc}") from exc
         in_process = stack.enter_context(InProcessXl(libdir))
         Daemon(state, store, hv, xs_dom, xs_req,
+               toolstack=XlToolstack(hypervisor=hv, renamer=in_process.rename),
                restorer=StoreRestorer(store, rename=in_process.rename,
                                       domid_of=in_process.domid)).run()
     return 0

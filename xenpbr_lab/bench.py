@@ -52,7 +52,6 @@ DEFAULT_METHODS = ("normal", "phasereboot", "xl-restore", "phasereboot-standby")
 #: store fills up, since dom0's root file system (RAM) cannot hold both at 512 MiB.
 RUN_ORDER = ("normal", "xl-restore", "phasereboot-fifo", "phasereboot-standby", "phasereboot")
 HOT_READY = r"hot stream of {name}/{image} ready"
-STANDBY_READY = r"standby of {name}/\S+ ready as "
 MEMORY_MIB = (128, 256, 512)
 PANIC = r"Kernel panic - not syncing"
 ALIVE = r"XENPBR-APP: alive"
@@ -146,21 +145,15 @@ def _start(host: XenHost, guest: LabDomain, method: str, workload: str) -> float
     guest.watch_console([LAST_BOUNDARY[workload], ALIVE], timeout=600)
     took = time.monotonic() - start
     if method == "phasereboot":  # the newest image's stream, not an earlier phase's
-        newest = max((r["image"] for r in xenpbrd.cli(host, "images", guest.name)
-                      if r.get("image")), default="")
+        newest = xenpbrd.newest_image(host, guest.name)
         xenpbrd.wait_for_log(host, HOT_READY.format(name=guest.name, image=newest),
                              timeout=600)
     if method == "phasereboot-standby":
-        wait_for_standby(host, guest.name, 1)
+        xenpbrd.wait_for_standby(host, guest.name, 1)
     if method == "xl-restore":
         host.run(["mkdir", "-p", CHECKPOINT_DIR])
         guest.save_checkpoint(f"{CHECKPOINT_DIR}/{guest.name}.chk", timeout=600)
     return round(took, 2)
-
-
-def wait_for_standby(host: XenHost, name: str, count: int) -> None:
-    """Until xenpbrd has prepared ``count`` standbys of ``name`` in all."""
-    xenpbrd.wait_for_log(host, STANDBY_READY.format(name=name), timeout=600, count=count)
 
 
 def _crash_and_time(host: XenHost, guest: LabDomain, method: str) -> float:
@@ -230,7 +223,7 @@ def run_config(host: XenHost, workload: str, memory_mib: int, repeats: int,
             facts.first_boot_s[method] = _start(host, guest, method, workload)
             for run in range(1, repeats + 1):
                 if method == "phasereboot-standby":  # the one replacing the last used
-                    wait_for_standby(host, guest.name, run)
+                    xenpbrd.wait_for_standby(host, guest.name, run)
                 downtime = _crash_and_time(host, guest, method)
                 breakdown: dict[str, float] = {}
                 if method.startswith("phasereboot"):

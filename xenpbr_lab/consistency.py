@@ -52,12 +52,17 @@ RECORD = re.compile(r"^rec (\d+) ", re.M)
 REVERTED = re.compile(r"disk (\S+) \(\S+\) of \S+ reverted to image \S+ by (\S+) in ([\d.]+) s")
 
 
-def _guest(host: XenHost, name: str, hazard: str, live_capture: bool = False) -> LabDomain:
+def _guest(host: XenHost, name: str, hazard: str, live_capture: bool = False,
+           standby: bool = False) -> LabDomain:
     """The proof's guest; with ``live_capture`` xenpbrd captures it while it runs
     (``xenpbr_live_capture = 1``: the disk snapshots move into the live copy's last
-    suspension, which the same checks then judge)."""
+    suspension, which the same checks then judge); with ``standby`` each crash is taken
+    over by a standby domain (``xenpbr_standby = 1``: the root disk is reverted under
+    the standby's attached backend)."""
     made = disks.make_disks(host, name)
     live = {"xenpbr_live_capture": 1} if live_capture else {}
+    if standby:
+        live["xenpbr_standby"] = 1
     return LabDomain(host, name, memory_mib=MEMORY_MIB, mode="consist",
                      on_crash="phasereboot", extra=f"lab.root=/dev/xvda lab.hazard={hazard}",
                      disk=made.specs, xenpbr_disks=["xvda=snapshot", "xvdb=persistent"],
@@ -97,8 +102,11 @@ def hazard_refusal(host: XenHost, live_capture: bool = False) -> str | None:
     return match.group(2).strip()
 
 
-def _cycle(host: XenHost, guest: LabDomain, n: int) -> dict[str, Any]:
-    """Crash the guest once; wait until its writer and logger run again."""
+def _cycle(host: XenHost, guest: LabDomain, n: int, standby: bool = False) -> dict[str, Any]:
+    """Crash the guest once (with ``standby``, once its n-th standby is ready); wait until
+    its writer and logger run again."""
+    if standby:
+        xenpbrd.wait_for_standby(host, guest.name, n)
     watched = guest.watch_console([PANIC, WRITER_START, LOGGER], after=guest.console_size(),
                                   timeout=600, trigger=f"xl sysrq {guest.name} c")
     history = xenpbrd.cli(host, "history", guest.name)
@@ -138,21 +146,23 @@ def _timings(log_text: str, images: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_proof(host: XenHost, cycles: int = CYCLES,
               progress: Callable[[str], None] = lambda line: None,
-              evidence: Path | None = None, live_capture: bool = False) -> dict[str, Any]:
+              evidence: Path | None = None, live_capture: bool = False,
+              standby: bool = False) -> dict[str, Any]:
     """Run the whole proof in a booted lab; return the report. ``live_capture``: the
-    guests' phases are captured live (needs a hypervisor with shadow paging)."""
+    guests' phases are captured live (needs a hypervisor with shadow paging);
+    ``standby``: each crash is taken over by a standby domain."""
     xenpbrd.start(host)
     guest: LabDomain | None = None
     try:
         refused = hazard_refusal(host, live_capture)
         progress(f"hazard inside the app phase: {'refused: ' + refused if refused else 'ACCEPTED'}")
-        guest = _guest(host, "c-main", "after", live_capture)
+        guest = _guest(host, "c-main", "after", live_capture, standby)
         _create(host, guest)
         guest.watch_console([LAST_BOUNDARY, WRITER_START, LOGGER], timeout=600)
         images = xenpbrd.cli(host, "images", guest.name)
         recoveries = []
         for n in range(1, cycles + 1):
-            recoveries.append(_cycle(host, guest, n))
+            recoveries.append(_cycle(host, guest, n, standby))
             progress(f"cycle {n}/{cycles}: recovered via {recoveries[-1]['method']}, writer "
                      f"back after {recoveries[-1]['writer_back_s']:.2f} s")
         console = guest.console()

@@ -44,6 +44,24 @@ def wait_for_log(host: "XenHost", pattern: str, timeout: float = 120.0,
              timeout=timeout + 10)
 
 
+#: xenpbrd's log line when a domain's standby is ready (xenpbr.images.standby.prepare).
+STANDBY_READY = r"standby of {name}/{image} ready as {name}--standby "
+
+
+def newest_image(host: "XenHost", name: str) -> str:
+    """The id of the domain's newest image (``xenpbr images``)."""
+    return max((r["image"] for r in cli(host, "images", name) if r.get("image")), default="")
+
+
+def wait_for_standby(host: "XenHost", name: str, count: int = 1,
+                     timeout: float = 600.0) -> None:
+    """Until xenpbrd has prepared ``count`` standby domains of ``name``'s newest image in
+    all (a standby of an earlier phase's image, prepared before the guest reached its
+    last boundary, does not count)."""
+    wait_for_log(host, STANDBY_READY.format(name=name, image=newest_image(host, name)),
+                 timeout=timeout, count=count)
+
+
 def log_text(host: "XenHost") -> str:
     return host.run(["cat", LOG], check=False).stdout
 

@@ -1,0 +1,104 @@
+"""Recovery with a standby domain (:class:`~xenpbr.recovery.Standbys`): the crashed
+domain is set aside instead of destroyed first, unless a disk must be reverted."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_recovery import FakeXen, domain_with_an_image_per_phase
+from xenpbr.recovery import CandidateFailed, Recovery
+from xenpbr.state import StateDir
+
+
+class FakeXenWithStandby(FakeXen):
+    """A restorer that keeps a standby of ``held`` and a toolstack that renames."""
+
+    def __init__(self, held: str | None) -> None:
+        super().__init__()
+        self.held = held
+        self.rename_fails = False
+        self.aside_left = False  # a set-aside domain is still there (xenpbrd was killed)
+
+    def standby_image(self, domain: str) -> str | None:
+        return self.held
+
+    def state(self, name: str) -> str | None:
+        return None if name.endswith("--crashed") and not self.aside_left else self.domain_state
+
+    def rename(self, old: str, new: str) -> None:
+        self.calls.append(("rename", old, new))
+        if self.rename_fails:
+            raise CandidateFailed("xl rename failed")
+
+
+def recovery_with(state: StateDir, xen: FakeXen) -> Recovery:
+    clock = itertools.count(100.0, 0.5)
+    return Recovery(state, xen, xen, xen, clock=lambda: next(clock))
+
+
+def test_with_a_standby_of_the_chosen_image_the_crashed_domain_is_destroyed_after(
+        tmp_path: Path) -> None:
+    state = domain_with_an_image_per_phase(tmp_path)
+    xen = FakeXenWithStandby("img-app")
+    timeline = recovery_with(state, xen).recover("g", "crash").timeline
+    assert xen.calls == [("rename", "g", "g--crashed"), ("restore", "img-app"),
+                         ("ack", 10, 3, 1), ("unpause", 10), ("destroy", "g--crashed")]
+    destroyed = next(m for m in timeline.marks if m.name == "destroyed")
+    assert destroyed.detail.startswith("set aside as g--crashed")
+
+
+def test_a_set_aside_domain_is_destroyed_even_when_every_candidate_failed(
+        tmp_path: Path) -> None:
+    state = domain_with_an_image_per_phase(tmp_path)
+    xen = FakeXenWithStandby("img-app")
+    xen.bad_images = {"img-app", "img-services", "img-kernel"}
+    xen.create_fails = True
+    with pytest.raises(Exception, match="could not be recovered"):
+        recovery_with(state, xen).recover("g", "crash")
+    assert xen.calls[-1] == ("destroy", "g--crashed")
+
+
+@pytest.mark.parametrize("held", [None, "img-services"])
+def test_without_a_standby_of_the_chosen_image_the_crashed_domain_goes_first(
+        tmp_path: Path, held: str | None) -> None:
+    state = domain_with_an_image_per_phase(tmp_path)
+    xen = FakeXenWithStandby(held)
+    recovery_with(state, xen).recover("g", "crash")
+    assert xen.calls[0] == ("destroy", "g") and not any(c[0] == "rename" for c in xen.calls)
+
+
+def test_a_disk_the_image_reverts_needs_the_crashed_domain_gone_first(tmp_path: Path) -> None:
+    state = domain_with_an_image_per_phase(tmp_path)
+    state.register("g", {"name": "g", "disk": ["vdev=xvda, target=/img/root"],
+                         "xenpbr_disks": ["xvda=snapshot"]}, 'name = "g"\n', "g.cfg")
+    xen = FakeXenWithStandby("img-app")
+    recovery_with(state, xen).recover("g", "crash")
+    assert xen.calls[0] == ("destroy", "g")
+
+
+def test_a_failed_set_aside_destroys_the_crashed_domain_as_always(tmp_path: Path) -> None:
+    state = domain_with_an_image_per_phase(tmp_path)
+    xen = FakeXenWithStandby("img-app")
+    xen.rename_fails = True
+    recovery_with(state, xen).recover("g", "crash")
+    assert xen.calls[:2] == [("rename", "g", "g--crashed"), ("destroy", "g")]
+    assert ("destroy", "g--crashed") not in xen.calls
+
+
+def test_a_set_aside_domain_left_by_a_killed_xenpbrd_is_destroyed_at_resume(
+        tmp_path: Path) -> None:
+    state = domain_with_an_image_per_phase(tmp_path)
+    xen = FakeXenWithStandby("img-app")
+    xen.domain_state = "-b----"  # the standby runs as g: handed back before the kill
+    xen.aside_left = True
+    state.begin_recovery("g", {"trigger": "crash"})
+    assert recovery_with(state, xen).resume_interrupted("g") is None
+    assert ("destroy", "g--crashed") in xen.calls
+    xen.calls.clear()
+    xen.aside_left = False
+    state.begin_recovery("g", {"trigger": "crash"})
+    recovery_with(state, xen).resume_interrupted("g")
+    assert ("destroy", "g--crashed") not in xen.calls  # nothing set aside: nothing done
