@@ -1,11 +1,12 @@
 """Standby domains on real Xen (``xenpbr_standby = 1``, :mod:`xenpbr.images.standby`).
 
 xenpbrd restores the newest image paused beside the running guest as ``NAME--standby``;
-a crash is recovered by destroying the crashed domain, renaming the standby and
-unpausing it. Checked here: the standby exists paused with the guest's UUID, two crashes
-in a row are each recovered by a standby (a new one is prepared after each), xl's
-monitor reboots the renamed guest under its own name, and the standby goes with the
-guest. The downtime against a restore is measured by ``make bench``
+a crash is recovered by setting the crashed domain aside, renaming the standby and
+unpausing it, then destroying the crashed domain. Checked here: the standby exists
+paused with the guest's UUID, two crashes in a row are each recovered by a standby (a
+new one is prepared after each), xl's monitor reboots the renamed guest under its own
+name, and the standby goes with the guest; with disks (long), the consistency proof.
+The downtime against a restore is measured by ``make bench``
 (``phasereboot-standby``).
 """
 
@@ -70,6 +71,10 @@ def test_a_standby_takes_over_each_crash_and_leaves_with_its_guest(
             history = wait_for_history(xen_host, name, lambda h, n=crash: len(h) >= n and
                                        "service_ready" in h[-1]["since_crash"])
             marks = history[-1]["since_crash"]
+            # no snapshot disk: the crashed domain was set aside, destroyed after
+            destroyed = next(m for m in history[-1]["marks"] if m["name"] == "destroyed")
+            assert destroyed["detail"].startswith(f"set aside as {name}--crashed"), destroyed
+            assert xl_row(xen_host, f"{name}--crashed") is None
             print(f"crash {crash}: agent saw 'restored' {took:.2f} s after the crash "
                   f"(host clock); restore step "
                   f"{marks['restore_finished'] - marks['restore_started']:.2f} s; {marks}")
