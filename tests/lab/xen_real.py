@@ -282,3 +282,15 @@ def agent_verdicts(guest: LabDomain, count: int, after: int = 0,
                            timeout=timeout)
     found = re.findall(AGENT_LINE, guest.console()[after:])
     return [(p, v, int(rc)) for p, v, rc in found[:count]]
+
+
+def assert_disks_consistent(report: dict[str, Any], cycles: int) -> None:
+    """What a consistency proof's report (``xenpbr_lab.consistency``) must say after
+    ``cycles`` crashes: each recovered from the app phase, the writer ran, no
+    acknowledged record lost or doubled, both disks clean, the logger works again."""
+    assert report["cycles"] == cycles, report
+    assert report["recovered_by_phase_app"] == cycles, report  # never a normal reboot
+    assert report["acked_records"] > cycles, report  # the writer ran in every cycle
+    assert report["lost_records"] == 0 and report["duplicate_records"] == 0, report
+    assert report["fsck_root_clean"] and report["fsck_data_clean"], report
+    assert report["logger_after_restore_works"], report

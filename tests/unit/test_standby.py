@@ -174,7 +174,7 @@ def test_discard_destroys_the_standby_and_its_record(store, fake) -> None:
 def test_recovery_uses_the_standby_and_restores_without_one(store, fake, monkeypatch) -> None:
     from xenpbr.xl import commands
     monkeypatch.setattr(commands, "XL", fake.argv)
-    monkeypatch.setattr(standby.take_over, "__defaults__", (fake.argv,))
+    monkeypatch.setattr(standby.take_over, "__defaults__", (fake.argv, None))
     image = captured(store, fake)
     standby.prepare(store, image, fake.argv)
     (fake.state / "domains" / "vm1").unlink()
