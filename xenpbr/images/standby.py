@@ -5,9 +5,10 @@ copying the image's memory into it. An operator who can spare one more guest's m
 (``xenpbr_standby = 1``) lets xenpbrd do that work *before* the crash: once the newest
 image is stored (and its hot stream written), it is restored paused beside the running
 guest as ``<name>--standby``, with the same UUID and devices (xl's own local migration
-runs its receiving domain the same way). On a crash the recovery destroys the crashed
-domain, puts the image's disk snapshots back, renames the standby to the guest's name
-and acks and unpauses it: no copy of memory is left on the path to service (xenconsoled
+runs its receiving domain the same way). On a crash the recovery sets the crashed domain
+aside (or destroys it first, when a disk must be reverted: :mod:`xenpbr.recovery`),
+renames the standby to the guest's name, puts the image's disk snapshots back, and acks
+and unpauses it: no copy of memory is left on the path to service (xenconsoled
 is told to reopen its logs, so the guest's console log keeps its name: :mod:`xenpbr.xl.
 consoled`). Then a new standby is restored for the next crash.
 
@@ -23,9 +24,9 @@ A record beside the hot streams says which image and domid a standby holds::
 
     <store>/standby/<domain>.json   {"image_id", "domid", "name", "snapshot_disks", ...}
 
-A standby is used only if its record names the image recovery chose and the domain of
-that name still has the recorded domid; anything else is destroyed and the image is
-restored the usual way. A standby never blocks a recovery: every failure here is
+A standby is used only if its record names the image recovery chose and a domain of
+the standby's name is still there to rename; anything else is destroyed and the image
+is restored the usual way. A standby never blocks a recovery: every failure here is
 reported as "no standby", and the caller restores.
 """
 
