@@ -17,6 +17,7 @@ from tests.unit.streams import synth
 from xenpbr.images import (
     CorruptObject,
     GcRefused,
+    ImageError,
     ImageInvalid,
     ImageNotFound,
     ImageStore,
@@ -25,6 +26,7 @@ from xenpbr.images import (
     QuotaExceeded,
     StoreBusy,
 )
+from xenpbr.images import skeleton
 from xenpbr.images.pagestore import PACK_HEADER, RECORD, ZERO_DIGEST
 from xenpbr.stream import read_stream
 
@@ -179,6 +181,63 @@ def test_corrupt_page_is_detected_with_its_image_and_pfn(store, data) -> None:
         store.regenerate(image, io.BytesIO())
     with pytest.raises(CorruptObject, match="contents do not match"):
         store.verify("vm1", meta.image_id)
+
+
+def test_batch_and_per_page_regeneration_write_the_same_bytes(store, data) -> None:
+    """``write_to`` serves each PAGE_DATA record with one ``get_pages`` call; the
+    per-page source (what other callers of write_stream use) gives the same stream."""
+    from xenpbr.stream import write_stream
+    meta, _ = capture(store, data)
+    image = store.load("vm1", meta.image_id)
+    calls: list[int] = []
+    with store.reader(image) as pages:
+        batch = io.BytesIO()
+        serve = pages.get_pages
+        write_stream(batch, image.stream, pages.get_page,
+                     get_pages=lambda pfns: calls.append(len(pfns)) or serve(pfns))
+    with store.reader(image) as pages:
+        single = io.BytesIO()
+        write_stream(single, image.stream, pages.get_page)
+    assert batch.getvalue() == single.getvalue() == data
+    # one call per PAGE_DATA record of synth's 1500-pfn stream (a few pfns carry no data)
+    assert calls == [len(b) for b in skeleton.data_pfn_batches(image.stream)]
+    assert len(calls) == 2 and 1000 < calls[0] <= 1024
+
+
+def test_batch_read_names_the_bad_page_of_the_record(store, data) -> None:
+    meta, _ = capture(store, data)
+    flip_byte(the_pack(store), PACK_HEADER.size + 1100 * REC + RECORD.size + 9)
+    image = store.load("vm1", meta.image_id)
+    first, second = skeleton.data_pfn_batches(image.stream)
+    with store.reader(image) as pages:
+        assert len(pages.get_pages(first)) == len(first) * PAGE  # the first record is intact
+        with pytest.raises(CorruptObject, match=r"page #1\d{3} \(pfn 0x[0-9a-f]+, sha256 "
+                                                r".*contents do not match") as err:
+            pages.get_pages(second)
+    assert err.value.pack == the_pack(store).stem  # what scrub drops
+    assert err.value.digest in image.hashes
+
+
+def test_batch_read_refuses_pfns_out_of_manifest_order(store, data) -> None:
+    meta, _ = capture(store, data)
+    image = store.load("vm1", meta.image_id)
+    first = next(skeleton.data_pfn_batches(image.stream))
+    swapped = [*first[:3], first[4], first[3], *first[5:]]
+    with store.reader(image) as pages, \
+            pytest.raises(ImageError, match=rf"page #3 requested for pfn {first[4]:#x}, the "
+                                            rf"manifest has pfn {first[3]} next"):
+        pages.get_pages(swapped)
+
+
+def test_a_batch_source_returning_too_few_bytes_is_a_record_error(store, data) -> None:
+    from xenpbr.stream import RecordError, write_stream
+    meta, _ = capture(store, data)
+    image = store.load("vm1", meta.image_id)
+    n = len(next(skeleton.data_pfn_batches(image.stream)))
+    with pytest.raises(RecordError, match=rf"get_pages\({n} pfns from 0x0\) returned 4096 "
+                                          rf"bytes, expected {n * PAGE}"):
+        write_stream(io.BytesIO(), image.stream, lambda pfn: bytes(PAGE),
+                     get_pages=lambda pfns: bytes(PAGE))
 
 
 def test_corrupt_record_header_is_detected(store, data) -> None:

@@ -336,14 +336,30 @@ def test_restore_refuses_when_the_domain_exists(store, fake) -> None:
 
 def test_corrupt_page_kills_xl_and_destroys_the_partial_domain(store, fake) -> None:
     image = captured(store, fake)
-    (pack,) = store.pages.dir.glob("*.pack")
-    raw = bytearray(pack.read_bytes())
-    raw[PACK_HEADER.size + 600 * (RECORD.size + 4096) + RECORD.size + 7] ^= 0x80
-    pack.write_bytes(bytes(raw))
-    with pytest.raises(CorruptObject, match=r"page #\d+ .*partial domain pbr-guest "
+    # a page of the second PAGE_DATA record: xl has built the domain from the first
+    _flip_stored_page(store, 1100)
+    with pytest.raises(CorruptObject, match=r"page #1\d\d\d .*partial domain pbr-guest "
                                             r"\(domid 7\) destroyed"):
         restore(store, image, xl=fake.argv)
     assert "pbr-guest" not in fake.domains()
+
+
+def test_corrupt_page_of_the_first_record_stops_xl_before_any_page(store, fake) -> None:
+    """Pages are read and checked a whole record (1024 pages) ahead of what xl gets."""
+    image = captured(store, fake)
+    _flip_stored_page(store, 600)
+    with pytest.raises(CorruptObject, match=r"page #\d+ .*no partial domain left"):
+        restore(store, image, xl=fake.argv)
+    assert "pbr-guest" not in fake.domains()
+    assert "corrupt" in (store.invalid_reason("vm1", image.meta.image_id) or "")
+
+
+def _flip_stored_page(store, n: int) -> None:
+    """Flip one bit of the ``n``-th page record of the (only) pack."""
+    (pack,) = store.pages.dir.glob("*.pack")
+    raw = bytearray(pack.read_bytes())
+    raw[PACK_HEADER.size + n * (RECORD.size + 4096) + RECORD.size + 7] ^= 0x80
+    pack.write_bytes(bytes(raw))
 
 
 def test_corruption_found_before_xl_with_verify_first(store, fake) -> None:

@@ -34,7 +34,7 @@ import json
 import logging
 import sys
 from array import array
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from construct import ConstructError
@@ -331,6 +331,14 @@ def data_pfns(stream: Stream):
             for w in rec.words:
                 if w >> fmt.PAGE_DATA_TYPE_SHIFT not in _NO_DATA_TYPES:
                     yield w & fmt.PAGE_DATA_PFN_MASK
+
+
+def data_pfn_batches(stream: Stream) -> Iterator[list[int]]:
+    """The data-carrying pfns of each PAGE_DATA record, one list per record, in stream
+    order (what :meth:`~.reader.ImageReader.get_pages` is asked for)."""
+    for image in stream.libxc_images:
+        for rec in image.page_data_records():
+            yield rec.data_pfns
 
 
 def embedded_config(stream: Stream) -> dict[str, Any] | None:

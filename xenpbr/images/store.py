@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from xenpbr.fsutil import atomic_write, atomic_write_json, fsync_dir
-from xenpbr.images import codecs, disks, garbage, hotcache, manifest, skeleton
+from xenpbr.images import codecs, disks, garbage, hotcache, manifest
 from xenpbr.images import scrub as scrubbing
 from xenpbr.images.errors import CorruptObject, ImageError, ImageInvalid, ImageNotFound
 from xenpbr.images.image import Image, ImageEntry, ImageMeta, check_name
@@ -332,8 +332,7 @@ class ImageStore:
         """Full check: manifest, then every page read back and hashed."""
         image = self.load(domain, image_id)
         with self.reader(image) as pages:
-            for pfn in skeleton.data_pfns(image.stream):
-                pages.get_page(pfn)
+            pages.verify_all()
         return image.meta
 
     # ------------------------------------------------------------------ removal

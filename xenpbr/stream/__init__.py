@@ -12,7 +12,8 @@ framing and sequential I/O), :mod:`.codec` (registry plumbing),
 :mod:`.errors`; ``python -m xenpbr.stream FILE`` checks a captured stream.
 """
 
-from xenpbr.stream.codec import EmptyRecord, OpaqueRecord, PageSource, PageVisitor, RecordVisitor
+from xenpbr.stream.codec import (EmptyRecord, OpaqueRecord, PageBatchSource, PageSource,
+                                 PageVisitor, RecordVisitor)
 from xenpbr.stream.errors import RecordError, StreamCodecError, StreamError
 from xenpbr.stream.headers import DomainHeader, ImageHeader, LibxlHeader, XlHeader
 from xenpbr.stream.libxc_records import (
@@ -39,8 +40,8 @@ __all__ = [
     "CheckpointStateRecord", "CpuidLeaf", "DomainHeader", "EmptyRecord", "EmulatorRecord",
     "HvmContextRecord", "HvmParamsRecord", "ImageHeader", "InMemoryPages", "LibxcContextRecord",
     "LibxcImage", "LibxlHeader", "LibxlStream", "MsrEntry", "OpaqueRecord", "PageDataRecord",
-    "PageEntry", "PageSource", "PageVisitor", "ReadLimits", "RecordError", "RecordVisitor",
-    "SharedInfoRecord", "Stream", "StreamCodecError", "StreamError", "X86CpuidPolicyRecord",
-    "X86MsrPolicyRecord", "X86PvInfoRecord", "X86PvP2mFramesRecord", "X86PvVcpuRecord",
-    "X86TscInfoRecord", "XlHeader", "read_stream", "write_stream",
+    "PageBatchSource", "PageEntry", "PageSource", "PageVisitor", "ReadLimits", "RecordError",
+    "RecordVisitor", "SharedInfoRecord", "Stream", "StreamCodecError", "StreamError",
+    "X86CpuidPolicyRecord", "X86MsrPolicyRecord", "X86PvInfoRecord", "X86PvP2mFramesRecord",
+    "X86PvVcpuRecord", "X86TscInfoRecord", "XlHeader", "read_stream", "write_stream",
 ]

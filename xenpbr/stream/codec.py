@@ -31,6 +31,10 @@ PageVisitor = Callable[[int, int, memoryview], None]
 call (copy or hash it, do not keep it)."""
 PageSource = Callable[[int], BytesLike]
 """``get_page(pfn) -> 4096 bytes``: supplies page contents when writing."""
+PageBatchSource = Callable[[list[int]], BytesLike]
+"""``get_pages(pfns) -> 4096 * len(pfns) bytes``: the data pages of one PAGE_DATA
+record at once, in record order. Optional: a source that can serve a whole batch
+saves the per-page calls, which dominate regeneration in Python (docs/images.md)."""
 
 
 class Record(Protocol):
@@ -70,6 +74,7 @@ class WriteContext(Generic[ImageT]):
     get_page: PageSource
     write_libxc: Callable[[ImageT], None] | None = None
     pages_written: int = 0
+    get_pages: PageBatchSource | None = None
 
 
 class Codec(NamedTuple):

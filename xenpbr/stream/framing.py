@@ -75,9 +75,14 @@ class Sink:
         self.offset = 0
 
     def write(self, data: BytesLike) -> None:
-        """Queue ``data``; flushes to the file once 256 KiB are pending."""
-        self._buf += data
+        """Queue ``data``; flushes to the file once 256 KiB are pending. A chunk of
+        that size or more goes to the file as it is (no copy into the buffer)."""
         self.offset += len(data)
+        if len(data) >= _SINK_FLUSH_AT:
+            self.flush()
+            self._f.write(data)
+            return
+        self._buf += data
         if len(self._buf) >= _SINK_FLUSH_AT:
             self.flush()
 

@@ -7,8 +7,10 @@ reader/writer use. Content checks mirror Xen's ``verify-stream-v2``
 (``xen/migration/libxc.py``); semantic checks that need domain state (vCPU
 blob sizes, p2m frame counts) are left to Xen's restore.
 
-PAGE_DATA bodies are never held whole: page contents stream through
-``ReadContext.on_page`` / ``WriteContext.get_page`` one 4 KiB page at a time.
+PAGE_DATA bodies are never held whole when read: page contents stream through
+``ReadContext.on_page`` one 4 KiB page at a time. When writing, a source that has
+``WriteContext.get_pages`` serves one record's pages at once (at most 1024 pages, 4 MiB);
+otherwise ``WriteContext.get_page`` is called per page.
 """
 
 from __future__ import annotations
@@ -102,13 +104,19 @@ class PageDataRecord:
     @property
     def data_pfns(self) -> list[int]:
         """Pfns whose contents follow in the record, in order."""
-        return [e.pfn for e in self if e.has_data]
+        shift, mask, no_data = (fmt.PAGE_DATA_TYPE_SHIFT, fmt.PAGE_DATA_PFN_MASK,
+                                fmt.PAGE_TYPES_WITHOUT_DATA)
+        return [w & mask for w in self.words if w >> shift not in no_data]
 
     @property
     def body_length(self) -> int:
         """Body length on the wire."""
+        return self.body_length_with(len(self.data_pfns))
+
+    def body_length_with(self, data_pages: int) -> int:
+        """Body length on the wire when ``data_pages`` of its pfns carry contents."""
         return (fmt.PAGE_DATA_HEADER.sizeof() + fmt.PFN_ENTRY_SIZE * self.count
-                + fmt.PAGE_SIZE * len(self.data_pfns))
+                + fmt.PAGE_SIZE * data_pages)
 
 
 def _check_pfn_words(body: BodyReader, words: array) -> int:
@@ -157,11 +165,30 @@ def _stream_pages(body: BodyReader, ctx: ReadContext, words: array) -> None:
 
 
 def emit_page_data(rec: Record, ctx: WriteContext) -> None:
-    """Emit a PAGE_DATA record, pulling contents from ``ctx.get_page``."""
+    """Emit a PAGE_DATA record, pulling contents from ``ctx.get_pages`` (one call for
+    the record) or else ``ctx.get_page`` (one call per page)."""
     assert isinstance(rec, PageDataRecord)
     header = fmt.PAGE_DATA_HEADER.build({"count": rec.count, "reserved1": 0})
-    write_record(ctx.sink, rec.rtype, rec.body_length,
-                 _page_chunks(rec, ctx, header))
+    if ctx.get_pages is None:
+        write_record(ctx.sink, rec.rtype, rec.body_length,
+                     _page_chunks(rec, ctx, header))
+        return
+    pfns = rec.data_pfns
+    write_record(ctx.sink, rec.rtype, rec.body_length_with(len(pfns)),
+                 (header, _words_to_le(rec.words), _fetch_pages(ctx, pfns)))
+
+
+def _fetch_pages(ctx: WriteContext, pfns: list[int]) -> BytesLike:
+    if not pfns:
+        return b""
+    assert ctx.get_pages is not None
+    data = ctx.get_pages(pfns)
+    if len(data) != fmt.PAGE_SIZE * len(pfns):
+        raise RecordError(f"get_pages({len(pfns)} pfns from {pfns[0]:#x}) returned "
+                          f"{len(data)} bytes, expected {fmt.PAGE_SIZE * len(pfns)}",
+                          offset=ctx.sink.offset, record="libxc record PAGE_DATA")
+    ctx.pages_written += len(pfns)
+    return data
 
 
 def _page_chunks(rec: PageDataRecord, ctx: WriteContext, header: bytes) -> Iterator[BytesLike]:

@@ -4,7 +4,8 @@ The exact inverse of :mod:`.reader`: for any stream ``s`` accepted by the
 reader, ``write_stream(parse(s), get_page=pages)`` reproduces ``s`` byte for
 byte when ``get_page(pfn)`` returns the contents seen by ``on_page``. Output is
 written sequentially through a bounded buffer; page contents are requested
-one at a time, in stream order, so a FIFO feeding ``xl restore`` works and
+one at a time (or one PAGE_DATA batch at a time, at most 4 MiB, through
+``get_pages``), in stream order, so a FIFO feeding ``xl restore`` works and
 memory stays bounded. Layouts: see :mod:`.format` and the specs it cites.
 """
 
@@ -15,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from typing import BinaryIO
 
 from xenpbr.stream import headers, libxc_records, libxl_records
-from xenpbr.stream.codec import Codec, PageSource, Record, WriteContext, codec_for_record
+from xenpbr.stream.codec import (Codec, PageBatchSource, PageSource, Record, WriteContext,
+                                 codec_for_record)
 from xenpbr.stream.format import REC_END
 from xenpbr.stream.framing import Sink
 from xenpbr.stream.model import LibxcImage, LibxlStream, Stream
@@ -24,14 +26,18 @@ _LOG = logging.getLogger(__name__)
 
 
 def write_stream(fileobj: BinaryIO, stream: Stream, get_page: PageSource, *,
+                 get_pages: PageBatchSource | None = None,
                  logger: logging.Logger | None = None) -> int:
     """Write ``stream`` to ``fileobj``; return the number of bytes written.
 
     :param get_page: ``get_page(pfn) -> bytes`` (exactly 4096 bytes) for every
         data-carrying pfn of every PAGE_DATA record, called in stream order.
+    :param get_pages: if given, called instead of ``get_page`` once per PAGE_DATA
+        record with its data-carrying pfns, in stream order.
     """
     log = logger or _LOG
-    ctx: WriteContext[LibxcImage] = WriteContext(Sink(fileobj), log, get_page)
+    ctx: WriteContext[LibxcImage] = WriteContext(Sink(fileobj), log, get_page,
+                                                 get_pages=get_pages)
     ctx.write_libxc = lambda image: _write_libxc(ctx, image)
     _write(ctx, stream)
     ctx.sink.flush()
