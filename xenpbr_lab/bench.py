@@ -52,7 +52,8 @@ DEFAULT_METHODS = ("normal", "phasereboot", "xl-restore", "phasereboot-standby")
 #: store fills up, since dom0's root file system (RAM) cannot hold both at 512 MiB.
 RUN_ORDER = ("normal", "xl-restore", "phasereboot-fifo", "phasereboot-standby", "phasereboot")
 HOT_READY = r"hot stream of {name}/{image} ready"
-MEMORY_MIB = (128, 256, 512)
+MEMORY_MIB = (128, 256, 512, 1024, 1740)  # 1740: the paper's 1.7 GB guest
+DEFAULT_MEMORY_MIB = (128, 256, 512)
 PANIC = r"Kernel panic - not syncing"
 ALIVE = r"XENPBR-APP: alive"
 LAST_BOUNDARY = {"bare": r"XENPBR-AGENT: kernel \S+ rc=",
@@ -73,6 +74,22 @@ def fits(workload: str, memory_mib: int) -> str | None:
         return (f"{workload} needs at least {need} MiB in the lab (its root file system "
                 f"lives in RAM; at {memory_mib} MiB the app is OOM-killed)")
     return None
+
+
+def host_sizes(memories: list[int]) -> dict[str, int]:
+    """QEMU's and dom0's memory (``XenHost`` keywords) for guests up to ``max(memories)``.
+
+    dom0's root file system is RAM and holds, for the largest guest, xenpbrd's store
+    (about one guest's memory once pages are shared between phases), the hot stream
+    (another) and ``xl-restore``'s checkpoint (a third, deleted before xenpbrd's turn);
+    Xen holds the guest and its standby beside dom0. Up to 512 MiB the lab's defaults
+    (4096 / 2048) have always sufficed; above, both grow with the guest.
+    """
+    biggest = max(memories)
+    if biggest <= 512:
+        return {}
+    dom0 = 1024 + 3 * biggest
+    return {"dom0_memory_mib": dom0, "memory_mib": dom0 + 2 * biggest + 768}
 
 
 def documents(memory_mib: int) -> int:

@@ -149,7 +149,11 @@ def _bench_busybox(args: argparse.Namespace, images: LabImages, workdir: Path,
     """The busybox workloads in one busybox dom0 (into ``samples``, ``facts`` and
     ``not_run``); Xen's version."""
     from . import bench
-    with XenHost(images, workdir) as host:
+    sizes = bench.host_sizes(args.memory)
+    sizes.update({key: value for key, value in (("memory_mib", args.qemu_memory),
+                                                ("dom0_memory_mib", args.dom0_memory))
+                  if value is not None})
+    with XenHost(images, workdir, **sizes) as host:
         xen = host.run("xl info | sed -n 's/^xen_version *: //p'").stdout.strip()
         try:
             for workload in workloads:
@@ -333,8 +337,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="bare, services, app: busybox guests at each --memory; debian: a "
                         "Debian 12 guest with systemd and PostgreSQL (512 MiB) on a Debian "
                         "dom0 (about 30 min alone); default: all four")
-    p.add_argument("--memory", type=_csv(int, (128, 256, 512)), default=[128, 256, 512],
-                   help="guest memory sizes in MiB (default 128,256,512)")
+    p.add_argument("--memory", type=_csv(int, bench_methods.MEMORY_MIB),
+                   default=list(bench_methods.DEFAULT_MEMORY_MIB),
+                   help="guest memory sizes in MiB, of "
+                        + ",".join(map(str, bench_methods.MEMORY_MIB))
+                        + " (default 128,256,512; above 512 QEMU and dom0 grow with the "
+                        "largest: bench.host_sizes)")
+    p.add_argument("--qemu-memory", type=_at_least(512), default=None,
+                   help="memory of the QEMU machine in MiB (default: what --memory needs)")
+    p.add_argument("--dom0-memory", type=_at_least(512), default=None,
+                   help="dom0's memory in MiB (default: what --memory needs)")
     p.add_argument("--repeats", type=int, default=5, help="crashes per method (default 5)")
     p.add_argument("--methods", type=_csv(str, bench_methods.METHODS),
                    default=list(bench_methods.DEFAULT_METHODS),

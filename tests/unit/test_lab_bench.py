@@ -172,3 +172,23 @@ def test_the_timeline_is_per_configuration() -> None:
     lines = bench_report._timelines(detail)
     assert "| bare | 512 MiB | 0.50 | 2.00 | `destroyed->restore_finished` |" in lines
     assert "| debian | 512 MiB | 0.50 | 17.00 | `destroyed->restore_finished` |" in lines
+
+
+def test_big_guests_grow_qemu_and_dom0_with_them() -> None:
+    assert bench.host_sizes([128, 256, 512]) == {}  # the lab's defaults
+    big = bench.host_sizes([128, 1740])
+    assert big["dom0_memory_mib"] >= 3 * 1740  # store, hot stream, xl-restore checkpoint
+    assert big["memory_mib"] >= big["dom0_memory_mib"] + 2 * 1740  # guest and standby
+    assert bench.host_sizes([1024])["memory_mib"] < big["memory_mib"]
+
+
+def test_bench_accepts_the_papers_size_and_refuses_others(monkeypatch, capsys) -> None:
+    from xenpbr_lab import cli
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(cli, "cmd_bench", lambda args: seen.update(vars(args)) or 0)
+    assert cli.main(["bench", "--memory", "1024,1740", "--qemu-memory", "16384"]) == 0
+    assert seen["memory"] == [1024, 1740] and seen["qemu_memory"] == 16384
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--memory", "1700"])
+    assert "'1700': expected a comma-separated list of 128, 256, 512, 1024, 1740" in \
+        capsys.readouterr().err
