@@ -27,7 +27,7 @@ from xenpbr.images import (
     StoreBusy,
 )
 from xenpbr.images import skeleton
-from xenpbr.images.pagestore import PACK_HEADER, RECORD, ZERO_DIGEST
+from xenpbr.images.pagestore import FLAG_CRC32, PACK_HEADER, RECORD, ZERO_DIGEST
 from xenpbr.stream import read_stream
 
 PAGE = 4096
@@ -238,6 +238,67 @@ def test_a_batch_source_returning_too_few_bytes_is_a_record_error(store, data) -
                                           rf"bytes, expected {n * PAGE}"):
         write_stream(io.BytesIO(), image.stream, lambda pfn: bytes(PAGE),
                      get_pages=lambda pfns: bytes(PAGE))
+
+
+def _record(store: ImageStore, n: int) -> tuple[int, tuple]:
+    """Offset and fields of the ``n``-th record of the (only) pack."""
+    off = PACK_HEADER.size + n * REC
+    return off, RECORD.unpack_from(the_pack(store).read_bytes(), off)
+
+
+def _rewrite_record_header(store: ImageStore, n: int, **fields: int) -> None:
+    names = ("codec", "kind", "flags", "stored", "raw", "crc", "digest")
+    off, values = _record(store, n)
+    new = dict(zip(names, values)) | fields
+    raw = bytearray(the_pack(store).read_bytes())
+    RECORD.pack_into(raw, off, *(new[k] for k in names))
+    the_pack(store).write_bytes(bytes(raw))
+
+
+def test_every_record_carries_the_crc32_of_its_payload(store, data) -> None:
+    import zlib
+    capture(store, data)
+    raw = the_pack(store).read_bytes()
+    for n in (0, 7, 300):
+        off, (_, _, flags, stored, _, crc, _) = _record(store, n)
+        assert flags & FLAG_CRC32
+        assert crc == zlib.crc32(raw[off + RECORD.size:off + RECORD.size + stored])
+
+
+def test_records_written_before_the_crc32_are_still_verified_by_sha256(store, data) -> None:
+    meta, _ = capture(store, data)
+    for n in range(0, 400, 3):  # as a store written before 2026-12-07 has them
+        _rewrite_record_header(store, n, flags=0, crc=0)
+    assert regenerate(store, "vm1", meta.image_id) == data
+    flip_byte(the_pack(store), PACK_HEADER.size + 6 * REC + RECORD.size + 50)
+    with pytest.raises(CorruptObject, match=r"page #\d+ .*contents do not match their SHA-256"):
+        regenerate(store, "vm1", meta.image_id)
+
+
+def test_a_damaged_crc32_field_refuses_the_record(store, data) -> None:
+    meta, _ = capture(store, data)
+    _, fields = _record(store, 9)
+    _rewrite_record_header(store, 9, crc=fields[5] ^ 0x10)
+    with pytest.raises(CorruptObject, match="CRC-32 mismatch"):
+        regenerate(store, "vm1", meta.image_id)
+    report = store.scrub(repair=False)
+    assert [b["reason"] for b in report.bad_objects if "CRC-32" in b["reason"]]
+
+
+def test_verify_and_scrub_recheck_sha256_where_restore_checks_crc32(store, data) -> None:
+    """Contents replaced *and* the CRC-32 rewritten to match is not accidental damage: a
+    restore's CRC check passes it, `xenpbr verify` and scrub re-hash and refuse it."""
+    import zlib
+    meta, _ = capture(store, data)
+    off, fields = _record(store, 11)
+    raw = bytearray(the_pack(store).read_bytes())
+    start = off + RECORD.size
+    raw[start:start + PAGE] = bytes([0xA5]) * PAGE
+    the_pack(store).write_bytes(bytes(raw))
+    _rewrite_record_header(store, 11, crc=zlib.crc32(bytes([0xA5]) * PAGE))
+    with pytest.raises(CorruptObject, match="contents do not match their SHA-256"):
+        store.verify("vm1", meta.image_id)
+    assert not store.scrub(repair=False).clean
 
 
 def test_corrupt_record_header_is_detected(store, data) -> None:

@@ -15,7 +15,11 @@ phases or domains reference it. Layout under ``<store>/packs/`` (byte layouts in
 Every record carries its codec byte and the digest of its raw contents, so a pack is
 self-describing: an index can be rebuilt by scanning it, and every read is verified
 against the digest the *manifest* expects (not the one in the record), so neither a
-flipped payload byte nor a misplaced index entry can hand out a wrong page.
+flipped payload byte nor a misplaced index entry can hand out a wrong page. Records
+written since 2026-12-07 also carry the CRC-32 of their payload (in a field that was
+reserved, flagged so older records are told apart): a restore checks that instead of
+re-hashing every page with SHA-256, which is six times slower in the lab's dom0 and
+was most of what regenerating a stream cost (docs/images.md, "Integrity rules").
 
 This module knows nothing about images or locking; :mod:`.store` adds both.
 """
@@ -29,6 +33,7 @@ import os
 import secrets
 import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +50,9 @@ ZERO_DIGEST = hashlib.sha256(ZERO_PAGE).digest()
 PACK_MAGIC = b"XPBRPACK"
 PACK_VERSION = 1
 PACK_HEADER = struct.Struct("<8sII16s")  # magic, version, header size, pack id
-RECORD = struct.Struct("<BBHIII32s")  # codec, kind, rsvd, stored_len, raw_len, rsvd, sha256
+RECORD = struct.Struct("<BBHIII32s")  # codec, kind, flags, stored_len, raw_len, crc32, sha256
 KIND_PAGE = 1
+FLAG_CRC32 = 0x1  # the record's crc32 field holds zlib.crc32(payload)
 MAX_STORED_LEN = 2 * PAGE_SIZE  # a codec may expand a page a little; never this much
 
 IDX_MAGIC = b"XPBRIDX\n"
@@ -151,7 +157,8 @@ class PackWriter:
         reclen = RECORD.size + len(payload)
         self.entries.append((digest, self.size, reclen))
         chunks = self._chunks
-        chunks.append(RECORD.pack(codec_id, KIND_PAGE, 0, len(payload), raw_len, 0, digest))
+        chunks.append(RECORD.pack(codec_id, KIND_PAGE, FLAG_CRC32, len(payload), raw_len,
+                                  zlib.crc32(payload), digest))
         chunks.append(payload)
         self.size += reclen
         self._pending += reclen
@@ -255,12 +262,13 @@ def scan_pack(path: Path) -> ScanResult:
         corrupt: list[int] = []
         off, size = PACK_HEADER.size, len(mm)
         while off + RECORD.size <= size:
-            codec_id, kind, _, stored, raw, _, digest = RECORD.unpack_from(mm, off)
+            codec_id, kind, flags, stored, raw, crc, digest = RECORD.unpack_from(mm, off)
             if kind != KIND_PAGE or codec_id not in codecs.BY_ID or stored > MAX_STORED_LEN \
                     or raw != PAGE_SIZE or off + RECORD.size + stored > size:
                 return ScanResult(entries, corrupt, off, f"unparseable record at offset {off}")
             reclen = RECORD.size + stored
-            if _digest_of(mm, off, codec_id, stored) == digest:
+            if _digest_of(mm, off, codec_id, stored) == digest \
+                    and _crc_matches(mm, off, flags, stored, crc):
                 entries.append((digest, off, reclen))
             else:
                 corrupt.append(off)
@@ -275,6 +283,12 @@ def _check_pack_header(path: Path, mm: mmap.mmap) -> None:
     magic, version, hsize, _ = PACK_HEADER.unpack_from(mm)
     if magic != PACK_MAGIC or version != PACK_VERSION or hsize != PACK_HEADER.size:
         raise CorruptObject(f"pack {path.name}: bad header (magic {magic!r}, version {version})")
+
+
+def _crc_matches(mm: mmap.mmap, off: int, flags: int, stored: int, crc: int) -> bool:
+    """True if the record has no CRC-32 (written before it existed) or its CRC-32 holds."""
+    start = off + RECORD.size
+    return not flags & FLAG_CRC32 or zlib.crc32(mm[start:start + stored]) == crc
 
 
 def _digest_of(mm: mmap.mmap, off: int, codec_id: int, stored: int) -> bytes | None:
@@ -509,29 +523,37 @@ class PackReader:
         pack_no = loc >> (_OFF_BITS + _LEN_BITS)  # split_loc() inlined: once per page
         off, reclen = (loc >> _LEN_BITS) & _OFF_MASK, loc & _LEN_MASK
         mm = self._maps.get(pack_no) or self._map(pack_no)
-        codec_id, kind, _, stored, raw_len, _, rec_digest = RECORD.unpack_from(mm, off)
+        codec_id, kind, flags, stored, raw_len, crc, rec_digest = RECORD.unpack_from(mm, off)
         if rec_digest != digest or kind != KIND_PAGE or RECORD.size + stored != reclen \
                 or raw_len != PAGE_SIZE:
             raise self._corrupt(pack_no, off, "record header does not match the index")
         start = off + RECORD.size
-        page = mm[start:start + stored]
+        page = payload = mm[start:start + stored]
         if codec_id:
             page = self._decode(pack_no, off, codec_id, page)
         if hashlib.sha256(page).digest() != digest:
             raise self._corrupt(pack_no, off, "checksum mismatch (contents do not match "
                                 "their SHA-256)")
+        if flags & FLAG_CRC32 and zlib.crc32(payload) != crc:
+            raise self._corrupt(pack_no, off, "CRC-32 mismatch (the record's header is "
+                                "damaged; its contents match their SHA-256)")
         return page
 
-    def read_joined(self, wanted: list[tuple[int, bytes] | None]) -> bytes:
-        """The pages ``wanted`` (``(loc, digest)``, None for a zero page), each verified
-        against its digest, joined in order: :meth:`read` for a whole PAGE_DATA record
-        with the per-page calls and copies taken out (what regeneration spends its time
-        on in Python).
+    def read_joined(self, wanted: list[tuple[int, bytes] | None], *,
+                    strong: bool = False) -> bytes:
+        """The pages ``wanted`` (``(loc, digest)``, None for a zero page), each verified,
+        joined in order: :meth:`read` for a whole PAGE_DATA record with the per-page
+        calls and copies taken out (what regeneration spends its time on in Python).
+
+        A record with a CRC-32 is checked against it and against the digest it is read
+        for (its name); ``strong`` (and a record without one) re-hashes its contents
+        with SHA-256 as :meth:`read` does. Any mismatch goes through :meth:`read`, which
+        says what is wrong.
 
         :raises CorruptObject: as :meth:`read`, plus ``index``: which page was bad.
         """
-        maps, sha256, unpack_from = self._maps, hashlib.sha256, RECORD.unpack_from
-        head = RECORD.size
+        maps, crc32, unpack_from = self._maps, zlib.crc32, RECORD.unpack_from
+        head, fast = RECORD.size, FLAG_CRC32 if not strong else 0
         pages: list[bytes] = []
         for index, page_ref in enumerate(wanted):
             if page_ref is None:
@@ -541,12 +563,11 @@ class PackReader:
             pack_no = loc >> (_OFF_BITS + _LEN_BITS)
             off, reclen = (loc >> _LEN_BITS) & _OFF_MASK, loc & _LEN_MASK
             mm = maps.get(pack_no) or self._map(pack_no)
-            codec_id, kind, _, stored, raw_len, _, rec_digest = unpack_from(mm, off)
+            codec_id, kind, flags, stored, raw_len, crc, rec_digest = unpack_from(mm, off)
             page = mm[off + head:off + head + stored]
-            if codec_id or rec_digest != digest or kind != KIND_PAGE \
-                    or head + stored != reclen or raw_len != PAGE_SIZE \
-                    or sha256(page).digest() != digest:
-                page = self._read_indexed(index, loc, digest)  # the slow path says why
+            if not flags & fast or codec_id or rec_digest != digest or kind != KIND_PAGE \
+                    or head + stored != reclen or raw_len != PAGE_SIZE or crc32(page) != crc:
+                page = self._read_indexed(index, loc, digest)  # SHA-256, and says why if bad
             pages.append(page)
         return b"".join(pages)
 

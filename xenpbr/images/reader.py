@@ -55,7 +55,11 @@ class ImageReader:
     def get_pages(self, pfns: list[int]) -> bytes:
         """Writer callback: the next ``len(pfns)`` data pages, verified and joined, in
         one call (one PAGE_DATA record): what regeneration uses, since per-page calls
-        cost more than the hashing in Python."""
+        cost more than the hashing in Python. Each record is checked against its CRC-32
+        and the digest the manifest names (see :meth:`.pagestore.PackReader.read_joined`)."""
+        return self._next_pages(pfns, strong=False)
+
+    def _next_pages(self, pfns: list[int], *, strong: bool) -> bytes:
         first = self._next
         expected = self._order[first:first + len(pfns)]
         if expected != pfns:
@@ -65,7 +69,8 @@ class ImageReader:
         locs, hashes = self._locs, self._hashes
         try:
             return self._packs.read_joined(
-                [None if ref == ZERO_REF else (locs[ref], hashes[ref]) for ref in refs])
+                [None if ref == ZERO_REF else (locs[ref], hashes[ref]) for ref in refs],
+                strong=strong)
         except CorruptObject as err:
             i = first + err.index  # type: ignore[attr-defined]
             raise self._corrupt(i, pfns[i - first], err) from err
@@ -89,9 +94,10 @@ class ImageReader:
         return bad
 
     def verify_all(self) -> None:
-        """Read and hash every data page of the image (nothing is written)."""
+        """Read every data page of the image and check its SHA-256 (nothing is written):
+        the full check of ``xenpbr verify`` and of a restore with ``verify_first``."""
         for rec_pfns in skeleton.data_pfn_batches(self.image.stream):
-            self.get_pages(rec_pfns)
+            self._next_pages(rec_pfns, strong=True)
 
     def write_to(self, fileobj: BinaryIO) -> int:
         """Regenerate the whole stream into ``fileobj``; return bytes written."""
