@@ -141,6 +141,25 @@ def test_a_new_capture_rewrites_a_bad_page_instead_of_reusing_it(store, fake) ->
     assert store.scrub().clean
 
 
+def test_stored_copies_are_checked_by_comparing_not_hashing(store, fake, monkeypatch) -> None:
+    """A capture holds the page it dedups against a stored record: comparing the two is
+    the check, done while the guest is paused; hashing is left for a mismatch."""
+    from xenpbr.images.pagestore import PackReader
+    captured(store, fake)
+    hashed: list[int] = []
+    read = PackReader.read
+    monkeypatch.setattr(PackReader, "read",
+                        lambda self, loc, digest: hashed.append(loc) or read(self, loc, digest))
+    other = ImageStore(store.root)  # another process: nothing verified yet
+    result = capture("vm1", other, "boot", xl=fake.argv)
+    assert result.stats.new_pages == 0 and other.pages.verified_pages > 1000
+    assert hashed == []
+    flip(the_pack(store), PAGE_600)
+    third = ImageStore(store.root)
+    assert capture("vm1", third, "boot", xl=fake.argv).stats.new_pages == 1
+    assert len(hashed) == 1  # the mismatch, hashed to say what is wrong, then dropped
+
+
 def test_the_same_process_rechecks_a_pack_that_changed_since_it_wrote_it(store, fake) -> None:
     captured(store, fake)
     assert store.pages.verified  # its own pages: hashed before they were written

@@ -430,14 +430,16 @@ class PageStore:
 
     # -- verification before reuse, and dropping bad records
 
-    def check_stored(self, digest: bytes) -> int | None:
+    def check_stored(self, digest: bytes, page: bytes | None = None) -> int | None:
         """The location of a *verified* stored copy of ``digest``, or None.
 
         Why: a capture that references a stored page instead of writing its own copy
         would carry a corrupted record into every later image. A digest not verified
-        since its pack last changed is read back and hashed (once per process); a bad
-        record is dropped from its index (:meth:`drop_record`), so the caller writes a
-        fresh copy and the store is repaired.
+        since its pack last changed is read back and checked (once per process): compared
+        byte for byte with ``page`` (the capture's own copy, whose SHA-256 it has just
+        computed: a compare is much cheaper than a hash, and this runs while the guest
+        is paused), else hashed; a bad record is dropped from its index
+        (:meth:`drop_record`), so the caller writes a fresh copy and the store is repaired.
         """
         loc = self.index.get(digest)
         if loc is None or digest in self.verified:
@@ -446,7 +448,8 @@ class PageStore:
         if self._checker is None:
             self._checker = PackReader(self)
         try:
-            self._checker.read(loc, digest)
+            if page is None or not self._checker.holds(loc, digest, page):
+                self._checker.read(loc, digest)  # hashes; raises saying what is wrong
         except CorruptObject as err:
             self.drop_record(digest, loc, str(err))
             return None
@@ -538,6 +541,19 @@ class PackReader:
             raise self._corrupt(pack_no, off, "CRC-32 mismatch (the record's header is "
                                 "damaged; its contents match their SHA-256)")
         return page
+
+    def holds(self, loc: int, digest: bytes, page: bytes) -> bool:
+        """True if the raw record at ``loc`` is ``digest``'s and its payload is exactly
+        ``page`` (False for anything else, compressed records included: :meth:`read`
+        then decides)."""
+        pack_no = loc >> (_OFF_BITS + _LEN_BITS)
+        off, reclen = (loc >> _LEN_BITS) & _OFF_MASK, loc & _LEN_MASK
+        mm = self._maps.get(pack_no) or self._map(pack_no)
+        codec_id, kind, _, stored, raw_len, _, rec_digest = RECORD.unpack_from(mm, off)
+        start = off + RECORD.size
+        return (codec_id == 0 and kind == KIND_PAGE and rec_digest == digest
+                and RECORD.size + stored == reclen and raw_len == PAGE_SIZE == len(page)
+                and mm[start:start + stored] == page)
 
     def read_joined(self, wanted: list[tuple[int, bytes] | None], *,
                     strong: bool = False) -> bytes:

@@ -107,11 +107,12 @@ class ImageStore:
         with self._mutex:
             self.pages.refresh()
 
-    def checked_loc(self, digest: bytes) -> int | None:
-        """A verified stored copy of ``digest`` for a capture to reference, or None
-        (absent, or found corrupt and dropped: store the page again)."""
+    def checked_loc(self, digest: bytes, page: bytes | None = None) -> int | None:
+        """A verified stored copy of ``digest`` (compared with ``page`` if given) for a
+        capture to reference, or None (absent, or found corrupt and dropped: store the
+        page again)."""
         with self._mutex:
-            return self.pages.check_stored(digest)
+            return self.pages.check_stored(digest, page)
 
     def drop_bad_record(self, digest: bytes, pack: str, offset: int, reason: str) -> bool:
         """Drop a record a reader found corrupt from its index (see

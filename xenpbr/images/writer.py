@@ -3,9 +3,9 @@
 A :class:`CaptureWriter` is the ``on_page`` visitor of :func:`xenpbr.stream.read_stream`.
 Per page it does the minimum: one copy, one compare against the zero page, one
 SHA-256, one dict lookup, and for a page new to the store one buffered append. A page
-already stored is referenced only once its stored record has been read back and hashed
-(:meth:`~.pagestore.PageStore.check_stored`, once per process while its pack file is
-unchanged): a corrupt record is dropped and the page written afresh, so one damaged
+already stored is referenced only once its stored record has been read back and
+compared with the page being captured (:meth:`~.pagestore.PageStore.check_stored`, once
+per process while its pack file is unchanged): a corrupt record is dropped and the page written afresh, so one damaged
 object is never carried into later images. New
 pages go to the writer's own pack files, invisible to everyone until :meth:`commit`
 seals them (fsync, then index) and publishes the manifest (temp + fsync + rename),
@@ -53,7 +53,7 @@ class CaptureTarget(Protocol):
 
     pages: PageStore
 
-    def checked_loc(self, digest: bytes) -> int | None: ...
+    def checked_loc(self, digest: bytes, page: bytes | None = None) -> int | None: ...
 
     def manifest_path(self, domain: str, image_id: str) -> Path: ...
 
@@ -135,7 +135,7 @@ class CaptureWriter:
             raise ImageError(f"capture {self.domain}/{self.image_id} is closed")
         loc = self._index.get(digest)
         if loc is not None and digest not in self._verified:
-            loc = self.store.checked_loc(digest)  # never reference an unverified record
+            loc = self.store.checked_loc(digest, page)  # never reference an unverified record
         if loc is None:
             pack = self._writable_pack()
             codec_id, payload = pack.encode(page)
