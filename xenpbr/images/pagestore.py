@@ -570,21 +570,26 @@ class PackReader:
         """
         maps, crc32, unpack_from = self._maps, zlib.crc32, RECORD.unpack_from
         head, fast = RECORD.size, FLAG_CRC32 if not strong else 0
+        pack_shift, off_shift, off_mask = _OFF_BITS + _LEN_BITS, _LEN_BITS, _OFF_MASK
+        # a raw page record of the expected size, CRC-32 flagged: (codec, kind, flags)
+        # and (stored, raw) as unpacked, compared as tuples (one comparison, not five)
+        good_kind, good_len = (0, KIND_PAGE, fast), (PAGE_SIZE, PAGE_SIZE)
         pages: list[bytes] = []
+        append = pages.append
         for index, page_ref in enumerate(wanted):
             if page_ref is None:
-                pages.append(ZERO_PAGE)
+                append(ZERO_PAGE)
                 continue
             loc, digest = page_ref
-            pack_no = loc >> (_OFF_BITS + _LEN_BITS)
-            off, reclen = (loc >> _LEN_BITS) & _OFF_MASK, loc & _LEN_MASK
-            mm = maps.get(pack_no) or self._map(pack_no)
+            off = (loc >> off_shift) & off_mask
+            mm = maps.get(loc >> pack_shift) or self._map(loc >> pack_shift)
             codec_id, kind, flags, stored, raw_len, crc, rec_digest = unpack_from(mm, off)
-            page = mm[off + head:off + head + stored]
-            if not flags & fast or codec_id or rec_digest != digest or kind != KIND_PAGE \
-                    or head + stored != reclen or raw_len != PAGE_SIZE or crc32(page) != crc:
+            page = mm[off + head:off + head + PAGE_SIZE]
+            if (codec_id, kind, flags & fast) != good_kind or (stored, raw_len) != good_len \
+                    or rec_digest != digest or loc & _LEN_MASK != head + PAGE_SIZE \
+                    or not fast or crc32(page) != crc:
                 page = self._read_indexed(index, loc, digest)  # SHA-256, and says why if bad
-            pages.append(page)
+            append(page)
         return b"".join(pages)
 
     def _read_indexed(self, index: int, loc: int, digest: bytes) -> bytes:

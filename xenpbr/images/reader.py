@@ -32,6 +32,8 @@ class ImageReader:
         self._packs = pages.open_reader()
         self._refs = image.refs
         self._hashes = image.hashes
+        # (location, digest) of each distinct page: what a batch read is asked for
+        self._wanted: list[tuple[int, bytes]] = list(zip(self._locs, self._hashes))
         self._next = 0
         self._order = list(skeleton.data_pfns(image.stream))  # 8 bytes a page
         self.pages_read = 0
@@ -66,11 +68,10 @@ class ImageReader:
             self._out_of_order(first, pfns, expected)
         self._next = first + len(pfns)
         refs = self._refs[first:self._next]
-        locs, hashes = self._locs, self._hashes
+        wanted = self._wanted
         try:
             return self._packs.read_joined(
-                [None if ref == ZERO_REF else (locs[ref], hashes[ref]) for ref in refs],
-                strong=strong)
+                [None if ref == ZERO_REF else wanted[ref] for ref in refs], strong=strong)
         except CorruptObject as err:
             i = first + err.index  # type: ignore[attr-defined]
             raise self._corrupt(i, pfns[i - first], err) from err
