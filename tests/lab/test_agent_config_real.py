@@ -39,6 +39,7 @@ def check_lines(console: str) -> list[str]:
             for line in console.splitlines() if "XENPBR-CHECK: " in line]
 
 
+@pytest.mark.long  # 1.2 min: make test-long (the agent's config checks: unit tests)
 @pytest.mark.timeout(600)
 def test_misspelled_key_boots_the_guest_fully_and_takes_no_image(
         xen_host: XenHost, lab_domain: Callable[..., LabDomain], xenpbrd: None) -> None:

@@ -29,7 +29,10 @@ from xenpbr_lab.debian_dom0 import DebianXenHost, build_dom0
 from xenpbr_lab.debian_guest_host import build_packages
 from xenpbr_lab.xl import LabDomain
 
-pytestmark = [pytest.mark.lab, pytest.mark.debian]
+# long: a second dom0 (Debian's, with systemd) boots for these, about 6 min of CI on a
+# slow machine; make test-debian (and make test-long) run them. CI checks the package
+# itself offline (tests/unit/test_debian_packaging.py) and xenpbrd on the lab's dom0.
+pytestmark = [pytest.mark.lab, pytest.mark.debian, pytest.mark.long]
 THREE = "kernel,services,app"
 
 
@@ -125,7 +128,6 @@ def test_the_packaged_xenpbrd_recovers_a_crashed_guest_from_its_image(installed)
     installed.run(["xl", "destroy", guest.name])
 
 
-@pytest.mark.long  # a dom0 reboot under TCG: make test-debian, make test-long
 @pytest.mark.timeout(1800)  # three captures, a crash, a dom0 reboot, a boot, a crash
 def test_a_guest_is_recovered_and_its_images_survive_a_dom0_reboot(installed) -> None:
     host = installed

@@ -163,7 +163,7 @@ def xenpbrd_with_quota(xen_host: XenHost):
         xen_host.run(f"rm -f {CONF} {ACK_LOG} /tmp/hostile-timeline.*", check=False)
 
 
-@pytest.mark.long  # 3.5 min: make test-long (CI keeps test_phasereboot_real's flooding test)
+@pytest.mark.long  # 3.5 min: make test-long (CI keeps test_protocol_real's hostile guest)
 @pytest.mark.timeout(1800)  # a kill limit only: TCG on a loaded machine can be very slow
 def test_a_flood_costs_only_the_flooder(xen_host, lab_domain, xenpbrd_with_quota) -> None:
     started = time.monotonic()

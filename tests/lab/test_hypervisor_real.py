@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 import uuid
 
+import pytest
+
 from tests.lab.xen_real import (
     create_unmonitored,
     forget_in_xenstore,
@@ -142,6 +144,7 @@ def test_h4_create_paused_and_restore_paused_leave_exactly_one_pause(
     assert resumed > 1  # the restored guest went on counting, it did not reboot
 
 
+@pytest.mark.long  # 1.3 min (six guests): make test-long (CI: h6, h7, h8 shut guests down)
 def test_h5_remote_shutdown_sets_reason_and_code(xen_host, lab_domain, dom0_python) -> None:
     """SUSPEND and SOFT_RESET are safe on a paused PV guest: Xen records the code, xl
     logs "Domain has suspended" / applies on_soft_reset=preserve, nothing else runs."""

@@ -76,6 +76,9 @@ def count_after(guest, offset: int) -> int:
     return int(guest.wait_for_console(r"count=(\d+) ", after=offset).group(1))
 
 
+# long: 2 min: make test-long. CI captures and restores through xenpbrd on real Xen in
+# test_phasereboot_real and test_store_corruption_real (damage rejected there too)
+@pytest.mark.long
 @pytest.mark.timeout(1800)  # several captures and restores of 128 MiB under TCG
 def test_capture_restore_dedup_and_corruption(xen_host, lab_domain, dom0_python) -> None:
     xen_host.run(["rm", "-rf", STORE, "/tmp/images-regen.xl"])

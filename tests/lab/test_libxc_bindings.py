@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 
 
 GETINFO = """
@@ -54,6 +55,7 @@ def test_getinfolist_matches_xl_list(xen_host, lab_domain, dom0_python) -> None:
     assert ours[0]["running"] and ours[0]["uuid"] == "00000000-0000-0000-0000-000000000000"
 
 
+@pytest.mark.long  # make test-long (CI: test_hypervisor_real's h7)
 def test_crashed_guest_reports_shutdown_reason_crash(xen_host, lab_domain, dom0_python) -> None:
     guest = lab_domain("crashinfo", mode="crash", on_crash="preserve")
     guest.create()
@@ -62,6 +64,7 @@ def test_crashed_guest_reports_shutdown_reason_crash(xen_host, lab_domain, dom0_
     assert ours["shutdown"] and ours["reason"] == "CRASH" and not ours["dying"]
 
 
+@pytest.mark.long  # make test-long (CI: test_hypervisor_real's h13)
 def test_paused_guest_rip_is_inside_its_kernel_text(xen_host, lab_domain, dom0_python) -> None:
     guest = lab_domain("rip", mode="shell")
     guest.create()
@@ -84,6 +87,7 @@ def test_paused_guest_rip_is_inside_its_kernel_text(xen_host, lab_domain, dom0_p
         assert rsp >= 0xFFFF800000000000 and cr3 % 4096 == 0
 
 
+@pytest.mark.long  # make test-long (CI: test_hypervisor_real's h14)
 def test_marker_in_guest_memory_is_found_by_mapping_its_frames(xen_host, lab_domain,
                                                                dom0_python) -> None:
     guest = lab_domain("mark", mode="memmark")
@@ -151,6 +155,7 @@ def test_not_root_gets_an_actionable_error(xen_host, dom0_python) -> None:
     assert "root" in result["message"] or "privcmd" in result["message"], result
 
 
+@pytest.mark.long  # make test-long (CI: test_hypervisor_real, through the same bindings)
 def test_handles_and_mappings_do_not_leak(xen_host, lab_domain, dom0_python) -> None:
     guest = lab_domain("leak", mode="shell")
     guest.create()

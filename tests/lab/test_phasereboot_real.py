@@ -119,6 +119,7 @@ def test_a_crash_is_recovered_from_the_deepest_phase_an_operator_from_an_earlier
                                                            ("app", "skipped")], after
 
 
+@pytest.mark.long  # 2.5 min: make test-long (the fallback order: tests/unit/test_recovery.py)
 @pytest.mark.timeout(600)  # several boots and recoveries under TCG
 def test_quick_recrashes_fall_back_then_reboot_normally(xen_host, lab_domain,
                                                         xenpbrd) -> None:
@@ -138,6 +139,7 @@ def test_quick_recrashes_fall_back_then_reboot_normally(xen_host, lab_domain,
     assert any("crash loop: 2 crashes within 900 s" in s for s in history[-1]["skipped"])
 
 
+@pytest.mark.long  # 2.5 min: make test-long (CI: test_store_corruption_real, hot stream off)
 def test_corrupt_image_is_skipped_for_the_previous_phase(xen_host, lab_domain, xenpbrd,
                                                           dom0_python) -> None:
     guest = protected_guest(xen_host, lab_domain, "bad")
@@ -168,6 +170,7 @@ def test_corrupt_image_is_skipped_for_the_previous_phase(xen_host, lab_domain, x
     assert images["app"]["image"] != corrupted
 
 
+@pytest.mark.long  # 2 min: make test-long (CI keeps the kill mid-restore below)
 @pytest.mark.timeout(600)  # several boots and recoveries under TCG
 def test_xenpbrd_killed_mid_capture_leaves_no_partial_image(xen_host, lab_domain, xenpbrd,
                                                             dom0_python) -> None:
@@ -259,6 +262,7 @@ def test_xenpbrd_killed_mid_restore_finishes_the_recovery(xen_host, lab_domain,
     print(f"domain when xenpbrd was killed: {left}")
 
 
+@pytest.mark.long  # 4 min: make test-long (CI: test_protocol_real's hostile guest)
 @pytest.mark.timeout(600)  # several boots and recoveries under TCG
 def test_flooding_guest_is_refused_and_others_are_served(xen_host, lab_domain,
                                                          xenpbrd) -> None:
@@ -293,6 +297,7 @@ def test_expired_watchdog_is_recovered_from_an_image(xen_host, lab_domain, lab_i
     assert last["trigger"] == "watchdog" and last["method"] == "phase:kernel"
 
 
+@pytest.mark.long  # 2 min: make test-long
 @pytest.mark.timeout(600)  # xl save waits up to 60 s for a dead guest to suspend
 def test_crash_during_a_capture_is_recovered(xen_host, lab_domain, xenpbrd) -> None:
     guest = lab_domain("ccap", mode="agent", extra=f"lab.phases={THREE}",
@@ -310,6 +315,7 @@ def test_crash_during_a_capture_is_recovered(xen_host, lab_domain, xenpbrd) -> N
     assert last["method"] == "phase:services" and last["outcome"] == "recovered"
 
 
+@pytest.mark.long  # 3 min: make test-long (invalidation rules: tests/unit/test_invalidation.py)
 @pytest.mark.timeout(600)  # several boots and recoveries under TCG
 def test_guest_invalidates_its_images_from_a_phase_on(xen_host, lab_domain, xenpbrd) -> None:
     guest = protected_guest(xen_host, lab_domain, "inv", extra="lab.invalidate=services")

@@ -59,6 +59,7 @@ def crash_after_ready(xen_host: XenHost, guest: LabDomain, recoveries: int,
     return [(p, v) for p, v, _ in found]
 
 
+@pytest.mark.long  # 4.5 min: make test-long (the abandon rule: tests/unit/test_recovery.py)
 @pytest.mark.timeout(2400)  # up to five recoveries and two boots under TCG, on a loaded host
 def test_an_image_crashing_before_healthy_is_abandoned_then_a_normal_reboot(
         xen_host, lab_domain, xenpbrd) -> None:
