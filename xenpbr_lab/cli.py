@@ -294,6 +294,29 @@ def _at_least(minimum: int):
     return parse
 
 
+def cmd_regen_bench(args: argparse.Namespace) -> int:
+    """Regenerating a stream from the page store in dom0: per page vs batched."""
+    from . import regen_bench
+    workdir = artifacts_root() / time.strftime("regen-bench-%Y%m%d-%H%M%S")
+    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    with XenHost(build(), workdir) as host:
+        try:
+            xen = host.run("xl info | sed -n 's/^xen_version *: //p'").stdout.strip()
+            rows = [regen_bench.run(host, memory, args.repeats, progress)
+                    for memory in args.memory]
+        except Exception:
+            host.collect_artifacts(workdir / "failure")
+            raise
+    report = {"command": "xenpbr-lab regen-bench --memory "
+                         f"{','.join(map(str, args.memory))} --repeats {args.repeats}",
+              "date": started, "xen": xen, "rows": rows}
+    written = regen_bench.write(report, Path(args.out))
+    print(json.dumps(rows, indent=2) if args.json else regen_bench.markdown(report))
+    print("written: " + ", ".join(map(str, written)), file=sys.stderr)
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     """Fetch one real ``xl save`` stream of a lab guest (for ``store-bench``)."""
     from . import bench
@@ -359,6 +382,13 @@ def main(argv: list[str] | None = None) -> int:
                         "this run does not measure (re-run some configurations)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("regen-bench", help="regenerating a stream from the page store in "
+                                           "dom0: per page vs batched (docs/benchmarks)")
+    p.add_argument("--memory", type=_csv(int, (128, 256, 512)), default=[128, 512])
+    p.add_argument("--repeats", type=_at_least(1), default=3)
+    p.add_argument("--out", default="docs/benchmarks/regeneration")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_regen_bench)
     p = sub.add_parser("consistency", help="disk consistency over N crash/phase-reboot cycles")
     p.add_argument("--cycles", type=int, default=20)
     p.add_argument("--report", default="build/consistency-report.json")

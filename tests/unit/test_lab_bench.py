@@ -192,3 +192,19 @@ def test_bench_accepts_the_papers_size_and_refuses_others(monkeypatch, capsys) -
         cli.main(["bench", "--memory", "1700"])
     assert "'1700': expected a comma-separated list of 128, 256, 512, 1024, 1740" in \
         capsys.readouterr().err
+
+
+def test_regen_bench_reports_each_variants_speedup_over_the_per_page_path(tmp_path) -> None:
+    from xenpbr_lab import regen_bench
+    raw = {"stream_bytes": 128 << 20, "data_pages": 32768,
+           "times": {"per_page_sha256": [8.0, 8.4, 9.0], "batched_sha256": [5.0, 4.0, 4.5],
+                     "batched_crc32": [2.1, 2.0, 2.6]}}
+    row = regen_bench.summarize(128, raw)
+    assert row["per_page_sha256"] == {"best_s": 8.0, "median_s": 8.4, "mib_s": 16.0,
+                                      "speedup": 1.0}
+    assert row["batched_crc32"]["speedup"] == 4.0 and row["batched_crc32"]["mib_s"] == 64.0
+    report = {"command": "xenpbr-lab regen-bench", "date": "d", "xen": "4.17", "rows": [row]}
+    json_path, md_path = regen_bench.write(report, tmp_path)
+    assert json.loads(json_path.read_text())["rows"][0]["batched_sha256"]["speedup"] == 2.0
+    assert "| 128 MiB | 128.0 | `batched_crc32` | 2.0 (2.1) | 64.0 | 4.0x |" in \
+        md_path.read_text()
