@@ -87,6 +87,17 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _asked_sizes(args: argparse.Namespace) -> dict[str, int]:
+    """The ``XenHost`` sizes given by ``--qemu-memory`` and ``--dom0-memory``."""
+    return {key: value for key, value in (("memory_mib", args.qemu_memory),
+                                          ("dom0_memory_mib", args.dom0_memory))
+            if value is not None}
+
+
+def _xen_version(host: XenHost) -> str:
+    return host.run("xl info | sed -n 's/^xen_version *: //p'").stdout.strip()
+
+
 def _csv(kind: type, allowed: tuple | None = None):
     def parse(text: str) -> list:
         values = [kind(v) for v in text.split(",") if v]
@@ -149,12 +160,9 @@ def _bench_busybox(args: argparse.Namespace, images: LabImages, workdir: Path,
     """The busybox workloads in one busybox dom0 (into ``samples``, ``facts`` and
     ``not_run``); Xen's version."""
     from . import bench
-    sizes = bench.host_sizes(args.memory)
-    sizes.update({key: value for key, value in (("memory_mib", args.qemu_memory),
-                                                ("dom0_memory_mib", args.dom0_memory))
-                  if value is not None})
+    sizes = bench.host_sizes(args.memory) | _asked_sizes(args)
     with XenHost(images, workdir, **sizes) as host:
-        xen = host.run("xl info | sed -n 's/^xen_version *: //p'").stdout.strip()
+        xen = _xen_version(host)
         try:
             for workload in workloads:
                 for memory in args.memory:
@@ -230,10 +238,7 @@ def cmd_faults(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    sizes = {key: value for key, value in (("memory_mib", args.qemu_memory),
-                                           ("dom0_memory_mib", args.dom0_memory))
-             if value is not None}
-    with XenHost(build(), workdir, **sizes) as host:
+    with XenHost(build(), workdir, **_asked_sizes(args)) as host:
         try:
             report = faults.run_campaign(
                 host, args.count, kinds, memory_mib=args.memory, observe_s=args.observe,
@@ -302,7 +307,7 @@ def cmd_regen_bench(args: argparse.Namespace) -> int:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with XenHost(build(), workdir) as host:
         try:
-            xen = host.run("xl info | sed -n 's/^xen_version *: //p'").stdout.strip()
+            xen = _xen_version(host)
             rows = [regen_bench.run(host, memory, args.repeats, progress)
                     for memory in args.memory]
         except Exception:

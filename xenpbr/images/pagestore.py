@@ -546,8 +546,7 @@ class PackReader:
         """True if the raw record at ``loc`` is ``digest``'s and its payload is exactly
         ``page`` (False for anything else, compressed records included: :meth:`read`
         then decides)."""
-        pack_no = loc >> (_OFF_BITS + _LEN_BITS)
-        off, reclen = (loc >> _LEN_BITS) & _OFF_MASK, loc & _LEN_MASK
+        pack_no, off, reclen = split_loc(loc)
         mm = self._maps.get(pack_no) or self._map(pack_no)
         codec_id, kind, _, stored, raw_len, _, rec_digest = RECORD.unpack_from(mm, off)
         start = off + RECORD.size
@@ -568,12 +567,15 @@ class PackReader:
 
         :raises CorruptObject: as :meth:`read`, plus ``index``: which page was bad.
         """
+        if strong:
+            return b"".join(ZERO_PAGE if page_ref is None else self._read_indexed(i, *page_ref)
+                            for i, page_ref in enumerate(wanted))
         maps, crc32, unpack_from = self._maps, zlib.crc32, RECORD.unpack_from
-        head, fast = RECORD.size, FLAG_CRC32 if not strong else 0
+        head = RECORD.size
         pack_shift, off_shift, off_mask = _OFF_BITS + _LEN_BITS, _LEN_BITS, _OFF_MASK
         # a raw page record of the expected size, CRC-32 flagged: (codec, kind, flags)
         # and (stored, raw) as unpacked, compared as tuples (one comparison, not five)
-        good_kind, good_len = (0, KIND_PAGE, fast), (PAGE_SIZE, PAGE_SIZE)
+        good_kind, good_len = (0, KIND_PAGE, FLAG_CRC32), (PAGE_SIZE, PAGE_SIZE)
         pages: list[bytes] = []
         append = pages.append
         for index, page_ref in enumerate(wanted):
@@ -585,9 +587,9 @@ class PackReader:
             mm = maps.get(loc >> pack_shift) or self._map(loc >> pack_shift)
             codec_id, kind, flags, stored, raw_len, crc, rec_digest = unpack_from(mm, off)
             page = mm[off + head:off + head + PAGE_SIZE]
-            if (codec_id, kind, flags & fast) != good_kind or (stored, raw_len) != good_len \
-                    or rec_digest != digest or loc & _LEN_MASK != head + PAGE_SIZE \
-                    or not fast or crc32(page) != crc:
+            if (codec_id, kind, flags & FLAG_CRC32) != good_kind \
+                    or (stored, raw_len) != good_len or rec_digest != digest \
+                    or loc & _LEN_MASK != head + PAGE_SIZE or crc32(page) != crc:
                 page = self._read_indexed(index, loc, digest)  # SHA-256, and says why if bad
             append(page)
         return b"".join(pages)

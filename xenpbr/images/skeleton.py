@@ -326,11 +326,8 @@ def data_page_count(stream: Stream) -> int:
 
 def data_pfns(stream: Stream):
     """Pfns of the data-carrying pages, in stream order (restore checks its order)."""
-    for image in stream.libxc_images:
-        for rec in image.page_data_records():
-            for w in rec.words:
-                if w >> fmt.PAGE_DATA_TYPE_SHIFT not in _NO_DATA_TYPES:
-                    yield w & fmt.PAGE_DATA_PFN_MASK
+    for batch in data_pfn_batches(stream):
+        yield from batch
 
 
 def data_pfn_batches(stream: Stream) -> Iterator[list[int]]:

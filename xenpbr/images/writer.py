@@ -5,9 +5,9 @@ Per page it does the minimum: one copy, one compare against the zero page, one
 SHA-256, one dict lookup, and for a page new to the store one buffered append. A page
 already stored is referenced only once its stored record has been read back and
 compared with the page being captured (:meth:`~.pagestore.PageStore.check_stored`, once
-per process while its pack file is unchanged): a corrupt record is dropped and the page written afresh, so one damaged
-object is never carried into later images. New
-pages go to the writer's own pack files, invisible to everyone until :meth:`commit`
+per process while its pack file is unchanged): a corrupt record is dropped and the page
+written afresh, so one damaged object is never carried into later images. New pages
+go to the writer's own pack files, invisible to everyone until :meth:`commit`
 seals them (fsync, then index) and publishes the manifest (temp + fsync + rename),
 which is the commit point. A writer that dies before that leaves no image; its packs
 are reclaimed by GC.
