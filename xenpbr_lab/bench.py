@@ -138,7 +138,7 @@ def _guest(host: XenHost, workload: str, memory_mib: int, method: str) -> LabDom
     # reboots, so for the bench it only looks one second back; and the per-image
     # failure history would abandon the image these deliberate crashes hit, so a
     # restore is healthy once it reported ready and the image is never abandoned.
-    guard: dict[str, object] = ({"xenpbr_crash_loop_window": 1, "xenpbr_healthy_after": 0,
+    guard: dict[str, int] = ({"xenpbr_crash_loop_window": 1, "xenpbr_healthy_after": 0,
                                  "xenpbr_image_failures": 100}
                                 if method.startswith("phasereboot") else {})
     if method == "phasereboot-fifo":
@@ -317,7 +317,7 @@ def step_medians(breakdowns: list[dict[str, float]]) -> dict[str, Any]:
                 previous = mark
     medians = {k: round(statistics.median(v), 3) for k, v in steps.items()}
     return {"steps_median_s": medians,
-            "biggest": max(medians, key=medians.get) if medians else None}
+            "biggest": max(medians, key=lambda step: medians[step]) if medians else None}
 
 
 def biggest_piece(samples: list[Sample], method: str = "phasereboot") -> dict[str, Any]:

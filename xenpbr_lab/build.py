@@ -170,9 +170,9 @@ def _build_dom0_base(sysroot: Path, kernel_version: str, out: Path) -> None:
         shutil.copytree(sysroot / "etc/xen", stage / "etc/xen", symlinks=True)
         for tool in (sysroot / "usr/bin").glob("xenstore*"):
             _copy(tool, stage / "usr/bin" / tool.name)
-        for tool in ("mke2fs", "mkfs.ext4", "e2fsck", "fsck.ext4", "debugfs"):
-            if (sysroot / "sbin" / tool).exists():
-                _copy(sysroot / "sbin" / tool, stage / "sbin" / tool)
+        for name in ("mke2fs", "mkfs.ext4", "e2fsck", "fsck.ext4", "debugfs"):
+            if (sysroot / "sbin" / name).exists():
+                _copy(sysroot / "sbin" / name, stage / "sbin" / name)
         elves = _python(stage, sysroot)
         elves += [p for p in stage.rglob("*") if p.is_file() and not p.is_symlink()
                   and elfdeps.is_elf(p) and "lib-dynload" not in p.parts

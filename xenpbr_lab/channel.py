@@ -76,8 +76,9 @@ class ControlChannel:
         try:
             while (frame := reader.next_frame()) is not None:
                 header, payload = frame
+                rid = header.get("id")
                 with self._lock:
-                    fut = self._pending.pop(header.get("id"), None)
+                    fut = self._pending.pop(rid, None) if isinstance(rid, int) else None
                 if fut is not None:
                     fut.set_result((header, payload))
         except (OSError, FrameError) as exc:

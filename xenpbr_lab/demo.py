@@ -28,6 +28,7 @@ from pathlib import Path
 
 from . import xenpbrd
 from .build import LabImages, build
+from .errors import LabError
 from .host import XenHost
 from .paths import artifacts_root
 from .xl import LabDomain
@@ -90,7 +91,10 @@ def _phase_reboot(host: XenHost, report: DemoReport) -> None:
     xenpbrd.cli(host, "create", guest.config_path)
     guest.watch_console([APP_CAPTURED], timeout=WAIT_S)
     report.first_boot_to_app_ready_s = round(time.monotonic() - start, 2)
-    report.app_warm_up_s = float(re.search(WARM_UP, guest.console()).group(1))
+    warm_up = re.search(WARM_UP, guest.console())
+    if warm_up is None:
+        raise LabError(f"{guest.name} never printed its warm-up time ({WARM_UP})")
+    report.app_warm_up_s = float(warm_up.group(1))
     report.hot_stream_wait_s = _wait_for_hot_stream(host, guest.name)
     report.phase_reboot_s = _crash_to_alive(guest)
     report.restore_path = restore_path(xenpbrd.log_text(host), guest.name)

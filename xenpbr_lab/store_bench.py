@@ -101,7 +101,7 @@ def _pages(data: bytes, limit: int = 16384) -> list[bytes]:
         page = bytes(page)
         if page != zero and len(seen) < limit:
             seen.setdefault(page)
-    read_stream(io.BytesIO(data), on_page=on_page)  # type: ignore[arg-type]
+    read_stream(io.BytesIO(data), on_page=on_page)
     return list(seen)
 
 
@@ -112,14 +112,13 @@ def codec_candidates(data: bytes) -> list[dict[str, Any]]:
     raw = len(pages) * PAGE
     candidates: dict[str, tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]]] = {
         "zlib-1": (lambda p: zlib.compress(p, 1), zlib.decompress)}
-    for module, name, enc, dec in (("lz4.block", "lz4", "compress", "decompress"),
-                                   ("zstandard", "zstd-1", None, None)):
+    for module, name in (("lz4.block", "lz4"), ("zstandard", "zstd-1")):
         try:
             mod = importlib.import_module(module)
         except ImportError:
             continue
         if name == "lz4":
-            candidates[name] = (getattr(mod, enc), getattr(mod, dec))
+            candidates[name] = (mod.compress, mod.decompress)
         else:
             cctx, dctx = mod.ZstdCompressor(level=1), mod.ZstdDecompressor()
             candidates[name] = (cctx.compress, dctx.decompress)
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     data = args.stream.read_bytes()
-    result = {"stream": str(args.stream), "store": store_variants(data, args.repeats),
+    result: dict[str, Any] = {"stream": str(args.stream), "store": store_variants(data, args.repeats),
               "codecs": codec_candidates(data)}
     if args.json:
         print(json.dumps(result, indent=2))

@@ -163,7 +163,7 @@ class LowlevelAdapter(Adapter):
         if os.path.isdir(xen_python_dir) and xen_python_dir not in sys.path:
             sys.path.append(xen_python_dir)
         try:
-            import xen.lowlevel.xs as xs_mod
+            import xen.lowlevel.xs as xs_mod  # type: ignore[import-not-found]
         except ImportError as e:
             where = (f"{xen_python_dir} exists" if os.path.isdir(xen_python_dir)
                      else f"{xen_python_dir} does not exist (install xen-utils-4.17)")
@@ -227,7 +227,7 @@ class PyxsAdapter(Adapter):
 
     def __init__(self) -> None:
         try:
-            import pyxs
+            import pyxs  # type: ignore[import-not-found]
         except ImportError as e:
             raise Unavailable(f"pyxs is not importable ({e}); 'pip install pyxs' to include "
                               "it (last release 0.4.1, 2016)") from e
@@ -317,7 +317,7 @@ def _stats(samples_s: list[float]) -> dict[str, float]:
             "min_us": us[0], "max_us": us[-1], "mean_us": statistics.fmean(us)}
 
 
-def _timed(n: int, warmup: int, fn: Callable[[int], None]) -> list[float]:
+def _timed(n: int, warmup: int, fn: Callable[[int], object]) -> list[float]:
     for i in range(warmup):
         fn(-1 - i)
     out = []
@@ -398,8 +398,11 @@ def run_contract(args: argparse.Namespace) -> list[dict[str, Any]]:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("xenstore_contract", path)
+    if spec is None or spec.loader is None:
+        return [{"check": "contract", "passed": False, "error": f"{path} is not a module"}]
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    spec.loader.exec_module(mod)
+    factory: Callable[[], Any]
     if args.contract_target == "fake":
         from xenpbr.xenstore import FakeXenstoreServer
 
