@@ -248,7 +248,10 @@ def run_config(host: XenHost, workload: str, memory_mib: int, repeats: int,
                 samples.append(Sample(workload, memory_mib, method, run, downtime, breakdown))
                 progress(f"{workload:8} {memory_mib:4} MiB  {method:11} run {run}/{repeats}: "
                          f"{downtime:.2f} s")
-            if method == "phasereboot":
+            if method == "phasereboot" or (method.startswith("phasereboot")
+                                           and not facts.capture):
+                # every phase-based method captures the same phases; without plain
+                # phasereboot in the run, the restore throughput still needs the sizes
                 facts.capture = [{k: r.get(k) for k in ("phase", "capture_s", "paused_s",
                                                         "raw_bytes", "stored_bytes")}
                                  for r in xenpbrd.cli(host, "images", guest.name)]
