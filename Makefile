@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST := $(BIN)/python -m pytest
+# make test runs its tests in this many pytest-xdist workers, each a whole test file at a
+# time and each with its own QEMU + Xen (one lab host keeps about one of 2 cores busy)
+TEST_WORKERS ?= 2
 
 .PHONY: help deps venv lab test test-fast test-lab test-long test-debian demo bench consistency resurrect faults deb clean
 
 help:
 	@echo "make demo       build the lab, boot real Xen in QEMU, crash a guest, show its recovery"
 	@echo "                (DEMO_ARGS='--cpu-hog 6' runs it beside 6 busy processes: a loaded machine)"
-	@echo "make test       fast suite + real-Xen lab suite (without the tests marked long)"
+	@echo "make test       fast suite + real-Xen lab suite (without the tests marked long),"
+	@echo "                in TEST_WORKERS=2 workers, each booting its own Xen"
 	@echo "make test-long  the lab tests too long for every CI run (tests marked long)"
 	@echo "make test-fast  unit tests only (no QEMU)"
 	@echo "make test-lab   real-Xen lab tests only"
@@ -47,8 +51,9 @@ venv: $(BIN)/.installed
 lab: deps venv
 	$(BIN)/xenpbr-lab build
 
-test: deps venv
-	$(PYTEST) -m "not long" --durations=40
+test: lab
+	$(PYTEST) -m "not long" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+	    --durations=40
 
 test-long: deps venv
 	$(PYTEST) -m long

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -36,8 +37,11 @@ def lab_images() -> LabImages:
 
 @pytest.fixture(scope="session")
 def session_artifacts() -> Path:
-    """Folder for this session's QEMU logs and failure evidence."""
-    path = artifacts_root() / time.strftime("session-%Y%m%d-%H%M%S")
+    """Folder for this session's QEMU logs and failure evidence (one per pytest-xdist
+    worker: each boots its own lab host)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    path = artifacts_root() / (time.strftime("session-%Y%m%d-%H%M%S")
+                               + (f"-{worker}" if worker else ""))
     path.mkdir(parents=True, exist_ok=True)
     return path
 
