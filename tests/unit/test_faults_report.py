@@ -51,6 +51,16 @@ def test_summary_counts_every_run_and_guest() -> None:
     assert (s["lost_records"], s["acked_records"], s["checked_runs"]) == (1, 150, 3)
 
 
+def test_injections_of_a_run_stopped_before_its_disk_checks_are_told_apart() -> None:
+    stopped = {**row(2, "text", "silent"), "run": 2, "guest_memory_mib": 1740}
+    checked = {**row(3, "stack", "silent"), "run": 3, "guest_memory_mib": 1740}
+    s = faults.summarise({"runs": [{"checks": CHECKS}, {"checks": {}},
+                                   {"checks": {"f-1": CHECKS}}],
+                          "injections": [row(1, "stack", "silent"), stopped, checked]})
+    assert s["by_memory_mib"] == {"192": 1, "1740": 2}
+    assert s["disks_checked_by_memory_mib"] == {"192": 1, "1740": 1}
+
+
 def test_the_report_is_written_and_merged(tmp_path) -> None:
     path = tmp_path / "report.json"
     report = {"runs": [{"started": "t", "command": "c", "injections": 1,
