@@ -77,10 +77,29 @@ def _run_order(item: pytest.Item) -> tuple[int, int]:
     return (0, order.index(path.stem) if path.stem in order else len(order))
 
 
+def _scale_lab_timeouts(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In ``make test``'s N pytest-xdist workers each lab host gets about 1/N of the
+    machine: N times each lab test's timeout (its own mark, or setup.cfg's default), so
+    the margin sized for one host at a time still holds."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    if workers < 2:
+        return
+    default = float(config.getini("timeout") or 0)
+    for item in items:
+        if LAB_DIR not in Path(str(item.fspath)).parents:
+            continue
+        mark = item.get_closest_marker("timeout")
+        own = (mark.args[0] if mark.args else mark.kwargs.get("timeout")) if mark else None
+        base = float(own) if own is not None else default
+        if base > 0:
+            item.add_marker(pytest.mark.timeout(base * workers), append=False)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if LAB_DIR in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.lab)
+    _scale_lab_timeouts(config, items)
     items.sort(key=_run_order)
 
 

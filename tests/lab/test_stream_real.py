@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 VERIFY = "/usr/lib/xen-4.17/bin/verify-stream-v2"
 
 FIFO_CAPTURE = """
@@ -37,6 +39,7 @@ print(json.dumps({"save_rc": save.returncode, "stderr": err.decode()[-400:], "si
 """
 
 
+@pytest.mark.timeout(600)  # a boot and a checkpoint: about 80 s on a slow machine
 def test_real_capture_round_trips_byte_for_byte(xen_host, lab_domain) -> None:
     guest = lab_domain("stream", mode="count")
     guest.create()
@@ -51,6 +54,7 @@ def test_real_capture_round_trips_byte_for_byte(xen_host, lab_domain) -> None:
     xen_host.run(["rm", "-f", image])
 
 
+@pytest.mark.timeout(600)  # a boot, a checkpoint, a regeneration: about 80 s
 def test_capture_through_a_fifo_regenerates_the_same_bytes(xen_host, lab_domain,
                                                            dom0_python) -> None:
     """The capture path of phase-based reboot: xl writes into a FIFO and the codec parses

@@ -89,6 +89,7 @@ def test_l1_create_and_restore_fire_introduce_domain_and_appear(
     assert first != second
 
 
+@pytest.mark.timeout(600)  # several guests booted and shut down: about 70 s on a slow machine
 def test_l2_guest_shutdowns_fire_release_domain_once_finished_with_reason(
         xen_host, lab_domain, lab_images) -> None:
     ramdisk = install_watchdog_ramdisk(xen_host, lab_images.kernel_version)
@@ -298,6 +299,7 @@ def panic_runs(xen_host, dom0_python) -> dict:
     return {"events": events, "panics": panics, "triggers": triggers}
 
 
+@pytest.mark.timeout(900)  # the fixture boots and crashes 10 guests: 150 s on a slow machine
 def test_l6_watcher_reports_each_transition_once(panic_runs) -> None:
     events = panic_runs["events"]
     domids = sorted(panic_runs["panics"])
@@ -311,6 +313,7 @@ def test_l6_watcher_reports_each_transition_once(panic_runs) -> None:
     assert len(events) == 3 * len(domids), events  # nothing else, nothing twice
 
 
+@pytest.mark.timeout(900)  # the fixture, if it runs here first (see test_l6)
 def test_l9_panic_to_crashed_event_delay(panic_runs) -> None:
     """Measurement, not pass/fail: delays from the panic to the watcher's DomainCrashed.
     The console time has 20 ms resolution, so smaller delays (either sign) are noise;
