@@ -3,7 +3,9 @@
 ``results.json`` is the list of summary rows (``workload``, ``memory_mib``, ``method``,
 ``runs``, ``median_s``, ``min_s``, ``max_s``, ...); ``results-detail.json`` keeps every
 sample, the capture figures and xenpbrd's timeline breakdown; ``results.md`` says what
-ran where and leads with the ratios; ``results.png`` plots the medians with min-max bars.
+ran where and leads with the ratios; ``results.png`` plots the medians with min-max bars,
+and ``results-scaling.png`` (when a workload ran at two guest sizes or more) each cost
+against guest memory.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ def markdown(detail: dict[str, Any]) -> str:
                      f"{_num(row['phasereboot'])} | {_num(row['phasereboot-fifo'])} | "
                      f"{_num(row['dom0_copy_mib_s'] or None)} | "
                      f"{_num(row['fraction_of_copy'], 3)} |")
+    lines += _scaling_lines(detail)
     lines.append("")
     return "\n".join(lines)
 
@@ -154,6 +157,113 @@ def restore_throughput(detail: dict[str, Any]) -> list[dict[str, Any]]:
                                    if row["phasereboot"] and copy else None)
         rows.append(row)
     return rows
+
+
+def scaling(detail: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per configuration, the costs that grow with guest memory (issue 18, goal 5): the
+    guest's pause over all its captures, the disk its newest image takes (its distinct
+    pages as if alone in the store: images of one domain share pages, so their sizes do
+    not add up) and its hot stream (one raw copy of it), and each method's median
+    downtime."""
+    downtime = {(r["workload"], r["memory_mib"], r["method"]): r["median_s"]
+                for r in detail["rows"]}
+    rows = []
+    for cfg in detail["configs"]:
+        caps = cfg["capture"]
+        key = (cfg["workload"], cfg["memory_mib"])
+        rows.append({
+            "workload": cfg["workload"], "memory_mib": cfg["memory_mib"],
+            "capture_paused_s": _total(c.get("paused_s") for c in caps),
+            "store_mib": (caps[-1]["stored_bytes"] / 2**20
+                          if caps and caps[-1].get("stored_bytes") else None),
+            "hot_stream_mib": (caps[-1]["raw_bytes"] / 2**20
+                               if caps and caps[-1].get("raw_bytes") else None),
+            "downtime_s": {m: downtime[(*key, m)] for m in METHOD_ORDER
+                           if (*key, m) in downtime}})
+    return rows
+
+
+def _total(values: Any, unit: float = 1.0) -> float | None:
+    """The sum of the known values over ``unit``; None if none is known."""
+    known = [v for v in values if v is not None]
+    return sum(known) / unit if known else None
+
+
+def _grows(rows: list[dict[str, Any]]) -> bool:
+    """True if some workload was measured at two guest sizes or more."""
+    sizes: dict[str, set[int]] = {}
+    for r in rows:
+        sizes.setdefault(r["workload"], set()).add(r["memory_mib"])
+    return any(len(s) > 1 for s in sizes.values())
+
+
+def _scaling_lines(detail: dict[str, Any]) -> list[str]:
+    rows = scaling(detail)
+    if not _grows(rows):
+        return []
+    methods = [m for m in METHOD_ORDER if any(m in r["downtime_s"] for r in rows)]
+    lines = ["", "## How each cost grows with guest memory", "",
+             "Per configuration of this page (`results-scaling.png` plots them): the guest's "
+             "pause summed over its captures; the dom0 disk of its newest image (its "
+             "distinct pages as if alone in the store: a domain's images share pages, so "
+             "their sizes do not add up) and of that image's hot stream (one raw copy); "
+             "each method's median downtime. dom0 memory per protected domain is not "
+             "measured yet (a standby's memory is in Xen, not dom0: one more guest's).", "",
+             "| workload | memory | captures paused s | newest image MiB | hot stream MiB | "
+             + " | ".join(f"{m} s" for m in methods) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(methods)]
+    for r in sorted(rows, key=lambda r: (r["workload"], r["memory_mib"])):
+        lines.append(f"| {r['workload']} | {r['memory_mib']} MiB | "
+                     f"{_num(r['capture_paused_s'])} | {_num(r['store_mib'], 1)} | "
+                     f"{_num(r['hot_stream_mib'], 1)} | "
+                     + " | ".join(_num(r["downtime_s"].get(m)) for m in methods) + " |")
+    return lines
+
+
+def scaling_plot(detail: dict[str, Any], path: Path) -> bool:
+    """Three panels against guest memory (capture pause, disk per protected domain,
+    downtime by method), one line per workload; False without matplotlib or when no
+    workload ran at two sizes."""
+    rows = scaling(detail)
+    if not _grows(rows):
+        return False
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install '.[bench]'): no plot")
+        return False
+    fig, (pause, disk, down) = plt.subplots(1, 3, figsize=(15, 4.5))
+    for workload in dict.fromkeys(r["workload"] for r in rows):
+        mine = sorted((r for r in rows if r["workload"] == workload),
+                      key=lambda r: r["memory_mib"])
+        _line(pause, mine, lambda r: r["capture_paused_s"], workload)
+        _line(disk, mine, lambda r: r["store_mib"], f"{workload}: newest image")
+        _line(disk, mine, lambda r: r["hot_stream_mib"], f"{workload}: hot stream", "--")
+        for method in METHOD_ORDER:
+            _line(down, mine, lambda r, m=method: r["downtime_s"].get(m),
+                  f"{workload}: {method}")
+    for ax, label in ((pause, "guest paused by its captures (s)"),
+                      (disk, "dom0 disk per protected domain (MiB)"),
+                      (down, "downtime, crash to service (s)")):
+        ax.set_xlabel("guest memory (MiB)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize="small")
+    fig.suptitle("xenpbr costs against guest memory (QEMU TCG: compare the slopes)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _line(ax: Any, rows: list[dict[str, Any]], value: Any, label: str,
+          style: str = "-") -> None:
+    """One line of known points (memory, value); nothing if fewer than one is known."""
+    points = [(r["memory_mib"], value(r)) for r in rows if value(r) is not None]
+    if points:
+        ax.plot(*zip(*points), style, marker="o", label=label)
 
 
 def _num(value: Any, digits: int = 2) -> str:
@@ -233,4 +343,6 @@ def write(detail: dict[str, Any], outdir: Path) -> list[Path]:
         written.append(outdir / name)
     if plot(detail["rows"], outdir / "results.png"):
         written.append(outdir / "results.png")
+    if scaling_plot(detail, outdir / "results-scaling.png"):
+        written.append(outdir / "results-scaling.png")
     return written

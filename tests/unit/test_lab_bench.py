@@ -208,3 +208,44 @@ def test_regen_bench_reports_each_variants_speedup_over_the_per_page_path(tmp_pa
     assert json.loads(json_path.read_text())["rows"][0]["batched_sha256"]["speedup"] == 2.0
     assert "| 128 MiB | 128.0 | `batched_crc32` | 2.0 (2.1) | 64.0 | 4.0x |" in \
         md_path.read_text()
+
+
+def scaled_detail() -> dict:
+    """Two sizes of ``bare``: captures, stores and downtimes that grow with memory."""
+    s = [Sample("bare", mib, method, 1, mib / k)
+         for mib in (128, 512) for method, k in (("normal", 10), ("phasereboot", 40),
+                                                   ("xl-restore", 50))]
+    facts = [ConfigFacts("bare", mib, {}, [
+        {"phase": "kernel", "paused_s": mib / 100, "raw_bytes": mib << 20,
+         "stored_bytes": (mib // 8) << 20},
+        {"phase": "app", "paused_s": mib / 50, "raw_bytes": (mib + 2) << 20,
+         "stored_bytes": (mib // 4) << 20}], 700.0) for mib in (128, 512)]
+    return bench.as_json(bench.summarize(s), s, facts,
+                         {"command": "xenpbr-lab bench", "date": "today", "repeats": 1,
+                          "xen": "4.17.7", "machine": bench.machine()})
+
+
+def test_each_cost_is_tabled_against_guest_memory() -> None:
+    rows = {r["memory_mib"]: r for r in bench_report.scaling(scaled_detail())}
+    assert rows[512]["capture_paused_s"] == pytest.approx(5.12 + 10.24)
+    assert rows[512]["store_mib"] == 128 and rows[512]["hot_stream_mib"] == 514
+    assert rows[128]["downtime_s"] == {"normal": 12.8, "phasereboot": 3.2, "xl-restore": 2.56}
+    md = bench_report.markdown(scaled_detail())
+    assert "## How each cost grows with guest memory" in md
+    assert "| bare | 512 MiB | 15.36 | 128.0 | 514.0 | 51.20 | 12.80 | 10.24 |" in md
+
+
+def test_one_guest_size_draws_no_scaling_plot(tmp_path: Path) -> None:
+    s = samples()
+    detail = bench.as_json(bench.summarize(s), s, [], {"command": "c", "date": "d",
+                                                       "repeats": 3, "xen": "4.17.7",
+                                                       "machine": bench.machine()})
+    assert not bench_report.scaling_plot(detail, tmp_path / "s.png")
+    assert "How each cost grows" not in bench_report.markdown(detail)
+
+
+def test_the_scaling_plot_is_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the bench extra is not installed")
+    written = bench_report.write(scaled_detail(), tmp_path)
+    png = tmp_path / "results-scaling.png"
+    assert png in written and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
