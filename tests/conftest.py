@@ -67,14 +67,17 @@ LONGEST_LAB_FILES_FIRST = (
     "test_lifecycle_real", "test_protocol_real", "test_xen_basics")
 
 
+def _is_lab(item: pytest.Item) -> bool:
+    return LAB_DIR in Path(str(item.fspath)).parents
+
+
 def _run_order(item: pytest.Item) -> tuple[int, int]:
     """Lab tests before unit tests (short unit files fill the workers' last minutes),
     the lab's longest files first; the sort is stable, so a file's tests keep their order."""
-    path = Path(str(item.fspath))
-    if LAB_DIR not in path.parents:
+    if not _is_lab(item):
         return (1, 0)
-    order = LONGEST_LAB_FILES_FIRST
-    return (0, order.index(path.stem) if path.stem in order else len(order))
+    stem, order = Path(str(item.fspath)).stem, LONGEST_LAB_FILES_FIRST
+    return (0, order.index(stem) if stem in order else len(order))
 
 
 def _scale_lab_timeouts(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -85,9 +88,7 @@ def _scale_lab_timeouts(config: pytest.Config, items: list[pytest.Item]) -> None
     if workers < 2:
         return
     default = float(config.getini("timeout") or 0)
-    for item in items:
-        if LAB_DIR not in Path(str(item.fspath)).parents:
-            continue
+    for item in filter(_is_lab, items):
         mark = item.get_closest_marker("timeout")
         own = (mark.args[0] if mark.args else mark.kwargs.get("timeout")) if mark else None
         base = float(own) if own is not None else default
@@ -96,9 +97,8 @@ def _scale_lab_timeouts(config: pytest.Config, items: list[pytest.Item]) -> None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if LAB_DIR in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.lab)
+    for item in filter(_is_lab, items):
+        item.add_marker(pytest.mark.lab)
     _scale_lab_timeouts(config, items)
     items.sort(key=_run_order)
 

@@ -139,8 +139,8 @@ def _guest(host: XenHost, workload: str, memory_mib: int, method: str) -> LabDom
     # failure history would abandon the image these deliberate crashes hit, so a
     # restore is healthy once it reported ready and the image is never abandoned.
     guard: dict[str, int] = ({"xenpbr_crash_loop_window": 1, "xenpbr_healthy_after": 0,
-                                 "xenpbr_image_failures": 100}
-                                if method.startswith("phasereboot") else {})
+                              "xenpbr_image_failures": 100}
+                             if method.startswith("phasereboot") else {})
     if method == "phasereboot-fifo":
         guard["xenpbr_hot_stream"] = 0
     if method == "phasereboot-standby":
