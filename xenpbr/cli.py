@@ -413,16 +413,20 @@ def cmd_inject(args: argparse.Namespace, state: StateDir) -> int:
     others alter the paused kernel from dom0 (xenpbr.faults) and record what changed."""
     from xenpbr.faults.inject import InjectionRefused
     from xenpbr.faults.kinds import FaultKind
+    from xenpbr.faults.provoke import FAULT_PREFIX
     from xenpbr.state import domain_lock
     record = state.load_record(args.domain)  # UnknownDomain: only domains xenpbr manages
     if state.recovery_intent(args.domain) is not None:
         raise InjectionRefused(f"{args.domain}: a recovery of it is under way; inject "
                                "after it ends (xenpbr history)")
-    kind = FaultKind(args.fault)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
     with domain_lock(state, args.domain, wait=False):  # DomainBusy: capture or recovery
-        row = (_inject_crash(args.domain) if not kind.memory else
-               _inject_memory(args, record, kind, seed))
+        if args.fault.startswith(FAULT_PREFIX):
+            row = _inject_provoked(args)
+        elif not FaultKind(args.fault).memory:
+            row = _inject_crash(args.domain)
+        else:
+            row = _inject_memory(args, record, FaultKind(args.fault), seed)
     state.record_fault(args.domain, row)
     shown = {**row, "injected_at": utc(row["injected_at"])}
     emit(shown, args.json, lambda: _print_injection(shown))
@@ -437,7 +441,42 @@ def _inject_crash(domain: str) -> dict[str, Any]:
         raise XenpbrError(f"xl sysrq {domain} c failed: "
                           f"{(proc.stderr or proc.stdout).strip()[-400:]}")
     return {"domain": domain, "fault": "crash", "seed": None, "injected_at": injected_at,
-            "paused_s": 0.0, "change": None}
+            "paused_s": 0.0, "change": None, "provoked": None}
+
+
+def _inject_provoked(args: argparse.Namespace) -> dict[str, Any]:
+    """``lkdtm:TYPE``: the guest's agent provokes it (xenpbr.faults.provoke)."""
+    from xenpbr.faults.provoke import FAULT_PREFIX, provoke
+    from xenpbr.xenstore import XenstoreClient
+    domid = _running_domid(args.domain)
+    lkdtm_type = args.fault.removeprefix(FAULT_PREFIX)
+    with XenstoreClient() as xs:
+        done = provoke(xs, domid, args.domain, lkdtm_type, args.wait,
+                       alive=lambda: _current_domid(args.domain) == domid)
+    return {"domain": args.domain, "fault": args.fault, "seed": None,
+            # the fault runs between the request and dom0 reading the answer (a crash
+            # may be seen first): from the request, detection times are never negative
+            "injected_at": done.requested_at, "paused_s": 0.0, "change": None,
+            "provoked": {"id": done.request.id, "type": lkdtm_type,
+                         "taken_after_s": round(done.taken_at - done.requested_at, 3),
+                         "taken": done.taken.state.value if done.taken else None}}
+
+
+def _current_domid(domain: str) -> int | None:
+    """The domain's id now, or None if it is not running."""
+    from xenpbr.xl import commands as xl_commands
+    proc = xl_commands.run(["domid", domain])
+    ok = proc.returncode == 0 and proc.stdout.strip().isdigit()
+    return int(proc.stdout) if ok else None
+
+
+def _running_domid(domain: str) -> int:
+    """The domain's id; InjectionRefused if it is not running."""
+    from xenpbr.faults.inject import InjectionRefused
+    domid = _current_domid(domain)
+    if domid is None:
+        raise InjectionRefused(f"{domain} is not running: nothing to inject into")
+    return domid
 
 
 def _inject_memory(args: argparse.Namespace, record: dict[str, Any], kind: Any,
@@ -445,11 +484,7 @@ def _inject_memory(args: argparse.Namespace, record: dict[str, Any], kind: Any,
     from xenpbr.faults.inject import InjectionRefused, Injector
     from xenpbr.faults.symbols import KernelSymbols, SymbolMapError, system_map_for
     from xenpbr.hypervisor.libxc import LibxcHypervisor
-    from xenpbr.xl import commands as xl_commands
-    proc = xl_commands.run(["domid", args.domain])
-    if proc.returncode != 0 or not proc.stdout.strip().isdigit():
-        raise InjectionRefused(f"{args.domain} is not running: nothing to inject into")
-    domid = int(proc.stdout)
+    domid = _running_domid(args.domain)
     path = args.system_map
     if path is None:
         kernel = record.get("settings", {}).get("kernel")
@@ -467,8 +502,31 @@ def _inject_memory(args: argparse.Namespace, record: dict[str, Any], kind: Any,
     return injection.to_json()
 
 
+def _fault_arg(text: str) -> str:
+    """``--fault``: a kind of :class:`FaultKind` or ``lkdtm:TYPE``."""
+    from xenpbr.faults.kinds import FaultKind
+    from xenpbr.faults.provoke import FAULT_PREFIX
+    from xenpbr.guestproto.provoke import TYPE_NAME
+    kinds = [k.value for k in FaultKind]
+    if text in kinds:
+        return text
+    if text.startswith(FAULT_PREFIX) and TYPE_NAME.fullmatch(text.removeprefix(FAULT_PREFIX)):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is no fault kind: one of {', '.join(kinds)}, or lkdtm:TYPE with TYPE an "
+        "LKDTM crash type in capitals (lkdtm:BUG)")
+
+
 def _print_injection(row: dict[str, Any]) -> None:
     change = row["change"]
+    if row.get("provoked"):
+        provoked = row["provoked"]
+        said = (f"it said {provoked['taken']} after {provoked['taken_after_s']} s"
+                if provoked["taken"] else "the domain went away before it said it took it")
+        print(f"{row['domain']}: LKDTM {provoked['type']} requested of its agent "
+              f"(request {provoked['id']}); {said}; follow it with "
+              f"`xenpbr history {row['domain']}`")
+        return
     if change is None:
         print(f"{row['domain']}: kernel crash injected (sysrq c); follow it with "
               f"`xenpbr history {row['domain']}`")
@@ -612,12 +670,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("inject", cmd_inject, "inject a fault into a domain's kernel on purpose "
                 "(docs/faults.md)")
     p.add_argument("domain", help=domain_help)
-    p.add_argument("--fault", default="crash",
-                   choices=["crash", "stack", "text", "operand", "hang"],
+    p.add_argument("--fault", default="crash", type=_fault_arg,
+                   metavar="{crash,stack,text,operand,hang,lkdtm:TYPE}",
                    help="crash: sysrq c (default); stack: one bit of a live word on the "
                    "kernel stack of the thread on a vCPU; text: one bit of an instruction; "
                    "operand: one operand of an instruction; hang: jmp . at the idle "
-                   "routine's entry")
+                   "routine's entry; lkdtm:TYPE: the guest's agent runs LKDTM's TYPE "
+                   "(BUG, EXCEPTION, SOFTLOCKUP...) if it offers it")
+    p.add_argument("--wait", type=float, default=120.0, metavar="S",
+                   help="lkdtm: seconds the guest's agent has to take the request before "
+                   "it is withdrawn (default 120)")
     p.add_argument("--seed", type=int, help="choose the target with this seed (default: "
                    "random; the record says which)")
     p.add_argument("--system-map", type=Path, metavar="FILE",

@@ -7,6 +7,8 @@
     xenpbr-agent status [--config PATH] [--json]            what the agent last did
     xenpbr-agent invalidate PHASE [--config PATH]           drop images from PHASE on
     xenpbr-agent resurrected [--wait S] [--config PATH]     hand over resurrected data
+    xenpbr-agent heartbeat [--interval S]                   for dom0's liveness check
+    xenpbr-agent provoke-listener [--direct PATH]           let dom0 provoke LKDTM faults
 
 ``phase`` prints one line, ``<phase> <verdict>`` (``captured``, ``skipped``,
 ``refused:<reason>``, ``restored:<generation>``, ``timeout``, or ``not-marked`` when a
@@ -167,6 +169,13 @@ def _parser() -> argparse.ArgumentParser:
     beat.add_argument("--interval", type=float, default=2.0, metavar="S",
                       help="seconds between beats (default 2)")
     beat.add_argument("--count", type=int, metavar="N", help="stop after N beats")
+    listener = sub.add_parser("provoke-listener",
+                              help="let dom0 provoke LKDTM crash types in this kernel "
+                                   "(xenpbr inject --fault lkdtm:TYPE); runs until killed",
+                              epilog=EPILOG)
+    listener.add_argument("--direct", default=None, metavar="PATH",
+                          help="LKDTM's DIRECT file (default "
+                               "/sys/kernel/debug/provoke-crash/DIRECT)")
     status = sub.add_parser("status", help="print the agent's last seq, verdict, generation",
                             epilog=EPILOG)
     _config_option(status)
@@ -377,6 +386,12 @@ def cmd_heartbeat(args: argparse.Namespace, xs_factory: XenstoreFactory) -> int:
     return EXIT_OK
 
 
+def cmd_provoke_listener(args: argparse.Namespace, xs_factory: XenstoreFactory) -> int:
+    from xenpbr_agent.provoke import DIRECT, listen
+    listen(xs_factory, args.direct or DIRECT)
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace, xs_factory: XenstoreFactory) -> int:
     out = _status(args, xs_factory)
     if args.json:
@@ -409,6 +424,8 @@ def main(argv: list[str] | None = None, *, xs_factory: XenstoreFactory | None = 
             return cmd_resurrected(args, factory)
         if args.command == "heartbeat":
             return cmd_heartbeat(args, factory)
+        if args.command == "provoke-listener":
+            return cmd_provoke_listener(args, factory)
         return cmd_status(args, factory)
     except (AgentError, XenstoreError) as exc:
         print(f"xenpbr-agent: error: {exc}", file=sys.stderr, flush=True)

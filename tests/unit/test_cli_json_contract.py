@@ -144,9 +144,10 @@ ALWAYS_NULL_HERE["unregister"] = {"domid"}
 #: Read from xenstore, which the test has not (tests/unit/test_why.py covers each value).
 ALWAYS_NULL_HERE["status"] = {"no_image_why"}
 #: ``inject web`` is a sysrq crash, which changes no byte; the memory faults' keys are
-#: checked by test_faults.py::test_inject_json_of_a_memory_fault_matches_the_contract.
+#: checked by test_faults.py::test_inject_json_of_a_memory_fault_matches_the_contract,
+#: the provoked ones' by test_provoke.py::test_inject_lkdtm_json_matches_the_contract.
 ALWAYS_NULL_HERE["inject"] = {k for k in contract().get("inject", (False, {}))[1]
-                              if k.startswith("change") or k == "seed"}
+                              if k.startswith(("change", "provoked")) or k == "seed"}
 NOT_RUN = {"reboot"}  # needs Xen and xenstore; its object is a history entry
 #: An empty store gives empty lists; test_scrub_json_on_a_damaged_store fills them.
 ALWAYS_NULL_HERE["scrub"] = {k for k in contract().get("scrub", (False, {}))[1] if "[]." in k}

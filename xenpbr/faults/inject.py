@@ -59,7 +59,8 @@ class Injection:
         return {"domain": self.domain, "fault": self.kind.value,
                 "seed": self.seed, "injected_at": self.injected_at,
                 "paused_s": round(self.paused_s, 6),
-                "change": None if self.change is None else self.change.to_json()}
+                "change": None if self.change is None else self.change.to_json(),
+                "provoked": None}
 
 
 def check_running(state: DomainState, name: str) -> None:
