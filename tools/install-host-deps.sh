@@ -10,7 +10,9 @@ set -euo pipefail
 
 # systemd: systemd-analyze verifies the xenpbrd unit in the unit tests
 # gcc, zlib1g-dev: the unit tests compile the C resurrection example (guest-agent/examples)
-PACKAGES=(qemu-system-x86 e2fsprogs python3-venv python3-pip systemd gcc zlib1g-dev)
+# gcc (gcc-12), make, libelf1 (objtool): the lab builds LKDTM for the guest kernel
+# (xenpbr_lab/lkdtm.py; binutils comes with gcc)
+PACKAGES=(qemu-system-x86 e2fsprogs python3-venv python3-pip systemd gcc zlib1g-dev make libelf1)
 # make deb: debhelper + dh-python (pybuild) build debian/, lintian checks the result.
 DEB_PACKAGES=(build-essential debhelper dh-python python3-all python3-setuptools
               pybuild-plugin-pyproject python3-wheel fakeroot lintian)

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import debian, elfdeps, kmod
+from . import debian, elfdeps, kmod, lkdtm
 from .cpio import write_initramfs
 from .errors import LabError, PackageError
 from .paths import cache_lock, cache_root, digest, ensure_free_space, tree_digest
@@ -206,8 +206,9 @@ def _slim_guest_python(stage: Path) -> None:
         shutil.rmtree(cache)
 
 
-def _build_guest_base(sysroot: Path, kernel_version: str, out: Path) -> None:
-    """Busybox, Xen's xenstore tools and a slimmed Python 3.11 (for the guest agent)."""
+def _build_guest_base(sysroot: Path, kernel_version: str, out: Path, lkdtm_ko: Path) -> None:
+    """Busybox, Xen's xenstore tools, a slimmed Python 3.11 (for the guest agent) and
+    LKDTM (loaded only with lab.lkdtm=1: xenpbr inject --fault lkdtm:TYPE)."""
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         stage = Path(tmp)
         _busybox(stage, sysroot)
@@ -219,6 +220,7 @@ def _build_guest_base(sysroot: Path, kernel_version: str, out: Path) -> None:
         elves = [stage / "usr/bin/python3.11", *(stage / "usr/lib/python3.11/lib-dynload").glob("*.so")]
         _libraries(stage, sysroot, [sysroot / "usr/bin/xenstore", *elves])
         _modules(stage, sysroot, kernel_version, GUEST_MODULES)
+        _copy(lkdtm_ko, stage / "lib/modules" / kernel_version / lkdtm.MODULE_PATH)
         write_initramfs(stage, out)
 
 
@@ -406,7 +408,10 @@ def _build(cache: Path) -> LabImages:
     if not dom0_base.exists():
         _timed(timings, "dom0-base", _build_dom0_base, sysroot, kernel_version, dom0_base)
     if not guest_base.exists():
-        _timed(timings, "guest-base", _build_guest_base, sysroot, kernel_version, guest_base)
+        modules = sysroot / "lib/modules" / kernel_version
+        lkdtm_ko = lkdtm.module(cache, kernel_version, kmod.load_order(["xen_wdt"], modules)[0])
+        _timed(timings, "guest-base", _build_guest_base, sysroot, kernel_version, guest_base,
+               lkdtm_ko)
     overlay_dir = cache / "overlays" / digest(base_dir.name, _source_digest())
     overlay_dir.mkdir(parents=True, exist_ok=True)
     site, guest = overlay_dir / "site.cpio.gz", overlay_dir / "guest.cpio.gz"

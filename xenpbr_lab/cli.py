@@ -218,11 +218,13 @@ def cmd_consistency(args: argparse.Namespace) -> int:
 def cmd_faults(args: argparse.Namespace) -> int:
     """Inject N faults into a guest kernel, one after another; classify and recover each."""
     from . import faults
-    kinds = [k for k in args.kinds.split(",") if k]
-    unknown = sorted(set(kinds) - set(faults.KINDS))
+    kinds = faults.expand_kinds([k for k in args.kinds.split(",") if k])
+    unknown = sorted(k for k in kinds if not faults.known_kind(k))
     if unknown or not kinds:
         print(f"xenpbr-lab faults: unknown kind(s) {unknown or kinds}; choose from "
-              f"{', '.join(faults.KINDS)}", file=sys.stderr)
+              f"{', '.join(faults.KINDS)}, lkdtm:TYPE (an LKDTM crash type: lkdtm:BUG) or "
+              "lkdtm (all of them)",
+              file=sys.stderr)
         return 2
     path = Path(args.report)
     if args.fresh:
@@ -403,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
                                       "(docs/faults.md); the report is merged across runs")
     p.add_argument("--count", type=_at_least(1), default=200)
     p.add_argument("--kinds", default=",".join(("stack", "text", "operand", "hang", "crash")),
-                   help="comma-separated kinds, injected in turn (default: all)")
+                   help="comma-separated kinds, injected in turn (default: all but "
+                   "lkdtm:TYPE, LKDTM's crash type TYPE, which the guest then loads; "
+                   "lkdtm: each of the fault types of LKDTM, docs/faults.md)")
     p.add_argument("--memory", type=_at_least(64), default=192,
                    help="guest memory in MiB (default 192)")
     p.add_argument("--guests", type=_at_least(1), default=1,

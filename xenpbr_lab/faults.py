@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import consistency, disks, xenpbrd
-from .errors import LabTimeout
+from .errors import LabError, LabTimeout
 from .resurrection_proof import LOADED_COUNT_RE, console_from, cycle_outcome
 from .xl import LabDomain, xl_list
 
@@ -59,6 +59,48 @@ log = logging.getLogger(__name__)
 GUEST_PREFIX = "f-"
 MEMORY_MIB = 192
 KINDS = ("stack", "text", "operand", "hang", "crash")
+#: ``lkdtm:TYPE`` (any LKDTM crash type the guest's agent offers; lab.lkdtm=1 loads it).
+LKDTM_PREFIX = "lkdtm:"
+
+
+#: ``--kinds lkdtm``: LKDTM's types that model a fault in a running x86-64 kernel, in
+#: source order (left out: the ones that only report or time something, REPORT_STACK*,
+#: ATOMIC_TIMING, REFCOUNT_TIMING, and other architectures', DOUBLE_FAULT, CORRUPT_PAC,
+#: PPC_SLB_MULTIHIT).
+LKDTM_TYPES = (
+    "PANIC BUG WARNING WARNING_MESSAGE EXCEPTION LOOP EXHAUST_STACK CORRUPT_STACK "
+    "CORRUPT_STACK_STRONG UNALIGNED_LOAD_STORE_WRITE SOFTLOCKUP HARDLOCKUP SPINLOCKUP "
+    "HUNG_TASK OVERFLOW_SIGNED OVERFLOW_UNSIGNED ARRAY_BOUNDS CORRUPT_LIST_ADD "
+    "CORRUPT_LIST_DEL STACK_GUARD_PAGE_LEADING STACK_GUARD_PAGE_TRAILING UNSET_SMEP "
+    "CFI_FORWARD_PROTO CFI_BACKWARD FORTIFY_STR_OBJECT FORTIFY_STR_MEMBER "
+    "FORTIFY_MEM_OBJECT FORTIFY_MEM_MEMBER FORTIFY_STRSCPY SLAB_LINEAR_OVERFLOW "
+    "VMALLOC_LINEAR_OVERFLOW WRITE_AFTER_FREE READ_AFTER_FREE WRITE_BUDDY_AFTER_FREE "
+    "READ_BUDDY_AFTER_FREE SLAB_INIT_ON_ALLOC BUDDY_INIT_ON_ALLOC SLAB_FREE_DOUBLE "
+    "SLAB_FREE_CROSS SLAB_FREE_PAGE WRITE_RO WRITE_RO_AFTER_INIT WRITE_KERN WRITE_OPD "
+    "EXEC_DATA EXEC_STACK EXEC_KMALLOC EXEC_VMALLOC EXEC_RODATA EXEC_USERSPACE EXEC_NULL "
+    "ACCESS_USERSPACE ACCESS_NULL REFCOUNT_INC_OVERFLOW REFCOUNT_ADD_OVERFLOW "
+    "REFCOUNT_INC_NOT_ZERO_OVERFLOW REFCOUNT_ADD_NOT_ZERO_OVERFLOW REFCOUNT_DEC_ZERO "
+    "REFCOUNT_DEC_NEGATIVE REFCOUNT_DEC_AND_TEST_NEGATIVE REFCOUNT_SUB_AND_TEST_NEGATIVE "
+    "REFCOUNT_INC_ZERO REFCOUNT_ADD_ZERO REFCOUNT_INC_SATURATED REFCOUNT_DEC_SATURATED "
+    "REFCOUNT_ADD_SATURATED REFCOUNT_INC_NOT_ZERO_SATURATED "
+    "REFCOUNT_ADD_NOT_ZERO_SATURATED REFCOUNT_DEC_AND_TEST_SATURATED "
+    "REFCOUNT_SUB_AND_TEST_SATURATED STACKLEAK_ERASING USERCOPY_SLAB_SIZE_TO "
+    "USERCOPY_SLAB_SIZE_FROM USERCOPY_SLAB_WHITELIST_TO USERCOPY_SLAB_WHITELIST_FROM "
+    "USERCOPY_STACK_FRAME_TO USERCOPY_STACK_FRAME_FROM USERCOPY_STACK_BEYOND "
+    "USERCOPY_VMALLOC USERCOPY_FOLIO USERCOPY_KERNEL").split()
+
+
+def expand_kinds(kinds: Sequence[str]) -> list[str]:
+    """``--kinds``: ``lkdtm`` stands for every one of LKDTM_TYPES, in turn."""
+    return [k for kind in kinds
+            for k in ([LKDTM_PREFIX + t for t in LKDTM_TYPES] if kind == "lkdtm" else [kind])]
+
+
+def known_kind(kind: str) -> bool:
+    """A kind the campaign can inject: one of KINDS or ``lkdtm:TYPE``."""
+    from xenpbr.guestproto.provoke import TYPE_NAME
+    return kind in KINDS or (kind.startswith(LKDTM_PREFIX)
+                             and TYPE_NAME.fullmatch(kind.removeprefix(LKDTM_PREFIX)) is not None)
 #: Seconds Xen's watchdog waits for the guest's next kick (busybox kicks every 2 s: a
 #: kernel that schedules no process for 10 kicks in a row has stopped).
 WATCHDOG_S = 20
@@ -70,13 +112,17 @@ LIVENESS_TIMEOUT_S = 15
 OBSERVE_S = 40.0
 #: A hang detector, not a deadline: the writer is back within seconds when all is well.
 SERVICE_WAIT_S = 600.0
+#: Also a hang detector: a first boot captures three images, which takes longer the
+#: bigger the guest (two 1.7 GB guests booting beside another lab took over 600 s).
+BOOT_WAIT_S_PER_GIB = 1200.0
 KALLSYMS = "/run/xenpbr-lab-kallsyms"
 KALLSYMS_LINE = r"XENPBR-KALLSYMS: \d+"
 ACK = r"XENPBR-WRITER: acked \d+"
 #: What a kernel prints about a fault it survived (it kept running: the outcome is
 #: still silent, but explained).
-KERNEL_SAID = re.compile(r"(BUG: .*|Oops.*|general protection fault.*|WARNING: .*|"
-                         r"watchdog: .*|INFO: task .* blocked.*|Kernel panic.*)")
+KERNEL_SAID = re.compile(r"(BUG: .*|kernel BUG at .*|Oops.*|general protection fault.*|"
+                         r"WARNING: CPU.*|watchdog: .*|INFO: task .* blocked.*|"
+                         r"Kernel panic.*)")
 FIRST_SEED = 1000
 #: The key-value application's load: writes/s over this many keys (each write one console
 #: line: the console is read from an offset, never whole).
@@ -84,15 +130,18 @@ APP_KEYS = 20
 APP_RATE = 5
 
 
-def _guest(host: XenHost, name: str, memory_mib: int, liveness: bool) -> LabDomain:
+def _guest(host: XenHost, name: str, memory_mib: int, liveness: bool,
+           lkdtm: bool = False) -> LabDomain:
     """The campaign's guest: hangs caught by Xen's watchdog, or with *liveness* by
-    xenpbrd's liveness check on the agent's heartbeat (and no watchdog at all)."""
+    xenpbrd's liveness check on the agent's heartbeat (and no watchdog at all); with
+    *lkdtm*, LKDTM loaded and the agent's provoke-listener running."""
     made = disks.make_disks(host, name)
     hang_detector = ({"xenpbr_liveness_timeout": LIVENESS_TIMEOUT_S} if liveness else {})
     return LabDomain(host, name, memory_mib=memory_mib, mode="consist",
                      on_crash="phasereboot", on_watchdog="phasereboot",
                      extra=("lab.root=/dev/xvda lab.hazard=none lab.kallsyms=1 oops=panic "
                             f"lab.keys={APP_KEYS} lab.rate={APP_RATE} "
+                            + ("lab.lkdtm=1 " if lkdtm else "")
                             + ("lab.heartbeat=1" if liveness else f"lab.watchdog={WATCHDOG_S}")),
                      xenpbr_resurrect=1, **hang_detector,
                      disk=made.specs, xenpbr_disks=["xvda=snapshot", "xvdb=persistent"],
@@ -108,9 +157,11 @@ def _boot(host: XenHost, guest: LabDomain) -> None:
     kernel: the first one's serve all)."""
     guest.write_config()
     xenpbrd.cli(host, "create", guest.config_path)
+    memory_mib = int(guest.config["memory"])  # type: ignore[call-overload]
+    wait = max(SERVICE_WAIT_S, BOOT_WAIT_S_PER_GIB * memory_mib / 1024)
     for pattern in (consistency.LAST_BOUNDARY, consistency.WRITER_START, KALLSYMS_LINE,
                     LOADED_COUNT_RE):
-        guest.watch_console([pattern], timeout=SERVICE_WAIT_S)  # in any order
+        guest.watch_console([pattern], timeout=wait)  # in any order
     if host.run(["test", "-s", KALLSYMS], check=False).rc == 0:
         return
     data = f"{disks.DISK_DIR}/{guest.name}-data.img"
@@ -128,10 +179,35 @@ def _wall(iso: str) -> float:
 
 
 def _inject(host: XenHost, name: str, kind: str, seed: int) -> dict[str, Any]:
+    if kind.startswith(LKDTM_PREFIX):
+        _await_offer(host, name)
     args = ["inject", name, "--fault", kind]
-    if kind != "crash":
+    if kind != "crash" and not kind.startswith(LKDTM_PREFIX):
         args += ["--seed", str(seed), "--system-map", KALLSYMS]
     return dict(xenpbrd.cli(host, *args))
+
+
+def _await_offer(host: XenHost, name: str) -> set[str]:
+    """The LKDTM types *name*'s provoke-listener offers, once it does (it starts after
+    the last phase, so after a recovery it may not be up yet); a hang detector, not a
+    deadline."""
+    from xenpbr.guestproto.provoke import OFFER_KEY, parse_offer
+    deadline = time.monotonic() + SERVICE_WAIT_S
+    script = f'xenstore-read "/local/domain/$(xl domid {name})/{OFFER_KEY}"'
+    while (done := host.run(script, check=False, timeout=300)).rc != 0:
+        if time.monotonic() > deadline:
+            raise LabTimeout(f"{name}'s provoke-listener offered nothing within "
+                             f"{SERVICE_WAIT_S:.0f} s (is LKDTM loaded? its console says)")
+        time.sleep(1.0)
+    return set(parse_offer(done.stdout.strip().encode()))
+
+
+def _check_offer(host: XenHost, name: str, kinds: Sequence[str]) -> None:
+    """Before the first injection: every lkdtm:TYPE asked for is one the guest offers."""
+    wanted = {k.removeprefix(LKDTM_PREFIX) for k in kinds if k.startswith(LKDTM_PREFIX)}
+    missing = sorted(wanted - _await_offer(host, name)) if wanted else []
+    if missing:
+        raise LabError(f"{name}'s LKDTM has no {', '.join(missing)}: drop them from --kinds")
 
 
 def _await_recovery(host: XenHost, name: str, seen: int,
@@ -212,6 +288,7 @@ def inject_once(host: XenHost, guest: LabDomain, n: int, kind: str, seed: int,
     row: dict[str, Any] = {"n": n, "guest": guest.name, "kind": kind, "seed": record["seed"],
                            "console_offset": offset,
                            "change": record["change"], "paused_s": record["paused_s"],
+                           "provoked": record.get("provoked"),
                            "kernel_said": _kernel_said(console)}
     if recovery is None:
         row["outcome"] = "silent"
@@ -291,8 +368,10 @@ def run_campaign(host: XenHost, count: int, kinds: Sequence[str] = KINDS, *,
     made: list[LabDomain] = []
     try:
         for i in range(1, guests + 1):
-            made.append(_guest(host, f"{GUEST_PREFIX}{i}", memory_mib, liveness))
+            made.append(_guest(host, f"{GUEST_PREFIX}{i}", memory_mib, liveness,
+                               lkdtm=any(k.startswith(LKDTM_PREFIX) for k in kinds)))
             _boot(host, made[-1])
+            _check_offer(host, made[-1].name, kinds)
         _in_threads([functools.partial(_inject_until_done, host, g, numbers, kinds,
                                        observe_s, record) for g in made])
         for guest in made:
@@ -363,9 +442,16 @@ def _in_threads(jobs: list[Callable[[], None]]) -> None:
         raise errors[0]
 
 
+def _where(row: dict[str, Any]) -> str:
+    """Where the fault was: the symbol changed, the agent's answer to an LKDTM
+    request, or sysrq c."""
+    if row.get("provoked"):
+        return f"agent: {row['provoked']['taken'] or 'no answer'}"
+    return str((row["change"] or {}).get("symbol", "sysrq c"))
+
+
 def _line(row: dict[str, Any]) -> str:
-    change = row["change"] or {}
-    where = f" at {change['symbol']}" if change else ""
+    where = f" at {_where(row)}" if row["change"] or row.get("provoked") else ""
     detected = f" detected in {row['detected_s']:.1f} s" if row["detected_s"] else ""
     return (f"#{row['n']} {row['kind']}{where}: {row['outcome']}{detected}, "
             f"recovered by {row['recovered_by']}, service "
@@ -481,7 +567,7 @@ def markdown(report: dict[str, Any]) -> str:
     for r in report["injections"]:
         c = r["change"] or {}
         lines.append(f"| {r['n']} | {r.get('guest', 'f-main')} | {r['kind']} | "
-                     f"{c.get('symbol', 'sysrq c')} | "
+                     f"{_where(r)} | "
                      f"{c.get('old', '')}→{c.get('new', '')} | {r['outcome']} | "
                      f"{r['detected_s'] if r['detected_s'] is not None else '-'} | "
                      f"{r['recovered_by']} | {r.get('downtime_s')} | "

@@ -1,9 +1,11 @@
 """Fault injection on real Xen (docs/faults.md; ``make faults`` runs the full campaign).
 
 The suite (and so CI) runs a named subset: ``CI_COUNT`` injections, the kinds in turn
-(stack, operand, hang: a bit of a kernel stack, an instruction operand found by Capstone,
-a kernel that stops; ``text``, a byte of an instruction found the same way, is left to
-``make faults``, and crashes are every other lab test's) into a guest whose hangs only
+(stack, operand, hang, lkdtm:BUG: a bit of a kernel stack, an instruction operand found
+by Capstone, a kernel that stops, and LKDTM's BUG() provoked by the guest's agent at
+dom0's request; ``text``, a byte of an instruction found the same way, and LKDTM's other
+types are left to ``make faults``, and crashes are every other lab test's) into a guest
+whose hangs only
 xenpbrd's liveness check can notice, each classified, recovered and followed by the
 writer's service check and the key-value application's data check (every key back after
 a crash or a hang), then the disk checks. ``make faults`` adds to the committed report
@@ -25,11 +27,11 @@ from xenpbr_lab.host import XenHost
 from xenpbr_lab.xl import LabDomain
 
 REPORT = Path(__file__).resolve().parents[2] / "build" / "faults-ci.json"
-CI_KINDS = ("stack", "operand", "hang")
-CI_COUNT = int(os.environ.get("XENPBR_FAULTS_COUNT", "3"))
+CI_KINDS = ("stack", "operand", "hang", "lkdtm:BUG")
+CI_COUNT = int(os.environ.get("XENPBR_FAULTS_COUNT", "4"))
 
 
-@pytest.mark.timeout(3600)  # 3 injections of about 1 min each (up to 5x), a boot, fsck
+@pytest.mark.timeout(3600)  # 4 injections of about 1 min each (up to 5x), a boot, fsck
 def test_a_mixed_campaign_brings_the_guest_back_every_time(
         xen_host: XenHost, session_artifacts: Path) -> None:
     """The guest has no watchdog (no xen_wdt): only xenpbrd's liveness check on the
@@ -46,9 +48,15 @@ def test_a_mixed_campaign_brings_the_guest_back_every_time(
     assert [r["kind"] for r in rows] == [CI_KINDS[i % len(CI_KINDS)] for i in range(CI_COUNT)]
     assert all(r["service_back"] for r in rows), rows
     for row in rows:
+        if row["kind"].startswith(faults.LKDTM_PREFIX):
+            continue
         change = row["change"]
         assert change["old"] != change["new"] and change["address"].startswith("0xffff")
         assert "+0x" in change["symbol"] and row["paused_s"] > 0
+    bug = next(r for r in rows if r["kind"] == "lkdtm:BUG")  # BUG() in the guest: oops=panic
+    assert bug["provoked"]["taken"] == "started" and bug["change"] is None, bug
+    assert bug["outcome"] == "crash" and bug["recovered_by"] == "phase:app", bug
+    assert any("kernel BUG at" in said or "BUG:" in said for said in bug["kernel_said"]), bug
     assert all(r["app"]["restarted"] for r in rows), rows
     for row in rows:  # after each crash or hang, every key of the application is back
         if row["outcome"] != "silent":
@@ -90,6 +98,10 @@ def test_injections_that_must_not_happen_are_refused_and_change_nothing(
     assert entry is not None and "p" not in entry.state  # unpaused again
     said = _refused(xen_host, guest.name, "--fault", "stack")  # Debian's placeholder map
     assert "/proc/kallsyms" in said, said
+    said = _refused(xen_host, guest.name, "--fault", "lkdtm:BUG")  # no provoke-listener
+    assert "offers no provoked faults" in said, said
+    assert xen_host.run(["xenstore-exists", f"/local/domain/{guest.domid}/control/xenpbr/"
+                         "provoke"], check=False).rc != 0  # nothing was requested
     assert "is not registered" in _refused(xen_host, "Domain-0", "--fault", "stack")
     xen_host.run(["xl", "destroy", guest.name])
     said = _refused(xen_host, guest.name, "--fault", "text", "--system-map", "/run/wrong.map")

@@ -75,6 +75,46 @@ def test_the_report_is_written_and_merged(tmp_path) -> None:
     assert faults.load_report(tmp_path / "none.json") == {"runs": [], "injections": []}
 
 
+def test_a_provoked_fault_says_what_the_agent_answered() -> None:
+    provoked = {**row(5, "lkdtm:BUG", "crash", 0.1), "change": None,
+                "provoked": {"id": 9, "type": "BUG", "taken": "started",
+                             "taken_after_s": 0.1}}
+    gone = {**provoked, "n": 6, "provoked": {**provoked["provoked"], "taken": None}}
+    assert faults._line(provoked).startswith("#5 lkdtm:BUG at agent: started: crash")
+    md = faults.markdown({"runs": [], "injections": [provoked, gone],
+                          "summary": faults.summarise({"runs": [],
+                                                       "injections": [provoked, gone]})})
+    assert "| 5 | f-1 | lkdtm:BUG | agent: started |" in md
+    assert "| 6 | f-1 | lkdtm:BUG | agent: no answer |" in md
+    assert "| 1 | f-1 | crash | sysrq c |" in faults.markdown(
+        {"runs": [], "injections": [row(1, "crash", "crash", 0.2)],
+         "summary": faults.summarise({"runs": [], "injections": [row(1, "crash", "crash")]})})
+
+
+@pytest.mark.parametrize("kind, known", [("stack", True), ("lkdtm:BUG", True),
+                                         ("lkdtm:HUNG_TASK", True), ("lkdtm:bug", False),
+                                         ("lkdtm:", False), ("BUG", False), ("meltdown", False)])
+def test_the_campaign_knows_its_kinds_and_lkdtm_types(kind: str, known: bool) -> None:
+    assert faults.known_kind(kind) is known
+
+
+def test_lkdtm_stands_for_each_of_its_fault_types_in_turn() -> None:
+    kinds = faults.expand_kinds(["stack", "lkdtm", "hang"])
+    assert kinds[0] == "stack" and kinds[-1] == "hang"
+    assert kinds[1:4] == ["lkdtm:PANIC", "lkdtm:BUG", "lkdtm:WARNING"]
+    assert len(kinds) == 2 + len(faults.LKDTM_TYPES) and all(map(faults.known_kind, kinds))
+    assert "lkdtm:REFCOUNT_TIMING" not in kinds  # a benchmark, no fault
+
+
+def test_the_kernel_s_words_are_kept_and_the_agent_s_are_not() -> None:
+    console = ("WARNING: provoking LKDTM BUG for dom0's request 4\n"
+               "kernel BUG at drivers/misc/lkdtm/bugs.c:78!\n"
+               "WARNING: CPU: 0 PID: 7 at drivers/misc/lkdtm/bugs.c:90 lkdtm_WARNING\n")
+    assert faults._kernel_said(console) == ["kernel BUG at drivers/misc/lkdtm/bugs.c:78!",
+                                            "WARNING: CPU: 0 PID: 7 at drivers/misc/lkdtm/"
+                                            "bugs.c:90 lkdtm_WARNING"]
+
+
 def test_dom0_gets_the_faults_extra_and_guests_do_not() -> None:
     """Capstone is dom0's alone (a 128 MiB guest's initramfs has no room for it): the
     lab's dom0-only wheels pin it as setup.cfg's ``faults`` extra does."""

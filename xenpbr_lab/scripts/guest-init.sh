@@ -59,8 +59,15 @@ for arg in $(cat /proc/cmdline); do
         lab.watchdog=*) watchdog=${arg#lab.watchdog=} ;;
         lab.kallsyms=*) kallsyms=${arg#lab.kallsyms=} ;;
         lab.heartbeat=*) heartbeat=${arg#lab.heartbeat=} ;;
+        lab.lkdtm=*) lkdtm=${arg#lab.lkdtm=} ;;
     esac
 done
+# lab.lkdtm=1: LKDTM (built for this kernel by xenpbr_lab/lkdtm.py) and debugfs, where
+# its DIRECT file is, for the agent's provoke-listener (consist_extras starts it).
+if [ -n "$lkdtm" ]; then
+    insmod "/lib/modules/$(uname -r)/extra/lkdtm.ko" || echo "XENPBR-GUEST: no LKDTM"
+    mount -t debugfs debugfs /sys/kernel/debug
+fi
 echo "XENPBR-GUEST: up uptime=$(cut -d' ' -f1 /proc/uptime) mode=$mode marker=${marker:-none}"
 # Kernel text bounds from kallsyms (Debian's System.map is a stub), for vCPU RIP checks.
 echo "XENPBR-GUEST: text $(grep -E ' (_stext|_etext)$' /proc/kallsyms | cut -d' ' -f1 | tr '\n' ' ')"
@@ -137,7 +144,8 @@ bench_phases() {
 # from expiring while the kernel schedules: a hung kernel stops it and Xen shuts the
 # domain down with reason watchdog within S seconds) and lab.kallsyms=1 (the kernel's
 # symbols, once, to /data/kallsyms: Debian's System.map is a placeholder) and
-# lab.heartbeat=S (the agent's heartbeat every S seconds, for dom0's liveness check);
+# lab.heartbeat=S (the agent's heartbeat every S seconds, for dom0's liveness check)
+# and lab.lkdtm=1 (the agent's provoke-listener: xenpbr inject --fault lkdtm:TYPE);
 # lab.keys=K (with lab.rate=N) also starts the resurrection proof's key-value application
 # after the last phase (its region resurrected by dom0 after a crash: xenpbr_resurrect).
 consist_extras() {
@@ -148,6 +156,9 @@ consist_extras() {
     if [ -n "$watchdog" ]; then
         printf '  sh -c "exec watchdog -F -T %s -t 2 /dev/watchdog >/dev/hvc0 2>&1 &"\n' \
             "$watchdog"
+    fi
+    if [ -n "$lkdtm" ]; then
+        printf '  sh -c "exec python3 -m xenpbr_agent provoke-listener >/dev/hvc0 2>&1 &"\n'
     fi
     if [ -n "$kallsyms" ]; then
         ks="[ -s /data/kallsyms ] || { awk 'NF==3' /proc/kallsyms > /data/kallsyms; sync; }"
