@@ -158,16 +158,32 @@ def _boot(host: XenHost, guest: LabDomain) -> None:
     guest.write_config()
     xenpbrd.cli(host, "create", guest.config_path)
     memory_mib = int(guest.config["memory"])  # type: ignore[call-overload]
-    wait = max(SERVICE_WAIT_S, BOOT_WAIT_S_PER_GIB * memory_mib / 1024)
+    quiet = max(SERVICE_WAIT_S, BOOT_WAIT_S_PER_GIB * memory_mib / 1024)
     for pattern in (consistency.LAST_BOUNDARY, consistency.WRITER_START, KALLSYMS_LINE,
                     LOADED_COUNT_RE):
-        guest.watch_console([pattern], timeout=wait)  # in any order
+        _await_line(guest, pattern, quiet)  # in any order
     if host.run(["test", "-s", KALLSYMS], check=False).rc == 0:
         return
     data = f"{disks.DISK_DIR}/{guest.name}-data.img"
     host.run(["debugfs", "-R", f"dump /kallsyms {KALLSYMS}", data], timeout=300)
     lines = int(host.run(["wc", "-l", KALLSYMS]).stdout.split()[0])
     log.info("guest kernel symbols: %d lines in dom0's %s", lines, KALLSYMS)
+
+
+def _await_line(guest: LabDomain, pattern: str, quiet_s: float) -> None:
+    """Wait for *pattern* on the console. A hang detector, not a deadline: it gives up
+    only after *quiet_s* in which neither the pattern nor any new output appeared (a
+    guest dumping its symbols beside two other labs took over 600 s, printing all along)."""
+    while True:
+        seen = guest.console_size()
+        try:
+            guest.watch_console([pattern], timeout=quiet_s)
+            return
+        except LabTimeout:
+            if guest.console_size() == seen:
+                raise
+            log.info("%s: no %r yet after %.0f s, but its console moves: waiting on",
+                     guest.name, pattern, quiet_s)
 
 
 def _history(host: XenHost, name: str) -> list[dict[str, Any]]:

@@ -109,7 +109,8 @@ def _sources(tarball: Path, dest: Path) -> Path:
         for member in tar:
             name = member.name.removeprefix(SOURCE_DIR)
             if name != member.name and member.isfile() and "/" not in name:
-                (dest / name).write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                (dest / name).write_bytes(data)
             elif (dest / "core.c").exists():
                 break
     if not (dest / "core.c").exists():

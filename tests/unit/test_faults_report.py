@@ -188,3 +188,33 @@ def test_an_application_that_never_restarts_is_said(monkeypatch) -> None:
     app = faults._app_outcome(_Console("ACK 1 k000000 x\n"), 0, 0, {})
     assert app == {"restarted": False}
     assert faults._app_cell({"app": app}) == "NOT RESTARTED"
+
+
+class _SlowGuest:
+    """A guest whose console shows the line after *late* waits, growing all along (or
+    never growing, with *stuck*)."""
+
+    name = "f-1"
+
+    def __init__(self, late: int, stuck: bool = False) -> None:
+        self.late, self.stuck, self.size, self.waits = late, stuck, 100, 0
+
+    def console_size(self) -> int:
+        return self.size
+
+    def watch_console(self, patterns: list[str], timeout: float) -> dict:
+        self.waits += 1
+        if not self.stuck:
+            self.size += 10
+        if self.waits <= self.late:
+            raise faults.LabTimeout(f"no {patterns} within {timeout} s")
+        return {}
+
+
+def test_a_boot_that_keeps_printing_is_waited_for_and_a_silent_one_is_not() -> None:
+    slow = _SlowGuest(late=3)
+    faults._await_line(slow, "app", quiet_s=1)  # type: ignore[arg-type]
+    assert slow.waits == 4
+    stuck = _SlowGuest(late=3, stuck=True)
+    with pytest.raises(faults.LabTimeout):
+        faults._await_line(stuck, "app", quiet_s=1)  # type: ignore[arg-type]
