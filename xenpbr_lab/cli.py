@@ -138,10 +138,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             facts.append(fact)
     command = ("xenpbr-lab bench --workloads " + ",".join(args.workloads) + " --memory " +
                ",".join(map(str, args.memory)) + f" --repeats {args.repeats}" +
-               " --methods " + ",".join(args.methods))
+               " --methods " + ",".join(args.methods)
+               + (f" --dom0-vcpus {args.dom0_vcpus}" if args.dom0_vcpus != 1 else ""))
     detail = bench.as_json(bench.summarize(samples), samples, facts,
                            {"command": command, "date": started, "repeats": args.repeats,
-                            "xen": xen, "machine": bench.machine(), "not_run": not_run})
+                            "xen": xen, "machine": bench.machine(), "not_run": not_run,
+                            "dom0_vcpus": args.dom0_vcpus})
     previous = Path(args.out) / "results-detail.json"
     if args.merge and previous.exists():
         detail = bench_report.merge(json.loads(previous.read_text()), detail)
@@ -161,7 +163,7 @@ def _bench_busybox(args: argparse.Namespace, images: LabImages, workdir: Path,
     ``not_run``); Xen's version."""
     from . import bench
     sizes = bench.host_sizes(args.memory) | _asked_sizes(args)
-    with XenHost(images, workdir, **sizes) as host:
+    with XenHost(images, workdir, **sizes, dom0_vcpus=args.dom0_vcpus) as host:
         xen = _xen_version(host)
         try:
             for workload in workloads:
@@ -377,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="memory of the QEMU machine in MiB (default: what --memory needs)")
     p.add_argument("--dom0-memory", type=_at_least(512), default=None,
                    help="dom0's memory in MiB (default: what --memory needs)")
+    p.add_argument("--dom0-vcpus", type=int, choices=(1, 2), default=1,
+                   help="dom0's vCPUs (default 1; 2: a restore checks its hot stream "
+                   "while xl reads it, as on a real host's dom0)")
     p.add_argument("--repeats", type=int, default=5, help="crashes per method (default 5)")
     p.add_argument("--methods", type=_csv(str, bench_methods.METHODS),
                    default=list(bench_methods.DEFAULT_METHODS),

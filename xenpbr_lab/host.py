@@ -45,8 +45,11 @@ class XenHost:
     """Xen 4.17 + a PV dom0 running under QEMU, driven over the control channel."""
 
     def __init__(self, images: LabImages, workdir: Path, memory_mib: int = 4096,
-                 dom0_memory_mib: int = 2048, cpus: int = 2) -> None:
+                 dom0_memory_mib: int = 2048, cpus: int = 2, dom0_vcpus: int = 1) -> None:
+        if not 1 <= dom0_vcpus <= cpus:
+            raise ValueError(f"dom0_vcpus must be 1 to {cpus} (the machine's CPUs)")
         self.images = images
+        self.dom0_vcpus = dom0_vcpus
         self.workdir = workdir
         self.memory_mib = memory_mib
         self.dom0_memory_mib = dom0_memory_mib
@@ -65,7 +68,8 @@ class XenHost:
     def qemu_argv(self) -> list[str]:
         """The QEMU command line (the facts in shared/notes/xen-lab-facts.md)."""
         xen_args = (f"console=com1 com1=115200,8n1 dom0_mem={self.dom0_memory_mib}M,"
-                    f"max:{self.dom0_memory_mib}M dom0_max_vcpus=1 console_timestamps=boot "
+                    f"max:{self.dom0_memory_mib}M dom0_max_vcpus={self.dom0_vcpus} "
+                    "console_timestamps=boot "
                     "guest_loglvl=all")
         modules = f"{self.images.kernel} console=hvc0 quiet,{self.images.dom0_initrd}"
         accel = ["-accel", "kvm", "-cpu", "host"] if kvm_usable() else \

@@ -128,8 +128,8 @@ def assert_scrub_clean(xen_host: XenHost, dom0_python, name: str, bad: dict | No
 
 def measure_verification(xen_host: XenHost, dom0_python, name: str) -> dict:
     """With xenpbrd stopped and the guest destroyed: restore the same image from its
-    hot stream without verification (plain ``xl restore FILE``), streamed and verified
-    (the default), verified whole first, and from the page store; twice each,
+    hot stream without verification (plain ``xl restore FILE``), streamed and verified,
+    verified whole first, verified while xl reads it, and from the page store; twice each,
     interleaved. Seconds from the call to a paused domain."""
     xenpbrd_lab.stop(xen_host)
     xen_host.run(["xl", "destroy", name], check=False)
@@ -147,8 +147,10 @@ def measure_verification(xen_host: XenHost, dom0_python, name: str) -> dict:
                            capture_output=True)
             return time.monotonic() - t0
         modes = {{"unverified_file": plain,
-                 "verified_stream": lambda: restore(store, image).total_s,
+                 "verified_stream": lambda: restore(store, image, hot_mode="stream").total_s,
                  "verified_file": lambda: restore(store, image, hot_mode="file").total_s,
+                 "verified_overlap": lambda: restore(store, image,
+                                                     hot_mode="overlap").total_s,
                  "page_store_fifo": lambda: restore(store, image, use_hot=False).total_s}}
         out = {{m: [] for m in modes}}
         for _ in range(2):

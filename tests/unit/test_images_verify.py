@@ -204,3 +204,61 @@ def test_scrub_deletes_a_bad_hot_stream(store, fake) -> None:
     assert bad["action"] == "deleted" and "checksum mismatch" in bad["reason"]
     assert not hot.exists() and store.scan("vm1")[0].valid
     assert store.scrub().clean
+
+
+def test_hot_mode_overlap_checks_while_xl_reads_into_the_paused_domain(store, fake,
+                                                                       data) -> None:
+    image = captured(store, fake)
+    path = hotcache.warm(store, "vm1", image.meta.image_id)
+    crashed(fake)
+    result = restore(store, image, xl=fake.argv, hot_mode="overlap")
+    assert result.hot and result.verify_s > 0
+    assert (fake.state / "restored.xl").read_bytes() == data
+    restore_call = next(c for c in fake.calls() if c[0] == "restore")
+    assert restore_call[-1] == str(path) and "-p" in restore_call  # the file, paused
+    fake.state.joinpath("domains", "pbr-guest").unlink()
+    path = hotcache.warm(store, "vm1", image.meta.image_id)
+    flip(path, 100)
+    with pytest.raises(CorruptObject, match=r"checksum mismatch.*restore aborted: xl "
+                                            r"restore (killed|exited)"):
+        restore(store, image, xl=fake.argv, hot_mode="overlap")
+    assert "pbr-guest" not in fake.domains()  # built from a bad stream, never run
+    assert not path.exists()  # the bad stream is dropped; the store's copy stays
+    assert store.scan("vm1")[0].valid
+
+
+def test_a_domain_xl_built_before_the_check_failed_is_destroyed(store, fake, data,
+                                                                monkeypatch) -> None:
+    """xl finished first (a fast xl, a slow check): the paused domain it built from a bad
+    stream is destroyed, never unpaused."""
+    image = captured(store, fake)
+    path = hotcache.warm(store, "vm1", image.meta.image_id)
+    crashed(fake)
+    flip(path, path.stat().st_size // 2)  # in a page: xl reads it without complaint
+    check = hotcache.verify_file
+
+    def after_xl(hot, what):
+        deadline = time.monotonic() + 30
+        while "pbr-guest" not in fake.domains() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return check(hot, what)
+    monkeypatch.setattr(hotcache, "verify_file", after_xl)
+    with pytest.raises(CorruptObject, match=r"checksum mismatch.*restore aborted: .*"
+                                            r"domain pbr-guest \(domid \d+\) destroyed"):
+        restore(store, image, xl=fake.argv, hot_mode="overlap")
+    assert "pbr-guest" not in fake.domains()
+
+
+def test_hot_mode_auto_overlaps_only_a_paused_restore_with_a_second_cpu(monkeypatch) -> None:
+    import importlib
+    import os
+
+    restore_module = importlib.import_module("xenpbr.images.restore")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert restore_module._hot_mode("auto", paused=True) == "overlap"
+    assert restore_module._hot_mode("auto", paused=False) == "file"  # it would run at once
+    assert restore_module._hot_mode("overlap", paused=False) == "file"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert restore_module._hot_mode("auto", paused=True) == "file"  # one CPU: no gain
+    with pytest.raises(ValueError, match="hot_mode 'fast' is none of"):
+        restore_module._hot_mode("fast", paused=True)

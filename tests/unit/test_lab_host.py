@@ -112,3 +112,14 @@ def test_not_enough_disk_names_the_folder(tmp_path) -> None:
 
 def test_digest_separates_its_parts() -> None:
     assert digest("ab", "c") != digest("a", "bc")
+
+
+def test_dom0_gets_the_vcpus_asked_for_and_no_more_than_the_machine(images,
+                                                                    tmp_path) -> None:
+    def xen_args(host: XenHost) -> str:
+        argv = host.qemu_argv()
+        return argv[argv.index("-append") + 1]
+    assert "dom0_max_vcpus=1 " in xen_args(XenHost(images, tmp_path))
+    assert "dom0_max_vcpus=2 " in xen_args(XenHost(images, tmp_path, dom0_vcpus=2))
+    with pytest.raises(ValueError, match="dom0_vcpus must be 1 to 2"):
+        XenHost(images, tmp_path, dom0_vcpus=3)
