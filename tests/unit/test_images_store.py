@@ -562,3 +562,31 @@ def test_temp_files_of_interrupted_writes_are_removed(store, data) -> None:
     junk = store.domain_dir("vm1") / ".x.manifest.123.tmp"
     junk.write_bytes(b"partial")
     assert store.gc().temp_files_removed == 1 and not junk.exists()
+
+
+def test_a_manifest_loaded_again_unchanged_is_not_decoded_again(store, data,
+                                                                monkeypatch) -> None:
+    """The recovery's load of the image xenpbrd just warmed skips the decoding; a write
+    to the manifest, a mark or a missing page is still seen."""
+    from xenpbr.images import manifest
+    from xenpbr.images import store as store_module
+    meta, _ = capture(store, data)
+    decoded: list[str] = []
+    real = manifest.decode
+    monkeypatch.setattr(manifest, "decode", lambda raw, where: decoded.append(where)
+                        or real(raw, where))
+    first = store.load("vm1", meta.image_id)
+    assert store.load("vm1", meta.image_id) is first and len(decoded) == 1
+    path = store.manifest_path("vm1", meta.image_id)
+    path.write_bytes(path.read_bytes()[:-100])  # damaged: the stamp moves
+    with pytest.raises(CorruptObject):
+        store.load("vm1", meta.image_id)
+    assert len(decoded) == 2
+    others = [capture(store, data, phase=f"p{i}")[0] for i in range(store_module.DECODED_KEPT)]
+    for other in others:
+        store.load("vm1", other.image_id)
+    store.load("vm1", others[0].image_id)
+    assert len(store._decoded) == store_module.DECODED_KEPT  # the oldest ones dropped
+    store.mark_invalid("vm1", others[0].image_id, "scrub found damage")
+    with pytest.raises(CorruptObject, match="marked invalid"):
+        store.load("vm1", others[0].image_id)
