@@ -218,6 +218,18 @@ def _await_offer(host: XenHost, name: str) -> set[str]:
     return set(parse_offer(done.stdout.strip().encode()))
 
 
+def _agent_said(host: XenHost, name: str) -> str | None:
+    """The state of the provoke-listener's last answer (``started``: the write to LKDTM
+    has not returned), or None if there is none or it is not readable."""
+    from xenpbr.guestproto.provoke import TAKEN_KEY, ProvokeMalformed, parse_taken
+    done = host.run(f'xenstore-read "/local/domain/$(xl domid {name})/{TAKEN_KEY}"',
+                    check=False, timeout=300)
+    try:
+        return parse_taken(done.stdout.strip().encode()).state.value if done.rc == 0 else None
+    except ProvokeMalformed:
+        return None
+
+
 def _check_offer(host: XenHost, name: str, kinds: Sequence[str]) -> None:
     """Before the first injection: every lkdtm:TYPE asked for is one the guest offers."""
     wanted = {k.removeprefix(LKDTM_PREFIX) for k in kinds if k.startswith(LKDTM_PREFIX)}
@@ -309,6 +321,8 @@ def inject_once(host: XenHost, guest: LabDomain, n: int, kind: str, seed: int,
     if recovery is None:
         row["outcome"] = "silent"
         row["detected_s"] = None
+        if row["provoked"]:  # what the agent said last: did LKDTM's write ever return?
+            row["provoked"]["after_window"] = _agent_said(host, guest.name)
         rebooted = xenpbrd.cli(host, "reboot", guest.name, timeout=SERVICE_WAIT_S)
         row["recovered_by"] = f"rejuvenated: {rebooted.get('method')}"
         row["recovery_outcome"] = rebooted.get("outcome")
@@ -462,7 +476,9 @@ def _where(row: dict[str, Any]) -> str:
     """Where the fault was: the symbol changed, the agent's answer to an LKDTM
     request, or sysrq c."""
     if row.get("provoked"):
-        return f"agent: {row['provoked']['taken'] or 'no answer'}"
+        said = row["provoked"]["taken"] or "no answer"
+        later = row["provoked"].get("after_window")
+        return f"agent: {said}" + (f", then {later}" if later and later != said else "")
     return str((row["change"] or {}).get("symbol", "sysrq c"))
 
 

@@ -86,6 +86,11 @@ def test_a_provoked_fault_says_what_the_agent_answered() -> None:
                                                        "injections": [provoked, gone]})})
     assert "| 5 | f-1 | lkdtm:BUG | agent: started |" in md
     assert "| 6 | f-1 | lkdtm:BUG | agent: no answer |" in md
+    returned = {**provoked, "outcome": "silent",
+                "provoked": {**provoked["provoked"], "after_window": "returned"}}
+    stuck = {**returned, "provoked": {**provoked["provoked"], "after_window": "started"}}
+    assert faults._where(returned) == "agent: started, then returned"
+    assert faults._where(stuck) == "agent: started"  # the write never came back
     assert "| 1 | f-1 | crash | sysrq c |" in faults.markdown(
         {"runs": [], "injections": [row(1, "crash", "crash", 0.2)],
          "summary": faults.summarise({"runs": [], "injections": [row(1, "crash", "crash")]})})
