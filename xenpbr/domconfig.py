@@ -347,7 +347,7 @@ RESURRECT_BOUNDS: dict[str, tuple[float, float]] = {
     "regions": (1, 256), "bytes": (4096, 1024 * MIB), "seconds": (0.01, 30.0)}
 _SIZE_UNITS = {"": 1, "k": 1024, "m": MIB, "g": 1024 * MIB}
 _RESURRECT_HELP = ('expected 0 (off), 1 (on, with the default caps regions=8,bytes=16M,'
-                   'seconds=2) or a string of caps such as "regions=8,bytes=16M,seconds=2" '
+                   'seconds=30) or a string of caps such as "regions=8,bytes=16M,seconds=5" '
                    '(any of them; regions 1..256, bytes 4K..1G with an optional K/M/G '
                    'suffix, seconds 0.01..30)')
 

@@ -205,6 +205,16 @@ def test_the_time_cap_is_checked_between_reads_and_never_raises() -> None:
     assert any(a.kept for a in result.apps)
 
 
+def test_the_default_time_cap_leaves_a_starved_dom0_time_to_read_a_region() -> None:
+    # the LKDTM campaign lost an application's keys twice to a 2 s default on a busy dom0
+    mem = FakeMemory()
+    regs = {"kv": region(mem, "kv", [10, 11, 12, 13], puts((1, b"k", b"v")))}
+    ticks = iter(range(0, 1000))  # one second per look at the clock
+    result = extract(mem, regs, Caps(), domid=DOMID, clock=lambda: next(ticks))
+    assert not result.timed_out
+    assert [r.key for r in by_app(result)["kv"].records] == [b"k"]
+
+
 def test_a_region_changed_mid_read_is_refused() -> None:
     mem = FakeMemory()
     raw = region(mem, "kv", [10, 11, 12], puts((1, b"k", b"v")))
