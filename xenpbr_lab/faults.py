@@ -122,6 +122,7 @@ ACK = r"XENPBR-WRITER: acked \d+"
 #: still silent, but explained).
 KERNEL_SAID = re.compile(r"(BUG: .*|kernel BUG at .*|Oops.*|general protection fault.*|"
                          r"WARNING: CPU.*|watchdog: .*|INFO: task .* blocked.*|"
+                         r"UBSAN: .*|refcount_t: .*|lkdtm: (?:X?FAIL|Unexpected).*|"
                          r"Kernel panic.*)")
 FIRST_SEED = 1000
 #: The key-value application's load: writes/s over this many keys (each write one console
@@ -139,7 +140,10 @@ def _guest(host: XenHost, name: str, memory_mib: int, liveness: bool,
     hang_detector = ({"xenpbr_liveness_timeout": LIVENESS_TIMEOUT_S} if liveness else {})
     return LabDomain(host, name, memory_mib=memory_mib, mode="consist",
                      on_crash="phasereboot", on_watchdog="phasereboot",
+                     # loglevel=5 after xl.py's "quiet": the kernel's warnings (WARN,
+                     # refcount, UBSAN) reach the console and explain silent faults
                      extra=("lab.root=/dev/xvda lab.hazard=none lab.kallsyms=1 oops=panic "
+                            "loglevel=5 "
                             f"lab.keys={APP_KEYS} lab.rate={APP_RATE} "
                             + ("lab.lkdtm=1 " if lkdtm else "")
                             + ("lab.heartbeat=1" if liveness else f"lab.watchdog={WATCHDOG_S}")),
@@ -300,6 +304,7 @@ def _app_outcome(guest: LabDomain, since: int, injected: int,
             "acked_writes": outcome["acked_writes"], "loaded": outcome["loaded"],
             "lost_keys": outcome["lost_keys"], "lost": outcome["lost"],
             "kept_records": sum(a.get("records", 0) for a in extracted),
+            "extract_s": round(sum(a.get("seconds", 0.0) for a in extracted), 3),
             "rejected": {k: v for a in extracted for k, v in a.get("rejected", {}).items()}}
 
 
@@ -530,8 +535,28 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         "app_all_keys_back": sum(bool(a.get("restarted")) and a["lost_keys"] == 0
                                  for a in carried),
         "app_keys_lost": sum(a.get("lost_keys", 0) for a in carried),
-        "app_detected_corruption": sum(bool(a.get("rejected")) for a in carried),
+        "app_detected_corruption": sum(bool(_corruption(a)) for a in carried),
+        "app_cut_by_caps": sum(bool(set(a.get("rejected", {})) & CAP_REASONS)
+                               for a in carried),
+        "app_extract_s": _spread([a["extract_s"] for a in carried if "extract_s" in a]),
     }
+
+
+#: Extraction's refusals that say dom0's caps ran out, not that the region was corrupt.
+CAP_REASONS = frozenset({"timeout", "cap-bytes", "cap-regions", "too-many"})
+
+
+def _corruption(app: dict[str, Any]) -> dict[str, int]:
+    """The application's records dom0 rejected for what they held (checksums, format)."""
+    return {k: v for k, v in app.get("rejected", {}).items() if k not in CAP_REASONS}
+
+
+def _spread(values: list[float]) -> dict[str, float] | None:
+    """Median and max of *values* (None if there are none: older runs did not time it)."""
+    if not values:
+        return None
+    return {"n": len(values), "median": round(statistics.median(values), 3),
+            "max": max(values)}
 
 
 def _app_cell(row: dict[str, Any]) -> str:
@@ -545,6 +570,13 @@ def _app_cell(row: dict[str, Any]) -> str:
     rejected = ", ".join(f"{k} x{v}" for k, v in sorted(app.get("rejected", {}).items()))
     return (f"{app['acked_writes']} acked, {app['loaded']} loaded, "
             f"**{app['lost_keys']}** keys lost" + (f", rejected {rejected}" if rejected else ""))
+
+
+def _extract_time(spread: dict[str, float] | None) -> str:
+    if spread is None:
+        return ""
+    return (f", extraction took median {spread['median']} s, at most {spread['max']} s "
+            f"(n={spread['n']})")
 
 
 def _run_checks(run: dict[str, Any]) -> list[dict[str, Any]]:
@@ -580,7 +612,9 @@ def markdown(report: dict[str, Any]) -> str:
              f"{s.get('app_checked', 0)} crashes and hangs, every key back with its last "
              f"acknowledged value after **{s.get('app_all_keys_back', 0)}**, keys lost "
              f"**{s.get('app_keys_lost', 0)}**, records rejected by dom0 (detected "
-             f"corruption) after {s.get('app_detected_corruption', 0)}; after silent faults "
+             f"corruption) after {s.get('app_detected_corruption', 0)}, region cut off "
+             f"by dom0's caps (time or size) after {s.get('app_cut_by_caps', 0)}"
+             f"{_extract_time(s.get('app_extract_s'))}; after silent faults "
              "the rejuvenation carries nothing (by design)", "",
              "| kind | " + " | ".join(("crash", "hang", "silent")) + " |", "|---|---|---|---|"]
     for kind, counts in s["by_kind"].items():

@@ -120,6 +120,16 @@ def test_the_kernel_s_words_are_kept_and_the_agent_s_are_not() -> None:
                                             "bugs.c:90 lkdtm_WARNING"]
 
 
+def test_a_fault_the_kernel_lived_through_is_explained_by_its_warning() -> None:
+    console = ("[ 9.1] lkdtm: Performing direct entry REFCOUNT_INC_OVERFLOW\n"
+               "[ 9.2] refcount_t: saturated; leaking memory.\n"
+               "[ 9.3] lkdtm: FAIL: refcount wrapped\n"
+               "[ 9.4] UBSAN: array-index-out-of-bounds in drivers/misc/lkdtm/bugs.c:300:5\n")
+    assert faults._kernel_said(console) == [
+        "refcount_t: saturated; leaking memory.", "lkdtm: FAIL: refcount wrapped",
+        "UBSAN: array-index-out-of-bounds in drivers/misc/lkdtm/bugs.c:300:5"]
+
+
 def test_dom0_gets_the_faults_extra_and_guests_do_not() -> None:
     """Capstone is dom0's alone (a 128 MiB guest's initramfs has no room for it): the
     lab's dom0-only wheels pin it as setup.cfg's ``faults`` extra does."""
@@ -186,6 +196,22 @@ def test_a_rejuvenation_is_not_expected_to_carry_the_application_data(monkeypatc
         {**row(2, "hang", "hang", 20.0), "app": {**app, "expected": True, "lost_keys": 0}}]})
     assert (s["app_injections"], s["app_checked"], s["app_all_keys_back"]) == (2, 1, 1)
     assert "not carried (rejuvenation)" in faults._app_cell({"app": app})
+
+
+def test_a_region_cut_by_the_time_cap_is_not_counted_as_corruption() -> None:
+    carried = {"restarted": True, "expected": True, "acked_writes": 9, "loaded": 0,
+               "lost": [], "kept_records": 0}
+    s = faults.summarise({"runs": [], "injections": [
+        {**row(1, "crash", "crash", 1.0),
+         "app": {**carried, "lost_keys": 20, "rejected": {"timeout": 1}, "extract_s": 2.1}},
+        {**row(2, "crash", "crash", 1.0),
+         "app": {**carried, "lost_keys": 0, "rejected": {"crc": 2}, "extract_s": 0.1}},
+        {**row(3, "crash", "crash", 1.0), "app": {**carried, "lost_keys": 0}}]})
+    assert (s["app_detected_corruption"], s["app_cut_by_caps"]) == (1, 1)
+    assert s["app_extract_s"] == {"n": 2, "median": 1.1, "max": 2.1}
+    text = faults.markdown({**{"runs": [], "injections": []}, "summary": s})
+    assert "cut off by dom0's caps (time or size) after 1" in text
+    assert "at most 2.1 s (n=2)" in text
 
 
 def test_an_application_that_never_restarts_is_said(monkeypatch) -> None:
