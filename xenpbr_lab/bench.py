@@ -127,6 +127,9 @@ class ConfigFacts:
     capture: list[dict[str, Any]] = field(default_factory=list)  # per phase image
     dom0_copy_mib_s: float = 0.0  # the fastest native copy of the guest's size, in dom0
     dom0_copy_by_method: dict[str, float] = field(default_factory=dict)  # memcpy, dd_tmpfs
+    # xenpbrd's resident MiB: "idle" (started, nothing registered) and "protecting" (the
+    # phasereboot guest past its last boundary, hot stream ready, before any crash)
+    xenpbrd_rss_mib: dict[str, float | None] = field(default_factory=dict)
 
 
 def _guest(host: XenHost, workload: str, memory_mib: int, method: str) -> LabDomain:
@@ -232,12 +235,15 @@ def run_config(host: XenHost, workload: str, memory_mib: int, repeats: int,
     facts = ConfigFacts(workload, memory_mib, dom0_copy_mib_s=max(rates.values()),
                         dom0_copy_by_method=rates)
     xenpbrd.start(host)  # fresh state: each configuration starts with an empty store
+    facts.xenpbrd_rss_mib["idle"] = xenpbrd.rss_mib(host)
     guests: list[LabDomain] = []
     try:
         for method in (m for m in RUN_ORDER if m in methods):
             guest = _guest(host, workload, memory_mib, method)
             guests.append(guest)
             facts.first_boot_s[method] = _start(host, guest, method, workload)
+            if method == "phasereboot":
+                facts.xenpbrd_rss_mib["protecting"] = xenpbrd.rss_mib(host)
             for run in range(1, repeats + 1):
                 if method == "phasereboot-standby":  # the one replacing the last used
                     xenpbrd.wait_for_standby(host, guest.name, run)

@@ -178,9 +178,17 @@ def scaling(detail: dict[str, Any]) -> list[dict[str, Any]]:
                           if caps and caps[-1].get("stored_bytes") else None),
             "hot_stream_mib": (caps[-1]["raw_bytes"] / 2**20
                                if caps and caps[-1].get("raw_bytes") else None),
+            "xenpbrd_mib": _rss_growth(cfg.get("xenpbrd_rss_mib") or {}),
             "downtime_s": {m: downtime[(*key, m)] for m in METHOD_ORDER
                            if (*key, m) in downtime}})
     return rows
+
+
+def _rss_growth(rss: dict[str, float | None]) -> float | None:
+    """What protecting the guest added to xenpbrd's resident memory (None: not measured,
+    as in runs before it was)."""
+    idle, protecting = rss.get("idle"), rss.get("protecting")
+    return None if idle is None or protecting is None else round(protecting - idle, 1)
 
 
 def _total(values: Any, unit: float = 1.0) -> float | None:
@@ -207,15 +215,17 @@ def _scaling_lines(detail: dict[str, Any]) -> list[str]:
              "pause summed over its captures; the dom0 disk of its newest image (its "
              "distinct pages as if alone in the store: a domain's images share pages, so "
              "their sizes do not add up) and of that image's hot stream (one raw copy); "
-             "each method's median downtime. dom0 memory per protected domain is not "
-             "measured yet (a standby's memory is in Xen, not dom0: one more guest's).", "",
+             "what protecting it added to xenpbrd's resident memory in dom0 (`VmRSS` "
+             "with the guest past its last boundary against xenpbrd idle; a hot stream "
+             "on tmpfs is RAM too; a standby's memory is in Xen, one more guest's); "
+             "each method's median downtime.", "",
              "| workload | memory | captures paused s | newest image MiB | hot stream MiB | "
-             + " | ".join(f"{m} s" for m in methods) + " |",
-             "|---|---:|---:|---:|---:|" + "---:|" * len(methods)]
+             "xenpbrd MiB | " + " | ".join(f"{m} s" for m in methods) + " |",
+             "|---|---:|---:|---:|---:|---:|" + "---:|" * len(methods)]
     for r in sorted(rows, key=lambda r: (r["workload"], r["memory_mib"])):
         lines.append(f"| {r['workload']} | {r['memory_mib']} MiB | "
                      f"{_num(r['capture_paused_s'])} | {_num(r['store_mib'], 1)} | "
-                     f"{_num(r['hot_stream_mib'], 1)} | "
+                     f"{_num(r['hot_stream_mib'], 1)} | {_num(r['xenpbrd_mib'], 1)} | "
                      + " | ".join(_num(r["downtime_s"].get(m)) for m in methods) + " |")
     return lines
 
@@ -241,11 +251,12 @@ def scaling_plot(detail: dict[str, Any], path: Path) -> bool:
         _line(pause, mine, lambda r: r["capture_paused_s"], workload)
         _line(disk, mine, lambda r: r["store_mib"], f"{workload}: newest image")
         _line(disk, mine, lambda r: r["hot_stream_mib"], f"{workload}: hot stream", "--")
+        _line(disk, mine, lambda r: r["xenpbrd_mib"], f"{workload}: xenpbrd memory", ":")
         for method in METHOD_ORDER:
             _line(down, mine, lambda r, m=method: r["downtime_s"].get(m),
                   f"{workload}: {method}")
     for ax, label in ((pause, "guest paused by its captures (s)"),
-                      (disk, "dom0 disk per protected domain (MiB)"),
+                      (disk, "dom0 disk and memory per protected domain (MiB)"),
                       (down, "downtime, crash to service (s)")):
         ax.set_xlabel("guest memory (MiB)")
         ax.set_ylabel(label)

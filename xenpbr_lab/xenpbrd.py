@@ -93,3 +93,15 @@ def cli(host: "XenHost", *args: str, timeout: float = 120.0) -> Any:
 def running(host: "XenHost") -> bool:
     """True if the xenpbrd started last is alive (not a zombie)."""
     return host.run(_ALIVE + "pid=$(cat /run/xenpbrd.pid); alive", check=False).rc == 0
+
+
+def rss_mib(host: "XenHost") -> float | None:
+    """xenpbrd's resident memory in MiB (``VmRSS``), None if it is not running: what
+    dom0 spends in the daemon itself (decoded manifests kept, buffers), apart from the
+    store and the hot streams on disk or tmpfs."""
+    out = host.run("pid=$(cat /run/xenpbrd.pid); grep '^VmRSS:' /proc/$pid/status",
+                   check=False)
+    fields = out.stdout.split()
+    if out.rc != 0 or len(fields) < 2 or not fields[1].isdigit():
+        return None
+    return round(int(fields[1]) / 1024, 1)

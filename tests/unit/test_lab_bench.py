@@ -219,7 +219,9 @@ def scaled_detail() -> dict:
         {"phase": "kernel", "paused_s": mib / 100, "raw_bytes": mib << 20,
          "stored_bytes": (mib // 8) << 20},
         {"phase": "app", "paused_s": mib / 50, "raw_bytes": (mib + 2) << 20,
-         "stored_bytes": (mib // 4) << 20}], 700.0) for mib in (128, 512)]
+         "stored_bytes": (mib // 4) << 20}], 700.0,
+                         xenpbrd_rss_mib={"idle": 40.0, "protecting": 40.0 + mib / 64})
+             for mib in (128, 512)]
     return bench.as_json(bench.summarize(s), s, facts,
                          {"command": "xenpbr-lab bench", "date": "today", "repeats": 1,
                           "xen": "4.17.7", "machine": bench.machine()})
@@ -232,7 +234,17 @@ def test_each_cost_is_tabled_against_guest_memory() -> None:
     assert rows[128]["downtime_s"] == {"normal": 12.8, "phasereboot": 3.2, "xl-restore": 2.56}
     md = bench_report.markdown(scaled_detail())
     assert "## How each cost grows with guest memory" in md
-    assert "| bare | 512 MiB | 15.36 | 128.0 | 514.0 | 51.20 | 12.80 | 10.24 |" in md
+    assert rows[512]["xenpbrd_mib"] == 8.0 and rows[128]["xenpbrd_mib"] == 2.0
+    assert "| bare | 512 MiB | 15.36 | 128.0 | 514.0 | 8.0 | 51.20 | 12.80 | 10.24 |" in md
+
+
+def test_xenpbrd_memory_not_measured_is_said_not_guessed() -> None:
+    detail = scaled_detail()
+    detail["configs"][0]["xenpbrd_rss_mib"] = {"idle": 40.0}  # died before "protecting"
+    del detail["configs"][1]["xenpbrd_rss_mib"]  # a run from before it was measured
+    rows = bench_report.scaling(detail)
+    assert [r["xenpbrd_mib"] for r in rows] == [None, None]
+    assert "| bare | 512 MiB | 15.36 | 128.0 | 514.0 | - |" in bench_report.markdown(detail)
 
 
 def test_one_guest_size_draws_no_scaling_plot(tmp_path: Path) -> None:
