@@ -34,6 +34,7 @@ import json
 import logging
 import platform
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -224,6 +225,12 @@ def _dom0_copy_rates(host: XenHost, memory_mib: int) -> dict[str, float]:
     return {str(k): float(v) for k, v in rates.items()}
 
 
+#: Set (``xenpbr-lab bench`` does on SIGINT/SIGTERM) to start no further method or
+#: configuration: the method under way finishes its crashes, and what was measured
+#: is written.
+STOP = threading.Event()
+
+
 def run_config(host: XenHost, workload: str, memory_mib: int, repeats: int,
                progress: Callable[[str], None], evidence: Path | None = None,
                methods: tuple[str, ...] = DEFAULT_METHODS
@@ -239,6 +246,9 @@ def run_config(host: XenHost, workload: str, memory_mib: int, repeats: int,
     guests: list[LabDomain] = []
     try:
         for method in (m for m in RUN_ORDER if m in methods):
+            if STOP.is_set():
+                progress(f"{workload} {memory_mib} MiB: stopped before {method}")
+                break
             guest = _guest(host, workload, memory_mib, method)
             guests.append(guest)
             facts.first_boot_s[method] = _start(host, guest, method, workload)

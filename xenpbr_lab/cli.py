@@ -120,6 +120,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     xen = ""
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+
+    def stop(signum: int, _frame: object) -> None:
+        progress(f"xenpbr-lab bench: signal {signum}: no new method or configuration; "
+                 "the method under way finishes its crashes, then what was measured is written")
+        bench.STOP.set()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     busybox = [w for w in args.workloads if w != debian_bench.WORKLOAD]
     if busybox:
         xen = _bench_busybox(args, images, workdir, busybox, samples, facts, not_run,
@@ -168,6 +176,10 @@ def _bench_busybox(args: argparse.Namespace, images: LabImages, workdir: Path,
         try:
             for workload in workloads:
                 for memory in args.memory:
+                    if bench.STOP.is_set():
+                        not_run.append(f"{workload} at {memory} MiB: stopped by a signal "
+                                       "before it started")
+                        continue
                     if (why := bench.fits(workload, memory)) is not None:
                         print(f"not run: {why}", file=sys.stderr, flush=True)
                         not_run.append(why)
@@ -184,6 +196,10 @@ def _bench_busybox(args: argparse.Namespace, images: LabImages, workdir: Path,
                         continue
                     samples += more
                     facts.append(fact)
+                    measured = {s.method for s in more}
+                    if bench.STOP.is_set() and measured != set(args.methods):
+                        not_run.append(f"{workload} at {memory} MiB: stopped by a signal "
+                                       f"after {', '.join(sorted(measured)) or 'nothing'}")
         except Exception:
             host.collect_artifacts(workdir / "failure")
             raise

@@ -261,3 +261,44 @@ def test_the_scaling_plot_is_a_png(tmp_path: Path) -> None:
     written = bench_report.write(scaled_detail(), tmp_path)
     png = tmp_path / "results-scaling.png"
     assert png in written and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _Host:
+    """Just enough of a XenHost for run_config's bookkeeping (its commands do nothing)."""
+
+    def run(self, *args, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+
+class _Guest:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def destroy(self) -> None:
+        pass
+
+
+def test_a_signal_stops_the_bench_after_the_method_under_way(monkeypatch) -> None:
+    crashes: list[str] = []
+
+    def crash(host, guest, method):
+        crashes.append(method)
+        bench.STOP.set()  # the signal arrives during the first crash
+        return 1.5
+
+    monkeypatch.setattr(bench, "_dom0_copy_rates", lambda host, mib: {"memcpy": 900.0})
+    for name in ("start", "stop"):
+        monkeypatch.setattr(bench.xenpbrd, name, lambda host, *a, **k: "")
+    monkeypatch.setattr(bench.xenpbrd, "rss_mib", lambda host: 40.0)
+    monkeypatch.setattr(bench, "_guest", lambda host, w, m, method: _Guest(method))
+    monkeypatch.setattr(bench, "_start", lambda host, guest, method, workload: 10.0)
+    monkeypatch.setattr(bench, "_crash_and_time", crash)
+    bench.STOP.clear()
+    try:
+        samples, facts = bench.run_config(_Host(), "bare", 128, 2, lambda line: None,
+                                          methods=("normal", "xl-restore"))
+    finally:
+        bench.STOP.clear()
+    assert crashes == ["normal", "normal"]  # its repeats finish, xl-restore never starts
+    assert [s.method for s in samples] == ["normal", "normal"]
+    assert facts.first_boot_s == {"normal": 10.0}
