@@ -120,9 +120,9 @@ KALLSYMS_LINE = r"XENPBR-KALLSYMS: \d+"
 ACK = r"XENPBR-WRITER: acked \d+"
 #: What a kernel prints about a fault it survived (it kept running: the outcome is
 #: still silent, but explained).
-KERNEL_SAID = re.compile(r"(BUG: .*|kernel BUG at .*|Oops.*|general protection fault.*|"
+KERNEL_SAID = re.compile(r"(BUG: .*|kernel BUG at .*|Oops: .*|general protection fault.*|"
                          r"WARNING: CPU.*|watchdog: .*|INFO: task .* blocked.*|"
-                         r"UBSAN: .*|refcount_t: .*|lkdtm: (?:X?FAIL|Unexpected).*|"
+                         r"UBSAN: .*|refcount_t: .*|lkdtm: (?:X?FAIL|Unexpected|Good).*|"
                          r"Kernel panic.*)")
 FIRST_SEED = 1000
 #: The key-value application's load: writes/s over this many keys (each write one console

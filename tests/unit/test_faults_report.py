@@ -124,10 +124,12 @@ def test_a_fault_the_kernel_lived_through_is_explained_by_its_warning() -> None:
     console = ("[ 9.1] lkdtm: Performing direct entry REFCOUNT_INC_OVERFLOW\n"
                "[ 9.2] refcount_t: saturated; leaking memory.\n"
                "[ 9.3] lkdtm: FAIL: refcount wrapped\n"
-               "[ 9.4] UBSAN: array-index-out-of-bounds in drivers/misc/lkdtm/bugs.c:300:5\n")
+               "[ 9.4] UBSAN: array-index-out-of-bounds in drivers/misc/lkdtm/bugs.c:300:5\n"
+               "[ 9.5] lkdtm: Good, copy_to_user() failed, but lacked Oops(?!)\n")
     assert faults._kernel_said(console) == [
         "refcount_t: saturated; leaking memory.", "lkdtm: FAIL: refcount wrapped",
-        "UBSAN: array-index-out-of-bounds in drivers/misc/lkdtm/bugs.c:300:5"]
+        "UBSAN: array-index-out-of-bounds in drivers/misc/lkdtm/bugs.c:300:5",
+        "lkdtm: Good, copy_to_user() failed, but lacked Oops(?!)"]
 
 
 def test_dom0_gets_the_faults_extra_and_guests_do_not() -> None:
