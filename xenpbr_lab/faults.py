@@ -43,6 +43,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xenpbr.guestproto.resurrection import CAP_REASONS
+
 from . import consistency, disks, xenpbrd
 from .errors import LabError, LabTimeout
 from .resurrection_proof import LOADED_COUNT_RE, console_from, cycle_outcome
@@ -520,8 +522,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         "outcomes": dict(collections.Counter(r["outcome"] for r in rows)),
         "recovered_by": dict(collections.Counter(r["recovered_by"] for r in rows)),
         "service_back": sum(r["service_back"] for r in rows),
-        "detection_s": {k: {"n": len(v), "median": round(statistics.median(v), 2),
-                            "max": max(v)} for k, v in sorted(detected.items())},
+        "detection_s": {k: _spread(v, digits=2) for k, v in sorted(detected.items())},
         "silent_with_kernel_message": sum(1 for r in rows
                                           if r["outcome"] == "silent" and r["kernel_said"]),
         "acked_records": sum(c["acked_records"] for c in checks),
@@ -542,20 +543,17 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-#: Extraction's refusals that say dom0's caps ran out, not that the region was corrupt.
-CAP_REASONS = frozenset({"timeout", "cap-bytes", "cap-regions", "too-many"})
-
-
 def _corruption(app: dict[str, Any]) -> dict[str, int]:
     """The application's records dom0 rejected for what they held (checksums, format)."""
     return {k: v for k, v in app.get("rejected", {}).items() if k not in CAP_REASONS}
 
 
-def _spread(values: list[float]) -> dict[str, float] | None:
-    """Median and max of *values* (None if there are none: older runs did not time it)."""
+def _spread(values: list[float], digits: int = 3) -> dict[str, float] | None:
+    """Count, median and max of *values* (None if there are none: older runs did not
+    time extraction)."""
     if not values:
         return None
-    return {"n": len(values), "median": round(statistics.median(values), 3),
+    return {"n": len(values), "median": round(statistics.median(values), digits),
             "max": max(values)}
 
 

@@ -73,6 +73,8 @@ REASONS: dict[str, str] = {
     "cap-bytes": "over the operator's cap on bytes per domain",
     "timeout": "the operator's time cap ran out before this was read",
 }
+#: The reasons that say dom0's caps ran out, not that anything the guest wrote was wrong.
+CAP_REASONS = frozenset({"too-many", "cap-regions", "cap-bytes", "timeout"})
 
 
 class RegionFormatError(XenpbrError):
