@@ -25,6 +25,7 @@ from xenpbr.hypervisor.guest_memory import (
     NotPVGuest,
     P2MError,
     P2MInconsistent,
+    P2MLookup,
     P2MUnavailable,
     PfnNotPresent,
     UnsupportedGuest,
@@ -391,3 +392,62 @@ def test_guest_memory_rejects_non_pv_and_32bit():
     with pytest.raises(UnsupportedGuest, match="32-bit"):
         GuestMemory(FakeXc(guest.shinfo, width=4), fmem, 1)
     fmem.close()
+
+
+# --------------------------------------------------------------------------- lookup
+
+
+def test_lookup_agrees_with_the_whole_walk_for_every_pfn_in_any_order():
+    guest = Guest(1400, holes={5, 700}, identity={1399}, foreign={12}, data_pfns=())
+    guest.build_tree()
+    guest.build_linear(STRADDLING_VADDR)
+    pfns = [1398, 3, 700, 1024, 0, 5, 511, 512, 1400, -1, 12, 2000]
+    for method in ("tree", "linear"):
+        whole = walk_p2m(guest.image.read_frames, guest.shinfo, method=method).entries
+        lookup = P2MLookup(guest.image.read_frames, guest.shinfo, method=method)
+        assert lookup.method == method
+        assert lookup.lookup(pfns) == [whole[p] if 0 <= p < 1400 else INVALID_MFN for p in pfns]
+        assert lookup.lookup(range(1400)) == whole == guest.normalised
+
+
+def test_mapping_a_few_pfns_reads_only_the_p2m_pages_they_need():
+    # a 40-page P2M (80 MiB guest): three pfns in one P2M page need that page, the four
+    # page-table levels above it and shared_info twice (the generation check), not 40
+    guest = Guest(40 * 512, data_pfns={20000, 20001, 20002, 30})
+    guest.build_linear(P2M_VADDR_BASE)
+    write(guest, 20001, 0, b"region")
+    memory, lib = make_memory(guest)
+    with memory.map_pfns([20000, 20001, 20002]) as mapping:
+        assert bytes(mapping.memoryview[PAGE:PAGE + 6]) == b"region"
+    assert lib.map_sizes == [1, 1, 1, 1, 1, 1, 1, 3]
+    assert memory.p2m_method_used == "linear"
+    memory.read_pfn(20002)  # the same P2M page: kept, nothing walked again
+    memory.read_pfn(30)  # another P2M page: its page-table path is walked again
+    assert lib.map_sizes[8:] == [1, 1, 1, 1, 1, 1, 1, 1]
+    with pytest.raises(PfnNotPresent, match="pfn 0x5000"):
+        memory.map_pfns([20000, 40 * 512])
+    assert not lib.buffers
+
+
+def test_lookup_checks_only_what_it_reads_but_checks_it():
+    guest = Guest(3 * 512, data_pfns=())
+    fll = guest.build_tree()
+    fl_page = struct.unpack_from("<Q", guest.image.pages[fll])[0]
+    guest.image.put_u64(fl_page, 2, 0)  # the third P2M page's frame is bad
+    lookup = P2MLookup(guest.image.read_frames, guest.shinfo)
+    assert lookup.lookup([0, 600]) == [guest.normalised[0], guest.normalised[600]]
+    with pytest.raises(P2MError, match="bad mfn 0x0 at index 0 of the p2m frame list"):
+        lookup.lookup([1100])
+
+
+def test_lookup_refuses_a_p2m_remapped_under_it():
+    guest = Guest(600, data_pfns=())
+    guest.build_linear(P2M_VADDR_BASE)
+    guest.set_arch(p2m_generation=3)
+    with pytest.raises(P2MInconsistent, match="odd"):
+        P2MLookup(guest.image.read_frames, guest.shinfo)
+    guest.set_arch(p2m_generation=4)
+    lookup = P2MLookup(guest.image.read_frames, guest.shinfo)
+    guest.set_arch(p2m_generation=6)  # the guest remapped its p2m after we read shared_info
+    with pytest.raises(P2MInconsistent, match="changed"):
+        lookup.lookup([1])
