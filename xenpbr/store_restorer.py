@@ -7,9 +7,13 @@ the store: the daemon's phase controller and the CLI's ``xenpbr reboot`` both us
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
+from xenpbr.images.errors import ImageError
 from xenpbr.images.store import ImageStore
+
+log = logging.getLogger(__name__)
 
 
 class StoreRestorer:
@@ -17,9 +21,12 @@ class StoreRestorer:
 
     def __init__(self, store: ImageStore,
                  rename: Callable[[str, str], str | None] | None = None,
-                 domid_of: Callable[[str], int | None] | None = None) -> None:
-        # a standby's rename and a restored domain's lookup (None: the xl commands)
+                 domid_of: Callable[[str], int | None] | None = None,
+                 free_memory_mib: Callable[[], int | None] | None = None) -> None:
+        # a standby's rename, a restored domain's lookup and Xen's free memory (None:
+        # the xl commands)
         self.store, self.rename, self.domid_of = store, rename, domid_of
+        self.free_memory_mib = free_memory_mib
 
     def restore(self, domain: str, image_id: str) -> int:
         """Create ``domain`` paused from its stored image ``image_id``; its domid. A
@@ -41,3 +48,23 @@ class StoreRestorer:
         from xenpbr.images import standby
         held = standby.load(self.store, domain)
         return None if held is None else held.image_id
+
+    def room_beside(self, domain: str, image_id: str) -> bool:
+        """True if Xen's free memory holds ``image_id``'s domain and a standby's headroom
+        (recovery's :class:`~xenpbr.recovery.Room`): the crashed domain may then wait,
+        set aside, until the restored one runs. Any doubt answers False (the crashed
+        domain is destroyed first, as without room)."""
+        from xenpbr.images import standby
+        from xenpbr.xl import commands
+        try:
+            need = standby.memory_mib(self.store.load(domain, image_id))
+        except (ImageError, OSError) as exc:
+            log.debug("%s: no room check for image %s (%s)", domain, image_id, exc)
+            return False
+        free = (self.free_memory_mib or (lambda: commands.free_memory_mib(commands.XL)))()
+        room = free is not None and free >= need + standby.HEADROOM_MIB
+        log.info("%s: Xen has %s MiB free, image %s needs %d MiB and %d MiB headroom: "
+                 "the crashed domain %s", domain, "?" if free is None else free, image_id,
+                 need, standby.HEADROOM_MIB,
+                 "waits aside until it runs" if room else "goes first")
+        return room

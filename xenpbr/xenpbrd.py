@@ -117,7 +117,8 @@ def _serve(conf: settings.Settings) -> int:
         Daemon(state, store, hv, xs_dom, xs_req,
                toolstack=XlToolstack(hypervisor=hv, renamer=in_process.rename),
                restorer=StoreRestorer(store, rename=in_process.rename,
-                                      domid_of=in_process.domid)).run()
+                                      domid_of=in_process.domid,
+                                      free_memory_mib=in_process.free_memory_mib)).run()
     return 0
 
 

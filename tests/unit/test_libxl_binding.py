@@ -96,3 +96,16 @@ def test_a_lookup_through_libxl_and_through_xl_when_libxl_fails(monkeypatch) -> 
     context.domid = broken  # type: ignore[method-assign]
     monkeypatch.setattr(inprocess.commands, "domid", lambda xl, name: 9)
     assert names.domid("a") == 9
+
+
+def test_free_memory_through_libxl_in_mib_and_through_xl_when_libxl_fails(monkeypatch) -> None:
+    context = FakeContext()
+    names = in_process_with(context)
+    context.free_memory_kib = lambda: 5 * 1024 + 1023  # type: ignore[attr-defined]
+    assert names.free_memory_mib() == 5  # rounded down: never more room than Xen has
+
+    def broken() -> int:
+        raise libxl.LibxlCallFailed("libxl_get_free_memory", -3, "fail")
+    context.free_memory_kib = broken  # type: ignore[attr-defined]
+    monkeypatch.setattr(inprocess.commands, "free_memory_mib", lambda xl: None)
+    assert names.free_memory_mib() is None

@@ -41,7 +41,7 @@ class FakeXen:
             raise KeyboardInterrupt("killed")
 
     def state(self, name: str) -> str | None:
-        return self.domain_state
+        return None if name.endswith("--crashed") else self.domain_state  # nothing set aside
 
     def restore(self, domain: str, image_id: str) -> int:
         self.calls.append(("restore", image_id))

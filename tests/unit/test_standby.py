@@ -271,3 +271,27 @@ def test_disks_that_cannot_be_put_back_discard_the_renamed_standby(store, fake,
     (fake.state / "domains" / "vm1").unlink()
     assert standby.take_over(store, "vm1", image.meta.image_id, fake.argv) is None
     assert fake.domains() == []  # renamed, then destroyed: recovery restores or falls back
+
+
+def test_room_beside_counts_the_image_memory_and_the_headroom(store, fake, caplog) -> None:
+    image = captured(store, fake)  # a 6 MiB guest
+    image_id = image.meta.image_id
+    free: list[int | None] = [70]
+    restorer = StoreRestorer(store, free_memory_mib=lambda: free[0])
+    assert restorer.room_beside("vm1", image_id)  # 6 + 64 fit exactly
+    assert "waits aside until it runs" in caplog.text
+    free[0] = 69
+    assert not restorer.room_beside("vm1", image_id)
+    free[0] = None  # Xen could not say: no room
+    assert not restorer.room_beside("vm1", image_id)
+    assert not StoreRestorer(store, free_memory_mib=lambda: 10**6).room_beside("vm1", "gone")
+
+
+def test_room_beside_asks_xl_without_libxl(store, fake, monkeypatch) -> None:
+    from xenpbr.xl import commands
+    monkeypatch.setattr(commands, "XL", fake.argv)
+    image = captured(store, fake)
+    fake.knob("free_memory", "69")
+    assert not StoreRestorer(store).room_beside("vm1", image.meta.image_id)
+    fake.knob("free_memory", "70")
+    assert StoreRestorer(store).room_beside("vm1", image.meta.image_id)

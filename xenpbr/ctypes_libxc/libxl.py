@@ -4,7 +4,8 @@ Why in-process: each ``xl`` command is a process that loads libxl and opens its 
 (xenstore, privcmd, event channels) before doing its one thing; under the lab's TCG
 that start costs more than the call (``xl rename`` of a standby took about 0.4 s on a
 recovery's path to service). A :class:`LibxlContext` opened once by xenpbrd makes the
-same library calls xl would (``libxl_domain_rename``, ``libxl_name_to_domid``), on the
+same library calls xl would (``libxl_domain_rename``, ``libxl_name_to_domid``,
+``libxl_get_free_memory`` as ``xl info`` reports it), on the
 same libxl, so the toolstack's own rules (unique names, the ``/vm`` entry) still apply.
 
 Only calls that never fork are bound: libxl runs hotplug scripts as children for device
@@ -19,7 +20,7 @@ failures are :class:`LibxlCallFailed` naming the code.
 from __future__ import annotations
 
 import ctypes
-from ctypes import POINTER, byref, c_char_p, c_int, c_uint, c_uint32, c_void_p
+from ctypes import POINTER, byref, c_char_p, c_int, c_uint, c_uint32, c_uint64, c_void_p
 
 from xenpbr.errors import XenpbrError
 
@@ -38,6 +39,7 @@ SIGNATURES: Signatures = {
     "libxl_domain_rename": ([c_void_p, c_uint32, c_char_p, c_char_p], c_int),
     "libxl_name_to_domid": ([c_void_p, c_char_p, POINTER(c_uint32)], c_int),
     "libxl_error_to_string": ([c_int], c_char_p),
+    "libxl_get_free_memory": ([c_void_p, POINTER(c_uint64)], c_int),
 }
 TOOLLOG_SIGNATURES: Signatures = {
     "xtl_createlogger_stdiostream": ([c_void_p, c_int, c_uint], c_void_p),
@@ -100,6 +102,15 @@ class LibxlContext:
             return None
         if rc != 0:
             raise self._failed("libxl_name_to_domid", rc)
+        return found.value
+
+    def free_memory_kib(self) -> int:
+        """``libxl_get_free_memory``: Xen's free memory in KiB (free and still-to-scrub
+        pages, as ``xl info``'s ``free_memory``)."""
+        found = c_uint64()
+        rc = self._lib.libxl_get_free_memory(self.ctx, byref(found))
+        if rc != 0:
+            raise self._failed("libxl_get_free_memory", rc)
         return found.value
 
     def close(self) -> None:

@@ -1,5 +1,6 @@
 """:class:`InProcessXl`: what xenpbrd would ask ``xl`` on a recovery's path to service
-(a standby's rename, a restored domain's domid), asked of libxl in its own process.
+(a standby's rename, a restored domain's domid, Xen's free memory), asked of libxl in its
+own process.
 
 Why: under the lab's TCG an ``xl`` process costs more to start than its call (``xl
 rename`` of a standby: about 0.4 s of a 1 s recovery). libxl is the library xl calls, so
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class InProcessXl:
-    """``rename`` and ``domid`` through one
+    """``rename``, ``domid`` and ``free_memory_mib`` through one
     :class:`~xenpbr.ctypes_libxc.libxl.LibxlContext`, or ``xl``."""
 
     def __init__(self, libdir: str | None = None,
@@ -56,6 +57,16 @@ class InProcessXl:
             except XenpbrError as exc:
                 log.warning("libxl_name_to_domid(%s) failed (%s); asking xl", name, exc)
         return commands.domid(self.xl, name)
+
+    def free_memory_mib(self) -> int | None:
+        """Xen's free memory in MiB, None if neither libxl nor xl could say (as
+        :func:`xenpbr.xl.commands.free_memory_mib`)."""
+        if self.context is not None:
+            try:
+                return self.context.free_memory_kib() // 1024
+            except XenpbrError as exc:
+                log.warning("libxl_get_free_memory failed (%s); asking xl", exc)
+        return commands.free_memory_mib(self.xl)
 
     def close(self) -> None:
         if self.context is not None:
