@@ -47,6 +47,9 @@ class Settings:
     hot_stream: bool = True
     #: [hot-stream] dir: where those streams live (None: <state dir>/images/hot).
     hot_stream_dir: Path | None = None
+    #: [hot-stream] xen_zero_pages: auto | yes | no: hot streams leave the guest's zero
+    #: pages for Xen to allocate (auto: when Xen's command line has scrub-domheap).
+    xen_zero_pages: str = "auto"
     #: [log] level: xenpbrd's log threshold.
     log_level: str = "info"
     #: [xen] libdir: where Xen's libraries are (None: the dynamic loader's search).
@@ -105,6 +108,16 @@ def parse_size(text: str) -> int | None:
     return int(number) * _SIZE_UNITS[unit]
 
 
+def parse_auto_bool(text: str) -> str:
+    """``auto``, or a yes/no answer normalised to ``yes``/``no``."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return "yes" if parse_bool(text) else "no"
+    except ValueError:
+        raise ValueError("expected auto, or yes/no (also on/off, true/false, 1/0)") from None
+
+
 def parse_level(text: str) -> str:
     level = text.strip().lower()
     if level not in LOG_LEVELS:
@@ -117,6 +130,8 @@ KEYS = (
     Key("images", "default_quota", "XENPBR_IMAGE_QUOTA", "image_quota", parse_size),
     Key("hot-stream", "enabled", "XENPBR_HOT_CACHE", "hot_stream", parse_bool),
     Key("hot-stream", "dir", "XENPBR_HOT_STREAM_DIR", "hot_stream_dir", parse_optional_path),
+    Key("hot-stream", "xen_zero_pages", "XENPBR_XEN_ZERO_PAGES", "xen_zero_pages",
+        parse_auto_bool),
     Key("log", "level", "XENPBR_LOG_LEVEL", "log_level", parse_level),
     Key("xen", "libdir", "XENPBR_LIBDIR", "xen_libdir", parse_optional_path),
 )

@@ -107,13 +107,15 @@ def _serve(conf: settings.Settings) -> int:
     libdir = str(conf.xen_libdir) if conf.xen_libdir else None
     with ExitStack() as stack:
         try:
-            hv = stack.enter_context(LibxcHypervisor(libdir=libdir))
+            libxc = LibxcHypervisor(libdir=libdir)
+            hv = stack.enter_context(libxc)
             xs_dom = stack.enter_context(XenstoreClient(libdir))
             xs_req = stack.enter_context(XenstoreClient(libdir))
         except OSError as exc:  # /dev/xen/privcmd, xenstored's socket ...
             raise DaemonStartError(f"cannot open Xen (run xenpbrd in dom0, as root, with "
                                    f"xenstored running): {exc}") from exc
         in_process = stack.enter_context(InProcessXl(libdir))
+        store.guest_pages = libxc.read_restored_pfns  # restores check the pages left to Xen
         Daemon(state, store, hv, xs_dom, xs_req,
                toolstack=XlToolstack(hypervisor=hv, renamer=in_process.rename),
                restorer=StoreRestorer(store, rename=in_process.rename,

@@ -67,9 +67,11 @@ class XenHost:
 
     def qemu_argv(self) -> list[str]:
         """The QEMU command line (the facts in shared/notes/xen-lab-facts.md)."""
+        # scrub-domheap: Xen zeroes every page it frees, so xenpbrd's hot streams may
+        # leave a guest's zero pages to Xen (docs/images.md, "Zero pages left to Xen")
         xen_args = (f"console=com1 com1=115200,8n1 dom0_mem={self.dom0_memory_mib}M,"
                     f"max:{self.dom0_memory_mib}M dom0_max_vcpus={self.dom0_vcpus} "
-                    "console_timestamps=boot "
+                    "console_timestamps=boot scrub-domheap "
                     "guest_loglvl=all")
         modules = f"{self.images.kernel} console=hvc0 quiet,{self.images.dom0_initrd}"
         accel = ["-accel", "kvm", "-cpu", "host"] if kvm_usable() else \

@@ -451,3 +451,18 @@ def test_lookup_refuses_a_p2m_remapped_under_it():
     guest.set_arch(p2m_generation=6)  # the guest remapped its p2m after we read shared_info
     with pytest.raises(P2MInconsistent, match="changed"):
         lookup.lookup([1])
+
+
+def test_a_restored_domain_is_read_through_its_vcpus_page_tables() -> None:
+    # as Xen's restore leaves shared_info: the frame list zeroed, the linear root the
+    # saved guest's (a frame this domain does not own); the vCPU's cr3 is the new root
+    guest = Guest(1400, data_pfns={1300})
+    root = guest.build_linear(STRADDLING_VADDR)
+    guest.set_arch(p2m_cr3=0x7777 << 12, pfn_to_mfn_frame_list_list=0)
+    write(guest, 1300, 0, b"after-restore")
+    stale, _ = make_memory(guest)
+    with pytest.raises(FrameMapError):
+        stale.read_pfn(1300)
+    memory, _ = make_memory(guest, p2m_root=root)
+    assert memory.read_pfn(1300)[:13] == b"after-restore"
+    assert memory.p2m_method_used == "linear"

@@ -125,6 +125,8 @@ elif cmd == "restore":
         sys.stderr.write(knob("restore_fail")); sys.exit(1)
     want = open(path("stream.xl"), "rb").read()
     def body(b): return b[48 + int.from_bytes(b[44:48], "little"):]  # after the xl header
+    if knob("accept_any") is not None:  # an allocate-only stream: checked by the test
+        sys.exit(0)
     if got != want and (knob("renamed") is None or body(got) != body(want)):
         sys.stderr.write("xc: error: truncated stream\n"); sys.exit(2)
 elif cmd == "domid":

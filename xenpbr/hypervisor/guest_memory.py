@@ -298,9 +298,12 @@ class P2MLookup:
     """
 
     def __init__(self, read_frames: ReadFrames, shared_info_mfn: int, method: str = "auto",
-                 batch: int = 256) -> None:
+                 batch: int = 256, p2m_root: int | None = None) -> None:
         self._read_frames, self._shared_info_mfn, self._batch = read_frames, shared_info_mfn, batch
         self.arch = read_arch_shared_info(read_frames, shared_info_mfn)
+        if p2m_root is not None:  # walk the linear list from this page table (see GuestMemory)
+            self.arch.p2m_cr3 = p2m_root << PAGE_SHIFT
+            method = "linear"
         self.method = _choose_method(self.arch, method)
         self.max_pfn = self.arch.max_pfn
         self._frame_lists: dict[int, tuple[int, ...]] = {}  # tree: fll index -> fl page
@@ -398,7 +401,7 @@ class GuestMemory:
     """
 
     def __init__(self, xc: Any, fmem: Any, domid: int, *, batch_pages: int = 256,
-                 p2m_method: str = "auto") -> None:
+                 p2m_method: str = "auto", p2m_root: int | None = None) -> None:
         info = xc.domain_getinfo(domid)
         if info.flags & DomainFlags.HVM_GUEST:
             raise NotPVGuest(f"domain {domid} is HVM/PVH: map its GFNs directly")
@@ -416,6 +419,10 @@ class GuestMemory:
         self._fmem = fmem
         self._table: list[int] | None = None
         self._lookup: P2MLookup | None = None
+        # a page-table root (MFN) to walk the linear P2M from instead of shared_info's:
+        # a domain restored and not yet run has the *saved* guest's there (Xen's restore
+        # copies shared_info's arch part and zeroes the frame list), its vCPU's cr3 is new
+        self.p2m_root = p2m_root
 
     def _read_frames(self, mfns: Sequence[int]) -> list[bytes]:
         with self._fmem.map(self.domid, mfns) as mapping:
@@ -455,7 +462,7 @@ class GuestMemory:
         else:
             if self._lookup is None:
                 self._lookup = P2MLookup(self._read_frames, self.shared_info_mfn,
-                                         self.p2m_method, self.batch_pages)
+                                         self.p2m_method, self.batch_pages, self.p2m_root)
                 self.p2m_method_used = self._lookup.method
             mfns = self._lookup.lookup(pfns)
         for pfn, mfn in zip(pfns, mfns):

@@ -34,7 +34,7 @@ from xenpbr.ctypes_libxc.xenctrl_structs import (
     VcpuFlags,
     XcDomainInfo,
 )
-from xenpbr.hypervisor.guest_memory import INVALID_MFN, GuestMemory, MachineFrames
+from xenpbr.hypervisor.guest_memory import INVALID_MFN, PAGE_SHIFT, GuestMemory, MachineFrames
 from xenpbr.hypervisor.base import (
     MAX_PAUSE_COUNT,
     PAGE_SIZE,
@@ -256,7 +256,20 @@ class LibxcHypervisor(Hypervisor):
         return [pfn for pfn, mfn in enumerate(table) if mfn != INVALID_MFN]
 
     def read_pfns(self, domid: int, pfns: Sequence[int]) -> list[bytes]:
-        memory = self.guest_memory(domid)
+        return self._read_through(self.guest_memory(domid), pfns)
+
+    def read_restored_pfns(self, domid: int, pfns: Sequence[int]) -> list[bytes]:
+        """Pages of a domain restored and not yet run (a restore's read-back of the pages
+        it left to Xen, :mod:`xenpbr.images.allocate_only`). Its shared_info still names
+        the *saved* guest's P2M (Xen's restore copies it and zeroes the frame list), so
+        the linear P2M is walked from vCPU 0's cr3, which the restore set to the new
+        domain's page-table root."""
+        root = self.vcpu_registers(domid, 0).cr3 >> PAGE_SHIFT
+        return self._read_through(
+            GuestMemory(self._xc, self._fmem, check_domid(domid), batch_pages=self.batch_pages,
+                        p2m_method=self.p2m_method, p2m_root=root), pfns)
+
+    def _read_through(self, memory: GuestMemory, pfns: Sequence[int]) -> list[bytes]:
         out: list[bytes] = []
         for start in range(0, len(pfns), self.batch_pages):
             chunk = pfns[start:start + self.batch_pages]

@@ -55,12 +55,15 @@ from typing import Any, BinaryIO, Protocol
 
 from xenpbr import settings
 from xenpbr.fsutil import atomic_write, fsync_dir
+from xenpbr.images import allocate_only
+from xenpbr.images.allocate_only import GuestPages
 from xenpbr.images.errors import Cancelled, CorruptObject, NoRoom
-from xenpbr.images.image import Image, ImageMeta, check_image_id, check_name
+from xenpbr.images.image import ZERO_REF, Image, ImageMeta, check_image_id, check_name
 from xenpbr.images.layout import HasLayout
 from xenpbr.images.pagestore import PackInfo, Stamp, file_stamp
 
 _LOG = logging.getLogger(__name__)
+PAGE_SIZE = 4096
 SUFFIX = ".stream"
 SUMS_SUFFIX = ".sums"
 CHUNK = 1 << 20
@@ -76,6 +79,12 @@ class WarmSource(HasLayout, Protocol):
     def images(self, domain: str) -> list[ImageMeta]: ...
 
     def regenerate(self, image: Image, fileobj: BinaryIO) -> int: ...
+
+    def regenerate_allocating(self, image: Image,
+                              fileobj: BinaryIO) -> tuple[int, list[int]]: ...
+
+    @property
+    def guest_pages(self) -> GuestPages | None: ...
 
     def packs_of(self, image: Image) -> list[PackInfo]: ...
 
@@ -133,6 +142,10 @@ class HotStream:
     sums: list[bytes]
     packs: dict[str, Stamp]
     algorithm: str = ALGORITHM
+    #: zero pages left for Xen to allocate (:mod:`.allocate_only`), and a sample of
+    #: their pfns that a restore reads back before the domain may run
+    allocated: int = 0
+    allocated_sample: tuple[int, ...] = ()
 
 
 def lookup(store: HasLayout, image: Image) -> HotStream | None:
@@ -173,15 +186,20 @@ def read_sums(path: Path, image_id: str, stream_bytes: int) -> HotStream:
         sums = [bytes.fromhex(h) for h in listed]
         size, chunk = int(body["stream_bytes"]), int(body["chunk"])
         packs = {str(k): (int(v[0]), int(v[1]), int(v[2])) for k, v in body["packs"].items()}
+        allocated = int(body.get("allocated", 0))
+        allocated_sample = tuple(int(pfn) for pfn in body.get("allocated_sample", ()))
         actual = path.stat().st_size
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
         raise CorruptObject(f"hot stream {path}: checksums {where.name} unusable ({err})") from None
     if not ok or body.get("image_id") != image_id or chunk <= 0:
         raise CorruptObject(f"hot stream {path}: checksum mismatch of {where.name} itself")
-    if size != stream_bytes or actual != size or len(sums) != -(-size // chunk):
+    expected = stream_bytes - allocated * PAGE_SIZE  # each page left to Xen: no data
+    if size != expected or actual != size or len(sums) != -(-size // chunk) \
+            or allocated < 0 or bool(allocated) != bool(allocated_sample):
         raise CorruptObject(f"hot stream {path} has {actual} bytes, its checksums cover "
-                            f"{size}, the image {stream_bytes}")
-    return HotStream(path, size, chunk, sums, packs, algorithm)
+                            f"{size}, the image {stream_bytes} less {allocated} pages "
+                            "left to Xen")
+    return HotStream(path, size, chunk, sums, packs, algorithm, allocated, allocated_sample)
 
 
 def _listed_sums(body: dict[str, Any]) -> tuple[str, list[str]]:
@@ -292,14 +310,21 @@ def warm(store: WarmSource, domain: str, image_id: str,
     # an older image's stream is worth less than this one's: free its room first (at
     # 512 MiB in the lab, keeping it until the new one was written left no room for it)
     drop(store, domain, keep=image_id)
-    _check_room(dest.parent, image.meta.stream_bytes)
+    # zero pages left to Xen only where a restore can read them back (module
+    # allocate_only: xenpbrd's store has a guest page reader) and Xen is trusted to zero
+    allocating = store.guest_pages is not None and allocate_only.trusted()
+    zeros = image.refs.count(ZERO_REF) if allocating else 0  # (zero page tables keep theirs)
+    _check_room(dest.parent, image.meta.stream_bytes - zeros * PAGE_SIZE)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     start = time.monotonic()
     packs = _pack_stamps(store, image)  # before reading: a later write shows as a change
     try:
         with open(tmp, "wb") as out:
             summer = _CancellableFile(out, cancel)
-            written = store.regenerate(image, summer)  # type: ignore[arg-type]
+            if allocating:
+                written, left = store.regenerate_allocating(image, summer)  # type: ignore[arg-type]
+            else:
+                written, left = store.regenerate(image, summer), []  # type: ignore[arg-type]
             out.flush()
             os.fsync(out.fileno())
         if not _is_newest(store, domain, image_id):
@@ -307,7 +332,8 @@ def warm(store: WarmSource, domain: str, image_id: str,
             return None
         body = {"version": 2, "image_id": image_id, "stream_bytes": written, "chunk": CHUNK,
                 "algorithm": ALGORITHM, "sums": [h.hex() for h in summer.finish()],
-                "packs": packs}
+                "packs": packs, "allocated": len(left),
+                "allocated_sample": allocate_only.sample(left)}
         atomic_write(sums_of(dest), json.dumps({**body, "checksum": _checksum(body)}).encode(),
                      mode=0o600)
         os.replace(tmp, dest)
@@ -315,8 +341,9 @@ def warm(store: WarmSource, domain: str, image_id: str,
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _LOG.info("hot stream of %s/%s ready: %d bytes in %.2f s", domain, image_id, written,
-              time.monotonic() - start)
+    _LOG.info("hot stream of %s/%s ready: %d bytes in %.2f s%s", domain, image_id, written,
+              time.monotonic() - start,
+              f", {len(left)} zero pages left to Xen" if allocating else "")
     return dest
 
 

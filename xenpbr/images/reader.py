@@ -10,6 +10,7 @@ corrupted page raises :class:`~.errors.CorruptObject` instead of reaching the gu
 from __future__ import annotations
 
 import logging
+from array import array
 from typing import BinaryIO, Self
 
 from xenpbr.images import skeleton
@@ -17,6 +18,7 @@ from xenpbr.images.errors import CorruptObject, ImageError, MissingObject
 from xenpbr.images.image import ZERO_REF, Image
 from xenpbr.images.locking import StoreLock
 from xenpbr.images.pagestore import ZERO_PAGE, PageStore
+from xenpbr.stream.allocate_only import allocate_only
 from xenpbr.stream.writer import write_stream
 
 _LOG = logging.getLogger(__name__)
@@ -104,6 +106,20 @@ class ImageReader:
         """Regenerate the whole stream into ``fileobj``; return bytes written."""
         return write_stream(fileobj, self.image.stream, self.get_page,
                             get_pages=self.get_pages)
+
+    def write_allocating_to(self, fileobj: BinaryIO) -> tuple[int, list[int]]:
+        """Regenerate the stream with its zero plain pages left for Xen to allocate
+        (:mod:`xenpbr.stream.allocate_only`); bytes written and the pfns left to Xen.
+        Must come before any other read of this reader (it narrows what is read)."""
+        if self._next:
+            raise ImageError(f"{self.image.describe()}: an allocating regeneration must "
+                             "be the reader's first")
+        stream, kept = allocate_only(self.image.stream, (r == ZERO_REF for r in self._refs))
+        left = [pfn for pfn, k in zip(self._order, kept) if not k]
+        self._order = [pfn for pfn, k in zip(self._order, kept) if k]
+        self._refs = array(self._refs.typecode, (r for r, k in zip(self._refs, kept) if k))
+        written = write_stream(fileobj, stream, self.get_page, get_pages=self.get_pages)
+        return written, left
 
     def close(self) -> None:
         """Unmap the packs and release the lock (idempotent)."""

@@ -53,7 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from xenpbr.images import disks, hotcache, skeleton
+from xenpbr.errors import XenpbrError
+from xenpbr.images import allocate_only, disks, hotcache, skeleton
 from xenpbr.images.errors import ImageInvalid, RestoreFailed
 from xenpbr.images.image import Image, ImageMeta, check_name
 from xenpbr.images.store import ImageStore
@@ -129,16 +130,22 @@ def restore(store: ImageStore, image: Image, paused: bool = True, *,
     argv = [*xl, "restore", *(["-p"] if paused else []), *([] if monitor else ["-e"]),
             *([str(config_file)] if config_file is not None else [])]
     hot = hotcache.lookup(store, image) if use_hot and not verify_first else None
+    if hot is not None and hot.allocated and (not paused or store.guest_pages is None):
+        _LOG.info("%s: its hot stream leaves zero pages to Xen, which this restore cannot "
+                  "check (%s): restoring from the page store", image.describe(),
+                  "not paused" if not paused else "no guest memory reader")
+        hot = None
     mode = _hot_mode(hot_mode, paused)
     try:
-        if hot is not None and mode in ("file", "overlap") and as_name is None:
-            return _restore_file(image, name, argv, hot, start, disks_s, timeout, xl,
-                                 lookup, overlap=mode == "overlap")
         if hot is not None:
-            return _restore_fifo(image, name, argv, start, disks_s, timeout, xl, verify_s,
-                                 _renaming(as_name, lambda sink: hotcache.stream_verified(
-                                     hot, sink, image.describe())),
-                                 hot=True, paused=paused, lookup=lookup)
+            result = _restore_hot(image, name, argv, hot, mode, as_name, start, disks_s,
+                                  timeout, xl, verify_s, paused, lookup)
+            if not hot.allocated or _allocated_zero(store, image, hot, result, xl):
+                return result
+            return restore(store, image, paused, config_file=config_file, name=name,
+                           monitor=monitor, timeout=timeout, xl=xl, use_hot=False,
+                           as_name=as_name, revert_disks=False,  # reverted already
+                           domid_of=domid_of)
         with store.reader(image) as pages:
             return _restore_fifo(image, name, argv, start, disks_s, timeout, xl, verify_s,
                                  _renaming(as_name, pages.write_to), hot=False, paused=paused,
@@ -146,6 +153,50 @@ def restore(store: ImageStore, image: Image, paused: bool = True, *,
     except ImageInvalid as err:
         _reject(store, image, err)
         raise
+
+
+def _restore_hot(image: Image, name: str, argv: list[str], hot: hotcache.HotStream,
+                 mode: str, as_name: str | None, start: float, disks_s: dict[str, float],
+                 timeout: float, xl: Sequence[str], verify_s: float, paused: bool,
+                 lookup: Callable[[str], int | None]) -> RestoreResult:
+    """``xl restore`` of the image's hot stream: the file itself, or through the FIFO
+    when it must be renamed on its way (or ``hot_mode="stream"``)."""
+    if mode in ("file", "overlap") and as_name is None:
+        return _restore_file(image, name, argv, hot, start, disks_s, timeout, xl,
+                             lookup, overlap=mode == "overlap")
+    return _restore_fifo(image, name, argv, start, disks_s, timeout, xl, verify_s,
+                         _renaming(as_name, lambda sink: hotcache.stream_verified(
+                             hot, sink, image.describe())),
+                         hot=True, paused=paused, lookup=lookup)
+
+
+def _allocated_zero(store: ImageStore, image: Image, hot: hotcache.HotStream,
+                    result: RestoreResult, xl: Sequence[str]) -> bool:
+    """Read back a sample of the pages the hot stream left to Xen in the paused domain;
+    True if all are zero. Otherwise (a debug Xen, or one handing out pages a running
+    domain freed unscrubbed) destroy the domain, drop the stream, stop writing such
+    streams (:func:`.allocate_only.distrust`) and return False: the caller restores from
+    the page store."""
+    assert store.guest_pages is not None
+    start = time.monotonic()
+    try:
+        bad = allocate_only.first_nonzero(store.guest_pages, result.domid,
+                                          hot.allocated_sample)
+    except XenpbrError as exc:
+        bad, why = -1, f"its pages could not be read back: {exc}"
+    else:
+        why = f"pfn {bad:#x} is not zero" if bad is not None else ""
+    if bad is None:
+        _LOG.info("%s: %d of the %d pages left to Xen read back zero in %.3f s",
+                  image.describe(), len(hot.allocated_sample), hot.allocated,
+                  time.monotonic() - start)
+        return True
+    allocate_only.distrust(f"domain {result.name} (domid {result.domid}): {why}")
+    problem = destroy(xl, result.name)
+    _LOG.error("%s: restored domain %s %s; restoring from the page store", image.describe(),
+               result.name, "destroyed" if problem is None else f"NOT destroyed ({problem})")
+    hotcache.drop(store, image.meta.domain, image.meta.image_id)
+    return False
 
 
 #: ``hot_mode``: how a hot stream is checked against its sums (module doc).

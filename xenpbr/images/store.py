@@ -38,6 +38,7 @@ from typing import Any, BinaryIO
 from xenpbr.fsutil import atomic_write, atomic_write_json, fsync_dir
 from xenpbr.images import codecs, disks, garbage, hotcache, manifest
 from xenpbr.images import scrub as scrubbing
+from xenpbr.images.allocate_only import GuestPages
 from xenpbr.images.errors import CorruptObject, ImageError, ImageInvalid, ImageNotFound
 from xenpbr.images.image import Image, ImageEntry, ImageMeta, check_name
 from xenpbr.images.layout import StoreLayout
@@ -92,6 +93,9 @@ class ImageStore:
         self.layout = StoreLayout(self.root)
         self.default_quota = default_quota
         self.lock_timeout = lock_timeout
+        #: copies of a running domain's pages (xenpbrd sets its libxc reader): what a
+        #: restore needs to check the pages a hot stream left to Xen (:mod:`.allocate_only`)
+        self.guest_pages: GuestPages | None = None
         self._init_layout()
         self.pages = PageStore(self.layout.packs_dir, codecs.by_name(codec), max_pack_bytes)
         self._mutex = threading.RLock()
@@ -360,6 +364,12 @@ class ImageStore:
         """Write the image's ``xl save`` stream to ``fileobj``; return bytes written."""
         with self.reader(image) as pages:
             return pages.write_to(fileobj)
+
+    def regenerate_allocating(self, image: Image, fileobj: BinaryIO) -> tuple[int, list[int]]:
+        """The image's stream with its zero plain pages left for Xen to allocate
+        (:mod:`.allocate_only`); bytes written and the pfns left to Xen."""
+        with self.reader(image) as pages:
+            return pages.write_allocating_to(fileobj)
 
     def verify(self, domain: str, image_id: str) -> ImageMeta:
         """Full check: manifest, then every page read back and hashed."""

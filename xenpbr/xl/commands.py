@@ -132,14 +132,26 @@ def rename(xl: Sequence[str], old: str, new: str, timeout: float = 60.0) -> str 
     return None if result.returncode == 0 else (result.stderr or result.stdout).strip()
 
 
-def free_memory_mib(xl: Sequence[str], timeout: float = 60.0) -> int | None:
-    """Xen's free memory in MiB (``xl info``'s ``free_memory``), None if xl could not
-    say."""
+def _info_field(xl: Sequence[str], field: str, timeout: float) -> str | None:
+    """One field of ``xl info``, None if xl could not say."""
     result = ask(xl, "info", timeout=timeout)
     if isinstance(result, str) or result.returncode != 0:
         return None
     for line in result.stdout.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "free_memory" and value.strip().isdigit():
-            return int(value.strip())
+        if key.strip() == field:
+            return value.strip()
     return None
+
+
+def free_memory_mib(xl: Sequence[str], timeout: float = 60.0) -> int | None:
+    """Xen's free memory in MiB (``xl info``'s ``free_memory``), None if xl could not
+    say."""
+    value = _info_field(xl, "free_memory", timeout)
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def xen_commandline(xl: Sequence[str], timeout: float = 60.0) -> str | None:
+    """Xen's boot command line (``xl info``'s ``xen_commandline``), None if xl could
+    not say."""
+    return _info_field(xl, "xen_commandline", timeout)
