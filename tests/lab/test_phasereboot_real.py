@@ -104,7 +104,7 @@ def test_a_crash_is_recovered_from_the_deepest_phase_an_operator_from_an_earlier
     log = xenpbrd_lab.log_text(xen_host)
     assert re.search(rf"hot stream of {guest.name}/\S+ ready: \d+ bytes in [\d.]+ s, "
                      r"[1-9]\d* zero pages left to Xen", log), log[-3000:]
-    assert re.search(r"\d+ of the [1-9]\d* pages left to Xen read back zero", log), log[-3000:]
+    assert re.search(r"[1-9]\d* pages left to Xen read back zero", log), log[-3000:]
     keys = published(xen_host, guest.name)
     assert keys["last-recovery/method"] == "phase:app" and keys["generation"] == "1"
     assert keys["status"] == "watching" and keys["domid"] == str(guest.domid)

@@ -139,3 +139,18 @@ def test_without_a_reader_an_allocating_stream_is_not_used(store, fake, data) ->
     result = restore(store, image, xl=fake.argv)
     assert not result.hot and (fake.state / "restored.xl").read_bytes() == data
     assert path.exists()  # still good for xenpbrd
+
+
+def test_the_page_store_path_leaves_zero_pages_to_xen_too(store, fake, data) -> None:  # noqa: F811
+    image = captured(store, fake)  # no hot stream: the regeneration into xl's FIFO
+    reader = Reader()
+    store.guest_pages = reader
+    (fake.state / "domains" / "vm1").unlink()
+    result = restore(store, image, xl=fake.argv)
+    sent = (fake.state / "restored.xl").read_bytes()
+    assert not result.hot and len(sent) < len(data) and (len(data) - len(sent)) % 4096 == 0
+    (domid, sample), = reader.calls
+    assert domid == 7 and len(sample) == min(allocate_only.SAMPLE, (len(data) - len(sent)) // 4096)
+    (fake.state / "domains" / "pbr-guest").unlink()  # the name in the synthetic stream
+    result = restore(store, image, paused=False, xl=fake.argv)  # it runs at once: no check
+    assert (fake.state / "restored.xl").read_bytes() == data and len(reader.calls) == 1

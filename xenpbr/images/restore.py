@@ -140,19 +140,18 @@ def restore(store: ImageStore, image: Image, paused: bool = True, *,
         if hot is not None:
             result = _restore_hot(image, name, argv, hot, mode, as_name, start, disks_s,
                                   timeout, xl, verify_s, paused, lookup)
-            if not hot.allocated or _allocated_zero(store, image, hot, result, xl):
-                return result
-            return restore(store, image, paused, config_file=config_file, name=name,
-                           monitor=monitor, timeout=timeout, xl=xl, use_hot=False,
-                           as_name=as_name, revert_disks=False,  # reverted already
-                           domid_of=domid_of)
-        with store.reader(image) as pages:
-            return _restore_fifo(image, name, argv, start, disks_s, timeout, xl, verify_s,
-                                 _renaming(as_name, pages.write_to), hot=False, paused=paused,
-                                 lookup=lookup)
+            left: Sequence[int] = hot.allocated_sample
+        else:
+            result, left = _restore_pages(store, image, name, argv, as_name, start, disks_s,
+                                          timeout, xl, verify_s, paused, lookup)
     except ImageInvalid as err:
         _reject(store, image, err)
         raise
+    if not left or _allocated_zero(store, image, left, result, xl, hot is not None):
+        return result
+    return restore(store, image, paused, config_file=config_file, name=name,
+                   monitor=monitor, timeout=timeout, xl=xl, use_hot=False, as_name=as_name,
+                   revert_disks=False, domid_of=domid_of)  # disks: reverted already
 
 
 def _restore_hot(image: Image, name: str, argv: list[str], hot: hotcache.HotStream,
@@ -170,32 +169,56 @@ def _restore_hot(image: Image, name: str, argv: list[str], hot: hotcache.HotStre
                          hot=True, paused=paused, lookup=lookup)
 
 
-def _allocated_zero(store: ImageStore, image: Image, hot: hotcache.HotStream,
-                    result: RestoreResult, xl: Sequence[str]) -> bool:
-    """Read back a sample of the pages the hot stream left to Xen in the paused domain;
-    True if all are zero. Otherwise (a debug Xen, or one handing out pages a running
-    domain freed unscrubbed) destroy the domain, drop the stream, stop writing such
-    streams (:func:`.allocate_only.distrust`) and return False: the caller restores from
-    the page store."""
+def _restore_pages(store: ImageStore, image: Image, name: str, argv: list[str],
+                   as_name: str | None, start: float, disks_s: dict[str, float],
+                   timeout: float, xl: Sequence[str], verify_s: float, paused: bool,
+                   lookup: Callable[[str], int | None]) -> tuple[RestoreResult, list[int]]:
+    """``xl restore`` of the stream regenerated from verified pages into its FIFO; its
+    zero pages are left to Xen where a paused domain's pages can be read back and Xen
+    is trusted (:mod:`.allocate_only`). Returns the result and a sample of those pfns."""
+    allocating = paused and store.guest_pages is not None and allocate_only.trusted()
+    left: list[int] = []
+
+    def source(sink: BinaryIO) -> int:
+        if not allocating:
+            return pages.write_to(sink)
+        written, pfns = pages.write_allocating_to(sink)
+        left.extend(pfns)
+        return written
+
+    with store.reader(image) as pages:
+        result = _restore_fifo(image, name, argv, start, disks_s, timeout, xl, verify_s,
+                               _renaming(as_name, source), hot=False, paused=paused,
+                               lookup=lookup)
+    return result, allocate_only.sample(left)
+
+
+def _allocated_zero(store: ImageStore, image: Image, sample: Sequence[int],
+                    result: RestoreResult, xl: Sequence[str], hot: bool) -> bool:
+    """Read back ``sample``, pages the restore left to Xen, in the paused domain; True
+    if all are zero. Otherwise (a debug Xen, or one handing out pages a running domain
+    freed unscrubbed) destroy the domain, drop the hot stream it came from, stop leaving
+    pages to Xen (:func:`.allocate_only.distrust`) and return False: the caller restores
+    again, every page from the store."""
     assert store.guest_pages is not None
     start = time.monotonic()
     try:
-        bad = allocate_only.first_nonzero(store.guest_pages, result.domid,
-                                          hot.allocated_sample)
+        bad = allocate_only.first_nonzero(store.guest_pages, result.domid, sample)
     except XenpbrError as exc:
         bad, why = -1, f"its pages could not be read back: {exc}"
     else:
         why = f"pfn {bad:#x} is not zero" if bad is not None else ""
     if bad is None:
-        _LOG.info("%s: %d of the %d pages left to Xen read back zero in %.3f s",
-                  image.describe(), len(hot.allocated_sample), hot.allocated,
-                  time.monotonic() - start)
+        _LOG.info("%s: %d pages left to Xen read back zero in %.3f s", image.describe(),
+                  len(sample), time.monotonic() - start)
         return True
     allocate_only.distrust(f"domain {result.name} (domid {result.domid}): {why}")
     problem = destroy(xl, result.name)
-    _LOG.error("%s: restored domain %s %s; restoring from the page store", image.describe(),
-               result.name, "destroyed" if problem is None else f"NOT destroyed ({problem})")
-    hotcache.drop(store, image.meta.domain, image.meta.image_id)
+    _LOG.error("%s: restored domain %s %s; restoring from the page store, every page",
+               image.describe(), result.name,
+               "destroyed" if problem is None else f"NOT destroyed ({problem})")
+    if hot:
+        hotcache.drop(store, image.meta.domain, image.meta.image_id)
     return False
 
 

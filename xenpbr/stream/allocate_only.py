@@ -19,7 +19,7 @@ changes; records other than PAGE_DATA are shared with the original.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from xenpbr.stream import format as fmt
 from xenpbr.stream.codec import Record
@@ -34,25 +34,34 @@ class _Turner:
     """Walks the data pages in stream order with one flag each, recording what it kept."""
 
     def __init__(self, chosen: Iterable[bool]) -> None:
-        self.chosen: Iterator[bool] = iter(chosen)
+        self.chosen = list(chosen)
         self.kept: list[bool] = []
 
+    def _flags(self, count: int) -> list[bool]:
+        start = len(self.kept)
+        flags = self.chosen[start:start + count]
+        if len(flags) != count:
+            raise ValueError(f"fewer flags than data pages (ran out at {len(self.chosen)})")
+        return flags
+
     def record(self, rec: PageDataRecord) -> PageDataRecord:
-        words = array("Q", rec.words)
-        shift, mask = fmt.PAGE_DATA_TYPE_SHIFT, fmt.PAGE_DATA_PFN_MASK
+        words = rec.words
+        if max(words) <= fmt.PAGE_DATA_PFN_MASK:  # all plain pages with data: the usual
+            flags = self._flags(len(words))
+            self.kept.extend(not f for f in flags)
+            return PageDataRecord(array("Q", [_XALLOC_BITS | w if f else w
+                                              for w, f in zip(words, flags)]))
+        turned = array("Q", words)
+        shift = fmt.PAGE_DATA_TYPE_SHIFT
         for i, word in enumerate(words):
             type_bits = word >> shift
             if not fmt.page_type_has_data(type_bits):
                 continue
-            try:
-                turn = next(self.chosen) and type_bits == fmt.PAGE_TYPE_NOTAB
-            except StopIteration:
-                raise ValueError(f"fewer flags than data pages (ran out at "
-                                 f"{len(self.kept)})") from None
+            turn = self._flags(1)[0] and type_bits == fmt.PAGE_TYPE_NOTAB
             if turn:
-                words[i] = _XALLOC_BITS | (word & mask)
+                turned[i] = _XALLOC_BITS | word
             self.kept.append(not turn)
-        return PageDataRecord(words)
+        return PageDataRecord(turned)
 
     def image(self, image: LibxcImage) -> LibxcImage:
         records: list[Record] = [self.record(r) if isinstance(r, PageDataRecord) else r
@@ -80,6 +89,6 @@ def allocate_only(stream: Stream, chosen: Iterable[bool]) -> tuple[Stream, list[
         xl_header=stream.xl_header,
         libxl=None if stream.libxl is None else turner.libxl(stream.libxl),
         bare_libxc=None if stream.bare_libxc is None else turner.image(stream.bare_libxc))
-    if next(turner.chosen, None) is not None:
+    if len(turner.chosen) != len(turner.kept):
         raise ValueError(f"more flags than the stream's {len(turner.kept)} data pages")
     return turned, turner.kept
