@@ -13,6 +13,7 @@ arguments); 141 when the reader of the output went away (``xenpbr history D | he
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import random
@@ -20,6 +21,7 @@ import re
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -542,6 +544,27 @@ def _print_injection(row: dict[str, Any]) -> None:
     print(f"follow it with `xenpbr history {row['domain']}`")
 
 
+@contextlib.contextmanager
+def _guest_pages_for(store: Any) -> Iterator[None]:
+    """Let ``store``'s restores read a restored domain's pages back (libxc, as xenpbrd
+    does): a hot stream that left zero pages to Xen is then used, not regenerated
+    (docs/images.md, "Zero pages left to Xen"). Without libxc the restore regenerates."""
+    from xenpbr.hypervisor.libxc import LibxcHypervisor
+    try:
+        hypervisor = LibxcHypervisor()
+    except (OSError, XenpbrError) as exc:
+        logging.getLogger(__name__).info("no guest memory reader (%s): zero pages are "
+                                         "copied, not left to Xen", exc)
+        yield
+        return
+    store.guest_pages = hypervisor.read_restored_pfns
+    try:
+        yield
+    finally:
+        store.guest_pages = None
+        hypervisor.close()
+
+
 def cmd_reboot(args: argparse.Namespace, state: StateDir) -> int:
     """Operator-initiated phase-based reboot (proactive rejuvenation)."""
     from xenpbr.guestproto.control import PhaseProtocol
@@ -550,9 +573,10 @@ def cmd_reboot(args: argparse.Namespace, state: StateDir) -> int:
     from xenpbr.store_restorer import StoreRestorer
     from xenpbr.xl.toolstack import XlToolstack
     from xenpbr.xenstore import XenstoreClient
-    with domain_lock(state, args.domain), XenstoreClient() as xs:
-        recovery = Recovery(state, XlToolstack(), StoreRestorer(_store(state)),
-                            PhaseProtocol(xs))
+    store = _store(state)
+    with domain_lock(state, args.domain), XenstoreClient() as xs, \
+            _guest_pages_for(store):
+        recovery = Recovery(state, XlToolstack(), StoreRestorer(store), PhaseProtocol(xs))
         timeline = recovery.recover(args.domain, "operator", max_phase=args.phase).timeline
     emit(history_row(timeline), args.json,
          lambda: print(f"{args.domain}: {timeline.outcome} via {timeline.method} in "

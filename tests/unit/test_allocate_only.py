@@ -154,3 +154,32 @@ def test_the_page_store_path_leaves_zero_pages_to_xen_too(store, fake, data) -> 
     (fake.state / "domains" / "pbr-guest").unlink()  # the name in the synthetic stream
     result = restore(store, image, paused=False, xl=fake.argv)  # it runs at once: no check
     assert (fake.state / "restored.xl").read_bytes() == data and len(reader.calls) == 1
+
+
+def test_xenpbr_reboot_reads_restored_pages_through_libxc_when_it_can(monkeypatch) -> None:
+    from xenpbr import cli
+    from xenpbr.hypervisor import libxc
+
+    class Store:
+        guest_pages = None
+
+    class Hypervisor:
+        closed = False
+
+        def read_restored_pfns(self, domid, pfns):
+            return []
+
+        def close(self):
+            Hypervisor.closed = True
+
+    store = Store()
+    monkeypatch.setattr(libxc, "LibxcHypervisor", Hypervisor)
+    with cli._guest_pages_for(store):
+        assert store.guest_pages is not None  # the restore may use an allocating stream
+    assert store.guest_pages is None and Hypervisor.closed
+
+    def no_xen():
+        raise OSError("/dev/xen/privcmd: No such file or directory")
+    monkeypatch.setattr(libxc, "LibxcHypervisor", no_xen)
+    with cli._guest_pages_for(store):
+        assert store.guest_pages is None  # regenerates every page: slower, never wrong
