@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import re
 import statistics
 import threading
 import time
@@ -131,6 +132,9 @@ class ConfigFacts:
     # xenpbrd's resident MiB: "idle" (started, nothing registered) and "protecting" (the
     # phasereboot guest past its last boundary, hot stream ready, before any crash)
     xenpbrd_rss_mib: dict[str, float | None] = field(default_factory=dict)
+    # the newest image's hot stream as xenpbrd wrote it (smaller than the raw stream
+    # when it left the zero pages to Xen); None: not found in its log
+    hot_stream_bytes: int | None = None
 
 
 def _guest(host: XenHost, workload: str, memory_mib: int, method: str) -> LabDomain:
@@ -151,6 +155,12 @@ def _guest(host: XenHost, workload: str, memory_mib: int, method: str) -> LabDom
         guard["xenpbr_standby"] = 1
     return LabDomain(host, name, memory_mib=memory_mib, mode="bench", on_crash=on_crash,
                      extra=f"lab.workload={workload} lab.docs={documents(memory_mib)}", **guard)
+
+
+def hot_stream_bytes(log: str, name: str) -> int | None:
+    """The size of the last hot stream xenpbrd's log says it wrote for domain ``name``."""
+    sizes = re.findall(rf"hot stream of {re.escape(name)}/\S+ ready: (\d+) bytes", log)
+    return int(sizes[-1]) if sizes else None
 
 
 def _start(host: XenHost, guest: LabDomain, method: str, workload: str) -> float:
@@ -264,6 +274,7 @@ def run_config(host: XenHost, workload: str, memory_mib: int, repeats: int,
             facts.first_boot_s[method] = _start(host, guest, method, workload)
             if method == "phasereboot":
                 facts.xenpbrd_rss_mib["protecting"] = xenpbrd.rss_mib(host)
+                facts.hot_stream_bytes = hot_stream_bytes(xenpbrd.log_text(host), guest.name)
             for run in range(1, repeats + 1):
                 if method == "phasereboot-standby":  # the one replacing the last used
                     xenpbrd.wait_for_standby(host, guest.name, run)

@@ -176,12 +176,21 @@ def scaling(detail: dict[str, Any]) -> list[dict[str, Any]]:
             "capture_paused_s": _total(c.get("paused_s") for c in caps),
             "store_mib": (caps[-1]["stored_bytes"] / 2**20
                           if caps and caps[-1].get("stored_bytes") else None),
-            "hot_stream_mib": (caps[-1]["raw_bytes"] / 2**20
-                               if caps and caps[-1].get("raw_bytes") else None),
+            "hot_stream_mib": _hot_stream_mib(cfg),
             "xenpbrd_mib": _rss_growth(cfg.get("xenpbrd_rss_mib") or {}),
             "downtime_s": {m: downtime[(*key, m)] for m in METHOD_ORDER
                            if (*key, m) in downtime}})
     return rows
+
+
+def _hot_stream_mib(cfg: dict[str, Any]) -> float | None:
+    """The newest image's hot stream as written (runs before 2026-12-07 20:00 did not
+    record it: then the raw stream's size, which a hot stream was before it left the
+    zero pages to Xen)."""
+    if cfg.get("hot_stream_bytes"):
+        return float(cfg["hot_stream_bytes"]) / 2**20
+    caps = cfg["capture"]
+    return caps[-1]["raw_bytes"] / 2**20 if caps and caps[-1].get("raw_bytes") else None
 
 
 def _rss_growth(rss: dict[str, float | None]) -> float | None:

@@ -253,6 +253,19 @@ def test_xenpbrd_memory_not_measured_is_said_not_guessed() -> None:
     assert "| bare | 512 MiB | 15.36 | 128.0 | 514.0 | - |" in bench_report.markdown(detail)
 
 
+def test_the_hot_stream_is_tabled_as_written_and_read_from_xenpbrds_log() -> None:
+    log = ("... hot stream of b-bare-1740-pbr/20261207T200418Z-b2 ready: 9999 bytes in 1 s\n"
+           "... hot stream of b-bare-1740-pbr/20261207T200419Z-b3 ready: 142606336 bytes in "
+           "10.26 s, 411557 zero pages left to Xen\n"
+           "... hot stream of b-bare-128-pbr/20261207T200420Z-b4 ready: 5 bytes in 1 s\n")
+    assert bench.hot_stream_bytes(log, "b-bare-1740-pbr") == 142606336
+    assert bench.hot_stream_bytes(log, "b-bare-1024-pbr") is None
+    detail = scaled_detail()
+    detail["configs"][1]["hot_stream_bytes"] = 136 << 20  # zero pages left to Xen
+    rows = {r["memory_mib"]: r for r in bench_report.scaling(detail)}
+    assert rows[512]["hot_stream_mib"] == 136 and rows[128]["hot_stream_mib"] == 130
+
+
 def test_one_guest_size_draws_no_scaling_plot(tmp_path: Path) -> None:
     s = samples()
     detail = bench.as_json(bench.summarize(s), s, [], {"command": "c", "date": "d",
