@@ -545,7 +545,7 @@ def _print_injection(row: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def _guest_pages_for(store: Any) -> Iterator[None]:
+def _guest_pages_for(store: ImageStore) -> Iterator[None]:
     """Let ``store``'s restores read a restored domain's pages back (libxc, as xenpbrd
     does): a hot stream that left zero pages to Xen is then used, not regenerated
     (docs/images.md, "Zero pages left to Xen"). Without libxc the restore regenerates."""

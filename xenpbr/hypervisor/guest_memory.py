@@ -271,15 +271,24 @@ def _check_generation(read_frames: ReadFrames, shared_info_mfn: int, before: int
         raise P2MInconsistent("p2m_generation changed during the walk; pause the guest")
 
 
+def _published_arch(read_frames: ReadFrames, shared_info_mfn: int, method: str,
+                    p2m_root: int | None) -> tuple[ArchSharedInfoX86_64, str]:
+    """shared_info's P2M roots and the method to walk them; with ``p2m_root`` (an MFN)
+    the linear list is walked from that page table instead (see :class:`GuestMemory`)."""
+    arch = read_arch_shared_info(read_frames, shared_info_mfn)
+    if p2m_root is not None:
+        arch.p2m_cr3, method = p2m_root << PAGE_SHIFT, "linear"
+    return arch, _choose_method(arch, method)
+
+
 def walk_p2m(read_frames: ReadFrames, shared_info_mfn: int, method: str = "auto",
-             batch: int = 256) -> P2MTable:
+             batch: int = 256, p2m_root: int | None = None) -> P2MTable:
     """Find and read a 64-bit PV guest's whole P2M; *method* is "auto", "tree" or "linear".
 
     For the linear list the generation count is re-read afterwards: a change means the
     guest remapped its P2M under us and the answer cannot be trusted.
     """
-    arch = read_arch_shared_info(read_frames, shared_info_mfn)
-    method = _choose_method(arch, method)
+    arch, method = _published_arch(read_frames, shared_info_mfn, method, p2m_root)
     if method == "tree":
         return P2MTable(walk_tree(read_frames, arch, batch), "tree")
     entries = walk_linear(read_frames, arch, batch)
@@ -300,11 +309,8 @@ class P2MLookup:
     def __init__(self, read_frames: ReadFrames, shared_info_mfn: int, method: str = "auto",
                  batch: int = 256, p2m_root: int | None = None) -> None:
         self._read_frames, self._shared_info_mfn, self._batch = read_frames, shared_info_mfn, batch
-        self.arch = read_arch_shared_info(read_frames, shared_info_mfn)
-        if p2m_root is not None:  # walk the linear list from this page table (see GuestMemory)
-            self.arch.p2m_cr3 = p2m_root << PAGE_SHIFT
-            method = "linear"
-        self.method = _choose_method(self.arch, method)
+        self.arch, self.method = _published_arch(read_frames, shared_info_mfn, method,
+                                                 p2m_root)
         self.max_pfn = self.arch.max_pfn
         self._frame_lists: dict[int, tuple[int, ...]] = {}  # tree: fll index -> fl page
         if self.method == "linear":
@@ -442,7 +448,8 @@ class GuestMemory:
         The result is also kept for :meth:`map_pfns` and :meth:`find`, which only walk
         when nothing is kept yet; call this again after the guest may have changed it.
         """
-        table = walk_p2m(self._read_frames, self.shared_info_mfn, self.p2m_method, self.batch_pages)
+        table = walk_p2m(self._read_frames, self.shared_info_mfn, self.p2m_method,
+                         self.batch_pages, self.p2m_root)
         self._table, self.p2m_method_used = table.entries, table.method
         log.debug("domain %d p2m: %d entries via %s", self.domid, len(table.entries), table.method)
         return table.entries

@@ -25,13 +25,13 @@ import logging
 from collections.abc import Callable, Sequence
 
 from xenpbr import settings
+from xenpbr.images.pagestore import ZERO_PAGE
 from xenpbr.xl import commands
 
 _LOG = logging.getLogger(__name__)
 
 #: How many of the pages left to Xen a restore reads back before the domain may run.
 SAMPLE = 64
-ZERO_PAGE = bytes(4096)
 
 #: ``guest_pages(domid, pfns)``: copies of a domain's pages (xenpbrd's libxc reader).
 GuestPages = Callable[[int, Sequence[int]], list[bytes]]

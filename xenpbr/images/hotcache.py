@@ -60,10 +60,9 @@ from xenpbr.images.allocate_only import GuestPages
 from xenpbr.images.errors import Cancelled, CorruptObject, NoRoom
 from xenpbr.images.image import ZERO_REF, Image, ImageMeta, check_image_id, check_name
 from xenpbr.images.layout import HasLayout
-from xenpbr.images.pagestore import PackInfo, Stamp, file_stamp
+from xenpbr.images.pagestore import PAGE_SIZE, PackInfo, Stamp, file_stamp
 
 _LOG = logging.getLogger(__name__)
-PAGE_SIZE = 4096
 SUFFIX = ".stream"
 SUMS_SUFFIX = ".sums"
 CHUNK = 1 << 20
