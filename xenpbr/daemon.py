@@ -97,6 +97,7 @@ class Daemon:
         sdnotify.ready(f"serving {len(self.state.domains())} registered domain(s)")
         while self._running:
             self.turn(sel.select(timeout=POLL_S if self._work_left() else 1.0))
+        self.controller.stop()
         self.watcher.close()
 
     def stop(self) -> None:
@@ -125,6 +126,7 @@ class Daemon:
             self._liveness_at = time.monotonic()
             self.controller.check_liveness()
         self._serve_dirty()
+        self.controller.settle_aftermaths()
         self.controller.flush()
 
     def _serve_domain_events(self, events: list[DomainEvent]) -> None:

@@ -29,7 +29,9 @@ standby`, through the optional :class:`Standbys`: the standby's memory is alread
 allocated), or when the restorer says Xen has room for the image beside the crashed
 domain (the optional :class:`Room`), the crashed domain is renamed out of the way
 (``NAME--crashed``) and destroyed once the recovered guest runs, off the path to
-service. Only a domain Xen has stopped (a crash or a watchdog) is set aside: an
+service: right after the unpause by default (the CLI), or, with ``keep_aside``, by the
+caller once the guest reports ready (the daemon: :mod:`xenpbr.controller.aftermath`;
+destroying it during the guest's resume delayed the guest's service). Only a domain Xen has stopped (a crash or a watchdog) is set aside: an
 operator's reboot is of a running guest, which must not run beside its successor on
 the same disks. A ``snapshot`` disk needs the crashed domain's backends gone before it
 is reverted, so such a domain is destroyed first as always. If a candidate fails while
@@ -136,6 +138,9 @@ class RecoveryResult:
     path: str
     seq: int | None = None
     generation: int | None = None
+    #: The crashed domain, renamed aside and still there (``keep_aside``): the caller
+    #: destroys it (:meth:`Recovery.destroy_set_aside`).
+    set_aside: str | None = None
 
     @property
     def restored_phase(self) -> str | None:
@@ -154,9 +159,11 @@ class Recovery:
 
     def __init__(self, state: StateDir, toolstack: Toolstack, restorer: Restorer,
                  ack: Acknowledger, clock: Callable[[], float] = time.monotonic,
-                 extractor: Extractor | None = None) -> None:
+                 extractor: Extractor | None = None, keep_aside: bool = False) -> None:
+        """``keep_aside``: a recovered domain's crashed predecessor, set aside, is left
+        to the caller (:attr:`RecoveryResult.set_aside`) instead of destroyed at once."""
         self.state, self.toolstack, self.restorer, self.ack = state, toolstack, restorer, ack
-        self.clock, self.extractor = clock, extractor
+        self.clock, self.extractor, self.keep_aside = clock, extractor, keep_aside
         self.standbys = restorer if isinstance(restorer, Standbys) else None
         self.room = restorer if isinstance(restorer, Room) else None
 
@@ -190,13 +197,14 @@ class Recovery:
                 for candidate in plan.candidates:
                     if self._attempt(name, candidate, phases, timeline):
                         timeline.outcome = "recovered"
-                        return self._result(candidate, timeline)
+                        kept, aside = (aside, None) if self.keep_aside else (None, aside)
+                        return self._result(candidate, timeline, kept)
                     if aside is not None:  # the next candidate may need its memory
-                        self._destroy_set_aside(name, aside)
+                        self.destroy_set_aside(name, aside)
                         aside = None
             finally:
                 if aside is not None:
-                    self._destroy_set_aside(name, aside)
+                    self.destroy_set_aside(name, aside)
             timeline.outcome = "failed"
             raise RecoveryFailed(f"{name} could not be recovered: tried "
                                  f"{', '.join(timeline.attempts)}; see `xenpbr history {name}`")
@@ -209,11 +217,13 @@ class Recovery:
                      timeline.outcome, timeline.method or "-", timeline.downtime())
 
     @staticmethod
-    def _result(candidate: Candidate, timeline: Timeline) -> RecoveryResult:
+    def _result(candidate: Candidate, timeline: Timeline,
+                set_aside: str | None) -> RecoveryResult:
         image = candidate.image
         return RecoveryResult(timeline, timeline.domid, timeline.method,
                               seq=None if image is None else image.seq,
-                              generation=None if image is None else timeline.generation)
+                              generation=None if image is None else timeline.generation,
+                              set_aside=set_aside)
 
     def resume_interrupted(self, name: str) -> RecoveryResult | None:
         """Finish a recovery of ``name`` that a previous xenpbrd did not (it was killed).
@@ -224,9 +234,7 @@ class Recovery:
         intent = self.state.recovery_intent(name)
         if intent is None:
             return None
-        aside = f"{name}{SET_ASIDE_SUFFIX}"
-        if self.toolstack.state(aside) is not None:
-            self._destroy_set_aside(name, aside)  # set aside, not destroyed yet
+        self.destroy_leftover_aside(name)
         state = self.toolstack.state(name)
         if handed_back(state):
             generation = intent.get("generation")
@@ -322,13 +330,22 @@ class Recovery:
             log.warning("%s: could not set the crashed domain aside (%s); destroying it",
                         name, exc)
             return None
-        timeline.mark("destroyed", f"set aside as {aside} ({why}), destroyed after the "
-                                   "hand-over", now=self.clock())
+        when = "once the guest reports ready" if self.keep_aside else "after the hand-over"
+        timeline.mark("destroyed", f"set aside as {aside} ({why}), destroyed {when}",
+                      now=self.clock())
         return aside
 
-    def _destroy_set_aside(self, name: str, aside: str) -> None:
-        """Destroy the crashed domain a standby's hand-over set aside; a failure is
-        logged (the guest runs: nothing else depends on it)."""
+    def destroy_leftover_aside(self, name: str) -> None:
+        """Destroy ``name``'s crashed domain if one is still set aside (a killed
+        xenpbrd did not get to it)."""
+        aside = f"{name}{SET_ASIDE_SUFFIX}"
+        if self.toolstack.state(aside) is not None:
+            log.warning("%s: destroying %s, a crashed domain left set aside", name, aside)
+            self.destroy_set_aside(name, aside)
+
+    def destroy_set_aside(self, name: str, aside: str) -> None:
+        """Destroy the crashed domain a hand-over set aside; a failure is logged (the
+        guest runs: nothing else depends on it)."""
         try:
             self.toolstack.destroy(aside)
         except XenpbrError as exc:

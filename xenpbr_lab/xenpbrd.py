@@ -44,6 +44,10 @@ def wait_for_log(host: "XenHost", pattern: str, timeout: float = 120.0,
              timeout=timeout + 10)
 
 
+#: xenpbrd's log line when it destroyed a crashed domain it had set aside until the
+#: guest reported ready (xenpbr.controller.aftermath).
+ASIDE_DESTROYED = r"{name}: destroyed {name}--crashed \(the guest reported ready\)"
+
 #: xenpbrd's log line when a domain's standby is ready (xenpbr.images.standby.prepare).
 STANDBY_READY = r"standby of {name}/{image} ready as {name}--standby "
 

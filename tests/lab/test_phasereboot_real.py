@@ -94,10 +94,11 @@ def test_a_crash_is_recovered_from_the_deepest_phase_an_operator_from_an_earlier
     assert set(marks) == set(order), marks
     assert [marks[m] for m in order] == sorted(marks[m] for m in order), marks
     assert last["downtime_s"] == marks["service_ready"]
-    # Xen has room for both: the crashed domain waited aside and went after the hand-over
+    # Xen has room for both: the crashed domain waited aside until the guest was ready
     destroyed = next(m for m in last["marks"] if m["name"] == "destroyed")
     assert destroyed["detail"] == (f"set aside as {guest.name}--crashed (Xen has memory for "
-                                   "both), destroyed after the hand-over"), destroyed
+                                   "both), destroyed once the guest reports ready"), destroyed
+    xenpbrd_lab.wait_for_log(xen_host, xenpbrd_lab.ASIDE_DESTROYED.format(name=guest.name))
     assert f"{guest.name}--crashed" not in xen_host.run(["xl", "list"]).stdout
     # the lab's Xen scrubs freed pages: the hot stream left the zero pages to Xen, and
     # the restore read a sample of them back, zero, before the guest ran

@@ -73,7 +73,10 @@ def test_a_standby_takes_over_each_crash_and_leaves_with_its_guest(
             marks = history[-1]["since_crash"]
             # no snapshot disk: the crashed domain was set aside, destroyed after
             destroyed = next(m for m in history[-1]["marks"] if m["name"] == "destroyed")
-            assert destroyed["detail"].startswith(f"set aside as {name}--crashed"), destroyed
+            assert destroyed["detail"] == (f"set aside as {name}--crashed (a standby takes "
+                                           "over), destroyed once the guest reports ready")
+            xenpbrd_lab.wait_for_log(xen_host, xenpbrd_lab.ASIDE_DESTROYED.format(name=name),
+                                     count=crash)
             assert xl_row(xen_host, f"{name}--crashed") is None
             print(f"crash {crash}: agent saw 'restored' {took:.2f} s after the crash "
                   f"(host clock); restore step "

@@ -4,7 +4,8 @@ Separate because it is the controller's judgement of whether a phase-based reboo
 worked: the agent's ``acked``/``ready`` notes add the ``guest_ack``/``service_ready``
 marks to the recovery's timeline, and ``ready`` starts the restored image's trial
 (:class:`~xenpbr.phases.Trial`), which its next crash judges against
-``healthy_after``.
+``healthy_after``. A ``ready`` or ``steps-failed`` note also says the guest has its
+service back, which the recovery's aftermath waits for (:mod:`.aftermath`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ class GuestHealth:
     """Reads a guest's status note and records what it says."""
 
     def __init__(self, state: StateDir, xs: XenstoreClient,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.state, self.xs, self.clock = state, xs, clock
+                 clock: Callable[[], float] = time.monotonic,
+                 service_back: Callable[[str], None] = lambda name: None) -> None:
+        """``service_back(name)`` is called on each ``ready``/``steps-failed`` note."""
+        self.state, self.xs, self.clock, self.service_back = state, xs, clock, service_back
 
     def on_status(self, name: str, domid: int) -> bool:
         """Record ``domid``'s status note; True if the timeline got a new mark."""
@@ -36,6 +39,8 @@ class GuestHealth:
         now = self.clock()
         if status.state == "ready":
             self._guest_ready(name, status.generation, now)
+        if status.state != "acked":
+            self.service_back(name)
         if not self.state.amend_latest_history(
                 name, lambda t: t.note_guest(status.state, status.generation, now)):
             return False

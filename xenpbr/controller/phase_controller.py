@@ -61,7 +61,7 @@ class PhaseController:
         self.boundaries = Boundaries(state, store, hypervisor, capture_fn)
         self.warm_ups = WarmUps(state, store)
         self.invalidations = Invalidations(state, xs, self.boundaries, self.warm_ups)
-        self.health = GuestHealth(state, xs)
+        self.health = GuestHealth(state, xs, service_back=self._service_back)
         self.extractor = ResurrectionExtractor(state, xs, frames_opener(hypervisor))
         self.recoveries = Recoveries(state, toolstack, restorer, self.protocol, self.watches,
                                      self.names, self.boundaries, self.publisher,
@@ -74,8 +74,11 @@ class PhaseController:
         its captures held paused (before serving)."""
         for held in self.state.held_pauses():
             guard(self.boundaries.release_held_pause, held)
-        for name in self.state.interrupted_recoveries():
+        interrupted = self.state.interrupted_recoveries()
+        for name in interrupted:
             guard(self.recoveries.resume_interrupted, name)
+        for name in set(self.state.domains()) - set(interrupted):
+            guard(self.recoveries.destroy_leftovers, name)
 
     def start_serving(self) -> None:
         """Publish every registered domain as stopped until the watcher reports it, and
@@ -124,6 +127,11 @@ class PhaseController:
         if name is not None and self.health.on_status(name, domid):
             self.publisher.publish(name, "watching", domid)
 
+    def _service_back(self, name: str) -> None:
+        """The restored guest ran its after-restore steps: its recovery's aftermath
+        may run (:mod:`.aftermath`)."""
+        self.recoveries.aftermath.guest_ready(name)
+
     def on_resurrected(self, domid: int) -> None:
         """The guest answered a delivery of resurrected data (:mod:`.delivery`): ``ok``
         empties the vault (published at once), a new ``bad`` is published within a
@@ -169,7 +177,8 @@ class PhaseController:
         timeout = self._liveness_timeout(name)
         if timeout is not None:
             self.liveness.watch(domid, name, timeout)
-        guard(lambda n: self.warm_ups.warm_newest(n, with_standby=True), name)
+        if not self.recoveries.aftermath.holding(name):  # else once the guest is ready
+            guard(lambda n: self.warm_ups.warm_newest(n, with_standby=True), name)
 
     def _liveness_timeout(self, name: str) -> float | None:
         """The domain's ``xenpbr_liveness_timeout``; None (off) if unset or unusable."""
@@ -186,6 +195,15 @@ class PhaseController:
         if not self.names.running(name):  # not replaced by a recovery
             self.publisher.publish(name, "stopped")
             guard(self.warm_ups.discard_standby, name)
+
+    def settle_aftermaths(self) -> None:
+        """Recovered domains whose guest did not report ready in time get their
+        crashed domain destroyed and their warm-up anyway (:mod:`.aftermath`)."""
+        guard(lambda _: self.recoveries.aftermath.settle_due(), None)
+
+    def stop(self) -> None:
+        """xenpbrd stops: no crashed domain is left set aside."""
+        guard(lambda _: self.recoveries.aftermath.stop(), None)
 
     def check_liveness(self) -> None:
         """Heartbeats of the domains with a liveness check (a hung one is shut down with

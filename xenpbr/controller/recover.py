@@ -8,6 +8,8 @@ memory the resurrection step reads before the destroy), and from its
 passed phases set) and publishes it. The ack itself is written during the recovery,
 before the unpause, by :class:`WatchingAcknowledger`, after it delivered the domain's
 resurrected data (:mod:`.delivery`), so the agent finds it when it reads the ack.
+What follows a phase-based reboot (the crashed domain's destroy, the warm-up) waits
+for the guest's ``ready`` (:mod:`.aftermath`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from xenpbr.controller.adoption import DomainNames
+from xenpbr.controller.aftermath import Aftermath
 from xenpbr.controller.boundary import Boundaries
 from xenpbr.controller.context import DomainContext
 from xenpbr.controller.delivery import Deliveries
@@ -79,7 +82,8 @@ class Recoveries:
         self.publisher, self.warm_ups = publisher, warm_ups
         self.acknowledger = WatchingAcknowledger(proto, watches, deliveries)
         self.recovery = Recovery(state, toolstack, restorer, self.acknowledger,
-                                 extractor=extractor)
+                                 extractor=extractor, keep_aside=True)
+        self.aftermath = Aftermath(self.recovery.destroy_set_aside, self._warm_newest)
 
     def on_crash(self, event: DomainEvent, name: str) -> bool:
         """Recover ``name`` if its config asks for it; True if it is back up (then its
@@ -88,6 +92,7 @@ class Recoveries:
         if not DomainContext.load(self.state, name, event.domid).recovers_on(trigger):
             return False
         self.warm_ups.cancel(name)  # the recovery needs dom0's CPU now
+        self.aftermath.free_memory()
         with domain_lock(self.state, name), self.acknowledger.recovering(name):
             self.names.forget(event.domid)
             self.publisher.publish(name, "recovering", event.domid)  # still there, crashed
@@ -101,9 +106,21 @@ class Recoveries:
         self._take_over(name, result)
         log.info("%s recovered via %s, downtime %.2f s", name, result.path,
                  result.timeline.downtime() or -1)
-        # a warm-up the crash cancelled is done now, and a standby used is replaced
-        guard(lambda n: self.warm_ups.warm_newest(n, with_standby=True), name)
+        # a warm-up the crash cancelled is done, and a standby used is replaced, once
+        # the restored guest has its service back (a normal boot's agent reports none)
+        if result.generation is not None or result.set_aside is not None:
+            self.aftermath.hold(name, result.set_aside)
+        else:
+            self._warm_newest(name)
         return True
+
+    def _warm_newest(self, name: str) -> None:
+        guard(lambda n: self.warm_ups.warm_newest(n, with_standby=True), name)
+
+    def destroy_leftovers(self, name: str) -> None:
+        """A crashed domain of ``name`` still set aside when xenpbrd starts (the
+        previous one was killed or stopped before its guest's ``ready``) is destroyed."""
+        self.recovery.destroy_leftover_aside(name)
 
     def resume_interrupted(self, name: str) -> None:
         """Finish the recovery of ``name`` a killed xenpbrd left half-done."""
