@@ -299,12 +299,9 @@ class Recovery:
             if timeline.at("extracted") is None:
                 timeline.mark("extracted", f"failed: {exc}", now=self.clock())
 
-    def _why_aside(self, name: str, trigger: str, first: Candidate) -> str | None:
-        """Why the crashed domain may wait beside ``first``'s restore (see the module's
-        doc), or None: it goes first."""
-        if trigger not in STOPPED_TRIGGERS or first.image is None:
-            return None
-        image_id = first.image.image_id
+    def _why_aside(self, name: str, image_id: str) -> str | None:
+        """Why the crashed domain may wait beside the restore of ``image_id`` (see the
+        module's doc), or None: it goes first."""
         if self.standbys is not None and self.standbys.standby_image(name) == image_id:
             return "a standby takes over"
         if self.room is not None and self.room.room_beside(name, image_id):
@@ -315,14 +312,16 @@ class Recovery:
                    timeline: Timeline) -> str | None:
         """Rename the crashed domain out of the way of ``first``'s restore (see the
         module's doc); its new name, or None (destroy it first instead)."""
-        why = self._why_aside(name, trigger, first)
-        if why is None:
+        if trigger not in STOPPED_TRIGGERS or first.image is None:
             return None
         from xenpbr import domconfig
         reverted = self.state.domain_setting(name, domconfig.snapshot_disks,
                                              "destroying the crashed domain first")
         if reverted is None or reverted:
             return None  # its backends must be gone before the disks are reverted
+        why = self._why_aside(name, first.image.image_id)
+        if why is None:
+            return None
         aside = f"{name}{SET_ASIDE_SUFFIX}"
         try:
             self.toolstack.rename(name, aside)

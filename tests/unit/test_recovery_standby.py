@@ -141,6 +141,16 @@ def test_without_room_the_crashed_domain_goes_first(tmp_path: Path) -> None:
     assert xen.calls[:3] == [("room?", "img-app"), ("destroy", "g"), ("restore", "img-app")]
 
 
+def test_a_disk_to_revert_sends_the_crashed_domain_first_without_asking_for_room(
+        tmp_path: Path) -> None:
+    state = domain_with_an_image_per_phase(tmp_path)
+    state.register("g", {"name": "g", "disk": ["vdev=xvda, target=/img/root"],
+                         "xenpbr_disks": ["xvda=snapshot"]}, 'name = "g"\n', "g.cfg")
+    xen = FakeXenWithRoom(True)
+    recovery_with(state, xen).recover("g", "crash")
+    assert xen.calls[0] == ("destroy", "g") and ("room?", "img-app") not in xen.calls
+
+
 def test_a_failed_candidate_frees_the_set_aside_domain_for_the_next(tmp_path: Path) -> None:
     state = domain_with_an_image_per_phase(tmp_path)
     xen = FakeXenWithRoom(True)
