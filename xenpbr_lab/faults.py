@@ -342,6 +342,10 @@ def inject_once(host: XenHost, guest: LabDomain, n: int, kind: str, seed: int,
         row["recovery_outcome"] = recovery.get("outcome")
         row["downtime_s"] = recovery.get("downtime_s")
     row["service_back"] = _service_back(guest, offset)
+    # read again now the guest is back: its ack and ready marks come after the recovery
+    history = _history(host, guest.name)
+    if len(history) > seen:
+        row["stages_s"] = stages(history[seen].get("since_crash") or {})
     row["app"] = _app_outcome(guest, since, offset, recovery)
     return row
 
@@ -497,6 +501,34 @@ def _line(row: dict[str, Any]) -> str:
             f"{'back' if row['service_back'] else 'NOT BACK'}")
 
 
+#: The marks of a recovery's timeline in the order they happen (docs/operator-guide.md).
+STAGE_MARKS = ("crash_seen", "image_chosen", "extracted", "destroyed", "restore_started",
+               "restore_finished", "guest_ack", "service_ready")
+
+
+def stages(since_crash: dict[str, Any]) -> dict[str, float]:
+    """Seconds between consecutive marks of one recovery (``"destroyed->restore_started"``),
+    over the marks its timeline has."""
+    present = [m for m in STAGE_MARKS if isinstance(since_crash.get(m), (int, float))]
+    return {f"{a}->{b}": round(since_crash[b] - since_crash[a], 3)
+            for a, b in zip(present, present[1:])}
+
+
+def _stage_medians(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """outcome -> guest memory (MiB) -> stage -> median seconds, over the rows that
+    recorded their stages (runs before 2026-12-07 did not)."""
+    grouped: dict[tuple[str, str], dict[str, list[float]]] = collections.defaultdict(
+        lambda: collections.defaultdict(list))
+    for row in rows:
+        for stage, seconds in (row.get("stages_s") or {}).items():
+            grouped[(row["outcome"], str(row["guest_memory_mib"]))][stage].append(seconds)
+    out: dict[str, dict[str, dict[str, float]]] = collections.defaultdict(dict)
+    for (outcome, memory), by_stage in sorted(grouped.items()):
+        out[outcome][memory] = {k: round(statistics.median(v), 2) for k, v in by_stage.items()}
+        out[outcome][memory]["n"] = max(len(v) for v in by_stage.values())
+    return dict(out)
+
+
 def summarise(report: dict[str, Any]) -> dict[str, Any]:
     """Counts over every injection of every run: by kind and outcome, recovery methods,
     detection times, service and data checks."""
@@ -540,6 +572,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         "app_cut_by_caps": sum(bool(set(a.get("rejected", {})) & CAP_REASONS)
                                for a in carried),
         "app_extract_s": _spread([a["extract_s"] for a in carried if "extract_s" in a]),
+        "stages_s": _stage_medians(rows),
     }
 
 
@@ -575,6 +608,35 @@ def _extract_time(spread: dict[str, float] | None) -> str:
         return ""
     return (f", extraction took median {spread['median']} s, at most {spread['max']} s "
             f"(n={spread['n']})")
+
+
+def _stages_markdown(medians: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """Where a recovery's time went: per outcome and guest memory, the median seconds
+    between consecutive marks of its timeline (a silent fault's is the rejuvenation)."""
+    if not medians:
+        return []
+    lines = ["## Where a recovery's time goes", "",
+             "Median seconds between consecutive marks of the recovery's timeline "
+             "(`xenpbr history`), read once the guest was back; a silent fault's recovery "
+             "is its rejuvenation. Recorded by the runs after the tenth.", ""]
+    for outcome, by_memory in sorted(medians.items()):
+        columns = sorted({k for stages_ in by_memory.values() for k in stages_ if k != "n"},
+                         key=_stage_order)
+        lines += [f"{outcome}:", "", "| memory MiB | n | " + " | ".join(
+                      f"`{c}`" for c in columns) + " |",
+                  "|---:|---:|" + "---:|" * len(columns)]
+        for memory, by_stage in sorted(by_memory.items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {memory} | {int(by_stage['n'])} | " + " | ".join(
+                str(by_stage.get(c, "")) for c in columns) + " |")
+        lines.append("")
+    return lines
+
+
+def _stage_order(stage: str) -> tuple[int, int]:
+    """``"a->b"`` sorts by where its marks come in a timeline."""
+    order = {m: i for i, m in enumerate(STAGE_MARKS)}
+    start, _, end = stage.partition("->")
+    return order.get(start, len(order)), order.get(end, len(order))
 
 
 def _run_checks(run: dict[str, Any]) -> list[dict[str, Any]]:
@@ -624,6 +686,7 @@ def markdown(report: dict[str, Any]) -> str:
               "Detection time, injection to xenpbrd seeing it (s): " + ", ".join(
                   f"{k}: median {v['median']}, max {v['max']} (n={v['n']})"
                   for k, v in s["detection_s"].items()), "",
+              *_stages_markdown(s.get("stages_s") or {}),
               "## Injections", "",
               "| # | guest | kind | where | bytes | outcome | detected s | recovered by | "
               "downtime s | service back | application data | kernel said |",

@@ -251,3 +251,39 @@ def test_a_boot_that_keeps_printing_is_waited_for_and_a_silent_one_is_not() -> N
     stuck = _SlowGuest(late=3, stuck=True)
     with pytest.raises(faults.LabTimeout):
         faults._await_line(stuck, "app", quiet_s=1)  # type: ignore[arg-type]
+
+
+def test_stages_are_the_gaps_between_the_marks_a_timeline_has() -> None:
+    since_crash = {"crash_seen": 0.0, "image_chosen": 0.1, "destroyed": 6.7,
+                   "restore_started": 6.8, "restore_finished": 21.7, "guest_ack": 23.1,
+                   "service_ready": 31.0, "note": "ignored"}
+    assert faults.stages(since_crash) == {
+        "crash_seen->image_chosen": 0.1, "image_chosen->destroyed": 6.6,
+        "destroyed->restore_started": 0.1, "restore_started->restore_finished": 14.9,
+        "restore_finished->guest_ack": 1.4, "guest_ack->service_ready": 7.9}
+    assert faults.stages({}) == {}
+
+
+def test_the_report_says_where_each_outcomes_recovery_time_went() -> None:
+    rows = [row(1, "crash", "crash", 0.5), row(2, "crash", "crash", 0.4),
+            row(3, "text", "silent"), row(4, "stack", "crash", 0.3)]
+    rows[0]["stages_s"] = {"crash_seen->destroyed": 6.0, "destroyed->service_ready": 20.0}
+    rows[1]["stages_s"] = {"crash_seen->destroyed": 8.0, "destroyed->service_ready": 30.0}
+    rows[2]["stages_s"] = {"crash_seen->restore_started": 1.0}
+    rows[3]["guest_memory_mib"] = 1740
+    rows[3]["stages_s"] = {"crash_seen->destroyed": 7.5}
+    report = {"runs": [{"started": "t", "command": "c", "injections": 4,
+                        "guest_memory_mib": 192, "checks": CHECKS}], "injections": rows}
+    summary = faults.summarise(report)
+    assert summary["stages_s"]["crash"]["192"] == {"crash_seen->destroyed": 7.0,
+                                                   "destroyed->service_ready": 25.0, "n": 2}
+    assert summary["stages_s"]["crash"]["1740"]["crash_seen->destroyed"] == 7.5
+    assert summary["stages_s"]["silent"]["192"]["crash_seen->restore_started"] == 1.0
+    report["summary"] = summary
+    text = faults.markdown(report)
+    assert "## Where a recovery's time goes" in text
+    assert "| 192 | 2 | 7.0 | 25.0 |" in text and "| 1740 | 1 | 7.5 |  |" in text
+    rows_without = [row(1, "crash", "crash", 0.5)]  # older runs recorded no stages
+    report = {"runs": report["runs"], "injections": rows_without}
+    report["summary"] = faults.summarise(report)
+    assert "Where a recovery's time goes" not in faults.markdown(report)
