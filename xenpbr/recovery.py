@@ -30,9 +30,9 @@ allocated), or when the restorer says Xen has room for the image beside the cras
 domain (the optional :class:`Room`), the crashed domain is renamed out of the way
 (``NAME--crashed``) and destroyed once the recovered guest runs, off the path to
 service: right after the unpause by default (the CLI), or, with ``keep_aside``, by the
-caller once the guest reports ready (the daemon: :mod:`xenpbr.controller.aftermath`;
-destroying it during the guest's resume delayed the guest's service). Only a domain Xen has stopped (a crash or a watchdog) is set aside: an
-operator's reboot is of a running guest, which must not run beside its successor on
+caller once the guest reports ready (the daemon: :mod:`xenpbr.controller.aftermath`).
+Only a domain Xen has stopped (a crash or a watchdog) is set aside: an operator's
+reboot is of a running guest, which must not run beside its successor on
 the same disks. A ``snapshot`` disk needs the crashed domain's backends gone before it
 is reverted, so such a domain is destroyed first as always. If a candidate fails while
 the crashed domain is aside, it is destroyed before the next candidate, whose restore

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xenpbr.guestproto.resurrection import CAP_REASONS
+from xenpbr.timeline import MARKS
 
 from . import consistency, disks, xenpbrd
 from .errors import LabError, LabTimeout
@@ -501,15 +502,11 @@ def _line(row: dict[str, Any]) -> str:
             f"{'back' if row['service_back'] else 'NOT BACK'}")
 
 
-#: The marks of a recovery's timeline in the order they happen (docs/operator-guide.md).
-STAGE_MARKS = ("crash_seen", "image_chosen", "extracted", "destroyed", "restore_started",
-               "restore_finished", "guest_ack", "service_ready")
-
-
 def stages(since_crash: dict[str, Any]) -> dict[str, float]:
     """Seconds between consecutive marks of one recovery (``"destroyed->restore_started"``),
-    over the marks its timeline has."""
-    present = [m for m in STAGE_MARKS if isinstance(since_crash.get(m), (int, float))]
+    over the timeline's marks (:data:`xenpbr.timeline.MARKS`) it has, in time order."""
+    present = sorted((m for m in MARKS if isinstance(since_crash.get(m), (int, float))),
+                     key=lambda m: since_crash[m])
     return {f"{a}->{b}": round(since_crash[b] - since_crash[a], 3)
             for a, b in zip(present, present[1:])}
 
@@ -634,7 +631,7 @@ def _stages_markdown(medians: dict[str, dict[str, dict[str, float]]]) -> list[st
 
 def _stage_order(stage: str) -> tuple[int, int]:
     """``"a->b"`` sorts by where its marks come in a timeline."""
-    order = {m: i for i, m in enumerate(STAGE_MARKS)}
+    order = {m: i for i, m in enumerate(MARKS)}
     start, _, end = stage.partition("->")
     return order.get(start, len(order)), order.get(end, len(order))
 

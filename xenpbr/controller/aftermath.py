@@ -6,9 +6,11 @@ set aside (:mod:`xenpbr.recovery`, "The crashed domain set aside") and warming t
 domain's newest image up again (its hot stream, and the standby the recovery used up).
 Both take dom0's CPU and Xen's: Xen scrubs the crashed domain's memory, dom0's hotplug
 scripts tear its backends down, a standby is a whole restore. Done right after the
-unpause they ran while the guest reconnected its devices on the same CPUs, and delayed
-its service (at 128 MiB in the lab, recovery ended 0.5-0.9 s after the ack, destroying
-the crashed domain, while the guest resumed).
+unpause they ran while the guest reconnected its devices on the same CPUs (at 128 MiB
+in the lab, the destroy took 0.5-0.9 s after the ack). Held until the guest is ready,
+the 128 MiB bench went from 1.52x to 1.44x `xl restore`'s downtime: within the
+machine's noise, but the work is off the guest's path and a standby's replacement no
+longer competes with its resume (docs/benchmarks/README.md).
 
 So the daemon holds them for each recovered domain until the first of:
 
