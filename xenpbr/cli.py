@@ -421,6 +421,9 @@ def cmd_inject(args: argparse.Namespace, state: StateDir) -> int:
     if state.recovery_intent(args.domain) is not None:
         raise InjectionRefused(f"{args.domain}: a recovery of it is under way; inject "
                                "after it ends (xenpbr history)")
+    if args.count_runs and args.fault not in (FaultKind.TEXT.value, FaultKind.OPERAND.value):
+        raise InjectionRefused(f"--count-runs counts how often an altered instruction "
+                               f"runs: only with --fault text or operand, not {args.fault}")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
     with domain_lock(state, args.domain, wait=False):  # DomainBusy: capture or recovery
         if args.fault.startswith(FAULT_PREFIX):
@@ -429,6 +432,7 @@ def cmd_inject(args: argparse.Namespace, state: StateDir) -> int:
             row = _inject_crash(args.domain)
         else:
             row = _inject_memory(args, record, FaultKind(args.fault), seed)
+        row["reach"] = _count_runs(row, args.wait) if args.count_runs else None
     state.record_fault(args.domain, row)
     shown = {**row, "injected_at": utc(row["injected_at"])}
     emit(shown, args.json, lambda: _print_injection(shown))
@@ -442,8 +446,8 @@ def _inject_crash(domain: str) -> dict[str, Any]:
     if proc.returncode != 0:
         raise XenpbrError(f"xl sysrq {domain} c failed: "
                           f"{(proc.stderr or proc.stdout).strip()[-400:]}")
-    return {"domain": domain, "fault": "crash", "seed": None, "injected_at": injected_at,
-            "paused_s": 0.0, "change": None, "provoked": None}
+    return {"domain": domain, "domid": None, "fault": "crash", "seed": None,
+            "injected_at": injected_at, "paused_s": 0.0, "change": None, "provoked": None}
 
 
 def _inject_provoked(args: argparse.Namespace) -> dict[str, Any]:
@@ -455,13 +459,63 @@ def _inject_provoked(args: argparse.Namespace) -> dict[str, Any]:
     with XenstoreClient() as xs:
         done = provoke(xs, domid, args.domain, lkdtm_type, args.wait,
                        alive=lambda: _current_domid(args.domain) == domid)
-    return {"domain": args.domain, "fault": args.fault, "seed": None,
+    return {"domain": args.domain, "domid": domid, "fault": args.fault, "seed": None,
             # the fault runs between the request and dom0 reading the answer (a crash
             # may be seen first): from the request, detection times are never negative
             "injected_at": done.requested_at, "paused_s": 0.0, "change": None,
             "provoked": {"id": done.request.id, "type": lkdtm_type,
                          "taken_after_s": round(done.taken_at - done.requested_at, 3),
                          "taken": done.taken.state.value if done.taken else None}}
+
+
+def _count_runs(row: dict[str, Any], wait: float) -> dict[str, Any]:
+    """Ask the guest's agent to count runs of the instruction *row* altered
+    (xenpbr.faults.reach); the record of what it answered."""
+    from xenpbr.faults import reach
+    from xenpbr.xenstore import XenstoreClient
+    why_not = reach.uncountable(row["change"])
+    if why_not is not None:
+        return reach.not_counted(why_not)
+    with XenstoreClient() as xs:
+        return reach.request(xs, row["domid"], int(row["change"]["address"], 16), wait)
+
+
+def cmd_fault_check(args: argparse.Namespace, state: StateDir) -> int:
+    """Say what became of the last fault injected into a domain: whether its bytes are
+    still there, and how often the altered instruction ran when it was injected with
+    --count-runs. Reads the paused guest's memory once; changes nothing."""
+    from functools import partial
+
+    from xenpbr.faults.check import check, last_memory_fault
+    from xenpbr.faults.inject import read_now
+    from xenpbr.hypervisor.libxc import LibxcHypervisor
+    from xenpbr.xenstore import XenstoreClient
+    state.load_record(args.domain)  # UnknownDomain: only domains xenpbr manages
+    record = last_memory_fault(state.faults(args.domain), args.domain)
+    hypervisor = LibxcHypervisor()
+    try:
+        reader = partial(read_now, hypervisor, hypervisor.machine_frames)
+        report = check(record, _current_domid(args.domain), reader, XenstoreClient)
+    finally:
+        hypervisor.close()
+    shown = {**report, "injected_at": utc(report["injected_at"])}
+    emit(shown, args.json, lambda: _print_fault_check(shown))
+    return 0
+
+
+def _print_fault_check(report: dict[str, Any]) -> None:
+    said = {"in-place": "still there", "original": "back to the original bytes",
+            "overwritten": "overwritten", "gone": "gone with the domain it went into"}
+    print(f"{report['domain']}: {report['fault']} fault at {report['address']} "
+          f"({report['symbol']}), injected {report['injected_at']}")
+    print(f"  {'bytes':<12} {report['old']} -> {report['new']}, now "
+          f"{report['now'] or '-'}: {said[report['bytes']]}")
+    counted = report["reach"]
+    if counted is None:
+        return
+    runs = (f"{counted['hits']} times" if counted["state"] == "counting"
+            else f"not counted: {counted.get('reason')}")
+    print(f"  {'ran':<12} {runs}{' (last count seen)' if counted.get('stale') else ''}")
 
 
 def _current_domid(domain: str) -> int | None:
@@ -702,13 +756,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "routine's entry; lkdtm:TYPE: the guest's agent runs LKDTM's TYPE "
                    "(BUG, EXCEPTION, SOFTLOCKUP...) if it offers it")
     p.add_argument("--wait", type=float, default=120.0, metavar="S",
-                   help="lkdtm: seconds the guest's agent has to take the request before "
-                   "it is withdrawn (default 120)")
+                   help="lkdtm, --count-runs: seconds the guest's agent has to answer "
+                   "the request before it is withdrawn (default 120)")
     p.add_argument("--seed", type=int, help="choose the target with this seed (default: "
                    "random; the record says which)")
     p.add_argument("--system-map", type=Path, metavar="FILE",
                    help="the guest kernel's symbols: a System.map or a copy of the guest's "
                    "/proc/kallsyms (default: System.map-VERSION beside the domain's kernel)")
+    p.add_argument("--count-runs", action="store_true",
+                   help="text, operand: ask the guest's agent (xenpbr-agent reach-counter) "
+                   "to count how often the altered instruction runs; read the count with "
+                   "xenpbr fault-check")
+    p = command("fault-check", cmd_fault_check, "what became of the last fault injected "
+                "into a domain: its bytes now, how often it ran (docs/faults.md)")
+    p.add_argument("domain", help=domain_help)
     p = command("gc", cmd_gc, "reclaim store space no image uses (after forget)")
     p.add_argument("--wait", type=float, default=60.0,
                    help="seconds to wait for captures and restores under way (default 60)")

@@ -9,6 +9,7 @@
     xenpbr-agent resurrected [--wait S] [--config PATH]     hand over resurrected data
     xenpbr-agent heartbeat [--interval S]                   for dom0's liveness check
     xenpbr-agent provoke-listener [--direct PATH]           let dom0 provoke LKDTM faults
+    xenpbr-agent reach-counter                              count runs of an altered instruction
 
 ``phase`` prints one line, ``<phase> <verdict>`` (``captured``, ``skipped``,
 ``refused:<reason>``, ``restored:<generation>``, ``timeout``, or ``not-marked`` when a
@@ -176,6 +177,10 @@ def _parser() -> argparse.ArgumentParser:
     listener.add_argument("--direct", default=None, metavar="PATH",
                           help="LKDTM's DIRECT file (default "
                                "/sys/kernel/debug/provoke-crash/DIRECT)")
+    sub.add_parser("reach-counter",
+                   help="count, for dom0, how often the kernel instruction a fault altered "
+                        "runs (xenpbr inject --count-runs); runs until killed",
+                   epilog=EPILOG)
     status = sub.add_parser("status", help="print the agent's last seq, verdict, generation",
                             epilog=EPILOG)
     _config_option(status)
@@ -392,6 +397,12 @@ def cmd_provoke_listener(args: argparse.Namespace, xs_factory: XenstoreFactory) 
     return EXIT_OK
 
 
+def cmd_reach_counter(args: argparse.Namespace, xs_factory: XenstoreFactory) -> int:
+    from xenpbr_agent.reach import count
+    count(xs_factory)
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace, xs_factory: XenstoreFactory) -> int:
     out = _status(args, xs_factory)
     if args.json:
@@ -426,6 +437,8 @@ def main(argv: list[str] | None = None, *, xs_factory: XenstoreFactory | None = 
             return cmd_heartbeat(args, factory)
         if args.command == "provoke-listener":
             return cmd_provoke_listener(args, factory)
+        if args.command == "reach-counter":
+            return cmd_reach_counter(args, factory)
         return cmd_status(args, factory)
     except (AgentError, XenstoreError) as exc:
         print(f"xenpbr-agent: error: {exc}", file=sys.stderr, flush=True)

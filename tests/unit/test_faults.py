@@ -357,3 +357,96 @@ def test_inject_without_a_usable_map_says_how_to_get_one(cli_guest, tmp_path, ca
         "ffffffffffffffff B The real System.map is in the linux-image-6.1-dbg package\n")
     assert run_cli(cli_guest, "inject", "web", "--fault", "stack") == 1
     assert "/proc/kallsyms" in capsys.readouterr().err
+
+
+# -- xenpbr fault-check: what became of the fault ------------------------------------------
+
+
+def test_fault_check_says_the_bytes_are_still_in_place(cli_guest, capsys) -> None:
+    assert run_cli(cli_guest, "inject", "web", "--fault", "text", "--seed", "2") == 0
+    capsys.readouterr()
+    assert run_cli(cli_guest, "fault-check", "web") == 0
+    assert "still there" in capsys.readouterr().out
+
+
+def test_fault_check_says_when_the_bytes_were_overwritten_or_put_back(cli_guest, guest,
+                                                                     capsys) -> None:
+    import json
+    assert run_cli(cli_guest, "inject", "web", "--fault", "stack", "--seed", "2") == 0
+    capsys.readouterr()
+    change = cli_guest.faults("web")[-1]["change"]
+    address = int(change["address"], 16)
+    memory(guest).write(address, bytes.fromhex(change["old"]))
+    assert run_cli(cli_guest, "fault-check", "web", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["bytes"] == "original"
+    memory(guest).write(address, b"\x11" * 8)
+    assert run_cli(cli_guest, "fault-check", "web", "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["bytes"] == "overwritten" and out["now"] == "11" * 8
+
+
+def test_fault_check_json_matches_the_contract(cli_guest, monkeypatch, capsys) -> None:
+    import json
+
+    import xenpbr.xenstore
+    from tests.unit.test_cli_json_contract import check, contract
+    from xenpbr.guestproto.control import prepare_domain
+    from xenpbr.guestproto.reach import ANSWER_KEY, READY_KEY, REQUEST_KEY, parse_request
+    from xenpbr.xenstore.fake import FakeXenstore, FakeXenstoreServer
+    server = FakeXenstoreServer()
+    server.create_domain(1)
+    with server.connect(0) as dom0:
+        prepare_domain(dom0, 1)
+    with server.connect(1) as guest:
+        guest.write(READY_KEY, "kprobes")
+
+    class Answering(FakeXenstore):
+        """dom0's client; the guest's counter answers each request at once."""
+
+        def write(self, path: str, value: bytes | str) -> None:
+            super().write(path, value)
+            if path.endswith(REQUEST_KEY):
+                asked = parse_request(value if isinstance(value, bytes) else value.encode())
+                with server.connect(1) as guest:
+                    guest.write(ANSWER_KEY, f"{asked.id} counting 4")
+    monkeypatch.setattr(xenpbr.xenstore, "XenstoreClient", lambda: Answering(server, domid=0))
+    assert run_cli(cli_guest, "inject", "web", "--fault", "operand", "--seed", "5",
+                   "--count-runs", "--json") == 0
+    injected = json.loads(capsys.readouterr().out)
+    seen: set[str] = set()
+    check(injected, contract()["inject"][1], "", seen)
+    assert injected["reach"]["state"] == "counting" and {"reach.id", "reach.hits"} <= seen
+    assert run_cli(cli_guest, "fault-check", "web", "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    seen = set()
+    check(out, contract()["fault-check"][1], "", seen)
+    assert out["bytes"] == "in-place" and out["reach"]["hits"] == 4
+    assert out["reach"]["stale"] is False and out["domid"] == out["domid_now"]
+
+
+def test_count_runs_is_refused_for_a_fault_that_alters_no_instruction(cli_guest, guest,
+                                                                     capsys) -> None:
+    before = dict((k, bytes(v)) for k, v in guest.pages.items())
+    assert run_cli(cli_guest, "inject", "web", "--fault", "stack", "--count-runs") == 1
+    assert "only with --fault text or operand" in capsys.readouterr().err
+    assert {k: bytes(v) for k, v in guest.pages.items()} == before  # nothing changed
+    assert cli_guest.faults("web") == []
+
+
+def test_fault_check_without_a_memory_fault_says_what_records_one(cli_guest,
+                                                                  capsys) -> None:
+    assert run_cli(cli_guest, "fault-check", "web") == 1
+    assert "xenpbr inject --fault stack|text|operand|hang" in capsys.readouterr().err
+
+
+def test_fault_check_reads_nothing_from_another_domain() -> None:
+    from xenpbr.faults.check import check
+    record = {"domain": "web", "domid": 3, "fault": "text", "injected_at": 1.0,
+              "change": {"address": "0xffffffff81000000", "symbol": "f+0x5", "old": "55",
+                         "new": "54"}, "reach": None}
+
+    def never(*args: object) -> bytes:
+        raise AssertionError("read the memory of a domain the fault never went into")
+    for now in (None, 4):
+        out = check(record, now, never)
+        assert out["bytes"] == "gone" and out["now"] is None

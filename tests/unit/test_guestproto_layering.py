@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 WIRE_MODULES = ("xenpbr.guestproto.wire", "xenpbr.guestproto.request",
                 "xenpbr.guestproto.invalidation", "xenpbr.guestproto.resurrection",
-                "xenpbr.guestproto.resurrection_delivery", "xenpbr.guestproto.provoke")
+                "xenpbr.guestproto.resurrection_delivery", "xenpbr.guestproto.provoke",
+                "xenpbr.guestproto.reach")
 DOM0_ONLY = ("xenpbr.xenstore", "xenpbr.ctypes_libxc", "xenpbr.guestproto.control",
              "xenpbr.guestproto.gate", "xenpbr.daemon", "xenpbr.resurrection.extract",
              "xenpbr.hypervisor")

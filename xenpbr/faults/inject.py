@@ -56,7 +56,7 @@ class Injection:
     paused_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"domain": self.domain, "fault": self.kind.value,
+        return {"domain": self.domain, "domid": self.domid, "fault": self.kind.value,
                 "seed": self.seed, "injected_at": self.injected_at,
                 "paused_s": round(self.paused_s, 6),
                 "change": None if self.change is None else self.change.to_json(),
@@ -75,6 +75,26 @@ def check_running(state: DomainState, name: str) -> None:
     if state.paused:
         raise InjectionRefused(f"{name} (domain {state.domid}) is paused (someone holds "
                                "it, perhaps a capture): refusing to change it under them")
+
+
+def online_vcpus(hypervisor: Hypervisor, domid: int) -> list[VcpuRegisters]:
+    """The registers of each online vCPU of *domid* (paused by the caller)."""
+    max_id = hypervisor.domain_state(domid).max_vcpu_id or 0
+    vcpus = [hypervisor.vcpu_registers(domid, v) for v in range(max_id + 1)]
+    online = [v for v in vcpus if v.online]
+    if not online:
+        raise InjectionRefused(f"domain {domid} has no online vCPU")
+    return online
+
+
+def read_now(hypervisor: Hypervisor, frames: Callable[[int], Frames], name: str,
+             domid: int, address: int, size: int) -> bytes:
+    """The *size* bytes at kernel *address* of running domain *domid* now, read with
+    the guest paused (no half-written word is seen), for ``xenpbr fault-check``."""
+    check_running(hypervisor.domain_state(domid), name)
+    mapped = frames(domid)
+    with hypervisor.paused(domid):
+        return KernelMemory(mapped, online_vcpus(hypervisor, domid)[0].cr3).read(address, size)
 
 
 class Injector:
@@ -115,12 +135,7 @@ class Injector:
                          time.monotonic() - t0)
 
     def _vcpus(self, domid: int) -> list[VcpuRegisters]:
-        max_id = self.hypervisor.domain_state(domid).max_vcpu_id or 0
-        vcpus = [self.hypervisor.vcpu_registers(domid, v) for v in range(max_id + 1)]
-        online = [v for v in vcpus if v.online]
-        if not online:
-            raise InjectionRefused(f"domain {domid} has no online vCPU")
-        return online
+        return online_vcpus(self.hypervisor, domid)
 
     def _check_symbols(self, memory: KernelMemory) -> None:
         """The map must be this kernel's: its ``linux_banner`` must say so in memory."""
