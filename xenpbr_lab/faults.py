@@ -10,8 +10,10 @@ runs busybox's ``watchdog`` on Xen's watchdog (``xen_wdt``, ``on_watchdog =
    ``watchdog``) is the outcome class, the time from the injection to xenpbrd seeing it
    the detection time;
 3. if none comes, the outcome is ``silent`` (the console lines the kernel printed, if
-   any, explain it) and the guest is rejuvenated (``xenpbr reboot``), so faults never
-   pile up;
+   any, explain it); ``xenpbr fault-check`` says what became of the fault (its bytes
+   still in place or overwritten, and for text and operand faults how often the
+   altered instruction ran: the guest's agent counted it with a kprobe, ``--count-
+   runs``); then the guest is rejuvenated (``xenpbr reboot``), so faults never pile up;
 4. the service must come back: the writer resumes after the highest record on the disk
    and acknowledges a new one;
 5. the second checked workload, the resurrection proof's key-value application
@@ -43,11 +45,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xenpbr.guestproto.reach import READY_KEY
 from xenpbr.guestproto.resurrection import CAP_REASONS
 from xenpbr.timeline import MARKS
 
 from . import consistency, disks, xenpbrd
-from .errors import LabError, LabTimeout
+from .errors import CommandFailed, LabError, LabTimeout
 from .resurrection_proof import LOADED_COUNT_RE, console_from, cycle_outcome
 from .xl import LabDomain, xl_list
 
@@ -64,6 +67,8 @@ MEMORY_MIB = 192
 KINDS = ("stack", "text", "operand", "hang", "crash")
 #: ``lkdtm:TYPE`` (any LKDTM crash type the guest's agent offers; lab.lkdtm=1 loads it).
 LKDTM_PREFIX = "lkdtm:"
+#: Kinds whose altered instruction the guest's reach-counter counts (``--count-runs``).
+COUNTED_KINDS = ("text", "operand")
 
 
 #: ``--kinds lkdtm``: LKDTM's types that model a fault in a running x86-64 kernel, in
@@ -147,7 +152,7 @@ def _guest(host: XenHost, name: str, memory_mib: int, liveness: bool,
                      # refcount, UBSAN) reach the console and explain silent faults
                      extra=("lab.root=/dev/xvda lab.hazard=none lab.kallsyms=1 oops=panic "
                             "loglevel=5 "
-                            f"lab.keys={APP_KEYS} lab.rate={APP_RATE} "
+                            f"lab.keys={APP_KEYS} lab.rate={APP_RATE} lab.reach=1 "
                             + ("lab.lkdtm=1 " if lkdtm else "")
                             + ("lab.heartbeat=1" if liveness else f"lab.watchdog={WATCHDOG_S}")),
                      xenpbr_resurrect=1, **hang_detector,
@@ -207,22 +212,70 @@ def _inject(host: XenHost, name: str, kind: str, seed: int) -> dict[str, Any]:
     args = ["inject", name, "--fault", kind]
     if kind != "crash" and not kind.startswith(LKDTM_PREFIX):
         args += ["--seed", str(seed), "--system-map", KALLSYMS]
+    if kind in COUNTED_KINDS:
+        _await_key(host, name, READY_KEY, "reach-counter")  # lab.reach=1 starts it
+        args += ["--count-runs"]
     return dict(xenpbrd.cli(host, *args))
 
 
-def _await_offer(host: XenHost, name: str) -> set[str]:
-    """The LKDTM types *name*'s provoke-listener offers, once it does (it starts after
-    the last phase, so after a recovery it may not be up yet); a hang detector, not a
-    deadline."""
-    from xenpbr.guestproto.provoke import OFFER_KEY, parse_offer
+def _await_key(host: XenHost, name: str, key: str, who: str) -> str:
+    """The value of *name*'s xenstore *key*, once its agent's *who* wrote it (these
+    start after the last phase, so after a recovery they may not be up yet); a hang
+    detector, not a deadline."""
     deadline = time.monotonic() + SERVICE_WAIT_S
-    script = f'xenstore-read "/local/domain/$(xl domid {name})/{OFFER_KEY}"'
+    script = f'xenstore-read "/local/domain/$(xl domid {name})/{key}"'
     while (done := host.run(script, check=False, timeout=300)).rc != 0:
         if time.monotonic() > deadline:
-            raise LabTimeout(f"{name}'s provoke-listener offered nothing within "
-                             f"{SERVICE_WAIT_S:.0f} s (is LKDTM loaded? its console says)")
+            raise LabTimeout(f"{name}'s {who} wrote no {key} within "
+                             f"{SERVICE_WAIT_S:.0f} s (its console says why)")
         time.sleep(1.0)
-    return set(parse_offer(done.stdout.strip().encode()))
+    return done.stdout.strip()
+
+
+#: A function each campaign guest runs all the time (its writer, its application and the
+#: console write), for the reach-counter's check before the first injection.
+REACH_CHECK_SYMBOL = "vfs_write"
+REACH_CHECK_S = 5.0
+
+
+def reach_check(host: XenHost, name: str) -> dict[str, Any]:
+    """Proof that the guest's reach-counter counts on this kernel: a counter on
+    :data:`REACH_CHECK_SYMBOL`, its hits after :data:`REACH_CHECK_S` seconds (more than
+    0, or the counts that explain silent faults mean nothing)."""
+    from xenpbr.guestproto.reach import ANSWER_KEY, REQUEST_KEY, ReachRequest, parse_answer
+    found = host.run(["awk", f'$3 == "{REACH_CHECK_SYMBOL}" {{ print $1; exit }}', KALLSYMS])
+    address = int(found.stdout.strip(), 16)
+    _await_key(host, name, READY_KEY, "reach-counter")
+    home = f"/local/domain/$(xl domid {name})"
+    host.run(f'xenstore-write "{home}/{REQUEST_KEY}" "{ReachRequest(1, address).encode()}"')
+    _await_key(host, name, ANSWER_KEY, "reach-counter")
+    time.sleep(REACH_CHECK_S)
+    answer = parse_answer(host.run(f'xenstore-read "{home}/{ANSWER_KEY}"').stdout.strip()
+                          .encode())
+    log.info("%s: reach-counter on %s: %s", name, REACH_CHECK_SYMBOL, answer.encode())
+    return {"symbol": REACH_CHECK_SYMBOL, "address": f"{address:#x}",
+            "seconds": REACH_CHECK_S, "state": answer.state.value, "hits": answer.hits,
+            "reason": answer.reason}
+
+
+def _after_window(host: XenHost, name: str, row: dict[str, Any]) -> dict[str, Any] | None:
+    """What became of a silent memory fault by the end of its window (``xenpbr
+    fault-check``: its bytes now, and how often an altered instruction ran)."""
+    if not row["change"]:
+        return None
+    try:
+        checked = dict(xenpbrd.cli(host, "fault-check", name))
+    except CommandFailed as exc:  # the guest changed under the check (a late crash)
+        log.warning("%s: fault-check failed: %s", name, exc)
+        return {"bytes": None, "now": None, "reach": None, "error": str(exc)[-300:]}
+    return {"bytes": checked["bytes"], "now": checked["now"], "reach": checked["reach"]}
+
+
+def _await_offer(host: XenHost, name: str) -> set[str]:
+    """The LKDTM types *name*'s provoke-listener offers, once it does (is LKDTM loaded?
+    the console says)."""
+    from xenpbr.guestproto.provoke import OFFER_KEY, parse_offer
+    return set(parse_offer(_await_key(host, name, OFFER_KEY, "provoke-listener").encode()))
 
 
 def _agent_said(host: XenHost, name: str) -> str | None:
@@ -324,13 +377,14 @@ def inject_once(host: XenHost, guest: LabDomain, n: int, kind: str, seed: int,
     row: dict[str, Any] = {"n": n, "guest": guest.name, "kind": kind, "seed": record["seed"],
                            "console_offset": offset,
                            "change": record["change"], "paused_s": record["paused_s"],
-                           "provoked": record.get("provoked"),
+                           "provoked": record.get("provoked"), "reach": record.get("reach"),
                            "kernel_said": _kernel_said(console)}
     if recovery is None:
         row["outcome"] = "silent"
         row["detected_s"] = None
         if row["provoked"]:  # what the agent said last: did LKDTM's write ever return?
             row["provoked"]["after_window"] = _agent_said(host, guest.name)
+        row["after_window"] = _after_window(host, guest.name, row)
         rebooted = xenpbrd.cli(host, "reboot", guest.name, timeout=SERVICE_WAIT_S)
         row["recovered_by"] = f"rejuvenated: {rebooted.get('method')}"
         row["recovery_outcome"] = rebooted.get("outcome")
@@ -414,6 +468,7 @@ def run_campaign(host: XenHost, count: int, kinds: Sequence[str] = KINDS, *,
                                lkdtm=any(k.startswith(LKDTM_PREFIX) for k in kinds)))
             _boot(host, made[-1])
             _check_offer(host, made[-1].name, kinds)
+            run.setdefault("reach_check", {})[made[-1].name] = reach_check(host, made[-1].name)
         _in_threads([functools.partial(_inject_until_done, host, g, numbers, kinds,
                                        observe_s, record) for g in made])
         for guest in made:
@@ -554,6 +609,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         "detection_s": {k: _spread(v, digits=2) for k, v in sorted(detected.items())},
         "silent_with_kernel_message": sum(1 for r in rows
                                           if r["outcome"] == "silent" and r["kernel_said"]),
+        "silent_why": _silent_reasons(rows),
         "acked_records": sum(c["acked_records"] for c in checks),
         "lost_records": sum(c["lost_records"] for c in checks),
         "duplicate_records": sum(c["duplicate_records"] for c in checks),
@@ -571,6 +627,45 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
         "app_extract_s": _spread([a["extract_s"] for a in carried if "extract_s" in a]),
         "stages_s": _stage_medians(rows),
     }
+
+
+#: Why a silent fault showed nothing, as far as the run could tell (:func:`why_silent`).
+NOT_EXAMINED = "not examined (run before fault-check)"
+
+
+def why_silent(row: dict[str, Any]) -> str:
+    """The explanation one silent injection's record supports: what the kernel printed,
+    what LKDTM's write did, whether the altered instruction ever ran (its kprobe count),
+    or what became of the altered bytes."""
+    if row["kernel_said"]:
+        return "the kernel printed a warning and went on"
+    if row.get("provoked"):
+        state = row["provoked"].get("after_window")
+        return {"returned": "LKDTM's write returned: the kernel lived through it",
+                "started": "LKDTM's write never returned (its thread stuck, the rest ran)"
+                }.get(state or "", f"LKDTM's write: {state or 'no answer'}")
+    after = row.get("after_window")
+    if not after:
+        return NOT_EXAMINED
+    if after.get("error"):
+        return "not examined: the check failed (the guest changed under it)"
+    reach = after.get("reach") or {}
+    if reach.get("state") == "counting":
+        return ("the altered instruction never ran" if reach.get("hits") == 0 else
+                "the altered instruction ran, without visible effect")
+    return {"in-place": "the altered bytes were still in place, unused or harmless",
+            "overwritten": "the altered bytes were overwritten before they mattered",
+            "original": "the kernel put the original bytes back",
+            "gone": "the domain was gone before the check"}[after["bytes"]]
+
+
+def _silent_reasons(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """For each kind, how many silent injections each explanation covers."""
+    reasons: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for row in rows:
+        if row["outcome"] == "silent":
+            reasons[row["kind"].split(":")[0]][why_silent(row)] += 1
+    return {kind: dict(counts.most_common()) for kind, counts in sorted(reasons.items())}
 
 
 def _corruption(app: dict[str, Any]) -> dict[str, int]:
@@ -652,6 +747,39 @@ def _save(report: dict[str, Any], path: Path | None) -> None:
     path.with_suffix(".md").write_text(markdown(report))
 
 
+def _reach_checked(run: dict[str, Any]) -> str:
+    checked = run.get("reach_check") or {}
+    said = [f"{name} {c['symbol']} {c['hits']} runs in {c['seconds']:g} s"
+            if c["state"] == "counting" else f"{name} refused ({c['reason']})"
+            for name, c in sorted(checked.items())]
+    return f"; reach-counter check: {', '.join(said)}" if said else ""
+
+
+def _silent_cell(row: dict[str, Any]) -> str:
+    if row["outcome"] != "silent":
+        return ""
+    why = why_silent(row)
+    reach = (row.get("after_window") or {}).get("reach") or {}
+    if reach.get("state") == "counting" and reach.get("hits"):
+        why += f" ({reach['hits']} times)"
+    return why
+
+
+def _silent_markdown(reasons: dict[str, dict[str, int]]) -> list[str]:
+    """The section saying why silent faults showed nothing, per kind."""
+    if not reasons:
+        return []
+    lines = ["## Why silent faults showed nothing", "",
+             "After each silent fault's window, before the rejuvenation: what the kernel "
+             "printed, what LKDTM's write did, how often the altered instruction ran (a "
+             "kprobe the guest's agent armed on it, `xenpbr inject --count-runs`) or what "
+             "became of the altered bytes (`xenpbr fault-check`).", "",
+             "| kind | why | injections |", "|---|---|---:|"]
+    for kind, counts in reasons.items():
+        lines += [f"| {kind} | {why} | {n} |" for why, n in counts.items()]
+    return lines + [""]
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as docs/faults/report.md shows it."""
     s = report["summary"]
@@ -684,10 +812,11 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{k}: median {v['median']}, max {v['max']} (n={v['n']})"
                   for k, v in s["detection_s"].items()), "",
               *_stages_markdown(s.get("stages_s") or {}),
+              *_silent_markdown(s.get("silent_why") or {}),
               "## Injections", "",
               "| # | guest | kind | where | bytes | outcome | detected s | recovered by | "
-              "downtime s | service back | application data | kernel said |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "downtime s | service back | application data | kernel said | why silent |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["injections"]:
         c = r["change"] or {}
         lines.append(f"| {r['n']} | {r.get('guest', 'f-main')} | {r['kind']} | "
@@ -696,7 +825,8 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{r['detected_s'] if r['detected_s'] is not None else '-'} | "
                      f"{r['recovered_by']} | {r.get('downtime_s')} | "
                      f"{'yes' if r['service_back'] else 'NO'} | {_app_cell(r)} | "
-                     f"{'; '.join(r['kernel_said'])[:120].replace('|', '/')} |")
+                     f"{'; '.join(r['kernel_said'])[:120].replace('|', '/')} | "
+                     f"{_silent_cell(r)} |")
     lines += ["", "## Runs", ""]
     for i, run in enumerate(report["runs"], 1):
         m = run.get("machine", {})
@@ -707,5 +837,5 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"{i}. {run['started']} `{run['command']}`: {run['injections']} "
                      f"injections into {run.get('guests', 1)} guest(s) of "
                      f"{run['guest_memory_mib']} MiB; {verdict}; machine {m.get('cpu')}, "
-                     f"{m.get('cpus')} CPUs, {m.get('accelerator')}")
+                     f"{m.get('cpus')} CPUs, {m.get('accelerator')}{_reach_checked(run)}")
     return "\n".join(lines) + "\n"

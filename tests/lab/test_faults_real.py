@@ -58,6 +58,16 @@ def test_a_mixed_campaign_brings_the_guest_back_every_time(
     assert bug["outcome"] == "crash" and bug["recovered_by"] == "phase:app", bug
     assert any("kernel BUG at" in said or "BUG:" in said for said in bug["kernel_said"]), bug
     assert all(r["app"]["restarted"] for r in rows), rows
+    # the guest's reach-counter counts on this kernel: a function it runs all the time ...
+    counted = report["runs"][-1]["reach_check"]
+    assert all(c["state"] == "counting" and c["hits"] > 0 for c in counted.values()), counted
+    # ... and counted the operand fault's instruction (or the kernel said why not)
+    operand = next(r for r in rows if r["kind"] == "operand")
+    assert operand["reach"]["state"] in ("counting", "refused"), operand
+    for row in rows:  # a silent fault's bytes were looked at before the rejuvenation
+        if row["outcome"] == "silent" and row["change"]:
+            assert row["after_window"]["bytes"] in ("in-place", "original", "overwritten"), row
+            assert faults.why_silent(row) != faults.NOT_EXAMINED, row
     for row in rows:  # after each crash or hang, every key of the application is back
         if row["outcome"] != "silent":
             assert row["app"]["expected"] and row["app"]["lost_keys"] == 0, row

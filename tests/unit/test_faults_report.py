@@ -287,3 +287,64 @@ def test_the_report_says_where_each_outcomes_recovery_time_went() -> None:
     report = {"runs": report["runs"], "injections": rows_without}
     report["summary"] = faults.summarise(report)
     assert "Where a recovery's time goes" not in faults.markdown(report)
+
+
+def _after(bytes_state: str, reach: dict | None = None) -> dict:
+    return {"bytes": bytes_state, "now": "01", "reach": reach}
+
+
+def _counting(hits: int) -> dict:
+    return {"id": 1, "address": "0xffffffff81000001", "state": "counting", "hits": hits,
+            "reason": None, "stale": False}
+
+
+@pytest.mark.parametrize("kind, after, said, why", [
+    ("text", _after("in-place", _counting(0)), [], "never ran"),
+    ("operand", _after("in-place", _counting(9)), [], "ran, without visible effect"),
+    ("text", _after("in-place", {"state": "not-counted", "reason": "ftrace"}), [],
+     "still in place"),
+    ("stack", _after("overwritten"), [], "overwritten before they mattered"),
+    ("stack", _after("in-place"), [], "still in place"),
+    ("stack", _after("original"), [], "original bytes back"),
+    ("stack", None, [], "not examined"),
+    ("stack", {"bytes": None, "now": None, "reach": None, "error": "exit 1"}, [],
+     "the check failed"),
+    ("text", _after("in-place", _counting(0)), ["WARNING: at f+0x1"], "printed a warning"),
+])
+def test_each_silent_fault_is_explained_by_what_its_record_shows(kind, after, said,
+                                                                 why) -> None:
+    silent = {**row(1, kind, "silent"), "after_window": after, "kernel_said": said}
+    assert why in faults.why_silent(silent)
+
+
+def test_the_report_says_why_silent_faults_showed_nothing() -> None:
+    rows = [{**row(1, "text", "silent"), "after_window": _after("in-place", _counting(0))},
+            {**row(2, "text", "silent"), "after_window": _after("in-place", _counting(0))},
+            {**row(3, "operand", "silent"), "after_window": _after("in-place", _counting(3))},
+            {**row(4, "stack", "silent"), "after_window": _after("overwritten")},
+            row(5, "stack", "crash", 0.3)]
+    report = {"runs": [{"started": "t", "command": "c", "injections": 5,
+                        "guest_memory_mib": 192, "checks": {"f-1": CHECKS}}],
+              "injections": rows}
+    report["summary"] = faults.summarise(report)
+    assert report["summary"]["silent_why"] == {
+        "operand": {"the altered instruction ran, without visible effect": 1},
+        "stack": {"the altered bytes were overwritten before they mattered": 1},
+        "text": {"the altered instruction never ran": 2}}
+    text = faults.markdown(report)
+    assert "## Why silent faults showed nothing" in text
+    assert "| text | the altered instruction never ran | 2 |" in text
+    assert "ran, without visible effect (3 times) |" in text  # the injection's own row
+
+
+def test_each_run_says_what_its_reach_counter_check_counted() -> None:
+    run = {"started": "t", "command": "c", "injections": 0, "guest_memory_mib": 192,
+           "checks": {}, "reach_check": {
+               "f-1": {"symbol": "vfs_write", "seconds": 5.0, "state": "counting",
+                       "hits": 812, "reason": None},
+               "f-2": {"symbol": "vfs_write", "seconds": 5.0, "state": "refused",
+                       "hits": None, "reason": "no-tracefs"}}}
+    report = {"runs": [run], "injections": []}
+    report["summary"] = faults.summarise(report)
+    line = faults.markdown(report).split("## Runs")[1]
+    assert "f-1 vfs_write 812 runs in 5 s, f-2 refused (no-tracefs)" in line

@@ -60,6 +60,7 @@ for arg in $(cat /proc/cmdline); do
         lab.kallsyms=*) kallsyms=${arg#lab.kallsyms=} ;;
         lab.heartbeat=*) heartbeat=${arg#lab.heartbeat=} ;;
         lab.lkdtm=*) lkdtm=${arg#lab.lkdtm=} ;;
+        lab.reach=*) reach=${arg#lab.reach=} ;;
     esac
 done
 # lab.lkdtm=1: LKDTM (built for this kernel by xenpbr_lab/lkdtm.py) and debugfs, where
@@ -67,6 +68,10 @@ done
 if [ -n "$lkdtm" ]; then
     insmod "/lib/modules/$(uname -r)/extra/lkdtm.ko" || echo "XENPBR-GUEST: no LKDTM"
     mount -t debugfs debugfs /sys/kernel/debug
+fi
+# lab.reach=1: tracefs, where the agent's reach-counter arms its kprobes.
+if [ -n "$reach" ]; then
+    mount -t tracefs tracefs /sys/kernel/tracing || echo "XENPBR-GUEST: no tracefs"
 fi
 echo "XENPBR-GUEST: up uptime=$(cut -d' ' -f1 /proc/uptime) mode=$mode marker=${marker:-none}"
 # Kernel text bounds from kallsyms (Debian's System.map is a stub), for vCPU RIP checks.
@@ -145,7 +150,8 @@ bench_phases() {
 # domain down with reason watchdog within S seconds) and lab.kallsyms=1 (the kernel's
 # symbols, once, to /data/kallsyms: Debian's System.map is a placeholder) and
 # lab.heartbeat=S (the agent's heartbeat every S seconds, for dom0's liveness check)
-# and lab.lkdtm=1 (the agent's provoke-listener: xenpbr inject --fault lkdtm:TYPE);
+# and lab.lkdtm=1 (the agent's provoke-listener: xenpbr inject --fault lkdtm:TYPE)
+# and lab.reach=1 (the agent's reach-counter: xenpbr inject --count-runs);
 # lab.keys=K (with lab.rate=N) also starts the resurrection proof's key-value application
 # after the last phase (its region resurrected by dom0 after a crash: xenpbr_resurrect).
 consist_extras() {
@@ -159,6 +165,9 @@ consist_extras() {
     fi
     if [ -n "$lkdtm" ]; then
         printf '  sh -c "exec python3 -m xenpbr_agent provoke-listener >/dev/hvc0 2>&1 &"\n'
+    fi
+    if [ -n "$reach" ]; then
+        printf '  sh -c "exec python3 -m xenpbr_agent reach-counter >/dev/hvc0 2>&1 &"\n'
     fi
     if [ -n "$kallsyms" ]; then
         ks="[ -s /data/kallsyms ] || { awk 'NF==3' /proc/kallsyms > /data/kallsyms; sync; }"
