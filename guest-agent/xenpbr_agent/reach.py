@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -111,9 +112,14 @@ class Kprobes:
         return None
 
     def _append(self, line: str) -> None:
-        # append: opening kprobe_events for writing without O_APPEND clears every probe
-        with open(self.root / "kprobe_events", "a", encoding="ascii") as handle:
-            handle.write(line)
+        # O_APPEND: opening kprobe_events for writing without it clears every probe. Not
+        # Python's open(..., "a"), which seeks to the end first: tracefs refuses that
+        # seek with EINVAL (seen in the lab), so every probe would look refused.
+        fd = os.open(self.root / "kprobe_events", os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, line.encode("ascii"))
+        finally:
+            os.close(fd)
 
 
 class Counter:

@@ -327,3 +327,20 @@ def test_what_must_not_be_counted_is_said(change, why) -> None:
 def test_an_instruction_past_the_ftrace_site_may_be_counted() -> None:
     assert reach.uncountable({"kind": "operand", "symbol": "f+0x5", "old": "4885d2"}) is None
     assert reach.uncountable({"kind": "text", "symbol": "f+0x0", "old": "55"}) is None
+
+
+def test_probes_are_appended_without_a_seek(tracefs, monkeypatch) -> None:
+    """tracefs refuses a seek on kprobe_events (EINVAL): Python's open(..., "a") seeks to
+    the end first, and so made every probe look refused in the lab. Here an open in
+    append mode fails the same way; the counter must still arm."""
+    import builtins
+    real_open = builtins.open
+
+    def tracefs_open(file, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if "a" in mode:
+            raise OSError(22, "Invalid argument")  # what the seek to the end gets
+        return real_open(file, mode, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", tracefs_open)
+    probes = ReactingKprobes(tracefs)
+    assert probes.arm(ReachRequest(5, ADDRESS)) is None
+    assert f"p:{GROUP}/r5" in (tracefs.root / "kprobe_events").read_text()
