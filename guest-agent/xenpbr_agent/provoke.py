@@ -35,8 +35,8 @@ from xenpbr.guestproto.provoke import (
     encode_offer,
     parse_request,
 )
-from xenpbr.xenstore import XenstoreError
 from xenpbr_agent import AgentError
+from xenpbr_agent.reconnect import RECONNECT_S, serve_until
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,6 @@ DIRECT = "/sys/kernel/debug/provoke-crash/DIRECT"
 #: What LKDTM prints before its list when one of its debugfs files is read.
 LIST_HEADER = "Available crash types:"
 WATCH_TOKEN = "xenpbr-provoke"
-RECONNECT_S = 1.0
 
 
 def offered_types(direct: str | Path = DIRECT) -> list[str]:
@@ -136,11 +135,5 @@ def listen(xs_factory: Callable[[], Any], direct: str | Path = DIRECT,
     xenstore error; the number of requests provoked."""
     listener = Listener(offered_types(direct), direct)
     log.info("offering %d LKDTM crash types to dom0", len(listener.types))
-    while not stop():
-        try:
-            with xs_factory() as xs:
-                listener.serve(xs, stop)
-        except XenstoreError as exc:
-            log.warning("xenstore error (%s); reconnecting in %.0f s", exc, RECONNECT_S)
-            sleep(RECONNECT_S)
+    serve_until(xs_factory, listener.serve, stop, sleep)
     return listener.provoked

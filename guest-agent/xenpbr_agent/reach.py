@@ -35,7 +35,7 @@ from xenpbr.guestproto.reach import (
     ReachState,
     parse_request,
 )
-from xenpbr.xenstore import XenstoreError
+from xenpbr_agent.reconnect import serve_until
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ GROUP = "xenpbr_reach"
 WATCH_TOKEN = "xenpbr-reach"
 #: How often the count is re-read while a counter is armed (a write only on change).
 POLL_S = 0.5
-RECONNECT_S = 1.0
 
 
 def find_tracefs(candidates: tuple[str, ...] = TRACEFS) -> Path | None:
@@ -190,11 +189,5 @@ def count(xs_factory: Callable[[], Any], tracefs: tuple[str, ...] = TRACEFS,
                     "refused (mount -t tracefs tracefs /sys/kernel/tracing; the kernel "
                     "needs CONFIG_KPROBE_EVENTS)", " or ".join(tracefs))
     counter = Counter(Kprobes(root) if root is not None else None)
-    while not stop():
-        try:
-            with xs_factory() as xs:
-                counter.serve(xs, stop)
-        except XenstoreError as exc:
-            log.warning("xenstore error (%s); reconnecting in %.0f s", exc, RECONNECT_S)
-            sleep(RECONNECT_S)
+    serve_until(xs_factory, counter.serve, stop, sleep)
     return counter.armed

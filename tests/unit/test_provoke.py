@@ -18,7 +18,6 @@ from xenpbr.faults.provoke import (
     offered,
     provoke,
 )
-from xenpbr.guestproto.control import prepare_domain
 from xenpbr.guestproto.provoke import (
     MAX_OFFER_BYTES,
     OFFER_KEY,
@@ -33,6 +32,7 @@ from xenpbr.guestproto.provoke import (
     parse_request,
     parse_taken,
 )
+from tests.unit.xenstore_waits import InThread, prepared_server, wait_for
 from xenpbr.xenstore.errors import PermissionDenied
 from xenpbr.xenstore.fake import FakeXenstore, FakeXenstoreServer
 from xenpbr_agent import AgentError
@@ -90,11 +90,7 @@ def test_a_malformed_answer_is_refused(raw: bytes) -> None:
 
 @pytest.fixture
 def server() -> FakeXenstoreServer:
-    srv = FakeXenstoreServer()
-    srv.create_domain(DOMID)
-    with srv.connect(0) as dom0:
-        prepare_domain(dom0, DOMID)
-    return srv
+    return prepared_server(DOMID)
 
 
 @pytest.fixture
@@ -106,34 +102,13 @@ def direct(tmp_path: Path) -> Path:
     return path
 
 
-class Running:
+def Running(server: FakeXenstoreServer, direct: Path) -> InThread:
     """The listener in a thread, as domain DOMID, until the block ends."""
-
-    def __init__(self, server: FakeXenstoreServer, direct: Path) -> None:
-        self.stop = threading.Event()
-        self.result: list[int] = []
-        self.thread = threading.Thread(target=lambda: self.result.append(listen(
-            lambda: FakeXenstore(server, domid=DOMID), direct, self.stop.is_set)))
-
-    def __enter__(self) -> Running:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(10)
+    return InThread(lambda stop: listen(lambda: FakeXenstore(server, domid=DOMID), direct,
+                                        stop))
 
 
-def _wait_for(server: FakeXenstoreServer, path: str, value: bytes | None = None) -> bytes:
-    """The value of *path* once it exists (and equals *value*, if given)."""
-    with server.connect(0) as xs:
-        xs.watch(path, "t")
-        for _ in range(100):
-            raw = xs.read_or(path, None)
-            if raw is not None and (value is None or raw == value):
-                return raw
-            xs.read_watch(timeout=0.1)
-    raise AssertionError(f"{path} never became {value!r}")
+_wait_for = wait_for
 
 
 @pytest.fixture

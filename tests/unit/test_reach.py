@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from xenpbr.faults import reach
-from xenpbr.guestproto.control import prepare_domain
 from xenpbr.guestproto.reach import (
     ANSWER_KEY,
     READY_KEY,
@@ -23,6 +22,7 @@ from xenpbr.guestproto.reach import (
     parse_answer,
     parse_request,
 )
+from tests.unit.xenstore_waits import InThread, prepared_server, wait_for
 from xenpbr.xenstore.errors import PermissionDenied
 from xenpbr.xenstore.fake import FakeXenstore, FakeXenstoreServer
 from xenpbr_agent import cli as agent_cli
@@ -150,43 +150,22 @@ def test_tracefs_is_found_where_kprobe_events_is(tmp_path) -> None:
 
 @pytest.fixture
 def server() -> FakeXenstoreServer:
-    srv = FakeXenstoreServer()
-    srv.create_domain(DOMID)
-    with srv.connect(0) as dom0:
-        prepare_domain(dom0, DOMID)
-    return srv
+    return prepared_server(DOMID)
 
 
-class Running:
+class Running(InThread):
     """A counter in a thread, as domain DOMID, until the block ends."""
 
     def __init__(self, server: FakeXenstoreServer, counter: Counter) -> None:
-        self.stop = threading.Event()
         self.counter = counter
-        self.thread = threading.Thread(target=self._serve, args=(server,))
+        super().__init__(lambda stop: self._serve(server, stop))
 
-    def _serve(self, server: FakeXenstoreServer) -> None:
+    def _serve(self, server: FakeXenstoreServer, stop) -> None:  # type: ignore[no-untyped-def]
         with FakeXenstore(server, domid=DOMID) as xs:
-            self.counter.serve(xs, self.stop.is_set)
-
-    def __enter__(self) -> Running:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(10)
+            self.counter.serve(xs, stop)
 
 
-def _wait_for(server: FakeXenstoreServer, path: str, value: bytes | None = None) -> bytes:
-    with server.connect(0) as xs:
-        xs.watch(path, "t")
-        for _ in range(100):
-            raw = xs.read_or(path, None)
-            if raw is not None and (value is None or raw == value):
-                return raw
-            xs.read_watch(timeout=0.1)
-    raise AssertionError(f"{path} never became {value!r}")
+_wait_for = wait_for
 
 
 @pytest.fixture
