@@ -505,7 +505,8 @@ def cmd_fault_check(args: argparse.Namespace, state: StateDir) -> int:
 
 def _print_fault_check(report: dict[str, Any]) -> None:
     said = {"in-place": "still there", "original": "back to the original bytes",
-            "overwritten": "overwritten", "gone": "gone with the domain it went into"}
+            "overwritten": "overwritten", "gone": "gone with the domain it went into",
+            "probed": "under the counter's kprobe (a jump): not comparable"}
     print(f"{report['domain']}: {report['fault']} fault at {report['address']} "
           f"({report['symbol']}), injected {report['injected_at']}")
     print(f"  {'bytes':<12} {report['old']} -> {report['new']}, now "

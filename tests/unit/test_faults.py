@@ -450,3 +450,17 @@ def test_fault_check_reads_nothing_from_another_domain() -> None:
     for now in (None, 4):
         out = check(record, now, never)
         assert out["bytes"] == "gone" and out["now"] is None
+
+
+@pytest.mark.parametrize("now, probed, state", [
+    ("e9e2f6ffff", False, "in-place"),
+    ("cce2f6ffff", True, "in-place"),  # the counter's int3 over the fault (seen in the lab)
+    ("cce2f6ffff", False, "overwritten"),  # no counter: an int3 is something else
+    ("e9aabbccdd", True, "probed"),  # an optimised kprobe's jump covers the bytes
+    ("e9e3f6ffff", False, "original"),
+])
+def test_the_bytes_of_a_counted_instruction_read_through_its_kprobe(now, probed,
+                                                                    state) -> None:
+    from xenpbr.faults.check import bytes_state
+    change = {"old": "e9e3f6ffff", "new": "e9e2f6ffff"}
+    assert bytes_state(bytes.fromhex(now), change, probed) == state

@@ -7,7 +7,10 @@ rejuvenated:
 * its bytes now: still the injected ones (``in-place``), back to the original
   (``original``: the kernel rewrote them, as ftrace or static keys do), or something
   else (``overwritten``: a stack word whose frame returned and was reused); ``gone``
-  when the domain is no longer the one the fault went into (recovered since);
+  when the domain is no longer the one the fault went into (recovered since). A
+  counted instruction carries the counter's kprobe: an ``int3`` on its first byte
+  (the fault's other bytes still read as written: ``in-place``), or a jump once
+  kprobes optimised it (``probed``: nothing to tell from the bytes);
 * for a text or operand fault injected with ``--count-runs``, how often the altered
   instruction ran (:mod:`xenpbr.faults.reach`).
 
@@ -40,12 +43,23 @@ def last_memory_fault(faults: list[dict[str, Any]], name: str) -> dict[str, Any]
                          "(xenpbr inject --fault stack|text|operand|hang records one)")
 
 
-def bytes_state(now: bytes | None, change: dict[str, Any]) -> str:
-    """``in-place``, ``original``, ``overwritten``, or ``gone`` (*now* None)."""
+#: What a kprobe puts at the address it probes: ``int3``, or once kprobes optimised the
+#: probe, a ``jmp rel32`` to its detour.
+KPROBE_OPCODES = (0xCC, 0xE9)
+
+
+def bytes_state(now: bytes | None, change: dict[str, Any], probed: bool = False) -> str:
+    """``in-place``, ``original``, ``overwritten``, ``probed`` (the counter's kprobe
+    covers the bytes: cannot tell), or ``gone`` (*now* None). With *probed* (a counter
+    armed on the address) an ``int3`` on the first byte over the fault's other bytes is
+    the fault still in place: kprobes keeps the byte it replaced."""
     if now is None:
         return "gone"
-    if now.hex() == change["new"]:
+    new = bytes.fromhex(change["new"])
+    if now == new or (probed and now[0] == 0xCC and now[1:] == new[1:]):
         return "in-place"
+    if probed and now[0] in KPROBE_OPCODES:
+        return "probed"
     return "original" if now.hex() == change["old"] else "overwritten"
 
 
@@ -58,6 +72,7 @@ def check(record: dict[str, Any], domid_now: int | None, read: Reader,
     now = (read(record["domain"], domid_now, int(change["address"], 16),
                 len(change["new"]) // 2) if same and domid_now is not None else None)
     counted = record.get("reach")
+    probed = counted is not None and counted.get("state") == "counting"
     if counted and same and domid_now is not None:
         with (xs_factory or XenstoreClient)() as xs:
             counted = reach.current(xs, domid_now, counted)
@@ -65,5 +80,6 @@ def check(record: dict[str, Any], domid_now: int | None, read: Reader,
             "injected_at": record["injected_at"], "domid": record.get("domid"),
             "domid_now": domid_now, "address": change["address"],
             "symbol": change["symbol"], "old": change["old"], "new": change["new"],
-            "now": None if now is None else now.hex(), "bytes": bytes_state(now, change),
+            "now": None if now is None else now.hex(),
+            "bytes": bytes_state(now, change, probed),
             "reach": counted}
