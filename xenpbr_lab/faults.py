@@ -215,7 +215,9 @@ def _inject(host: XenHost, name: str, kind: str, seed: int) -> dict[str, Any]:
     if kind in COUNTED_KINDS:
         _await_key(host, name, READY_KEY, "reach-counter")  # lab.reach=1 starts it
         args += ["--count-runs"]
-    return dict(xenpbrd.cli(host, *args))
+    # a hang detector, not a deadline: with --count-runs the command waits up to its
+    # --wait (120 s) for the guest's counter, which a loaded machine may need
+    return dict(xenpbrd.cli(host, *args, timeout=SERVICE_WAIT_S))
 
 
 def _await_key(host: XenHost, name: str, key: str, who: str) -> str:
@@ -264,7 +266,7 @@ def _after_window(host: XenHost, name: str, row: dict[str, Any]) -> dict[str, An
     if not row["change"]:
         return None
     try:
-        checked = dict(xenpbrd.cli(host, "fault-check", name))
+        checked = dict(xenpbrd.cli(host, "fault-check", name, timeout=SERVICE_WAIT_S))
     except CommandFailed as exc:  # the guest changed under the check (a late crash)
         log.warning("%s: fault-check failed: %s", name, exc)
         return {"bytes": None, "now": None, "reach": None, "error": str(exc)[-300:]}
@@ -478,7 +480,10 @@ def run_campaign(host: XenHost, count: int, kinds: Sequence[str] = KINDS, *,
             if evidence is not None:
                 evidence.mkdir(parents=True, exist_ok=True)
                 (evidence / f"{guest.name}.console.log").write_text(guest.console())
-            guest.destroy()
+            try:
+                guest.destroy()
+            except LabError as exc:  # never hide the error that ended the run
+                log.error("could not destroy %s: %s", guest.name, exc)
         log_text = xenpbrd.stop(host)
         if evidence is not None:
             (evidence / "xenpbrd.log").write_text(log_text)
@@ -528,6 +533,9 @@ def _in_threads(jobs: list[Callable[[], None]]) -> None:
         try:
             job()
         except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller
+            # logged here: the caller's cleanup may fail too and hide it (a run died
+            # with only "xl destroy f-1 (timed out)" to show, 2026-12-08)
+            log.exception("%s failed", threading.current_thread().name)
             errors.append(exc)
 
     threads = [threading.Thread(target=wrap, args=(job,)) for job in jobs]
