@@ -638,7 +638,7 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
 
 
 #: Why a silent fault showed nothing, as far as the run could tell (:func:`why_silent`).
-NOT_EXAMINED = "not examined (run before fault-check)"
+NOT_EXAMINED = "not examined (a run before these checks)"
 
 
 def why_silent(row: dict[str, Any]) -> str:
@@ -648,7 +648,9 @@ def why_silent(row: dict[str, Any]) -> str:
     if row["kernel_said"]:
         return "the kernel printed a warning and went on"
     if row.get("provoked"):
-        state = row["provoked"].get("after_window")
+        if "after_window" not in row["provoked"]:  # runs before the agent was asked
+            return NOT_EXAMINED
+        state = row["provoked"]["after_window"]
         return {"returned": "LKDTM's write returned: the kernel lived through it",
                 "started": "LKDTM's write never returned (its thread stuck, the rest ran)"
                 }.get(state or "", f"LKDTM's write: {state or 'no answer'}")

@@ -307,6 +307,7 @@ def _counting(hits: int) -> dict:
     ("stack", _after("in-place"), [], "still in place"),
     ("stack", _after("original"), [], "original bytes back"),
     ("stack", None, [], "not examined"),
+    ("lkdtm:WARNING", None, [], "not examined"),  # its record has no after_window
     ("stack", {"bytes": None, "now": None, "reach": None, "error": "exit 1"}, [],
      "the check failed"),
     ("text", _after("in-place", _counting(0)), ["WARNING: at f+0x1"], "printed a warning"),
@@ -314,6 +315,8 @@ def _counting(hits: int) -> dict:
 def test_each_silent_fault_is_explained_by_what_its_record_shows(kind, after, said,
                                                                  why) -> None:
     silent = {**row(1, kind, "silent"), "after_window": after, "kernel_said": said}
+    if kind.startswith("lkdtm:"):
+        silent["provoked"] = {"id": 1, "type": "WARNING", "taken": "returned"}
     assert why in faults.why_silent(silent)
 
 
