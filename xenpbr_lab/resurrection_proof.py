@@ -119,14 +119,20 @@ def genuine(key: str, value: bytes, keys: int, value_size: int = VALUE_SIZE) -> 
 
 def cycle_outcome(console: str, start: int, crash: int, keys: int) -> dict[str, Any]:
     """One crash's data outcome from the console: the writes acknowledged between
-    ``start`` (after the previous restart) and the panic at or after ``crash``, against
-    what the restarted application loaded after the panic. The writes counted are those
+    ``start`` (after the previous restart) and the restarted application's first line
+    after the panic at or after ``crash`` (or after ``crash`` when there is no panic: a
+    hang), against what the restarted application loaded. The writes counted are those
     of the application's run that the crash interrupted: after its ``LOADED-COUNT``."""
     panic = console.find(PANIC, crash)
     panic = crash if panic < 0 else panic
     runs = list(LOADED_COUNT.finditer(console, start, panic))
     start = runs[-1].end() if runs else start
-    acked = acked_writes(console[start:panic])
+    # every write the interrupted run acknowledged counts, up to the restarted run's
+    # first line: a hang takes effect only when a vCPU next goes idle, and the
+    # application went on acknowledging hundreds of writes after the injection (runs
+    # 11-12 of the fault campaign), whose values it must get back as well
+    restarted = LOADED.search(console, panic) or LOADED_COUNT.search(console, panic)
+    acked = acked_writes(console[start:restarted.start() if restarted else len(console)])
     after = console[panic:]
     end = LOADED_COUNT.search(after)
     loaded, count = loaded_values(after[:end.end()] if end else after)

@@ -250,3 +250,18 @@ def test_the_acks_pattern_needs_n_lines_and_fails_fast_with_fewer() -> None:
     assert re.search(proof.acks_pattern(60), lines) is None
     assert time.monotonic() - began < 1.0  # "(?s)(?:\nACK .*?){60}" would not come back
     assert re.search(proof.acks_pattern(60), lines + acks(59, 60))
+
+
+def test_a_hang_counts_every_write_acknowledged_before_it_took_effect() -> None:
+    """A hang takes effect only when a vCPU next goes idle: the application may go on
+    acknowledging hundreds of writes after the injection, and must get those back. Its
+    last values are far beyond what the writes before the injection allow as "later"
+    (runs 11-12 of the fault campaign scored such hangs as every key lost)."""
+    injected = len(acks(0, 40))
+    console = (acks(0, 600) + "hung; restored\r\n"
+               + loaded({k: 595 + k for k in range(KEYS)}) + acks(0, 3))
+    out = proof.cycle_outcome(console, 0, injected, KEYS)
+    assert out["acked_writes"] == 600 and out["lost_keys"] == 0
+    stale = console.replace(loaded({k: 595 + k for k in range(KEYS)}),
+                            loaded({k: 30 + k for k in range(KEYS)}))
+    assert proof.cycle_outcome(stale, 0, injected, KEYS)["lost_keys"] == KEYS
