@@ -125,10 +125,8 @@ class Counter:
     """Serves dom0's reach requests on one connection at a time; *kprobes* None means
     no tracefs: every request is refused with ``no-tracefs``."""
 
-    def __init__(self, kprobes: Kprobes | None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, kprobes: Kprobes | None) -> None:
         self.kprobes = kprobes
-        self.clock = clock
         self.last: bytes | None = None
         self.current: ReachRequest | None = None
         self.reported: int | None = None

@@ -108,24 +108,21 @@ def Running(server: FakeXenstoreServer, direct: Path) -> InThread:
                                         stop))
 
 
-_wait_for = wait_for
-
-
 @pytest.fixture
 def listening(server: FakeXenstoreServer, direct: Path) -> Iterator[Running]:
     with Running(server, direct) as running:
-        _wait_for(server, f"{HOME}/{OFFER_KEY}")
+        wait_for(server, f"{HOME}/{OFFER_KEY}")
         yield running
 
 
 def test_the_listener_offers_what_lkdtm_lists(server, listening) -> None:
-    assert _wait_for(server, f"{HOME}/{OFFER_KEY}") == b"PANIC BUG WARNING SOFTLOCKUP"
+    assert wait_for(server, f"{HOME}/{OFFER_KEY}") == b"PANIC BUG WARNING SOFTLOCKUP"
 
 
 def test_a_request_is_taken_then_written_to_direct(server, direct, listening) -> None:
     with server.connect(0) as dom0:
         dom0.write(f"{HOME}/{REQUEST_KEY}", "5 WARNING")
-    _wait_for(server, f"{HOME}/{TAKEN_KEY}", b"5 WARNING returned")
+    wait_for(server, f"{HOME}/{TAKEN_KEY}", b"5 WARNING returned")
     assert direct.read_text() == "WARNING"
 
 
@@ -133,10 +130,10 @@ def test_a_request_that_was_there_before_the_listener_is_never_run(server, direc
     with server.connect(0) as dom0:
         dom0.write(f"{HOME}/{REQUEST_KEY}", "5 BUG")
     with Running(server, direct):
-        _wait_for(server, f"{HOME}/{OFFER_KEY}")
+        wait_for(server, f"{HOME}/{OFFER_KEY}")
         with server.connect(0) as dom0:
             dom0.write(f"{HOME}/{REQUEST_KEY}", "6 WARNING")
-        _wait_for(server, f"{HOME}/{TAKEN_KEY}", b"6 WARNING returned")
+        wait_for(server, f"{HOME}/{TAKEN_KEY}", b"6 WARNING returned")
     assert direct.read_text() == "WARNING"
 
 
@@ -144,7 +141,7 @@ def test_a_type_not_offered_is_answered_failed_and_not_written(server, direct,
                                                                  listening) -> None:
     with server.connect(0) as dom0:
         dom0.write(f"{HOME}/{REQUEST_KEY}", "9 HARDLOCKUP")
-    _wait_for(server, f"{HOME}/{TAKEN_KEY}", b"9 HARDLOCKUP failed")
+    wait_for(server, f"{HOME}/{TAKEN_KEY}", b"9 HARDLOCKUP failed")
     assert direct.read_text().startswith(LIST_HEADER)
 
 
@@ -152,7 +149,7 @@ def test_a_malformed_request_is_ignored(server, direct, listening) -> None:
     with server.connect(0) as dom0:
         dom0.write(f"{HOME}/{REQUEST_KEY}", "BUG now")
         dom0.write(f"{HOME}/{REQUEST_KEY}", "10 WARNING")
-    _wait_for(server, f"{HOME}/{TAKEN_KEY}", b"10 WARNING returned")
+    wait_for(server, f"{HOME}/{TAKEN_KEY}", b"10 WARNING returned")
 
 
 def test_a_write_the_kernel_refuses_is_answered_failed(server, direct) -> None:

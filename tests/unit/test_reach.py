@@ -165,13 +165,10 @@ class Running(InThread):
             self.counter.serve(xs, stop)
 
 
-_wait_for = wait_for
-
-
 @pytest.fixture
 def counting(server, tracefs) -> Iterator[Running]:
     with Running(server, Counter(ReactingKprobes(tracefs))) as running:
-        _wait_for(server, f"{HOME}/{READY_KEY}", b"kprobes")
+        wait_for(server, f"{HOME}/{READY_KEY}", b"kprobes")
         yield running
 
 
@@ -179,17 +176,17 @@ def test_the_counter_answers_with_its_count_as_it_changes(server, tracefs,
                                                           counting) -> None:
     with server.connect(0) as dom0:
         dom0.write(f"{HOME}/{REQUEST_KEY}", ReachRequest(9, ADDRESS).encode())
-    _wait_for(server, f"{HOME}/{ANSWER_KEY}", b"9 counting 0")
+    wait_for(server, f"{HOME}/{ANSWER_KEY}", b"9 counting 0")
     tracefs.hits["r9"] = 12
     tracefs.kernel_reacts()
-    _wait_for(server, f"{HOME}/{ANSWER_KEY}", b"9 counting 12")
+    wait_for(server, f"{HOME}/{ANSWER_KEY}", b"9 counting 12")
     assert counting.counter.armed == 1
 
 
 def test_a_refused_probe_is_answered_refused(server, counting) -> None:
     with server.connect(0) as dom0:
         dom0.write(f"{HOME}/{REQUEST_KEY}", ReachRequest(9, ADDRESS + 1).encode())
-    _wait_for(server, f"{HOME}/{ANSWER_KEY}", b"9 refused EILSEQ")
+    wait_for(server, f"{HOME}/{ANSWER_KEY}", b"9 refused EILSEQ")
 
 
 def test_a_request_there_before_the_counter_started_is_never_armed(server,
@@ -197,7 +194,7 @@ def test_a_request_there_before_the_counter_started_is_never_armed(server,
     with server.connect(0) as dom0:
         dom0.write(f"{HOME}/{REQUEST_KEY}", ReachRequest(3, ADDRESS).encode())
     with Running(server, Counter(ReactingKprobes(tracefs))) as running:
-        _wait_for(server, f"{HOME}/{READY_KEY}")
+        wait_for(server, f"{HOME}/{READY_KEY}")
     assert running.counter.armed == 0
     assert (tracefs.root / "kprobe_events").read_text() == ""
 
@@ -206,7 +203,7 @@ def test_a_malformed_request_arms_nothing(server, tracefs, counting) -> None:
     with server.connect(0) as dom0:
         dom0.write(f"{HOME}/{REQUEST_KEY}", "1 0x1000")
         dom0.write(f"{HOME}/{REQUEST_KEY}", ReachRequest(2, ADDRESS).encode())
-    _wait_for(server, f"{HOME}/{ANSWER_KEY}", b"2 counting 0")
+    wait_for(server, f"{HOME}/{ANSWER_KEY}", b"2 counting 0")
     assert counting.counter.armed == 1
 
 
@@ -216,10 +213,10 @@ def test_without_tracefs_the_counter_says_so_and_refuses(server, tmp_path) -> No
         lambda: FakeXenstore(server, domid=DOMID), (str(tmp_path / "none"),), stop.is_set))
     thread.start()
     try:
-        _wait_for(server, f"{HOME}/{READY_KEY}", b"no-tracefs")
+        wait_for(server, f"{HOME}/{READY_KEY}", b"no-tracefs")
         with server.connect(0) as dom0:
             dom0.write(f"{HOME}/{REQUEST_KEY}", ReachRequest(4, ADDRESS).encode())
-        _wait_for(server, f"{HOME}/{ANSWER_KEY}", b"4 refused no-tracefs")
+        wait_for(server, f"{HOME}/{ANSWER_KEY}", b"4 refused no-tracefs")
     finally:
         stop.set()
         thread.join(10)
@@ -262,7 +259,7 @@ def test_dom0_records_the_counter_and_reads_its_count_later(server, tracefs,
         assert asked["address"] == f"{ADDRESS:#x}" and asked["reason"] is None
         tracefs.hits[f"r{asked['id']}"] = 7
         tracefs.kernel_reacts()
-        _wait_for(server, f"{HOME}/{ANSWER_KEY}", f"{asked['id']} counting 7".encode())
+        wait_for(server, f"{HOME}/{ANSWER_KEY}", f"{asked['id']} counting 7".encode())
         assert reach.current(dom0, DOMID, asked) == {**asked, "hits": 7, "stale": False}
 
 

@@ -26,7 +26,7 @@ from xenpbr.errors import XenpbrError
 from xenpbr.faults import reach
 from xenpbr.xenstore import XenstoreClient
 
-#: ``read(name, domid, address, size)``: kernel bytes now (:meth:`Injector.read_now`).
+#: ``read(name, domid, address, size)``: kernel bytes now (:func:`xenpbr.faults.inject.read_now`).
 Reader = Callable[[str, int, int, int], bytes]
 
 
@@ -68,14 +68,15 @@ def check(record: dict[str, Any], domid_now: int | None, read: Reader,
     """The report for one fault *record* of a domain whose domid is *domid_now* (None:
     not running). The bytes are read only from the domain the fault went into."""
     change = record["change"]
-    same = domid_now is not None and record.get("domid") == domid_now
-    now = (read(record["domain"], domid_now, int(change["address"], 16),
-                len(change["new"]) // 2) if same and domid_now is not None else None)
+    # the domain the fault went into, if it still runs (None: recovered since, or down)
+    domid = domid_now if record.get("domid") == domid_now else None
+    now = (None if domid is None else
+           read(record["domain"], domid, int(change["address"], 16), len(change["new"]) // 2))
     counted = record.get("reach")
     probed = counted is not None and counted.get("state") == "counting"
-    if counted and same and domid_now is not None:
+    if counted and domid is not None:
         with (xs_factory or XenstoreClient)() as xs:
-            counted = reach.current(xs, domid_now, counted)
+            counted = reach.current(xs, domid, counted)
     return {"domain": record["domain"], "fault": record["fault"],
             "injected_at": record["injected_at"], "domid": record.get("domid"),
             "domid_now": domid_now, "address": change["address"],
